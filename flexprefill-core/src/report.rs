@@ -1,0 +1,89 @@
+//! What FlexPrefill decided, per head: the numbers behind the paper's Figures 9 and 10.
+
+use std::time::Duration;
+
+/// The sparse pattern chosen for a head (Algorithm 2), or dense when sparse cannot pay off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Pattern {
+    /// sqrt-JS(estimate, truth) < tau: pooled Q·K block scores pick blocks per query block.
+    QueryAware,
+    /// The estimate is unreliable: column and diagonal lines from the representative queries.
+    VerticalSlash,
+    /// No selection: every causal block (sequence too short for sparsity to pay off).
+    Dense,
+}
+
+impl Pattern {
+    /// `query_aware`, `vertical_slash` or `dense`, as in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pattern::QueryAware => "query_aware",
+            Pattern::VerticalSlash => "vertical_slash",
+            Pattern::Dense => "dense",
+        }
+    }
+}
+
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One (sequence, head)'s decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadReport {
+    /// Sequence number in the batch.
+    pub seq: usize,
+    /// Query head.
+    pub head: usize,
+    /// Chosen pattern.
+    pub pattern: Pattern,
+    /// sqrt-JS distance between the pooled estimate and the true block distribution (Eq. 2);
+    /// NaN when not computed (dense) or when the original's `0·ln 0` quirk produced it.
+    pub js_distance: f32,
+    /// Blocks computed.
+    pub selected_blocks: usize,
+    /// Causal blocks (what dense computes).
+    pub causal_blocks: usize,
+    /// `selected_blocks / causal_blocks`.
+    pub density: f64,
+    /// Share of the representative queries' attention inside the chosen blocks, as the
+    /// selection estimated it (exact for vertical-slash, pooled estimate for query-aware).
+    pub estimated_mass: f32,
+}
+
+/// Wall-clock split of one call (host clock; device backends synchronise first).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Timings {
+    /// Representative attention and the pattern decision.
+    pub pattern_search: Duration,
+    /// Block selection and CSR build.
+    pub index_build: Duration,
+    /// Block-sparse attention.
+    pub attention: Duration,
+}
+
+/// Everything FlexPrefill decided in one call.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SparsityReport {
+    /// One entry per (sequence, head), sequence-major.
+    pub heads: Vec<HeadReport>,
+    /// Why the call ran dense, if it did (e.g. sequence shorter than the minimum budget).
+    pub dense_fallback: Option<String>,
+    /// Time split.
+    pub timings: Timings,
+}
+
+impl SparsityReport {
+    /// Selected over causal blocks over all heads.
+    pub fn density(&self) -> f64 {
+        let sel: usize = self.heads.iter().map(|h| h.selected_blocks).sum();
+        let causal: usize = self.heads.iter().map(|h| h.causal_blocks).sum();
+        if causal == 0 {
+            1.0
+        } else {
+            sel as f64 / causal as f64
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! The cumulative-mass cut: turning scores into "the smallest set holding gamma".
+
+use std::cmp::Ordering;
+
+/// The one total order of the whole workspace: score descending, then index ascending.
+///
+/// Every backend ranks with it, so CPU and CUDA select identical blocks on equal scores.
+/// NaN sorts last.
+#[inline]
+pub fn rank_order(scores: &[f32], a: usize, b: usize) -> Ordering {
+    let (x, y) = (scores[a], scores[b]);
+    match (x.is_nan(), y.is_nan()) {
+        (true, true) => a.cmp(&b),
+        (true, false) => Ordering::Greater,
+        (false, true) => Ordering::Less,
+        _ => y.partial_cmp(&x).unwrap_or(Ordering::Equal).then(a.cmp(&b)),
+    }
+}
+
+/// Indices of `scores` in [`rank_order`].
+pub fn ranked(scores: &[f32]) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_unstable_by(|&a, &b| rank_order(scores, a, b));
+    idx
+}
+
+/// Size of the smallest top set whose mass reaches `gamma · total`, where `total` is the sum
+/// of all scores (the paper's rule: `min{k : Σ_{i<k} s[I_i] ≥ gamma}` on normalised scores).
+///
+/// `order` is `ranked(scores)`. Sums in f64, sequentially in rank order, so every backend can
+/// reproduce it. Returns at least 1 when `scores` is not empty, and `scores.len()` when even
+/// the whole set falls short through rounding.
+pub fn cumulative_mass_cut(scores: &[f32], order: &[usize], gamma: f32) -> usize {
+    if scores.is_empty() {
+        return 0;
+    }
+    let total: f64 = scores.iter().map(|&s| s.max(0.0) as f64).sum();
+    let target = gamma as f64 * total;
+    let mut acc = 0.0f64;
+    for (k, &i) in order.iter().enumerate() {
+        acc += scores[i].max(0.0) as f64;
+        if acc >= target {
+            return k + 1;
+        }
+    }
+    scores.len()
+}
+
+/// The original's vertical-slash count: the number of prefix sums (f32, rank order) that are
+/// `≤ gamma`, plus one — the crossing element is included, and an exact hit keeps one more.
+pub fn original_prefix_count_plus_one(scores: &[f32], order: &[usize], gamma: f32) -> usize {
+    let mut acc = 0.0f32;
+    let mut count = 0;
+    for &i in order {
+        acc += scores[i];
+        if acc <= gamma {
+            count += 1;
+        }
+    }
+    count + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_style_guide_convention() {
+        // scores [0.5, 0.25, 0.25], gamma 0.75: the smallest set with mass ≥ gamma keeps 2,
+        // the original's "count of prefix sums ≤ gamma, plus one" keeps 3.
+        let s = [0.5, 0.25, 0.25];
+        let o = ranked(&s);
+        assert_eq!(o, vec![0, 1, 2]);
+        assert_eq!(cumulative_mass_cut(&s, &o, 0.75), 2);
+        assert_eq!(original_prefix_count_plus_one(&s, &o, 0.75), 3);
+    }
+
+    #[test]
+    fn ties_break_by_lower_index() {
+        let s = [0.1, 0.3, 0.3, f32::NAN, 0.3];
+        assert_eq!(ranked(&s), vec![1, 2, 4, 0, 3]);
+    }
+
+    #[test]
+    fn cut_edges() {
+        let s = [0.2, 0.7, 0.1];
+        let o = ranked(&s);
+        assert_eq!(cumulative_mass_cut(&s, &o, 0.7), 1);
+        assert_eq!(cumulative_mass_cut(&s, &o, 0.71), 2);
+        assert_eq!(cumulative_mass_cut(&s, &o, 1.0), 3);
+        assert_eq!(cumulative_mass_cut(&[], &[], 0.9), 0);
+        // unnormalised scores are normalised by their sum
+        let u = [2.0, 7.0, 1.0];
+        assert_eq!(cumulative_mass_cut(&u, &ranked(&u), 0.71), 2);
+    }
+}
