@@ -51,6 +51,12 @@ pub struct HeadStatistics {
     pub q_pooled: Vec<f32>,
     /// Mean of k over each key block, `[num_key_blocks, head_dim]`.
     pub k_pooled: Vec<f32>,
+    /// Attention of each representative query summed over each key block,
+    /// `[num_rep, num_key_blocks]` row-major, representative queries in position order (the
+    /// last `num_rep = min(block_size, q_len)` queries of the chunk). Each row sums to 1. With it
+    /// the captured mass of any block set on the representative rows is exact, which is what
+    /// the faithful mode's gamma promise is checked against.
+    pub rep_block_mass: Vec<f32>,
 }
 
 /// Why `seq` is computed dense, or `None` when selection can pay off.
