@@ -57,6 +57,12 @@ pub struct HeadStatistics {
     /// the captured mass of any block set on the representative rows is exact, which is what
     /// the faithful mode's gamma promise is checked against.
     pub rep_block_mass: Vec<f32>,
+    /// Round the pooled query-aware logits `Q̄·K̄ᵀ` (Algorithm 4) to bf16 before their softmax,
+    /// as the original does on its bf16 inputs. Backends set it when `selection == Original`
+    /// and the input dtype is BF16 (together with the other bf16 rounding points they emulate
+    /// in the fields above), so compatibility decisions match the authors' code bit for bit;
+    /// `false` (the default) keeps the map in f32.
+    pub bf16_pooled_logits: bool,
 }
 
 /// Why `seq` is computed dense, or `None` when selection can pay off.
