@@ -1,0 +1,246 @@
+//! The fast path: block-sparse causal attention in f32.
+//!
+//! One task per (sequence, head, query block) — a CSR row of the index — run by rayon, heaviest
+//! rows first so the long rows at the bottom of the causal triangle do not end up alone on one
+//! core at the end. Each task walks its key blocks in index order, merging runs of consecutive
+//! blocks into one key chunk (at most [`Tiles::chunk_keys`] keys) so that the dense index turns
+//! into few, large GEMMs:
+//!
+//! ```text
+//! S = Q_blk·K_chunkᵀ·(scale·log₂e)        matrixmultiply, strided views, no copies
+//! causal limit per row, online softmax    simd::online_softmax_tile (m, l, rescale factors)
+//! acc = acc·corr + P·V_chunk              matrixmultiply, beta = 1
+//! out = acc / l,  lse = (m + log₂ l)·ln 2
+//! ```
+//!
+//! GQA needs no copy: query head `h` simply reads kv head `h / group` through the strides. A
+//! query row that sees no key inside its selected blocks (possible only when an index omits the
+//! diagonal blocks of a chunk that starts mid-block) gets output 0 and LSE −∞, the neutral
+//! element of the LSE merge.
+
+use std::borrow::Cow;
+
+use flexprefill_core::{AttentionInput, AttentionOutput, BlockIndex, HostTensor, TensorRef};
+use rayon::prelude::*;
+
+use crate::gemm::{sgemm, View};
+use crate::simd::online_softmax_tile;
+
+/// Speed-only tiling knobs of the f32 kernel (they never change which keys are attended).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tiles {
+    /// Most keys one `Q·Kᵀ` GEMM covers: consecutive selected blocks are merged up to this.
+    /// Measured on a 2-core Zen 4 at 16k tokens, d 128: 512 beats 128 and 256 and ties 1024.
+    pub chunk_keys: usize,
+    /// Query rows per task for [`crate::CpuBackend`]'s dense path (the sparse path uses the
+    /// index's block size).
+    pub dense_block: usize,
+}
+
+impl Default for Tiles {
+    fn default() -> Self {
+        Self {
+            chunk_keys: 512,
+            dense_block: 128,
+        }
+    }
+}
+
+/// q, k and v widened to f32 once (borrowed when they already are f32).
+pub(crate) struct F32Qkv<'a> {
+    pub q: Cow<'a, [f32]>,
+    pub k: Cow<'a, [f32]>,
+    pub v: Cow<'a, [f32]>,
+}
+
+pub(crate) fn widen(t: TensorRef<'_>) -> Cow<'_, [f32]> {
+    match t {
+        TensorRef::F32(x) => Cow::Borrowed(x),
+        other => {
+            // Convert in parallel: at 16k tokens this is tens of millions of elements.
+            let mut out = vec![0.0f32; other.len()];
+            out.par_chunks_mut(1 << 16).enumerate().for_each(|(i, c)| {
+                other.read_f32(i << 16, c);
+            });
+            Cow::Owned(out)
+        }
+    }
+}
+
+impl<'a> F32Qkv<'a> {
+    pub fn new(x: &AttentionInput<'a>) -> Self {
+        Self {
+            q: widen(x.q),
+            k: widen(x.k),
+            v: widen(x.v),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Task {
+    seq: usize,
+    head: usize,
+    qblock: usize,
+    csr_row: usize,
+    cost: usize,
+}
+
+#[derive(Default)]
+struct Scratch {
+    s: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+    corr: Vec<f32>,
+    valid: Vec<usize>,
+}
+
+/// Runs the kernel over every row of `index` (already checked against `x`).
+pub(crate) fn block_sparse_attention(
+    x: &AttentionInput<'_>,
+    index: &BlockIndex,
+    tiles: Tiles,
+) -> AttentionOutput {
+    let qkv = F32Qkv::new(x);
+    let (h, d) = (x.shape.num_heads, x.shape.head_dim);
+    let bs = index.block_size();
+    let starts = index.head_row_start();
+    let offsets = index.row_offsets();
+
+    let mut tasks = Vec::with_capacity(index.num_rows());
+    for (si, s) in x.seqs.iter().enumerate() {
+        for head in 0..h {
+            let first = starts[si * h + head] as usize;
+            for r in 0..s.num_query_blocks(bs) {
+                let csr_row = first + r;
+                let blocks = (offsets[csr_row + 1] - offsets[csr_row]) as usize;
+                tasks.push(Task {
+                    seq: si,
+                    head,
+                    qblock: r,
+                    csr_row,
+                    cost: blocks,
+                });
+            }
+        }
+    }
+    // Heaviest first (stable, so the schedule is deterministic; results never depend on it).
+    tasks.sort_by_key(|t| std::cmp::Reverse(t.cost));
+
+    let scale_log2 = x.scale() * std::f32::consts::LOG2_E;
+    let results: Vec<(Task, Vec<f32>, Vec<f32>)> = tasks
+        .par_iter()
+        .map_init(Scratch::default, |scratch, &t| {
+            let (out, lse) = run_task(x, &qkv, index, t, scale_log2, tiles.chunk_keys, scratch);
+            (t, out, lse)
+        })
+        .collect();
+
+    let total_q = x.total_q();
+    let mut out = vec![0.0f32; total_q * h * d];
+    let mut lse = vec![0.0f32; total_q * h];
+    for (t, o, l) in results {
+        let tok0 = x.seqs[t.seq].q_start + t.qblock * bs;
+        for (i, (orow, &li)) in o.chunks_exact(d).zip(&l).enumerate() {
+            let at = (tok0 + i) * h + t.head;
+            out[at * d..(at + 1) * d].copy_from_slice(orow);
+            lse[at] = li;
+        }
+    }
+    AttentionOutput {
+        out: HostTensor::from_f32(out, x.dtype()),
+        lse: x.return_lse.then_some(lse),
+    }
+}
+
+/// One (sequence, head, query block): returns the normalised output rows `[rows, d]` and
+/// their natural-log LSE.
+fn run_task(
+    x: &AttentionInput<'_>,
+    qkv: &F32Qkv<'_>,
+    index: &BlockIndex,
+    t: Task,
+    scale_log2: f32,
+    chunk_keys: usize,
+    sc: &mut Scratch,
+) -> (Vec<f32>, Vec<f32>) {
+    let (h, hkv, d) = (x.shape.num_heads, x.shape.num_kv_heads, x.shape.head_dim);
+    let kvh = x.shape.kv_head(t.head);
+    let bs = index.block_size();
+    let s = &x.seqs[t.seq];
+    let q_row0 = t.qblock * bs;
+    let rows = bs.min(s.q_len - q_row0);
+    let pos0 = s.query_offset() + q_row0; // absolute position of the first row
+    let cols = &index.col_indices()
+        [index.row_offsets()[t.csr_row] as usize..index.row_offsets()[t.csr_row + 1] as usize];
+
+    let q_view = View::new(&qkv.q[x.q_offset(s.q_start + q_row0, t.head)..], h * d, 1);
+    let kv_base = x.kv_offset(s.k_start, kvh);
+    let k_all = &qkv.k[kv_base..];
+    let v_all = &qkv.v[kv_base..];
+    let kv_rs = hkv * d;
+
+    let mut acc = vec![0.0f32; rows * d];
+    sc.m.clear();
+    sc.m.resize(rows, f32::NEG_INFINITY);
+    sc.l.clear();
+    sc.l.resize(rows, 0.0);
+    sc.corr.resize(rows, 1.0);
+    sc.valid.resize(rows, 0);
+
+    let per_chunk = (chunk_keys / bs).max(1);
+    let mut i = 0;
+    while i < cols.len() {
+        // A run of consecutive key blocks, at most `per_chunk` long.
+        let mut j = i + 1;
+        while j < cols.len() && j - i < per_chunk && cols[j] == cols[j - 1] + 1 {
+            j += 1;
+        }
+        let k0 = cols[i] as usize * bs;
+        let k1 = ((cols[j - 1] as usize + 1) * bs).min(s.kv_len);
+        i = j;
+        let width = k1 - k0;
+
+        sc.s.resize(rows * width, 0.0);
+        let st = &mut sc.s[..rows * width];
+        let k_view = View::new(&k_all[k0 * kv_rs..], kv_rs, 1).t();
+        sgemm(rows, d, width, scale_log2, q_view, k_view, 0.0, st, width);
+
+        for (r, v) in sc.valid.iter_mut().enumerate() {
+            let p = pos0 + r;
+            *v = if p < k0 { 0 } else { (p - k0 + 1).min(width) };
+        }
+        online_softmax_tile(st, width, &sc.valid, &mut sc.m, &mut sc.l, &mut sc.corr);
+        for (arow, &c) in acc.chunks_exact_mut(d).zip(&sc.corr) {
+            if c != 1.0 {
+                arow.iter_mut().for_each(|a| *a *= c);
+            }
+        }
+        let v_view = View::new(&v_all[k0 * kv_rs..], kv_rs, 1);
+        sgemm(
+            rows,
+            width,
+            d,
+            1.0,
+            View::new(st, width, 1),
+            v_view,
+            1.0,
+            &mut acc,
+            d,
+        );
+    }
+
+    let mut lse = vec![0.0f32; rows];
+    for (r, arow) in acc.chunks_exact_mut(d).enumerate() {
+        let l = sc.l[r];
+        if l > 0.0 {
+            let inv = 1.0 / l;
+            arow.iter_mut().for_each(|a| *a *= inv);
+            lse[r] = (sc.m[r] + l.log2()) * std::f32::consts::LN_2;
+        } else {
+            arow.fill(0.0);
+            lse[r] = f32::NEG_INFINITY;
+        }
+    }
+    (acc, lse)
+}

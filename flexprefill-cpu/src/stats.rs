@@ -1,0 +1,221 @@
+//! [`HeadStatistics`]: what selection needs to know about each (sequence, head).
+//!
+//! Per (sequence, head), with `Q̂` the last `min(block_size, q_len)` queries of the chunk and `e`
+//! the estimation scale (`1/√D` in [`SelectionMode::Original`], as the original ignores
+//! `softmax_scale` there; the input's softmax scale in [`SelectionMode::Faithful`]):
+//!
+//! ```text
+//! A      = softmax(Q̂·Kᵀ·e), bottom-right causal       one GEMM [num_rep × kv_len]
+//! vertical[j] = mean_i A[i, j]      slash[δ] = mean_i A[i, pos_i − δ]
+//! rep_block_mass[i, c] = Σ_{j ∈ block c} A[i, j]
+//! K̄      = block means of K                           k_pooled
+//! ā      = softmax(mean(Q̂·e)·K̄ᵀ), no causal mask      estimate
+//! Q̄_r    = block means of the chunk's queries · e     q_pooled
+//! ```
+//!
+//! In [`SelectionMode::Original`] with bf16 inputs the original's bf16 rounding points are
+//! replayed (notes §3, §4, §6) so that the compatibility mode takes the original's decisions
+//! near `tau` and near the gamma cut: `Q̂s = bf16(Q̂·(1/√D))`, logits `bf16(Q̂s·Kᵀ)` (f32
+//! accumulation), `K̄ = bf16(f32 sum / count)`, `q̄ = bf16(mean Q̂s)`, estimate logits
+//! `bf16(q̄·K̄ᵀ)`, and `Q̄_r = bf16(bf16(zero-padded mean)·bs/count / √D)` (the last, partial
+//! block rescaled by the original's extra bf16 step). Softmaxes and line sums stay f32, as there.
+//! The pooled-map logits `bf16(Q̄·K̄ᵀ)` belong to the pooled map, which core computes; the
+//! statistics ask for them through `bf16_pooled_logits`.
+
+use flexprefill_core::{
+    bf16, AttentionInput, DType, FlexPrefillConfig, HeadStatistics, Result, SelectionMode,
+};
+use rayon::prelude::*;
+
+use crate::gemm::{sgemm, View};
+use crate::sparse::widen;
+
+#[inline]
+fn bf16r(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+pub(crate) fn head_statistics(
+    x: &AttentionInput<'_>,
+    cfg: &FlexPrefillConfig,
+) -> Result<Vec<HeadStatistics>> {
+    cfg.validate()?;
+    x.validate()?;
+    let original = cfg.selection == SelectionMode::Original;
+    let emulate = original && x.dtype() == DType::BF16;
+    let (h, hkv, d) = (x.shape.num_heads, x.shape.num_kv_heads, x.shape.head_dim);
+    let bs = cfg.block_size;
+    // torch divides a bf16 tensor by a Python float as a multiplication by the f32 reciprocal
+    // (its CUDA `div` by a CPU scalar), so the emulation multiplies by `inv_sqrt_d` too.
+    let inv_sqrt_d = 1.0 / ((d as f64).sqrt() as f32);
+    let e = if original { inv_sqrt_d } else { x.scale() };
+    let (q, k) = (widen(x.q), widen(x.k));
+    let kv_rs = hkv * d;
+
+    // K̄ per (sequence, kv head), shared by the query heads of a GQA group.
+    let kv_jobs: Vec<(usize, usize)> = (0..x.seqs.len())
+        .flat_map(|s| (0..hkv).map(move |g| (s, g)))
+        .collect();
+    let k_pooled: Vec<Vec<f32>> = kv_jobs
+        .par_iter()
+        .map(|&(si, g)| {
+            let s = &x.seqs[si];
+            let mut out = Vec::with_capacity(s.num_key_blocks(bs) * d);
+            for c in 0..s.num_key_blocks(bs) {
+                let (k0, k1) = (c * bs, ((c + 1) * bs).min(s.kv_len));
+                let mut sum = vec![0.0f32; d];
+                for j in k0..k1 {
+                    let row = &k[x.kv_offset(s.k_start + j, g)..][..d];
+                    sum.iter_mut().zip(row).for_each(|(a, &b)| *a += b);
+                }
+                let n = (k1 - k0) as f32;
+                out.extend(sum.iter().map(|&v| if emulate { bf16r(v / n) } else { v / n }));
+            }
+            out
+        })
+        .collect();
+
+    let jobs: Vec<(usize, usize)> = (0..x.seqs.len())
+        .flat_map(|s| (0..h).map(move |hd| (s, hd)))
+        .collect();
+    let stats = jobs
+        .par_iter()
+        .map(|&(si, head)| {
+            let s = &x.seqs[si];
+            let kvh = x.shape.kv_head(head);
+            let kbar = &k_pooled[si * hkv + kvh];
+            let (nqb, nkb) = (s.num_query_blocks(bs), s.num_key_blocks(bs));
+            let nrep = bs.min(s.q_len);
+            let rep_row0 = s.q_len - nrep;
+            let first_pos = s.kv_len - nrep; // absolute position of representative query 0
+
+            // Q̂s, the scaled representative queries.
+            let mut qh = vec![0.0f32; nrep * d];
+            for (i, row) in qh.chunks_exact_mut(d).enumerate() {
+                let src = &q[x.q_offset(s.q_start + rep_row0 + i, head)..][..d];
+                for (o, &v) in row.iter_mut().zip(src) {
+                    *o = if emulate { bf16r(v * inv_sqrt_d) } else { v * e };
+                }
+            }
+
+            // A = softmax(Q̂s·Kᵀ) with the causal limit, in place over the logits.
+            let n = s.kv_len;
+            let mut a = vec![0.0f32; nrep * n];
+            let k_all = &k[x.kv_offset(s.k_start, kvh)..];
+            sgemm(
+                nrep,
+                d,
+                n,
+                1.0,
+                View::new(&qh, d, 1),
+                View::new(k_all, kv_rs, 1).t(),
+                0.0,
+                &mut a,
+                n,
+            );
+            let mut vertical = vec![0.0f32; n];
+            let mut slash = vec![0.0f32; n];
+            let mut rep_block_mass = vec![0.0f32; nrep * nkb];
+            for (i, row) in a.chunks_exact_mut(n).enumerate() {
+                let pos = first_pos + i;
+                let live = &mut row[..=pos];
+                if emulate {
+                    live.iter_mut().for_each(|v| *v = bf16r(*v));
+                }
+                let m = live.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let mut sum = 0.0f32;
+                for v in live.iter_mut() {
+                    *v = (*v - m).exp();
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                live.iter_mut().for_each(|v| *v *= inv);
+                vertical[..=pos]
+                    .iter_mut()
+                    .zip(live.iter())
+                    .for_each(|(acc, &p)| *acc += p);
+                slash[..=pos]
+                    .iter_mut()
+                    .zip(live.iter().rev())
+                    .for_each(|(acc, &p)| *acc += p);
+                let mass = &mut rep_block_mass[i * nkb..(i + 1) * nkb];
+                for (c, blk) in live.chunks(bs).enumerate() {
+                    mass[c] = blk.iter().sum();
+                }
+            }
+            let inv_rep = 1.0 / nrep as f32;
+            vertical.iter_mut().for_each(|v| *v *= inv_rep);
+            slash.iter_mut().for_each(|v| *v *= inv_rep);
+
+            // ā = softmax(q̄·K̄ᵀ) over key blocks, no causal mask.
+            let mut qbar = vec![0.0f32; d];
+            for row in qh.chunks_exact(d) {
+                qbar.iter_mut().zip(row).for_each(|(a, &b)| *a += b);
+            }
+            qbar.iter_mut().for_each(|v| {
+                *v *= inv_rep;
+                if emulate {
+                    *v = bf16r(*v);
+                }
+            });
+            let mut estimate: Vec<f32> = kbar
+                .chunks_exact(d)
+                .map(|kb| {
+                    let dot: f32 = qbar.iter().zip(kb).map(|(a, b)| a * b).sum();
+                    if emulate {
+                        bf16r(dot)
+                    } else {
+                        dot
+                    }
+                })
+                .collect();
+            softmax_in_place(&mut estimate);
+
+            // Q̄_r: block means of the chunk's queries, times the estimation scale.
+            let mut q_pooled = Vec::with_capacity(nqb * d);
+            for r in 0..nqb {
+                let (r0, r1) = (r * bs, ((r + 1) * bs).min(s.q_len));
+                let mut sum = vec![0.0f32; d];
+                for i in r0..r1 {
+                    let row = &q[x.q_offset(s.q_start + i, head)..][..d];
+                    sum.iter_mut().zip(row).for_each(|(a, &b)| *a += b);
+                }
+                let count = r1 - r0;
+                q_pooled.extend(sum.iter().map(|&v| {
+                    if emulate {
+                        // The original: bf16 mean over the zero-padded block, the partial last
+                        // block rescaled by bs/count in bf16 (×bs is exact), then /√D in bf16.
+                        let mut m = bf16r(v * (1.0 / bs as f32));
+                        if count < bs {
+                            m = bf16r(m * bs as f32 * (1.0 / count as f32));
+                        }
+                        bf16r(m * inv_sqrt_d)
+                    } else {
+                        v / count as f32 * e
+                    }
+                }));
+            }
+
+            HeadStatistics {
+                vertical,
+                slash,
+                estimate,
+                q_pooled,
+                k_pooled: kbar.clone(),
+                rep_block_mass,
+                bf16_pooled_logits: emulate,
+            }
+        })
+        .collect();
+    Ok(stats)
+}
+
+fn softmax_in_place(x: &mut [f32]) {
+    let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0.0f32;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    x.iter_mut().for_each(|v| *v /= sum);
+}
