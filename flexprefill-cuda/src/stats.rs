@@ -1,0 +1,586 @@
+//! Representative attention and head statistics on the GPU (`kernels/stats.cu`).
+//!
+//! [`launch_stats`] queues, on a caller's stream and without any host synchronisation, the
+//! kernels that compute every (sequence, head)'s [`HeadStatistics`] into device buffers
+//! ([`DeviceStats`]); [`head_statistics`] is the host-facing wrapper the [`Backend`] trait
+//! uses (upload, launch, download, split per head).
+//!
+//! The representative softmax `A = softmax(Q̂·Kᵀ·e)` (`[H, R, kv_len]`, 1 GiB of f32 at 128k) is
+//! never stored: pass 1 computes each row's max and sum of exponentials per key split, a merge
+//! kernel combines the splits, and pass 2 recomputes the logits tile by tile on the tensor cores
+//! and reduces them straight into the vertical line, the slash partials and the per-row block
+//! masses. Every reduction runs in a fixed order, so the statistics are bit-reproducible.
+//!
+//! Conventions follow `flexprefill-cpu`'s `head_statistics` (the oracle): estimation scale
+//! `e = 1/√D` in [`SelectionMode::Original`] and the input's softmax scale in
+//! [`SelectionMode::Faithful`]; in `Original` with bf16 inputs the original's bf16 rounding
+//! points are replayed (`Q̂s`, logits, `K̄`, `q̄`, estimate logits, `Q̄_r`).
+//!
+//! [`Backend`]: flexprefill_core::Backend
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use flexprefill_core::{
+    AttentionInput, AttentionShape, DType, FlexPrefillConfig, HeadStatistics, SelectionMode,
+    Sequence, TensorRef,
+};
+
+use crate::device::CudaDevice;
+use crate::error::{CudaError, Result};
+use crate::registry::{KernelFamily, KernelKey};
+
+/// The statistics kernel family.
+pub static STATS: KernelFamily = KernelFamily {
+    name: "stats",
+    source: include_str!("../kernels/stats.cu"),
+};
+
+/// Keys per split of pass 1/2: a multiple of every block size (≤ 256) and of the 64-key tile,
+/// and ≥ the largest representative block, so each slash entry gets at most two split
+/// partials. 512 keys: 256 CTAs per head at 128k, enough to fill 132 SMs several times.
+const SPLIT_KEYS: usize = 512;
+/// Rows per row group (8 warps × 16 rows), tile of keys, threads: must match stats.cu.
+const ROWS: usize = 128;
+const KT: usize = 64;
+const NTHREADS: u32 = 256;
+
+/// One sequence as the kernels see it. Must match `SeqDesc` in `kernels/stats.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SeqDesc {
+    q_start: u32,
+    k_start: u32,
+    q_len: u32,
+    kv_len: u32,
+    rep: u32,
+    nkb: u32,
+    nqb: u32,
+    tok_off: u32,
+    kb_off: u32,
+    qb_off: u32,
+    rep_off: u32,
+    split_off: u32,
+    nsplit: u32,
+    pad: [u32; 3],
+}
+
+// SAFETY: plain old data (16 u32), laid out as the kernel's struct.
+unsafe impl DeviceRepr for SeqDesc {}
+
+/// Where each (sequence, head)'s statistics live in the flat device buffers, and the launch
+/// geometry. Built on the host from the sequence lengths alone (no device read).
+#[derive(Debug, Clone)]
+pub struct StatsLayout {
+    /// Query heads, kv heads, head_dim.
+    pub shape: AttentionShape,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// The sequences.
+    pub seqs: Vec<Sequence>,
+    descs: Vec<SeqDesc>,
+    /// (sequence, split) of every pass-1/2 CTA column.
+    work: Vec<u32>,
+    /// Sequence of every global key block / query block.
+    kb_seq: Vec<u32>,
+    qb_seq: Vec<u32>,
+    /// Padded representative rows (128 or 256).
+    rp: usize,
+    /// Floats per slash partial.
+    sl_stride: usize,
+    total_tok: usize,
+    total_kb: usize,
+    total_qb: usize,
+    total_rep: usize,
+}
+
+fn to_u32(n: usize, what: &str) -> Result<u32> {
+    u32::try_from(n).map_err(|_| CudaError::Unsupported {
+        op: "head_statistics",
+        message: format!("{what} ({n}) does not fit u32"),
+    })
+}
+
+impl StatsLayout {
+    /// Plans the buffers for `seqs` (packed, as [`AttentionInput`] holds them).
+    pub fn new(seqs: &[Sequence], shape: AttentionShape, block_size: usize) -> Result<Self> {
+        let h = shape.num_heads;
+        let mut descs = Vec::with_capacity(seqs.len());
+        let mut work = Vec::new();
+        let (mut kb_seq, mut qb_seq) = (Vec::new(), Vec::new());
+        let (mut tok, mut kb, mut qb, mut rep_off, mut split) = (0usize, 0usize, 0usize, 0usize, 0usize);
+        let mut max_rep = 1;
+        for (si, s) in seqs.iter().enumerate() {
+            let rep = block_size.min(s.q_len);
+            let nkb = s.num_key_blocks(block_size);
+            let nqb = s.num_query_blocks(block_size);
+            let nsplit = s.kv_len.div_ceil(SPLIT_KEYS);
+            max_rep = max_rep.max(rep);
+            descs.push(SeqDesc {
+                q_start: to_u32(s.q_start, "q_start")?,
+                k_start: to_u32(s.k_start, "k_start")?,
+                q_len: to_u32(s.q_len, "q_len")?,
+                kv_len: to_u32(s.kv_len, "kv_len")?,
+                rep: rep as u32,
+                nkb: to_u32(nkb, "key blocks")?,
+                nqb: to_u32(nqb, "query blocks")?,
+                tok_off: to_u32(tok, "token offset")?,
+                kb_off: to_u32(kb, "key block offset")?,
+                qb_off: to_u32(qb, "query block offset")?,
+                rep_off: to_u32(rep_off, "representative offset")?,
+                split_off: to_u32(split, "split offset")?,
+                nsplit: to_u32(nsplit, "splits")?,
+                pad: [0; 3],
+            });
+            for sp in 0..nsplit {
+                work.push(si as u32);
+                work.push(sp as u32);
+            }
+            kb_seq.extend(std::iter::repeat_n(si as u32, nkb));
+            qb_seq.extend(std::iter::repeat_n(si as u32, nqb));
+            tok += s.kv_len;
+            kb += nkb;
+            qb += nqb;
+            rep_off += rep * nkb;
+            split += nsplit;
+        }
+        // Flat outputs are indexed with u32 offsets times H inside the kernels' size_t math;
+        // keep every product addressable.
+        to_u32(tok * h, "vertical length")?;
+        to_u32(rep_off * h, "rep_block_mass length")?;
+        if split > 65535 {
+            return Err(CudaError::Unsupported {
+                op: "head_statistics",
+                message: format!("{split} key splits exceed the grid limit 65535"),
+            });
+        }
+        let rp = max_rep.div_ceil(ROWS) * ROWS;
+        Ok(Self {
+            shape,
+            block_size,
+            seqs: seqs.to_vec(),
+            descs,
+            work,
+            kb_seq,
+            qb_seq,
+            rp,
+            sl_stride: SPLIT_KEYS + rp - 1,
+            total_tok: tok,
+            total_kb: kb,
+            total_qb: qb,
+            total_rep: rep_off,
+        })
+    }
+
+    /// Offset of (seq, head)'s vertical and slash lines (`kv_len` floats each).
+    pub fn line_offset(&self, seq: usize, head: usize) -> usize {
+        let d = &self.descs[seq];
+        d.tok_off as usize * self.shape.num_heads + head * d.kv_len as usize
+    }
+
+    /// Offset of (seq, head)'s estimate (`nkb` floats).
+    pub fn estimate_offset(&self, seq: usize, head: usize) -> usize {
+        let d = &self.descs[seq];
+        d.kb_off as usize * self.shape.num_heads + head * d.nkb as usize
+    }
+
+    /// Offset of (seq, head)'s representative block masses (`rep · nkb` floats).
+    pub fn rep_offset(&self, seq: usize, head: usize) -> usize {
+        let d = &self.descs[seq];
+        d.rep_off as usize * self.shape.num_heads + head * (d.rep * d.nkb) as usize
+    }
+
+    /// Offset of (seq, kv_head)'s pooled keys (`nkb · D` floats).
+    pub fn k_pooled_offset(&self, seq: usize, kv_head: usize) -> usize {
+        let d = &self.descs[seq];
+        (d.kb_off as usize * self.shape.num_kv_heads + kv_head * d.nkb as usize) * self.shape.head_dim
+    }
+
+    /// Offset of (seq, head)'s pooled queries (`nqb · D` floats).
+    pub fn q_pooled_offset(&self, seq: usize, head: usize) -> usize {
+        let d = &self.descs[seq];
+        (d.qb_off as usize * self.shape.num_heads + head * d.nqb as usize) * self.shape.head_dim
+    }
+
+    /// Key blocks over all sequences.
+    pub fn total_key_blocks(&self) -> usize {
+        self.total_kb
+    }
+
+    /// Query blocks over all sequences.
+    pub fn total_query_blocks(&self) -> usize {
+        self.total_qb
+    }
+
+    /// Representative rows of `seq`.
+    pub fn num_rep(&self, seq: usize) -> usize {
+        self.descs[seq].rep as usize
+    }
+
+    fn pass_smem(&self, pass2: bool) -> usize {
+        let d = self.shape.head_dim;
+        let elems = (self.rp + 2 * KT) * (d + 8);
+        let mut bytes = elems * 2;
+        if pass2 {
+            bytes += (ROWS * (KT + 1) + self.sl_stride) * 4;
+        }
+        bytes
+    }
+}
+
+/// Every statistic of a batch, resident on the device, laid out as [`StatsLayout`] says.
+#[derive(Debug)]
+pub struct DeviceStats {
+    /// The plan the buffers follow.
+    pub layout: StatsLayout,
+    /// Sequence descriptors (the selection kernels read them too).
+    pub descs: CudaSlice<SeqDesc>,
+    /// `[Σ kv_len · H]`.
+    pub vertical: CudaSlice<f32>,
+    /// `[Σ kv_len · H]`, by distance.
+    pub slash: CudaSlice<f32>,
+    /// `[Σ nkb · H]`.
+    pub estimate: CudaSlice<f32>,
+    /// `[Σ rep · nkb · H]`.
+    pub rep_block_mass: CudaSlice<f32>,
+    /// `[Σ nkb · Hkv · D]` (per kv head: the query heads of a group share it).
+    pub k_pooled: CudaSlice<f32>,
+    /// `[Σ nqb · H · D]`; filled by [`launch_pool_q`].
+    pub q_pooled: CudaSlice<f32>,
+    /// Estimation scale `e` and whether the original's bf16 rounding is replayed.
+    pub scale: f32,
+    /// Replaying the original's bf16 rounding points.
+    pub emulate: bool,
+    dtype: DType,
+    qb_seq: CudaSlice<u32>,
+}
+
+/// Element types the statistics kernels read.
+pub trait StatsElem: DeviceRepr {
+    /// Its dtype.
+    const DTYPE: DType;
+}
+impl StatsElem for half::bf16 {
+    const DTYPE: DType = DType::BF16;
+}
+impl StatsElem for half::f16 {
+    const DTYPE: DType = DType::F16;
+}
+
+/// Estimation scale and rounding mode for `cfg` (see the module docs).
+pub fn estimation_scale(shape: AttentionShape, softmax_scale: f32, dtype: DType, cfg: &FlexPrefillConfig) -> (f32, bool) {
+    let original = cfg.selection == SelectionMode::Original;
+    let inv_sqrt_d = 1.0 / ((shape.head_dim as f64).sqrt() as f32);
+    let e = if original { inv_sqrt_d } else { softmax_scale };
+    (e, original && dtype == DType::BF16)
+}
+
+fn key(dtype: DType, head_dim: usize) -> KernelKey {
+    KernelKey::new(&STATS, Some(dtype), head_dim, 0)
+}
+
+fn check_head_dim(d: usize) -> Result<()> {
+    if matches!(d, 64 | 128 | 256) {
+        Ok(())
+    } else {
+        Err(CudaError::Unsupported {
+            op: "head_statistics",
+            message: format!("head_dim {d} (supported: 64, 128, 256)"),
+        })
+    }
+}
+
+/// Queues the statistics kernels (everything but `q_pooled`) on `stream`. No host sync.
+///
+/// `scale`/`emulate` come from [`estimation_scale`].
+#[allow(clippy::too_many_arguments)]
+pub fn launch_stats<T: StatsElem>(
+    dev: &CudaDevice,
+    stream: &Arc<CudaStream>,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    layout: StatsLayout,
+    scale: f32,
+    emulate: bool,
+) -> Result<DeviceStats> {
+    let shape = layout.shape;
+    check_head_dim(shape.head_dim)?;
+    let (h, hkv, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
+    let need = |name: &'static str, got: usize, want: usize| -> Result<()> {
+        if got != want {
+            return Err(CudaError::BufferLen { op: "head_statistics", name, got, want });
+        }
+        Ok(())
+    };
+    let total_q = layout.seqs.last().map_or(0, |s| s.q_start + s.q_len);
+    need("q", q.len(), total_q * h * d)?;
+    need("k", k.len(), layout.total_tok * hkv * d)?;
+    let kkey = key(T::DTYPE, d);
+    let smem1 = layout.pass_smem(false);
+    let smem2 = layout.pass_smem(true);
+    let max_smem = dev.info().max_smem_per_block;
+    if smem2 > max_smem {
+        return Err(CudaError::Unsupported {
+            op: "head_statistics",
+            message: format!("head_dim {d} with block_size {} needs {smem2} bytes of shared memory (device: {max_smem})", layout.block_size),
+        });
+    }
+    let f_pass1 = dev.function(&STATS, &kkey, "stats_pass1", smem1)?;
+    let f_merge = dev.function(&STATS, &kkey, "stats_merge", 0)?;
+    let f_pass2 = dev.function(&STATS, &kkey, "stats_pass2", smem2)?;
+    let f_final = dev.function(&STATS, &kkey, "stats_slash_finalize", 0)?;
+    let f_pool_k = dev.function(&STATS, &kkey, "stats_pool_k", 0)?;
+    let f_est = dev.function(&STATS, &kkey, "stats_estimate", 0)?;
+
+    let nseq = layout.seqs.len();
+    let total_splits = layout.work.len() / 2;
+    let descs = stream.clone_htod(&layout.descs)?;
+    let work = stream.clone_htod(&layout.work)?;
+    let kb_seq = stream.clone_htod(&layout.kb_seq)?;
+    let qb_seq = stream.clone_htod(&layout.qb_seq)?;
+    let alloc = |n: usize| -> Result<CudaSlice<f32>> {
+        // SAFETY: every buffer below is fully written by the kernels before it is read
+        // (checked by the poisoned-buffer tests).
+        Ok(unsafe { stream.alloc::<f32>(n.max(1)) }?)
+    };
+    let mut row_ml = unsafe { stream.alloc::<[f32; 2]>((total_splits * h * layout.rp).max(1)) }?;
+    let mut lse2 = alloc(nseq * h * layout.rp)?;
+    let mut slash_part = alloc(total_splits * h * layout.sl_stride)?;
+    let mut vertical = alloc(layout.total_tok * h)?;
+    let mut slash = alloc(layout.total_tok * h)?;
+    let mut estimate = alloc(layout.total_kb * h)?;
+    let mut rep_block_mass = alloc(layout.total_rep * h)?;
+    let mut k_pooled = alloc(layout.total_kb * hkv * d)?;
+    let q_pooled = alloc(layout.total_qb * h * d)?;
+
+    let (h_i, hkv_i, split_i, rp_i, bs_i) = (
+        h as i32,
+        hkv as i32,
+        SPLIT_KEYS as i32,
+        layout.rp as i32,
+        layout.block_size as i32,
+    );
+    let (round_q, round_logits) = (emulate as i32, emulate as i32);
+    // With round_q, Q̂ already carries the scale: the logits only change base.
+    let scale_log2 = if emulate { std::f32::consts::LOG2_E } else { scale * std::f32::consts::LOG2_E };
+    let sl_i = layout.sl_stride as i32;
+    let emu_i = emulate as i32;
+    let grid_pass = (h as u32, total_splits as u32, 1);
+    // SAFETY (all launches): argument lists match the kernels' signatures in stats.cu; every
+    // buffer is sized by StatsLayout for the indices the kernels compute.
+    unsafe {
+        stream
+            .launch_builder(&f_pass1)
+            .arg(q)
+            .arg(k)
+            .arg(&descs)
+            .arg(&work)
+            .arg(&h_i)
+            .arg(&hkv_i)
+            .arg(&split_i)
+            .arg(&rp_i)
+            .arg(&scale)
+            .arg(&scale_log2)
+            .arg(&round_q)
+            .arg(&round_logits)
+            .arg(&mut row_ml)
+            .launch(LaunchConfig { grid_dim: grid_pass, block_dim: (NTHREADS, 1, 1), shared_mem_bytes: smem1 as u32 })?;
+        stream
+            .launch_builder(&f_merge)
+            .arg(&descs)
+            .arg(&row_ml)
+            .arg(&h_i)
+            .arg(&rp_i)
+            .arg(&mut lse2)
+            .launch(LaunchConfig { grid_dim: (h as u32, nseq as u32, 1), block_dim: (layout.rp as u32, 1, 1), shared_mem_bytes: 0 })?;
+        stream
+            .launch_builder(&f_pass2)
+            .arg(q)
+            .arg(k)
+            .arg(&descs)
+            .arg(&work)
+            .arg(&h_i)
+            .arg(&hkv_i)
+            .arg(&split_i)
+            .arg(&rp_i)
+            .arg(&bs_i)
+            .arg(&scale)
+            .arg(&scale_log2)
+            .arg(&round_q)
+            .arg(&round_logits)
+            .arg(&lse2)
+            .arg(&sl_i)
+            .arg(&mut vertical)
+            .arg(&mut rep_block_mass)
+            .arg(&mut slash_part)
+            .launch(LaunchConfig { grid_dim: grid_pass, block_dim: (NTHREADS, 1, 1), shared_mem_bytes: smem2 as u32 })?;
+        let max_kv = layout.seqs.iter().map(|s| s.kv_len).max().unwrap_or(1);
+        stream
+            .launch_builder(&f_final)
+            .arg(&descs)
+            .arg(&slash_part)
+            .arg(&h_i)
+            .arg(&split_i)
+            .arg(&sl_i)
+            .arg(&mut slash)
+            .launch(LaunchConfig { grid_dim: (max_kv.div_ceil(256) as u32, h as u32, nseq as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 })?;
+        stream
+            .launch_builder(&f_pool_k)
+            .arg(k)
+            .arg(&descs)
+            .arg(&kb_seq)
+            .arg(&hkv_i)
+            .arg(&bs_i)
+            .arg(&emu_i)
+            .arg(&mut k_pooled)
+            .launch(LaunchConfig { grid_dim: (layout.total_kb as u32, hkv as u32, 1), block_dim: (d.min(256) as u32, 1, 1), shared_mem_bytes: 0 })?;
+        stream
+            .launch_builder(&f_est)
+            .arg(q)
+            .arg(&descs)
+            .arg(&k_pooled)
+            .arg(&h_i)
+            .arg(&hkv_i)
+            .arg(&scale)
+            .arg(&emu_i)
+            .arg(&mut estimate)
+            .launch(LaunchConfig { grid_dim: (h as u32, nseq as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })?;
+    }
+    Ok(DeviceStats {
+        layout,
+        descs,
+        vertical,
+        slash,
+        estimate,
+        rep_block_mass,
+        k_pooled,
+        q_pooled,
+        scale,
+        emulate,
+        dtype: T::DTYPE,
+        qb_seq,
+    })
+}
+
+/// Queues the pooled queries `Q̄_r` (the query-aware map's input). With `qa_flag`
+/// (`[num_seqs · H]` i32, nonzero = query-aware) only those heads are computed: the decision
+/// stays on the device and vertical-slash heads cost nothing.
+pub fn launch_pool_q<T: StatsElem>(
+    dev: &CudaDevice,
+    stream: &Arc<CudaStream>,
+    q: &CudaSlice<T>,
+    stats: &mut DeviceStats,
+    qa_flag: Option<&CudaSlice<i32>>,
+) -> Result<()> {
+    let l = &stats.layout;
+    let f = dev.function(&STATS, &key(T::DTYPE, l.shape.head_dim), "stats_pool_q", 0)?;
+    let h_i = l.shape.num_heads as i32;
+    let bs_i = l.block_size as i32;
+    let emu_i = stats.emulate as i32;
+    let grid = (l.total_qb as u32, l.shape.num_heads as u32, 1);
+    let cfg = LaunchConfig { grid_dim: grid, block_dim: (l.shape.head_dim.min(256) as u32, 1, 1), shared_mem_bytes: 0 };
+    if l.total_qb == 0 {
+        return Ok(());
+    }
+    let null: u64 = 0;
+    // SAFETY: arguments match `stats_pool_q`; a null flag pointer means "every head".
+    unsafe {
+        let mut b = stream.launch_builder(&f);
+        b.arg(q)
+            .arg(&stats.descs)
+            .arg(&stats.qb_seq)
+            .arg(&h_i)
+            .arg(&bs_i)
+            .arg(&stats.scale)
+            .arg(&emu_i);
+        match qa_flag {
+            Some(flag) => b.arg(flag),
+            None => b.arg(&null),
+        };
+        b.arg(&mut stats.q_pooled).launch(cfg)?;
+    }
+    Ok(())
+}
+
+impl DeviceStats {
+    /// Downloads everything and splits it per (sequence, head), sequence-major. Synchronises.
+    pub fn to_host(&self, stream: &Arc<CudaStream>) -> Result<Vec<HeadStatistics>> {
+        let l = &self.layout;
+        let vertical = stream.clone_dtoh(&self.vertical)?;
+        let slash = stream.clone_dtoh(&self.slash)?;
+        let estimate = stream.clone_dtoh(&self.estimate)?;
+        let rbm = stream.clone_dtoh(&self.rep_block_mass)?;
+        let kp = stream.clone_dtoh(&self.k_pooled)?;
+        let qp = stream.clone_dtoh(&self.q_pooled)?;
+        stream.synchronize()?;
+        let (h, d) = (l.shape.num_heads, l.shape.head_dim);
+        let mut out = Vec::with_capacity(l.seqs.len() * h);
+        for (si, s) in l.seqs.iter().enumerate() {
+            let (nkb, nqb) = (s.num_key_blocks(l.block_size), s.num_query_blocks(l.block_size));
+            let rep = l.num_rep(si);
+            for head in 0..h {
+                let lo = l.line_offset(si, head);
+                let eo = l.estimate_offset(si, head);
+                let ro = l.rep_offset(si, head);
+                let ko = l.k_pooled_offset(si, l.shape.kv_head(head));
+                let qo = l.q_pooled_offset(si, head);
+                out.push(HeadStatistics {
+                    vertical: vertical[lo..lo + s.kv_len].to_vec(),
+                    slash: slash[lo..lo + s.kv_len].to_vec(),
+                    estimate: estimate[eo..eo + nkb].to_vec(),
+                    q_pooled: qp[qo..qo + nqb * d].to_vec(),
+                    k_pooled: kp[ko..ko + nkb * d].to_vec(),
+                    rep_block_mass: rbm[ro..ro + rep * nkb].to_vec(),
+                    bf16_pooled_logits: self.emulate,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// dtype of the q/k the statistics were computed from.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+/// Host-facing statistics: uploads q and k (f32 rounded to bf16, as the backend's attention
+/// does), runs every kernel, downloads. Synchronises.
+pub(crate) fn head_statistics(
+    dev: &CudaDevice,
+    x: &AttentionInput<'_>,
+    cfg: &FlexPrefillConfig,
+) -> Result<Vec<HeadStatistics>> {
+    cfg.validate()?;
+    x.validate()?;
+    let stream = dev.stream();
+    let layout = StatsLayout::new(&x.seqs, x.shape, cfg.block_size)?;
+    let (scale, emulate) = estimation_scale(x.shape, x.scale(), x.dtype(), cfg);
+    match (x.q, x.k) {
+        (TensorRef::BF16(q), TensorRef::BF16(k)) => {
+            let (qd, kd) = (stream.clone_htod(q)?, stream.clone_htod(k)?);
+            let mut st = launch_stats(dev, stream, &qd, &kd, layout, scale, emulate)?;
+            launch_pool_q(dev, stream, &qd, &mut st, None)?;
+            st.to_host(stream)
+        }
+        (TensorRef::F16(q), TensorRef::F16(k)) => {
+            let (qd, kd) = (stream.clone_htod(q)?, stream.clone_htod(k)?);
+            let mut st = launch_stats(dev, stream, &qd, &kd, layout, scale, emulate)?;
+            launch_pool_q(dev, stream, &qd, &mut st, None)?;
+            st.to_host(stream)
+        }
+        (TensorRef::F32(q), TensorRef::F32(k)) => {
+            let cv = |t: &[f32]| t.iter().map(|&a| half::bf16::from_f32(a)).collect::<Vec<_>>();
+            let (qd, kd) = (stream.clone_htod(&cv(q))?, stream.clone_htod(&cv(k))?);
+            let mut st = launch_stats(dev, stream, &qd, &kd, layout, scale, false)?;
+            launch_pool_q(dev, stream, &qd, &mut st, None)?;
+            st.to_host(stream)
+        }
+        _ => Err(flexprefill_core::Error::DType {
+            q: x.q.dtype().name(),
+            k: x.k.dtype().name(),
+            v: x.v.dtype().name(),
+        }
+        .into()),
+    }
+}
