@@ -1,0 +1,444 @@
+//! Block-sparse causal flash attention on the device (`kernels/attention.cu`), and the device
+//! types it reads: sequences and the CSR block index, resident on the GPU.
+//!
+//! The kernel is FlashAttention-2's forward (online softmax, f32 accumulation, tensor cores
+//! through `mma.sync` m16n8k16, `ldmatrix`, a `cp.async` ring) with one change: each CTA walks
+//! the key blocks listed in its row of the [`BlockIndex`] instead of every causal block. With
+//! no index it walks every causal block, which is this crate's dense attention.
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use flexprefill_core::{AttentionShape, BlockIndex, DType, Sequence};
+
+use crate::device::CudaDevice;
+use crate::error::{CudaError, Result};
+use crate::registry::{KernelFamily, KernelKey};
+
+/// The attention kernel family.
+pub static ATTENTION: KernelFamily = KernelFamily {
+    name: "attention",
+    source: include_str!("../kernels/attention.cu"),
+};
+
+/// 16-bit element types the attention kernel reads (bf16, f16).
+pub trait DeviceElem: DeviceRepr + Copy + Default + Send + Sync + 'static {
+    /// Its core dtype.
+    const DTYPE: DType;
+    /// Rounds an f32.
+    fn from_f32(x: f32) -> Self;
+    /// Widens to f32.
+    fn to_f32(self) -> f32;
+    /// Wraps a downloaded buffer as core's host tensor.
+    fn into_host(v: Vec<Self>) -> flexprefill_core::HostTensor;
+}
+
+impl DeviceElem for half::bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+    fn into_host(v: Vec<Self>) -> flexprefill_core::HostTensor {
+        flexprefill_core::HostTensor::BF16(v)
+    }
+}
+
+impl DeviceElem for half::f16 {
+    const DTYPE: DType = DType::F16;
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn into_host(v: Vec<Self>) -> flexprefill_core::HostTensor {
+        flexprefill_core::HostTensor::F16(v)
+    }
+}
+
+/// Tile shape of one attention launch: speed only, never semantics (FA's kernel traits).
+///
+/// `bq` query rows per CTA (divides the index's block size: a 128-row block may be split into
+/// two 64-row tiles that read the same index row), `bk` keys per pipeline step, `warps` per CTA
+/// (each warp owns `bq / warps` rows, in 16-row m-tiles), `stages` of the K/V `cp.async` ring,
+/// `q_in_regs` keeps Q's fragments in registers (one m-tile per warp only), `min_blocks` is the
+/// `__launch_bounds__` occupancy hint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AttnTile {
+    /// Query rows per CTA.
+    pub bq: usize,
+    /// Keys per pipeline step.
+    pub bk: usize,
+    /// Warps per CTA.
+    pub warps: usize,
+    /// K/V ring depth.
+    pub stages: usize,
+    /// Q fragments in registers.
+    pub q_in_regs: bool,
+    /// CTAs per SM the register allocation must allow.
+    pub min_blocks: usize,
+}
+
+impl AttnTile {
+    /// The tile we ship for `(head_dim, block_size)`.
+    ///
+    /// head_dim ≤ 128: FA2's hdim-128 forward shape, 128 query rows over 4 warps (32 rows, two
+    /// m-tiles per warp: each K/V fragment read from shared memory feeds two MMAs, which keeps
+    /// shared-memory bandwidth under the tensor-core rate) and 64-key steps; 96 KiB of shared
+    /// memory and ≤ 255 registers, so two CTAs share an SM. Block 64 uses 64-row tiles (the
+    /// tile may not straddle index rows). head_dim 256 halves the rows (the O accumulator is
+    /// 256 floats per row) and the key step (shared memory).
+    pub fn auto(head_dim: usize, block_size: usize) -> Self {
+        match (head_dim, block_size) {
+            (256, _) => Self {
+                bq: 64,
+                bk: 32,
+                warps: 4,
+                stages: 2,
+                q_in_regs: false,
+                min_blocks: 1,
+            },
+            (_, 64) => Self {
+                bq: 64,
+                bk: 64,
+                warps: 4,
+                stages: 2,
+                q_in_regs: true,
+                min_blocks: 2,
+            },
+            _ => Self {
+                bq: 128,
+                bk: 64,
+                warps: 4,
+                stages: 2,
+                q_in_regs: false,
+                min_blocks: 2,
+            },
+        }
+    }
+
+    /// Dynamic shared memory of one CTA, bytes: Q tile plus `stages` K and V tiles.
+    pub fn smem_bytes(&self, head_dim: usize) -> usize {
+        (self.bq + 2 * self.stages * self.bk) * head_dim * 2
+    }
+
+    fn check(&self, head_dim: usize, block_size: usize) -> Result<()> {
+        let bad = |m: String| {
+            Err(CudaError::Unsupported {
+                op: "attention",
+                message: m,
+            })
+        };
+        if ![64, 128, 256].contains(&head_dim) {
+            return bad(format!("head_dim ({head_dim}) must be 64, 128 or 256"));
+        }
+        if ![64, 128, 256].contains(&block_size) {
+            return bad(format!("block_size ({block_size}) must be 64, 128 or 256"));
+        }
+        let rows_per_warp = self.bq / self.warps.max(1);
+        if self.warps == 0
+            || !self.bq.is_multiple_of(16 * self.warps)
+            || !block_size.is_multiple_of(self.bq)
+        {
+            return bad(format!(
+                "tile bq {} with {} warps does not fit block {block_size}",
+                self.bq, self.warps
+            ));
+        }
+        if !self.bk.is_multiple_of(16) || !block_size.is_multiple_of(self.bk) || self.stages < 2 {
+            return bad(format!(
+                "tile bk {} / stages {} invalid for block {block_size}",
+                self.bk, self.stages
+            ));
+        }
+        if self.q_in_regs && rows_per_warp != 16 {
+            return bad("q_in_regs needs 16 rows per warp".into());
+        }
+        let ch = head_dim / 8;
+        let nt = self.warps * 32;
+        if !(self.bq * ch).is_multiple_of(nt) || !(self.bk * ch).is_multiple_of(nt) {
+            return bad("tile loads do not split evenly over the threads".into());
+        }
+        Ok(())
+    }
+
+    /// The registry key of this tile for `(dtype, head_dim, block_size)`.
+    pub fn kernel_key(&self, dtype: DType, head_dim: usize, block_size: usize) -> KernelKey {
+        KernelKey::new(&ATTENTION, Some(dtype), head_dim, block_size)
+            .define("ATT_BQ", self.bq as i64)
+            .define("ATT_BK", self.bk as i64)
+            .define("ATT_WARPS", self.warps as i64)
+            .define("ATT_STAGES", self.stages as i64)
+            .define("ATT_Q_IN_REGS", self.q_in_regs as i64)
+            .define("ATT_MINB", self.min_blocks as i64)
+    }
+}
+
+/// The sequences of a batch, on the device (`[q_start, k_start, q_len, kv_len]` as u32 each)
+/// and on the host (grid sizes are host decisions). Build once per batch layout.
+#[derive(Debug)]
+pub struct DeviceSeqs {
+    host: Vec<Sequence>,
+    dev: CudaSlice<u32>,
+}
+
+impl DeviceSeqs {
+    /// Uploads `seqs` on `stream`.
+    pub fn new(stream: &std::sync::Arc<CudaStream>, seqs: &[Sequence]) -> Result<Self> {
+        if seqs.is_empty() {
+            return Err(flexprefill_core::Error::Shape(
+                "no sequence: batch must be at least 1".into(),
+            )
+            .into());
+        }
+        let mut flat = Vec::with_capacity(seqs.len() * 4);
+        for s in seqs {
+            for v in [s.q_start, s.k_start, s.q_len, s.kv_len] {
+                flat.push(u32::try_from(v).map_err(|_| CudaError::Unsupported {
+                    op: "attention",
+                    message: format!("token offset {v} does not fit u32"),
+                })?);
+            }
+        }
+        Ok(Self {
+            host: seqs.to_vec(),
+            dev: stream.clone_htod(&flat)?,
+        })
+    }
+
+    /// The host copy.
+    pub fn seqs(&self) -> &[Sequence] {
+        &self.host
+    }
+
+    /// The device array, 4 u32 per sequence.
+    pub fn device(&self) -> &CudaSlice<u32> {
+        &self.dev
+    }
+
+    /// Query tokens over all sequences.
+    pub fn total_q(&self) -> usize {
+        self.host.last().map_or(0, |s| s.q_start + s.q_len)
+    }
+
+    /// Key tokens over all sequences.
+    pub fn total_k(&self) -> usize {
+        self.host.last().map_or(0, |s| s.k_start + s.kv_len)
+    }
+}
+
+/// A [`BlockIndex`] resident on the device, in the same CSR layout (rows ordered (sequence,
+/// head, query block)).
+///
+/// `col_indices` may be longer than `row_offsets[last]` (a fixed-capacity buffer filled by a
+/// device-side selection that never syncs with the host): entries past the last offset are
+/// never read.
+#[derive(Debug)]
+pub struct DeviceBlockIndex {
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// `[num_seqs * num_heads + 1]`: first CSR row of each (sequence, head).
+    pub head_row_start: CudaSlice<u32>,
+    /// `[rows + 1]` offsets into `col_indices`.
+    pub row_offsets: CudaSlice<u32>,
+    /// Key blocks, ascending within a row.
+    pub col_indices: CudaSlice<u32>,
+}
+
+impl DeviceBlockIndex {
+    /// Uploads a host index on `stream`.
+    pub fn upload(stream: &std::sync::Arc<CudaStream>, index: &BlockIndex) -> Result<Self> {
+        // An empty index still needs a non-null buffer.
+        let cols: &[u32] = if index.col_indices().is_empty() {
+            &[0]
+        } else {
+            index.col_indices()
+        };
+        Ok(Self {
+            block_size: index.block_size(),
+            num_heads: index.num_heads(),
+            head_row_start: stream.clone_htod(index.head_row_start())?,
+            row_offsets: stream.clone_htod(index.row_offsets())?,
+            col_indices: stream.clone_htod(cols)?,
+        })
+    }
+}
+
+/// Kernel parameters, passed by value. Must match `AttnParams` in `kernels/attention.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct AttnParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    out: u64,
+    lse: u64,
+    head_row_start: u64,
+    row_offsets: u64,
+    col_indices: u64,
+    seqs: u64,
+    num_heads: u32,
+    num_kv_heads: u32,
+    group: u32,
+    num_tiles: u32,
+    scale_log2: f32,
+}
+
+// SAFETY: plain old data, laid out as the kernel's struct (repr(C), same field order and types).
+unsafe impl DeviceRepr for AttnParams {}
+
+/// Raw device address of a slice, for parameter structs. The crate's contexts run without
+/// cudarc's event tracking: ordering is the stream's, so the returned guard has nothing to do.
+pub(crate) fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    s.device_ptr(stream).0
+}
+
+/// Everything one attention launch reads and writes, on the device.
+#[derive(Debug)]
+pub struct AttentionArgs<'a, T> {
+    /// Queries `[total_q, num_heads, head_dim]`.
+    pub q: &'a CudaSlice<T>,
+    /// Keys `[total_k, num_kv_heads, head_dim]`.
+    pub k: &'a CudaSlice<T>,
+    /// Values `[total_k, num_kv_heads, head_dim]`.
+    pub v: &'a CudaSlice<T>,
+    /// Head counts and width.
+    pub shape: AttentionShape,
+    /// The sequences.
+    pub seqs: &'a DeviceSeqs,
+    /// Softmax scale; `None` is `1/sqrt(head_dim)`.
+    pub softmax_scale: Option<f32>,
+}
+
+/// Launches attention on `stream`: over `index`'s blocks, or dense causal when `index` is
+/// `None`. Writes every element of `out` (`[total_q, num_heads, head_dim]`) and, when given,
+/// of `lse` (`[total_q, num_heads]`, natural log). Asynchronous: nothing waits for the GPU.
+pub fn launch_attention<T: DeviceElem>(
+    dev: &CudaDevice,
+    stream: &CudaStream,
+    args: &AttentionArgs<'_, T>,
+    index: Option<&DeviceBlockIndex>,
+    tile: Option<AttnTile>,
+    out: &mut CudaSlice<T>,
+    lse: Option<&mut CudaSlice<f32>>,
+) -> Result<()> {
+    const OP: &str = "attention";
+    let shape = args.shape;
+    shape.validate()?;
+    let (h, hkv, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
+    let seqs = args.seqs.seqs();
+    let (total_q, total_k) = (args.seqs.total_q(), args.seqs.total_k());
+    for (name, got, want) in [
+        ("q", args.q.len(), total_q * h * d),
+        ("k", args.k.len(), total_k * hkv * d),
+        ("v", args.v.len(), total_k * hkv * d),
+        ("out", out.len(), total_q * h * d),
+    ] {
+        if got != want {
+            return Err(CudaError::BufferLen {
+                op: OP,
+                name,
+                got,
+                want,
+            });
+        }
+    }
+    if let Some(l) = lse.as_ref() {
+        if l.len() != total_q * h {
+            return Err(CudaError::BufferLen {
+                op: OP,
+                name: "lse",
+                got: l.len(),
+                want: total_q * h,
+            });
+        }
+    }
+    // Dense attention runs with the index-free walk; its "block" only sets the key-tile grid.
+    let block_size = index.map_or(128, |i| i.block_size);
+    if let Some(i) = index {
+        if i.num_heads != h {
+            return Err(flexprefill_core::Error::Index(format!(
+                "index has {} heads, input has {h}",
+                i.num_heads
+            ))
+            .into());
+        }
+        let rows: usize = seqs
+            .iter()
+            .map(|s| s.num_query_blocks(block_size))
+            .sum::<usize>()
+            * h;
+        if i.head_row_start.len() != seqs.len() * h + 1 || i.row_offsets.len() != rows + 1 {
+            return Err(flexprefill_core::Error::Index(format!(
+                "device index has {} head starts and {} row offsets, the input needs {} and {}",
+                i.head_row_start.len(),
+                i.row_offsets.len(),
+                seqs.len() * h + 1,
+                rows + 1
+            ))
+            .into());
+        }
+    }
+    let tile = tile.unwrap_or_else(|| AttnTile::auto(d, block_size));
+    tile.check(d, block_size)?;
+    let num_tiles = seqs
+        .iter()
+        .map(|s| s.q_len.div_ceil(tile.bq))
+        .max()
+        .unwrap_or(0);
+    if num_tiles > 65535 || seqs.len() > 65535 || h > 65535 {
+        return Err(CudaError::Unsupported {
+            op: OP,
+            message: format!(
+                "grid too large: {num_tiles} query tiles, {} sequences, {h} heads",
+                seqs.len()
+            ),
+        });
+    }
+    let smem = tile.smem_bytes(d);
+    if smem > dev.info().max_smem_per_block {
+        return Err(CudaError::Unsupported {
+            op: OP,
+            message: format!(
+                "tile needs {smem} bytes of shared memory, the device allows {}",
+                dev.info().max_smem_per_block
+            ),
+        });
+    }
+    let key = tile.kernel_key(T::DTYPE, d, block_size);
+    let func = dev.function(&ATTENTION, &key, "attn_fwd", smem)?;
+
+    let scale = args.softmax_scale.unwrap_or(1.0 / (d as f32).sqrt());
+    let params = AttnParams {
+        q: dptr(args.q, stream),
+        k: dptr(args.k, stream),
+        v: dptr(args.v, stream),
+        out: dptr(out, stream),
+        lse: lse.as_ref().map_or(0, |l| dptr(l, stream)),
+        head_row_start: index.map_or(0, |i| dptr(&i.head_row_start, stream)),
+        row_offsets: index.map_or(0, |i| dptr(&i.row_offsets, stream)),
+        col_indices: index.map_or(0, |i| dptr(&i.col_indices, stream)),
+        seqs: dptr(args.seqs.device(), stream),
+        num_heads: h as u32,
+        num_kv_heads: hkv as u32,
+        group: shape.group_size() as u32,
+        num_tiles: num_tiles as u32,
+        scale_log2: scale * std::f32::consts::LOG2_E,
+    };
+    let cfg = LaunchConfig {
+        // Heads fastest (a GQA group's CTAs run side by side and share K/V in L2), query tiles
+        // slowest and walked last-first by the kernel (heavy rows first).
+        grid_dim: (h as u32, seqs.len() as u32, num_tiles as u32),
+        block_dim: ((tile.warps * 32) as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: `params` matches the kernel's struct; every pointer is a live allocation of the
+    // length checked above (index buffers are checked against the sequences' row count, and
+    // column values are trusted to be causal block numbers as `BlockIndex::validate` checks);
+    // `out` and `lse` are exclusively borrowed for the launch.
+    unsafe { stream.launch_builder(&func).arg(&params).launch(cfg) }?;
+    Ok(())
+}

@@ -1,0 +1,35 @@
+//! Every shipped attention variant compiles with NVRTC for Hopper (sm_90a) and Ampere (sm_80),
+//! without spilling registers. Needs only libnvrtc (no driver, no GPU), so it runs on a dev box
+//! with the NVRTC wheel and on the GPU machine.
+
+use flexprefill_core::DType;
+use flexprefill_cuda::attention::{AttnTile, ATTENTION};
+use flexprefill_cuda::registry::compile_offline;
+
+#[test]
+#[ignore = "needs NVRTC (libnvrtc.so)"]
+fn attention_variants_compile_without_spills() {
+    for arch in [(9, 0), (8, 0)] {
+        for dtype in [DType::BF16, DType::F16] {
+            for (d, bs) in [
+                (64, 64),
+                (64, 128),
+                (128, 64),
+                (128, 128),
+                (256, 64),
+                (256, 128),
+            ] {
+                let tile = AttnTile::auto(d, bs);
+                let key = tile.kernel_key(dtype, d, bs);
+                let (cubin, log) = compile_offline(&ATTENTION, &key, arch)
+                    .unwrap_or_else(|e| panic!("{dtype} d{d} bs{bs} sm{arch:?}: {e}"));
+                assert!(!cubin.is_empty());
+                println!("sm{}{} {dtype} d{d} bs{bs} {tile:?}\n{log}", arch.0, arch.1);
+                assert!(
+                    !log.contains("bytes spill stores") || log.contains(" 0 bytes spill stores"),
+                    "spills: {log}"
+                );
+            }
+        }
+    }
+}
