@@ -52,8 +52,8 @@ mod stats;
 use std::sync::Arc;
 
 use flexprefill_core::{
-    AttentionInput, AttentionOutput, Backend, BlockIndex, Error, FlexPrefillConfig,
-    HeadStatistics, Result,
+    AttentionInput, AttentionOutput, Backend, BlockIndex, Error, FlexPrefillConfig, HeadStatistics,
+    Result,
 };
 
 pub use flexprefill_core::Backend as _;

@@ -28,8 +28,7 @@
 //! ```
 
 use flexprefill_core::{
-    check_index_matches, AttentionInput, BlockIndex, DType, Error, ForcedBlocks, HostTensor,
-    Result,
+    check_index_matches, AttentionInput, BlockIndex, DType, Error, ForcedBlocks, HostTensor, Result,
 };
 use rayon::prelude::*;
 
@@ -118,7 +117,11 @@ pub(crate) fn check_index(x: &AttentionInput<'_>, index: &BlockIndex) -> Result<
 
 /// The naive loop. With `block_size` set, `allowed(seq, head, qblock)` lists which key blocks
 /// that query block may read; without it every causal key is read.
-fn attention_f64<F>(x: &AttentionInput<'_>, block_size: Option<usize>, allowed_blocks: F) -> OracleOutput
+fn attention_f64<F>(
+    x: &AttentionInput<'_>,
+    block_size: Option<usize>,
+    allowed_blocks: F,
+) -> OracleOutput
 where
     F: Fn(usize, usize, usize) -> Vec<bool> + Sync,
 {
@@ -162,7 +165,10 @@ where
                 if scores.is_empty() {
                     continue;
                 }
-                let m = scores.iter().map(|&(_, s)| s).fold(f64::NEG_INFINITY, f64::max);
+                let m = scores
+                    .iter()
+                    .map(|&(_, s)| s)
+                    .fold(f64::NEG_INFINITY, f64::max);
                 let mut sum = 0.0f64;
                 let orow = &mut out[i * d..(i + 1) * d];
                 for &(j, sc) in &scores {

@@ -16,7 +16,7 @@ pub(crate) fn exp2_nonpositive(x: f32) -> f32 {
     let n = t - ROUND; // round(x)
     let f = x - n; // in [−0.5, 0.5]
     let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000); // round(x) as an integer
-    // Minimax polynomial for (2^f − 1)/f on [−0.5, 0.5] (Cephes exp2f).
+                                                             // Minimax polynomial for (2^f − 1)/f on [−0.5, 0.5] (Cephes exp2f).
     let p = 1.535_336_2e-4_f32;
     let p = p * f + 1.339_887_4e-3;
     let p = p * f + 9.618_437e-3;

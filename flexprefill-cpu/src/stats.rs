@@ -69,7 +69,10 @@ pub(crate) fn head_statistics(
                     sum.iter_mut().zip(row).for_each(|(a, &b)| *a += b);
                 }
                 let n = (k1 - k0) as f32;
-                out.extend(sum.iter().map(|&v| if emulate { bf16r(v / n) } else { v / n }));
+                out.extend(
+                    sum.iter()
+                        .map(|&v| if emulate { bf16r(v / n) } else { v / n }),
+                );
             }
             out
         })
@@ -94,7 +97,11 @@ pub(crate) fn head_statistics(
             for (i, row) in qh.chunks_exact_mut(d).enumerate() {
                 let src = &q[x.q_offset(s.q_start + rep_row0 + i, head)..][..d];
                 for (o, &v) in row.iter_mut().zip(src) {
-                    *o = if emulate { bf16r(v * inv_sqrt_d) } else { v * e };
+                    *o = if emulate {
+                        bf16r(v * inv_sqrt_d)
+                    } else {
+                        v * e
+                    };
                 }
             }
 
