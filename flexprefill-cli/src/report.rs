@@ -1,0 +1,361 @@
+//! The JSON report of `run` and `demo` (schema documented in docs/CLI.md; keep it stable:
+//! add keys, never rename or remove them) and its plain-text rendering.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use flexprefill_core::{FlexPrefillConfig, QueryAwareCut, SelectionMode, SparsityReport};
+use serde::Serialize;
+
+use crate::compare::Comparison;
+
+/// Version of the JSON layout; bumped only for incompatible changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Every knob that decided which blocks were computed, plus the softmax scale.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigJson {
+    /// Cumulative attention threshold.
+    pub gamma: f32,
+    /// sqrt-JS threshold for query-aware heads.
+    pub tau: f32,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Minimum budget, tokens.
+    pub min_budget: usize,
+    /// Optional cap, tokens.
+    pub max_budget: Option<usize>,
+    /// `flattened` or `per_query_block`.
+    pub query_aware_cut: &'static str,
+    /// Key block 0 always computed.
+    pub forced_sink: bool,
+    /// Diagonal blocks always computed.
+    pub forced_diagonal: bool,
+    /// `faithful` or `original`.
+    pub selection: &'static str,
+    /// Scale of q·k actually used.
+    pub softmax_scale: f32,
+}
+
+impl ConfigJson {
+    /// The JSON view of a config.
+    pub fn new(cfg: &FlexPrefillConfig, softmax_scale: f32) -> Self {
+        Self {
+            gamma: cfg.gamma,
+            tau: cfg.tau,
+            block_size: cfg.block_size,
+            min_budget: cfg.min_budget,
+            max_budget: cfg.max_budget,
+            query_aware_cut: match cfg.query_aware_cut {
+                QueryAwareCut::Flattened => "flattened",
+                QueryAwareCut::PerQueryBlock => "per_query_block",
+            },
+            forced_sink: cfg.forced.sink,
+            forced_diagonal: cfg.forced.diagonal,
+            selection: match cfg.selection {
+                SelectionMode::Faithful => "faithful",
+                SelectionMode::Original => "original",
+            },
+            softmax_scale,
+        }
+    }
+}
+
+/// One (batch, head).
+#[derive(Debug, Clone, Serialize)]
+pub struct HeadJson {
+    /// Sequence in the batch.
+    pub batch: usize,
+    /// Query head.
+    pub head: usize,
+    /// `query_aware`, `vertical_slash` or `dense` (dense fallback).
+    pub pattern: &'static str,
+    /// Eq. 2 distance; `null` when not computed.
+    pub js_distance: Option<f32>,
+    /// Blocks computed.
+    pub selected_blocks: usize,
+    /// Causal blocks.
+    pub causal_blocks: usize,
+    /// selected / causal.
+    pub density: f64,
+    /// Mass the selection believed it kept on the representative queries.
+    pub estimated_mass: Option<f32>,
+    /// ‖o − o_dense‖₂ / ‖o_dense‖₂ over this head (with --compare-dense).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rel_l2_vs_dense: Option<f64>,
+    /// max |o − o_dense| over this head (with --compare-dense).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_abs_vs_dense: Option<f64>,
+    /// Mean over query rows of the true attention mass inside the selected blocks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mass_captured: Option<f64>,
+    /// Smallest per-row captured mass.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_mass_captured: Option<f64>,
+    /// Fraction of query rows whose captured mass is below gamma.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows_below_gamma: Option<f64>,
+}
+
+/// Wall-clock split, milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct TimingsJson {
+    /// Representative attention and the pattern decision.
+    pub pattern_search: f64,
+    /// Block selection and CSR build.
+    pub index_build: f64,
+    /// Block-sparse attention.
+    pub attention: f64,
+    /// The whole FlexPrefill call.
+    pub total: f64,
+    /// Dense attention (with --compare-dense or in the demo).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dense: Option<f64>,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunJson {
+    /// Layout version of this object.
+    pub schema_version: u32,
+    /// `cpu` or `cuda`.
+    pub backend: &'static str,
+    /// Why this backend was used.
+    pub backend_reason: String,
+    /// Where q/k/v came from (file paths, or the demo workload).
+    pub input: String,
+    /// `f32`, `f16` or `bf16`.
+    pub dtype: &'static str,
+    /// Sequences.
+    pub batch: usize,
+    /// Query tokens per sequence.
+    pub seq_len: usize,
+    /// Key tokens per sequence (= seq_len except for chunked-prefill dumps).
+    pub kv_len: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Head width.
+    pub head_dim: usize,
+    /// Every knob used.
+    pub config: ConfigJson,
+    /// One entry per (batch, head), batch-major.
+    pub heads: Vec<HeadJson>,
+    /// Computed blocks / causal blocks over all heads.
+    pub density: f64,
+    /// Why the whole call ran dense, if it did.
+    pub dense_fallback: Option<String>,
+    /// Timings, milliseconds.
+    pub timings_ms: TimingsJson,
+    /// Overall relative L2 error vs dense (with --compare-dense).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rel_l2_vs_dense: Option<f64>,
+    /// Overall max abs error vs dense (with --compare-dense).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_abs_vs_dense: Option<f64>,
+    /// Mean captured mass over every row of every head (with --compare-dense).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mass_captured: Option<f64>,
+    /// Fraction of all (row, head) pairs below gamma (with --compare-dense).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows_below_gamma: Option<f64>,
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// What `run`/`demo` measured, before it becomes JSON or text.
+pub struct Measured<'a> {
+    /// Backend name.
+    pub backend: &'static str,
+    /// Why that backend.
+    pub backend_reason: String,
+    /// Input description.
+    pub input: String,
+    /// Input dims: (dtype, batch, q_len, kv_len, heads, kv heads, head_dim).
+    pub dims: (&'static str, usize, usize, usize, usize, usize, usize),
+    /// Config used.
+    pub cfg: &'a FlexPrefillConfig,
+    /// Softmax scale used.
+    pub softmax_scale: f32,
+    /// FlexPrefill's report.
+    pub report: &'a SparsityReport,
+    /// Wall time of the FlexPrefill call.
+    pub total: Duration,
+    /// Wall time of dense attention, when run.
+    pub dense: Option<Duration>,
+    /// The comparison, when run.
+    pub comparison: Option<&'a Comparison>,
+}
+
+impl Measured<'_> {
+    /// The JSON object.
+    pub fn to_json(&self) -> RunJson {
+        let (dtype, batch, seq_len, kv_len, num_heads, num_kv_heads, head_dim) = self.dims;
+        let heads = self
+            .report
+            .heads
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let c = self.comparison.map(|c| &c.heads[i]);
+                HeadJson {
+                    batch: h.seq,
+                    head: h.head,
+                    pattern: h.pattern.name(),
+                    js_distance: h.js_distance.is_finite().then_some(h.js_distance),
+                    selected_blocks: h.selected_blocks,
+                    causal_blocks: h.causal_blocks,
+                    density: h.density,
+                    estimated_mass: h.estimated_mass.is_finite().then_some(h.estimated_mass),
+                    rel_l2_vs_dense: c.map(|c| c.rel_l2),
+                    max_abs_vs_dense: c.map(|c| c.max_abs),
+                    mass_captured: c.map(|c| c.mass_captured),
+                    min_mass_captured: c.map(|c| c.min_mass_captured),
+                    rows_below_gamma: c.map(|c| c.rows_below_gamma),
+                }
+            })
+            .collect();
+        let t = &self.report.timings;
+        RunJson {
+            schema_version: SCHEMA_VERSION,
+            backend: self.backend,
+            backend_reason: self.backend_reason.clone(),
+            input: self.input.clone(),
+            dtype,
+            batch,
+            seq_len,
+            kv_len,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            config: ConfigJson::new(self.cfg, self.softmax_scale),
+            heads,
+            density: self.report.density(),
+            dense_fallback: self.report.dense_fallback.clone(),
+            timings_ms: TimingsJson {
+                pattern_search: ms(t.pattern_search),
+                index_build: ms(t.index_build),
+                attention: ms(t.attention),
+                total: ms(self.total),
+                dense: self.dense.map(ms),
+            },
+            rel_l2_vs_dense: self.comparison.map(|c| c.rel_l2),
+            max_abs_vs_dense: self.comparison.map(|c| c.max_abs),
+            mass_captured: self.comparison.map(|c| c.mass_captured),
+            rows_below_gamma: self.comparison.map(|c| c.rows_below_gamma),
+        }
+    }
+
+    /// The plain-text table printed without --json.
+    pub fn to_text(&self) -> String {
+        let j = self.to_json();
+        let mut s = String::new();
+        let _ = writeln!(s, "backend  {} ({})", j.backend, j.backend_reason);
+        let _ = writeln!(
+            s,
+            "input    {}: batch {}, seq {}{}, heads {} (kv {}), head_dim {}, {}",
+            j.input,
+            j.batch,
+            j.seq_len,
+            if j.kv_len != j.seq_len {
+                format!(" (kv {})", j.kv_len)
+            } else {
+                String::new()
+            },
+            j.num_heads,
+            j.num_kv_heads,
+            j.head_dim,
+            j.dtype
+        );
+        let c = &j.config;
+        let _ = writeln!(
+            s,
+            "config   gamma {}, tau {}, block {}, min_budget {}{}, {} selection, {} query-aware cut",
+            c.gamma,
+            c.tau,
+            c.block_size,
+            c.min_budget,
+            c.max_budget
+                .map(|m| format!(", max_budget {m}"))
+                .unwrap_or_default(),
+            c.selection,
+            c.query_aware_cut
+        );
+        if let Some(why) = &j.dense_fallback {
+            let _ = writeln!(s, "note     {why}");
+        }
+        let cmp = self.comparison.is_some();
+        let _ = writeln!(s);
+        let _ = write!(
+            s,
+            "{:>5} {:>4}  {:<14} {:>6} {:>7} {:>11}",
+            "batch", "head", "pattern", "js", "density", "blocks"
+        );
+        if cmp {
+            let _ = write!(
+                s,
+                " {:>9} {:>9} {:>7} {:>7} {:>7}",
+                "rel_l2", "max_abs", "mass", "min", "rows<γ"
+            );
+        }
+        let _ = writeln!(s);
+        for h in &j.heads {
+            let _ = write!(
+                s,
+                "{:>5} {:>4}  {:<14} {:>6} {:>6.1}% {:>11}",
+                h.batch,
+                h.head,
+                h.pattern,
+                h.js_distance
+                    .map(|v| format!("{v:.3}"))
+                    .unwrap_or_else(|| "-".into()),
+                100.0 * h.density,
+                format!("{}/{}", h.selected_blocks, h.causal_blocks)
+            );
+            if cmp {
+                let _ = write!(
+                    s,
+                    " {:>9.2e} {:>9.2e} {:>7.4} {:>7.4} {:>6.1}%",
+                    h.rel_l2_vs_dense.unwrap_or(f64::NAN),
+                    h.max_abs_vs_dense.unwrap_or(f64::NAN),
+                    h.mass_captured.unwrap_or(f64::NAN),
+                    h.min_mass_captured.unwrap_or(f64::NAN),
+                    100.0 * h.rows_below_gamma.unwrap_or(f64::NAN)
+                );
+            }
+            let _ = writeln!(s);
+        }
+        let _ = writeln!(s);
+        let _ = write!(
+            s,
+            "density  {:.1}% of causal blocks computed",
+            100.0 * j.density
+        );
+        if let (Some(r), Some(m)) = (j.rel_l2_vs_dense, j.mass_captured) {
+            let _ = write!(
+                s,
+                "; rel_l2 vs dense {r:.2e}; mean mass captured {m:.4}, {:.2}% of rows below gamma",
+                100.0 * j.rows_below_gamma.unwrap_or(0.0)
+            );
+        }
+        let _ = writeln!(s);
+        let t = &j.timings_ms;
+        let _ = write!(
+            s,
+            "time     flexprefill {:.1} ms (pattern search {:.1}, index {:.1}, attention {:.1})",
+            t.total, t.pattern_search, t.index_build, t.attention
+        );
+        if let Some(d) = t.dense {
+            let _ = write!(
+                s,
+                "; dense {d:.1} ms; speed-up {:.2}x",
+                d / t.total.max(1e-3)
+            );
+        }
+        let _ = writeln!(s);
+        s
+    }
+}
