@@ -117,7 +117,8 @@ pub struct KernelRegistry {
     arch: (i32, i32),
     include_paths: Vec<String>,
     modules: Mutex<HashMap<KernelKey, Arc<CompiledModule>>>,
-    functions: Mutex<HashMap<(KernelKey, &'static str), CudaFunction>>,
+    /// Loaded functions and the largest dynamic shared memory their limit was raised to.
+    functions: Mutex<HashMap<(KernelKey, &'static str), (CudaFunction, usize)>>,
 }
 
 impl KernelRegistry {
@@ -167,9 +168,9 @@ impl KernelRegistry {
         Ok(m)
     }
 
-    /// Function `name` of the module for `key`. `dynamic_smem` is the largest dynamic shared
-    /// memory the caller will launch it with: above the 48 KiB default the function's limit is
-    /// raised once here.
+    /// Function `name` of the module for `key`. `dynamic_smem` is the dynamic shared memory
+    /// the caller will launch it with: above the 48 KiB default the function's limit is raised
+    /// (again whenever a later call asks for more than any earlier one).
     pub fn function(
         &self,
         family: &KernelFamily,
@@ -178,18 +179,18 @@ impl KernelRegistry {
         dynamic_smem: usize,
     ) -> Result<CudaFunction> {
         let fkey = (key.clone(), name);
-        if let Some(f) = self.lock_functions().get(&fkey) {
+        if let Some((f, smem)) = self.lock_functions().get_mut(&fkey) {
+            if dynamic_smem > *smem {
+                raise_smem(f, dynamic_smem)?;
+                *smem = dynamic_smem;
+            }
             return Ok(f.clone());
         }
         let m = self.module(family, key)?;
         let f = m.module.load_function(name)?;
-        if dynamic_smem > 48 * 1024 {
-            f.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                dynamic_smem as i32,
-            )?;
-        }
-        self.lock_functions().insert(fkey, f.clone());
+        raise_smem(&f, dynamic_smem)?;
+        self.lock_functions()
+            .insert(fkey, (f.clone(), dynamic_smem));
         Ok(f)
     }
 
@@ -200,7 +201,7 @@ impl KernelRegistry {
 
     fn lock_functions(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(KernelKey, &'static str), CudaFunction>> {
+    ) -> std::sync::MutexGuard<'_, HashMap<(KernelKey, &'static str), (CudaFunction, usize)>> {
         self.functions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -213,6 +214,17 @@ impl KernelRegistry {
     fn compile(&self, family: &KernelFamily, key: &KernelKey) -> Result<(Vec<u8>, String)> {
         compile_cubin(family, &key.describe(), &self.options(key))
     }
+}
+
+/// Lets `f` launch with `bytes` of dynamic shared memory (a no-op up to the 48 KiB default).
+fn raise_smem(f: &CudaFunction, bytes: usize) -> Result<()> {
+    if bytes > 48 * 1024 {
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )?;
+    }
+    Ok(())
 }
 
 /// The arch string NVRTC compiles for: `sm_90a` on Hopper (the `a` unlocks wgmma and
