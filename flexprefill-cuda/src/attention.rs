@@ -118,6 +118,51 @@ impl AttnTile {
         }
     }
 
+    /// Other tile shapes worth timing against [`AttnTile::auto`] on a new GPU (the bench's
+    /// `--variants`).
+    pub fn variants(head_dim: usize, block_size: usize) -> Vec<Self> {
+        let base = Self::auto(head_dim, block_size);
+        let mut v = vec![
+            Self {
+                stages: 3,
+                min_blocks: 1,
+                ..base
+            },
+            Self {
+                bq: 128,
+                warps: 8,
+                q_in_regs: true,
+                min_blocks: 1,
+                ..base
+            },
+            Self {
+                bq: 128,
+                warps: 8,
+                q_in_regs: false,
+                min_blocks: 1,
+                ..base
+            },
+            Self {
+                bq: 64,
+                warps: 4,
+                q_in_regs: true,
+                min_blocks: 2,
+                ..base
+            },
+            Self {
+                bq: 64,
+                warps: 4,
+                q_in_regs: true,
+                stages: 3,
+                min_blocks: 2,
+                ..base
+            },
+            Self { bk: 32, ..base },
+        ];
+        v.retain(|t| *t != base && t.check(head_dim, block_size).is_ok());
+        v
+    }
+
     /// Dynamic shared memory of one CTA, bytes: Q tile plus `stages` K and V tiles.
     pub fn smem_bytes(&self, head_dim: usize) -> usize {
         (self.bq + 2 * self.stages * self.bk) * head_dim * 2
@@ -440,5 +485,42 @@ pub fn launch_attention<T: DeviceElem>(
     // column values are trusted to be causal block numbers as `BlockIndex::validate` checks);
     // `out` and `lse` are exclusively borrowed for the launch.
     unsafe { stream.launch_builder(&func).arg(&params).launch(cfg) }?;
+    Ok(())
+}
+
+/// Utility kernels (device-side random fills for benches and tests).
+pub static UTIL: KernelFamily = KernelFamily {
+    name: "util",
+    source: include_str!("../kernels/util.cu"),
+};
+
+/// Fills `x` with `amp · N(0, 1)` values drawn from a counter-based hash of `seed`, on the
+/// device (benches need gigabytes of random bf16 without a host round trip).
+pub fn fill_normal<T: DeviceElem>(
+    dev: &CudaDevice,
+    stream: &CudaStream,
+    x: &mut CudaSlice<T>,
+    seed: u64,
+    amp: f32,
+) -> Result<()> {
+    let key = KernelKey::new(&UTIL, Some(T::DTYPE), 0, 0);
+    let f = dev.function(&UTIL, &key, "fill_normal", 0)?;
+    let n = x.len() as u64;
+    let blocks = (dev.info().sm_count * 8) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the kernel writes x[0..n) and nothing else; argument types match its signature.
+    unsafe {
+        stream
+            .launch_builder(&f)
+            .arg(x)
+            .arg(&n)
+            .arg(&seed)
+            .arg(&amp)
+            .launch(cfg)
+    }?;
     Ok(())
 }

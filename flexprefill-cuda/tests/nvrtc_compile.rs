@@ -3,8 +3,9 @@
 //! with the NVRTC wheel and on the GPU machine.
 
 use flexprefill_core::DType;
-use flexprefill_cuda::attention::{AttnTile, ATTENTION};
+use flexprefill_cuda::attention::{AttnTile, ATTENTION, UTIL};
 use flexprefill_cuda::registry::compile_offline;
+use flexprefill_cuda::registry::KernelKey;
 
 #[test]
 #[ignore = "needs NVRTC (libnvrtc.so)"]
@@ -30,6 +31,32 @@ fn attention_variants_compile_without_spills() {
                     "spills: {log}"
                 );
             }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs NVRTC (libnvrtc.so)"]
+fn util_kernels_compile() {
+    for dtype in [DType::BF16, DType::F16] {
+        let key = KernelKey::new(&UTIL, Some(dtype), 0, 0);
+        compile_offline(&UTIL, &key, (9, 0)).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+#[test]
+#[ignore = "needs NVRTC (libnvrtc.so)"]
+fn bench_variants_compile() {
+    for (d, bs) in [(128, 128), (64, 128), (128, 64)] {
+        for t in AttnTile::variants(d, bs) {
+            let key = t.kernel_key(DType::BF16, d, bs);
+            let (_, log) =
+                compile_offline(&ATTENTION, &key, (9, 0)).unwrap_or_else(|e| panic!("{t:?}: {e}"));
+            let regs: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("registers") || l.contains("spill"))
+                .collect();
+            println!("d{d} bs{bs} {t:?}: {regs:?}");
         }
     }
 }

@@ -1,0 +1,292 @@
+//! The attention kernel against the f64 oracle of `flexprefill-cpu`, given the same index.
+//!
+//! Tolerances: bf16 rel L2 ≤ 1e-2, f16 ≤ 5e-3 (the bars). A plain bf16 implementation
+//! rounds P to 8 bits before P·V (as FA2 and the original do) and the output once more: about
+//! 2⁻⁹ relative per element, ~3e-3 in L2 on these inputs; the bar is 3× that (FA's test rule
+//! is 2× a same-precision implementation). f16 keeps 11 bits, ~5e-4, bar 10×. LSE involves no
+//! 16-bit rounding after the inputs: |Δ| ≤ 1e-3·(1 + |lse|).
+//!
+//! Every run draws fresh inputs (the seed is printed; set FLEXPREFILL_SEED to replay). The host
+//! API poisons its output buffers with NaN, so an unwritten element fails the error check.
+
+use flexprefill_core::{
+    AttentionInput, AttentionShape, Backend, BlockIndex, DType, HostTensor, Sequence,
+};
+use flexprefill_cpu::oracle;
+use flexprefill_cuda::CudaBackend;
+
+/// splitmix64: small, seedable, no dependency.
+struct Rng(u64);
+impl Rng {
+    fn fresh(tag: &str) -> Self {
+        let seed = std::env::var("FLEXPREFILL_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        println!("{tag}: seed {seed}");
+        Self(seed)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f32 {
+        let (u, v) = (self.uniform().max(1e-300), self.uniform());
+        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn gpu() -> CudaBackend {
+    CudaBackend::new().expect("the GPU tests need a CUDA device")
+}
+
+/// q, k, v of `n_q` / `n_k` tokens, normal(0, amp) values, as `dtype`.
+struct Data {
+    q: HostTensor,
+    k: HostTensor,
+    v: HostTensor,
+}
+
+fn data(
+    rng: &mut Rng,
+    dtype: DType,
+    shape: AttentionShape,
+    n_q: usize,
+    n_k: usize,
+    amp: f32,
+) -> Data {
+    let mut gen =
+        |n: usize, a: f32| HostTensor::from_f32((0..n).map(|_| rng.normal() * a).collect(), dtype);
+    Data {
+        q: gen(n_q * shape.num_heads * shape.head_dim, amp),
+        k: gen(n_k * shape.num_kv_heads * shape.head_dim, amp),
+        v: gen(n_k * shape.num_kv_heads * shape.head_dim, 1.0),
+    }
+}
+
+fn input<'a>(
+    d: &'a Data,
+    shape: AttentionShape,
+    seqs: &[(usize, usize)],
+    lse: bool,
+) -> AttentionInput<'a> {
+    let mut cu_q = vec![0];
+    let mut cu_k = vec![0];
+    for &(q, k) in seqs {
+        cu_q.push(cu_q.last().unwrap() + q);
+        cu_k.push(cu_k.last().unwrap() + k);
+    }
+    AttentionInput::packed(
+        d.q.as_ref(),
+        d.k.as_ref(),
+        d.v.as_ref(),
+        &cu_q,
+        &cu_k,
+        shape,
+    )
+    .unwrap()
+    .with_lse(lse)
+}
+
+/// Random index: sink and diagonal blocks always, each other causal block with probability
+/// `p`; `drop_lower_diag` keeps only the upper diagonal block of rows whose queries straddle two
+/// key blocks (chunks starting mid-block), and no sink, so some rows attend no key at all.
+fn random_index(
+    rng: &mut Rng,
+    seqs: &[Sequence],
+    heads: usize,
+    bs: usize,
+    p: f64,
+    drop_lower_diag: bool,
+) -> BlockIndex {
+    let mut all = Vec::new();
+    for s in seqs {
+        for _ in 0..heads {
+            let rows = (0..s.num_query_blocks(bs))
+                .map(|r| {
+                    let diag: Vec<u32> = s.diagonal_key_blocks(r, bs).map(|c| c as u32).collect();
+                    if drop_lower_diag {
+                        return vec![*diag.last().unwrap()];
+                    }
+                    let mut row = vec![0u32];
+                    row.extend(&diag);
+                    for c in 0..s.causal_key_blocks(r, bs) {
+                        if rng.uniform() < p {
+                            row.push(c as u32);
+                        }
+                    }
+                    row
+                })
+                .collect();
+            all.push(rows);
+        }
+    }
+    BlockIndex::from_rows(seqs, heads, bs, all).unwrap()
+}
+
+fn check(
+    tag: &str,
+    dtype: DType,
+    got: &flexprefill_core::AttentionOutput,
+    want: &oracle::OracleOutput,
+    lse: bool,
+) {
+    let g = got.out.to_f32_vec();
+    assert_eq!(g.len(), want.out.len(), "{tag}: output length");
+    let nan = g.iter().filter(|v| v.is_nan()).count();
+    assert_eq!(
+        nan, 0,
+        "{tag}: {nan} output elements unwritten (NaN poison) or NaN"
+    );
+    let err = oracle::relative_l2_error(&g, &want.out);
+    let bar = if dtype == DType::F16 { 5e-3 } else { 1e-2 };
+    println!("{tag}: rel L2 {err:.2e} (bar {bar:.0e})");
+    assert!(err <= bar, "{tag}: rel L2 {err:.3e} > {bar:.0e}");
+    if lse {
+        let l = got.lse.as_ref().expect("lse asked for");
+        assert_eq!(l.len(), want.lse.len(), "{tag}: lse length");
+        for (i, (&a, &b)) in l.iter().zip(&want.lse).enumerate() {
+            if b == f64::NEG_INFINITY {
+                assert_eq!(a, f32::NEG_INFINITY, "{tag}: lse[{i}] of an empty row");
+            } else {
+                assert!(
+                    (a as f64 - b).abs() <= 1e-3 * (1.0 + b.abs()),
+                    "{tag}: lse[{i}] {a} vs {b}"
+                );
+            }
+        }
+    } else {
+        assert!(got.lse.is_none());
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn dense_matches_oracle_awkward_lengths_gqa_dtypes() {
+    let gpu = gpu();
+    let mut rng = Rng::fresh("dense");
+    for dtype in [DType::BF16, DType::F16] {
+        for (h, hkv, d) in [(4, 1, 128), (4, 4, 64), (8, 2, 256), (2, 1, 128)] {
+            let shape = AttentionShape::new(h, hkv, d).unwrap();
+            for n in [1, 37, 128, 200, 1025] {
+                let x = data(&mut rng, dtype, shape, n, n, 1.0);
+                let inp = input(&x, shape, &[(n, n)], true);
+                let got = gpu.dense_attention(&inp).unwrap();
+                let want = oracle::dense_attention_f64(&inp).unwrap();
+                check(
+                    &format!("dense {dtype} h{h}/{hkv} d{d} n{n}"),
+                    dtype,
+                    &got,
+                    &want,
+                    true,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn sparse_matches_masked_oracle_ragged_chunked() {
+    let gpu = gpu();
+    let mut rng = Rng::fresh("sparse");
+    // (q_len, kv_len): full prefill, chunk starting mid-block, chunk shorter than a block,
+    // a single query, a sequence shorter than a block.
+    let layout = [(700, 700), (300, 1000), (50, 333), (1, 517), (40, 40)];
+    for dtype in [DType::BF16, DType::F16] {
+        for (h, hkv, d) in [(8, 2, 128), (4, 4, 64), (4, 1, 256)] {
+            for bs in [64, 128] {
+                let shape = AttentionShape::new(h, hkv, d).unwrap();
+                let nq: usize = layout.iter().map(|s| s.0).sum();
+                let nk: usize = layout.iter().map(|s| s.1).sum();
+                let amp = if bs == 64 { 2.0 } else { 1.0 }; // sharper softmax half the time
+                let x = data(&mut rng, dtype, shape, nq, nk, amp);
+                let lse = rng.below(2) == 0;
+                let inp = input(&x, shape, &layout, lse);
+                let index = random_index(&mut rng, &inp.seqs, h, bs, 0.3, false);
+                let got = gpu.sparse_attention(&inp, &index).unwrap();
+                let want = oracle::masked_attention_f64(&inp, &index).unwrap();
+                let tag = format!("sparse {dtype} h{h}/{hkv} d{d} bs{bs} lse {lse}");
+                check(&tag, dtype, &got, &want, lse);
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn rows_without_keys_give_zero_and_minus_infinity_lse() {
+    let gpu = gpu();
+    let mut rng = Rng::fresh("empty rows");
+    let shape = AttentionShape::new(4, 2, 128).unwrap();
+    // A chunk that starts mid-block: its query blocks straddle two key blocks; listing only the
+    // upper one leaves the first queries of each block with no key.
+    let layout = [(300, 1000)];
+    let x = data(&mut rng, DType::BF16, shape, 300, 1000, 1.0);
+    let inp = input(&x, shape, &layout, true);
+    let index = random_index(&mut rng, &inp.seqs, 4, 128, 0.0, true);
+    let got = gpu.sparse_attention(&inp, &index).unwrap();
+    let want = oracle::masked_attention_f64(&inp, &index).unwrap();
+    assert!(
+        want.lse.iter().any(|l| *l == f64::NEG_INFINITY),
+        "the case has empty rows"
+    );
+    check("empty rows", DType::BF16, &got, &want, true);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn sparse_with_every_block_is_dense_bit_for_bit() {
+    let gpu = gpu();
+    let mut rng = Rng::fresh("dense index");
+    let shape = AttentionShape::new(8, 2, 128).unwrap();
+    let layout = [(1000, 1000), (200, 777)];
+    let x = data(&mut rng, DType::BF16, shape, 1200, 1777, 1.0);
+    let inp = input(&x, shape, &layout, true);
+    let index = BlockIndex::dense(&inp.seqs, 8, 128).unwrap();
+    let a = gpu.dense_attention(&inp).unwrap();
+    let b = gpu.sparse_attention(&inp, &index).unwrap();
+    assert_eq!(
+        a, b,
+        "the dense walk and a full index must run the same tiles in the same order"
+    );
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn f32_inputs_run_as_bf16() {
+    let gpu = gpu();
+    let mut rng = Rng::fresh("f32");
+    let shape = AttentionShape::new(4, 2, 64).unwrap();
+    let x = data(&mut rng, DType::F32, shape, 333, 333, 1.0);
+    let inp = input(&x, shape, &[(333, 333)], false);
+    let got = gpu.dense_attention(&inp).unwrap();
+    assert_eq!(got.out.dtype(), DType::F32);
+    let want = oracle::dense_attention_f64(&inp).unwrap();
+    check("f32 as bf16", DType::BF16, &got, &want, false);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn unsupported_shapes_are_typed_errors() {
+    let gpu = gpu();
+    let shape = AttentionShape::new(2, 1, 96).unwrap();
+    let q = vec![half::bf16::from_f32(0.5); 10 * 2 * 96];
+    let kv = vec![half::bf16::from_f32(0.5); 10 * 96];
+    let inp = AttentionInput::batched(&q, &kv, &kv, 1, 10, 10, shape).unwrap();
+    let e = gpu.dense_attention(&inp).unwrap_err();
+    assert!(e.to_string().contains("head_dim (96)"), "{e}");
+}
