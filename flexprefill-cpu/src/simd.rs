@@ -1,5 +1,5 @@
-//! The element-wise half of the online softmax (row max, `exp2`, row sum), written so LLVM
-//! vectorises it, and compiled twice: for the baseline target and for AVX2 + FMA, picked at run
+//! The element-wise half of the online softmax (row max, `exp2`, row sum) and the plain row
+//! softmax of the statistics, written so LLVM vectorises them, and compiled twice: for the baseline target and for AVX2 + FMA, picked at run
 //! time. The GEMMs are matrixmultiply's; this is everything between them.
 //!
 //! Why a polynomial `exp2`: dense causal attention at 16k tokens and 8 heads evaluates about
@@ -93,6 +93,37 @@ pub(crate) fn online_softmax_tile(
         }
     }
     online_softmax_tile_impl(s, width, valid, m, l, corr);
+}
+
+/// Normalises `row` (scores in log2 units) into `softmax`: `row[j] = 2^(row[j] − max) / Σ`.
+pub(crate) fn softmax_log2_row(row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
+            unsafe { softmax_log2_row_avx2(row) };
+            return;
+        }
+    }
+    softmax_log2_row_impl(row);
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_log2_row_avx2(row: &mut [f32]) {
+    softmax_log2_row_impl(row);
+}
+
+#[inline(always)]
+fn softmax_log2_row_impl(row: &mut [f32]) {
+    if row.is_empty() {
+        return;
+    }
+    let m = max_of(row);
+    let inv = 1.0 / exp2_shift_sum(row, m);
+    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 #[cfg(target_arch = "x86_64")]

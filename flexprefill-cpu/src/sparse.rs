@@ -2,9 +2,9 @@
 //!
 //! One task per (sequence, head, query block) — a CSR row of the index — run by rayon, heaviest
 //! rows first so the long rows at the bottom of the causal triangle do not end up alone on one
-//! core at the end. Each task walks its key blocks in index order, merging runs of consecutive
-//! blocks into one key chunk (at most [`Tiles::chunk_keys`] keys) so that the dense index turns
-//! into few, large GEMMs:
+//! core at the end. Each task walks its key blocks in index order, [`Tiles::chunk_keys`] keys'
+//! worth of blocks at a time (consecutive blocks read in place, scattered ones gathered), so
+//! that every index turns into few, large GEMMs:
 //!
 //! ```text
 //! S = Q_blk·K_chunkᵀ·(scale·log₂e)        matrixmultiply, strided views, no copies
@@ -89,6 +89,8 @@ struct Task {
 #[derive(Default)]
 struct Scratch {
     s: Vec<f32>,
+    kbuf: Vec<f32>,
+    vbuf: Vec<f32>,
     m: Vec<f32>,
     l: Vec<f32>,
     corr: Vec<f32>,
@@ -189,34 +191,74 @@ fn run_task(
     sc.valid.resize(rows, 0);
 
     let per_chunk = (chunk_keys / bs).max(1);
-    let mut i = 0;
-    while i < cols.len() {
-        // A run of consecutive key blocks, at most `per_chunk` long.
-        let mut j = i + 1;
-        while j < cols.len() && j - i < per_chunk && cols[j] == cols[j - 1] + 1 {
-            j += 1;
-        }
-        let k0 = cols[i] as usize * bs;
-        let k1 = ((cols[j - 1] as usize + 1) * bs).min(s.kv_len);
-        i = j;
-        let width = k1 - k0;
+    let block_keys = |c: u32| (((c as usize) + 1) * bs).min(s.kv_len) - c as usize * bs;
+    let Scratch {
+        s: s_buf,
+        kbuf,
+        vbuf,
+        m,
+        l,
+        corr,
+        valid,
+    } = sc;
+    for blocks in cols.chunks(per_chunk) {
+        // Consecutive blocks are read in place through the strides; scattered ones are gathered
+        // into one contiguous key range first, so that one pair of GEMMs covers them all (the
+        // copy costs what matrixmultiply's packing of the same blocks costs, and saves
+        // re-packing Q once per block). Either way the keys stay in ascending position order,
+        // so each row's visible keys remain a prefix of the chunk.
+        let width: usize = blocks.iter().map(|&c| block_keys(c)).sum();
+        let consecutive = blocks.windows(2).all(|w| w[1] == w[0] + 1);
+        let (k_view, v_view) = if consecutive {
+            let k0 = blocks[0] as usize * bs;
+            (
+                View::new(&k_all[k0 * kv_rs..], kv_rs, 1),
+                View::new(&v_all[k0 * kv_rs..], kv_rs, 1),
+            )
+        } else {
+            kbuf.clear();
+            vbuf.clear();
+            for &c in blocks {
+                for j in c as usize * bs..c as usize * bs + block_keys(c) {
+                    kbuf.extend_from_slice(&k_all[j * kv_rs..j * kv_rs + d]);
+                    vbuf.extend_from_slice(&v_all[j * kv_rs..j * kv_rs + d]);
+                }
+            }
+            (View::new(kbuf, d, 1), View::new(vbuf, d, 1))
+        };
 
-        sc.s.resize(rows * width, 0.0);
-        let st = &mut sc.s[..rows * width];
-        let k_view = View::new(&k_all[k0 * kv_rs..], kv_rs, 1).t();
-        sgemm(rows, d, width, scale_log2, q_view, k_view, 0.0, st, width);
+        s_buf.resize(rows * width, 0.0);
+        let st = &mut s_buf[..rows * width];
+        sgemm(
+            rows,
+            d,
+            width,
+            scale_log2,
+            q_view,
+            k_view.t(),
+            0.0,
+            st,
+            width,
+        );
 
-        for (r, v) in sc.valid.iter_mut().enumerate() {
+        for (r, v) in valid.iter_mut().enumerate() {
             let p = pos0 + r;
-            *v = if p < k0 { 0 } else { (p - k0 + 1).min(width) };
+            let mut seen = 0;
+            for &c in blocks {
+                let k0 = c as usize * bs;
+                if p < k0 {
+                    break;
+                }
+                seen += (p - k0 + 1).min(block_keys(c));
+            }
+            *v = seen;
         }
-        online_softmax_tile(st, width, &sc.valid, &mut sc.m, &mut sc.l, &mut sc.corr);
-        for (arow, &c) in acc.chunks_exact_mut(d).zip(&sc.corr) {
+        online_softmax_tile(st, width, valid, m, l, corr);
+        for (arow, &c) in acc.chunks_exact_mut(d).zip(corr.iter()) {
             if c != 1.0 {
                 arow.iter_mut().for_each(|a| *a *= c);
             }
         }
-        let v_view = View::new(&v_all[k0 * kv_rs..], kv_rs, 1);
         sgemm(
             rows,
             width,
@@ -232,11 +274,11 @@ fn run_task(
 
     let mut lse = vec![0.0f32; rows];
     for (r, arow) in acc.chunks_exact_mut(d).enumerate() {
-        let l = sc.l[r];
+        let l = l[r];
         if l > 0.0 {
             let inv = 1.0 / l;
             arow.iter_mut().for_each(|a| *a *= inv);
-            lse[r] = (sc.m[r] + l.log2()) * std::f32::consts::LN_2;
+            lse[r] = (m[r] + l.log2()) * std::f32::consts::LN_2;
         } else {
             arow.fill(0.0);
             lse[r] = f32::NEG_INFINITY;

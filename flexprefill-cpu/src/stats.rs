@@ -28,6 +28,7 @@ use flexprefill_core::{
 use rayon::prelude::*;
 
 use crate::gemm::{sgemm, View};
+use crate::simd::softmax_log2_row;
 use crate::sparse::widen;
 
 #[inline]
@@ -109,11 +110,18 @@ pub(crate) fn head_statistics(
             let n = s.kv_len;
             let mut a = vec![0.0f32; nrep * n];
             let k_all = &k[x.kv_offset(s.k_start, kvh)..];
+            // Without emulation the logits come out in log2 units (one multiplication folded
+            // into the GEMM) for the vectorised exp2; with it they must be rounded to bf16 in
+            // natural units first, and use libm's exp as torch does.
             sgemm(
                 nrep,
                 d,
                 n,
-                1.0,
+                if emulate {
+                    1.0
+                } else {
+                    std::f32::consts::LOG2_E
+                },
                 View::new(&qh, d, 1),
                 View::new(k_all, kv_rs, 1).t(),
                 0.0,
@@ -128,15 +136,10 @@ pub(crate) fn head_statistics(
                 let live = &mut row[..=pos];
                 if emulate {
                     live.iter_mut().for_each(|v| *v = bf16r(*v));
+                    softmax_in_place(live);
+                } else {
+                    softmax_log2_row(live);
                 }
-                let m = live.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut sum = 0.0f32;
-                for v in live.iter_mut() {
-                    *v = (*v - m).exp();
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                live.iter_mut().for_each(|v| *v *= inv);
                 vertical[..=pos]
                     .iter_mut()
                     .zip(live.iter())
