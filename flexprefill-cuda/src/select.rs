@@ -1,5 +1,745 @@
-//! Pattern search, selection and index build on the GPU (owned by CUDA helper B).
+//! Pattern search, block selection and index build on the GPU (`kernels/select.cu`).
 //!
-//! Placeholder: the device-side selection (gamma cut by threshold, CSR build with forced
-//! blocks and budgets, no host sync) lands here and produces a
-//! [`crate::attention::DeviceBlockIndex`] for the attention kernel.
+//! [`launch_select`] queues, after [`crate::stats::launch_stats`], every step of Algorithms 2–4
+//! on the device and leaves a CSR block index there ([`DeviceSelection::index`], ready for the
+//! attention kernel), with no host synchronisation: the pattern decision, the pooled lines, the
+//! gamma cuts, the per-row raises and top-ups all run on the device, and the index lives in a
+//! fixed-capacity buffer (every causal block) so its size never has to be read back.
+//!
+//! The rules are core's ([`flexprefill_core::selection`], both [`SelectionMode`]s, both
+//! [`QueryAwareCut`]s), replayed so that the GPU selects the same blocks as
+//! `selection::build_index` on the same statistics; `select.cu` says how each cut is found
+//! without a full sort and where the sums are replayed in core's order.
+//!
+//! [`SelectionMode`]: flexprefill_core::SelectionMode
+//! [`QueryAwareCut`]: flexprefill_core::QueryAwareCut
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use flexprefill_core::{
+    selection, AttentionInput, BlockIndex, FlexPrefillConfig, HeadReport, HeadStatistics,
+    Pattern, QueryAwareCut, SelectionMode, SparsityReport, TensorRef,
+};
+
+use crate::attention::DeviceBlockIndex;
+use crate::device::CudaDevice;
+use crate::error::{CudaError, Result};
+use crate::registry::{KernelFamily, KernelKey};
+use crate::stats::{launch_pool_q, launch_stats, DeviceStats, StatsElem, StatsLayout};
+
+/// The selection kernel family.
+pub static SELECT: KernelFamily = KernelFamily {
+    name: "select",
+    source: include_str!("../kernels/select.cu"),
+};
+
+/// Per-sequence offsets of the selection buffers. Must match `SelSeq` in select.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct SelSeq {
+    words: u32,
+    mask_off: u32,
+    map_off: u32,
+    row_off: u32,
+    dist_off: u32,
+    dense: u32,
+    pad: [u32; 2],
+}
+// SAFETY: plain old data, laid out as the kernel's struct.
+unsafe impl DeviceRepr for SelSeq {}
+
+/// The configuration as the kernels read it. Must match `SelParams` in select.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct SelParams {
+    num_heads: i32,
+    num_kv_heads: i32,
+    head_dim: i32,
+    block_size: i32,
+    gamma: f32,
+    tau: f32,
+    original: i32,
+    per_row: i32,
+    sink: i32,
+    diagonal: i32,
+    mb: i32,
+    cap: i32,
+    bf16_logits: i32,
+    pad: i32,
+    gamma_py: f64,
+}
+// SAFETY: plain old data (13 i32/f32, one pad, one f64 at offset 56), as the kernel's struct.
+unsafe impl DeviceRepr for SelParams {}
+
+/// Pattern codes written by `sel_decide`.
+const PAT_QA: i32 = 1;
+const PAT_DENSE: i32 = 2;
+
+/// The index and the per-head decisions of one call, on the device.
+#[derive(Debug)]
+pub struct DeviceSelection {
+    /// CSR index (capacity: every causal block; entries past the last offset are unused).
+    pub index: DeviceBlockIndex,
+    /// `[num_seqs · H]`: 0 vertical-slash, 1 query-aware, 2 dense.
+    pub pattern: CudaSlice<i32>,
+    /// `[num_seqs · H]`: sqrt-JS distance of the decision (NaN for dense).
+    pub js: CudaSlice<f32>,
+    /// Total CSR rows.
+    pub rows: usize,
+}
+
+/// The original's gamma as the Python float a caller wrote (core's `python_float`).
+fn python_float(x: f32) -> f64 {
+    format!("{x}").parse().unwrap_or(x as f64)
+}
+
+fn params(layout: &StatsLayout, cfg: &FlexPrefillConfig) -> SelParams {
+    let s = layout.shape;
+    SelParams {
+        num_heads: s.num_heads as i32,
+        num_kv_heads: s.num_kv_heads as i32,
+        head_dim: s.head_dim as i32,
+        block_size: cfg.block_size as i32,
+        gamma: cfg.gamma,
+        tau: cfg.tau,
+        original: (cfg.selection == SelectionMode::Original) as i32,
+        per_row: (cfg.query_aware_cut == QueryAwareCut::PerQueryBlock) as i32,
+        sink: cfg.forced.sink as i32,
+        diagonal: cfg.forced.diagonal as i32,
+        mb: cfg.min_budget_blocks() as i32,
+        cap: cfg.max_budget_blocks().map_or(0, |m| m as i32),
+        bf16_logits: 0,
+        pad: 0,
+        gamma_py: python_float(cfg.gamma),
+    }
+}
+
+/// Queues selection and index build for the statistics in `stats` (same block size as
+/// `cfg`). `q` (the queries the statistics came from) lets the pooled queries be computed for
+/// the query-aware heads only; pass `None` when `stats.q_pooled` is already filled (uploaded
+/// statistics). No host synchronisation.
+pub fn launch_select<T: StatsElem>(
+    dev: &CudaDevice,
+    stream: &Arc<CudaStream>,
+    q: Option<&CudaSlice<T>>,
+    stats: &mut DeviceStats,
+    cfg: &FlexPrefillConfig,
+) -> Result<DeviceSelection> {
+    cfg.validate()?;
+    let layout = stats.layout.clone();
+    if layout.block_size != cfg.block_size {
+        return Err(CudaError::Unsupported {
+            op: "select",
+            message: format!(
+                "statistics were computed for block_size {}, config has {}",
+                layout.block_size, cfg.block_size
+            ),
+        });
+    }
+    let h = layout.shape.num_heads;
+    let bs = cfg.block_size;
+    let nseq = layout.seqs.len();
+    let mut p = params(&layout, cfg);
+    p.bf16_logits = stats.emulate as i32;
+
+    // Host-side plan of the selection buffers (lengths only).
+    let mut sel = Vec::with_capacity(nseq);
+    let (mut mask, mut map, mut rows, mut dist, mut causal) = (0usize, 0usize, 0usize, 0usize, 0usize);
+    let (mut max_nkb, mut max_rep) = (1usize, 1usize);
+    let mut head_row_start = vec![0u32];
+    for (si, s) in layout.seqs.iter().enumerate() {
+        let (nqb, nkb) = (s.num_query_blocks(bs), s.num_key_blocks(bs));
+        let words = nkb.div_ceil(32);
+        let u = |n: usize| -> Result<u32> {
+            u32::try_from(n).map_err(|_| CudaError::Unsupported {
+                op: "select",
+                message: format!("buffer offset {n} does not fit u32"),
+            })
+        };
+        sel.push(SelSeq {
+            words: u(words)?,
+            mask_off: u(mask)?,
+            map_off: u(map)?,
+            row_off: u(rows)?,
+            dist_off: u(dist)?,
+            dense: selection::dense_fallback(s, cfg).is_some() as u32,
+            pad: [0; 2],
+        });
+        mask += nqb * words;
+        map += nqb * nkb;
+        rows += nqb;
+        dist += s.kv_len + 1;
+        causal += s.total_causal_blocks(bs);
+        max_nkb = max_nkb.max(nkb);
+        max_rep = max_rep.max(layout.num_rep(si));
+        for _ in 0..h {
+            let last = *head_row_start.last().expect("starts with 0");
+            head_row_start.push(u(last as usize + nqb)?);
+        }
+    }
+    u32::try_from(map * h).map_err(|_| CudaError::Unsupported {
+        op: "select",
+        message: format!("pooled map of {} entries does not fit u32 indexing", map * h),
+    })?;
+    let total_rows = rows * h;
+    let any_qa = cfg.tau > 0.0;
+    let nkb_all = layout.total_key_blocks() * h;
+    let qb_all = layout.total_query_blocks();
+
+    let sel_d = stream.clone_htod(&sel)?;
+    let qb_seq: Vec<u32> = layout
+        .seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| std::iter::repeat_n(si as u32, s.num_query_blocks(bs)))
+        .collect();
+    let qb_seq_d = stream.clone_htod(&qb_seq)?;
+    // SAFETY (allocations): each buffer is written by a kernel before any kernel reads it
+    // (vpool/spool/pattern/js by sel_decide, vkey/kstar/colsel/dist by the mode's own kernels
+    // for exactly the heads that later read them, mask by sel_extend, map by sel_qa_map for
+    // query-aware heads, counts/offsets/cols by the compaction).
+    let (mut vpool, mut spool, mut pattern, mut js, mut vkey, mut kstar, mut colsel, mut offsel, mut dist_prefix, mut mapb, mut maskb, mut counts, mut offsets, mut cols) = unsafe {
+        (
+            stream.alloc::<f32>(nkb_all.max(1))?,
+            stream.alloc::<f32>(nkb_all.max(1))?,
+            stream.alloc::<i32>((nseq * h).max(1))?,
+            stream.alloc::<f32>((nseq * h).max(1))?,
+            stream.alloc::<u64>(nkb_all.max(1))?,
+            stream.alloc::<u64>((nseq * h).max(1))?,
+            stream.alloc::<u8>(nkb_all.max(1))?,
+            stream.alloc::<u8>(nkb_all.max(1))?,
+            stream.alloc::<u32>((dist * h).max(1))?,
+            stream.alloc::<f32>(if any_qa { (map * h).max(1) } else { 1 })?,
+            stream.alloc::<u32>((mask * h).max(1))?,
+            stream.alloc::<u32>(total_rows.max(1))?,
+            stream.alloc::<u32>(total_rows + 1)?,
+            stream.alloc::<u32>((causal * h).max(1))?,
+        )
+    };
+
+    let key = KernelKey::new(&SELECT, None, 0, 0);
+    let max_smem = dev.info().max_smem_per_block;
+    let n2 = max_nkb.next_power_of_two();
+    let sort_smem = 12 * n2;
+    let topup_smem = sort_smem + 16 * max_rep;
+    if topup_smem > max_smem {
+        return Err(CudaError::Unsupported {
+            op: "select",
+            message: format!("{max_nkb} key blocks per sequence need {topup_smem} bytes of shared memory to rank (device: {max_smem}); use a larger block_size"),
+        });
+    }
+    let f = |name: &'static str| dev.function(&SELECT, &key, name, max_smem);
+    let grid_heads = (h as u32, nseq as u32, 1);
+    let grid_rows = (qb_all as u32, h as u32, 1);
+    let lc = |grid: (u32, u32, u32), threads: u32, smem: usize| LaunchConfig {
+        grid_dim: grid,
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+
+    // SAFETY (all launches): argument lists match the kernels in select.cu; buffers are sized
+    // by the plan above for every index the kernels compute.
+    unsafe {
+        stream
+            .launch_builder(&f("sel_decide")?)
+            .arg(&stats.descs)
+            .arg(&sel_d)
+            .arg(&p)
+            .arg(&stats.vertical)
+            .arg(&stats.slash)
+            .arg(&stats.estimate)
+            .arg(&mut vpool)
+            .arg(&mut spool)
+            .arg(&mut pattern)
+            .arg(&mut js)
+            .launch(lc(grid_heads, 256, 0))?;
+    }
+    if let Some(q) = q {
+        if any_qa {
+            launch_pool_q(dev, stream, q, stats, Some(&pattern))?;
+        }
+    }
+    unsafe {
+        stream
+            .launch_builder(&f("sel_fvs_stop")?)
+            .arg(&stats.descs)
+            .arg(&p)
+            .arg(&pattern)
+            .arg(&stats.vertical)
+            .arg(&stats.slash)
+            .arg(&stats.rep_block_mass)
+            .arg(&mut vkey)
+            .arg(&mut kstar)
+            .launch(lc(grid_heads, 512, sort_smem))?;
+        stream
+            .launch_builder(&f("sel_fvs_lines")?)
+            .arg(&stats.descs)
+            .arg(&sel_d)
+            .arg(&p)
+            .arg(&pattern)
+            .arg(&stats.slash)
+            .arg(&vkey)
+            .arg(&kstar)
+            .arg(&mut colsel)
+            .arg(&mut dist_prefix)
+            .launch(lc(grid_heads, 1024, 0))?;
+        stream
+            .launch_builder(&f("sel_ovs")?)
+            .arg(&stats.descs)
+            .arg(&p)
+            .arg(&pattern)
+            .arg(&stats.vertical)
+            .arg(&stats.slash)
+            .arg(&vpool)
+            .arg(&spool)
+            .arg(&mut colsel)
+            .arg(&mut offsel)
+            .launch(lc(grid_heads, 1024, 0))?;
+        stream
+            .launch_builder(&f("sel_extend")?)
+            .arg(&stats.descs)
+            .arg(&sel_d)
+            .arg(&qb_seq_d)
+            .arg(&p)
+            .arg(&pattern)
+            .arg(&colsel)
+            .arg(&offsel)
+            .arg(&dist_prefix)
+            .arg(&mut maskb)
+            .launch(lc(grid_rows, 64, 0))?;
+        if any_qa {
+            stream
+                .launch_builder(&f("sel_qa_map")?)
+                .arg(&stats.descs)
+                .arg(&sel_d)
+                .arg(&qb_seq_d)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&stats.q_pooled)
+                .arg(&stats.k_pooled)
+                .arg(&mut mapb)
+                .launch(lc(grid_rows, 128, 8 * max_nkb))?;
+            stream
+                .launch_builder(&f("sel_qa_flat")?)
+                .arg(&stats.descs)
+                .arg(&sel_d)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&mapb)
+                .arg(&mut maskb)
+                .launch(lc(grid_heads, 1024, 0))?;
+            stream
+                .launch_builder(&f("sel_qa_row")?)
+                .arg(&stats.descs)
+                .arg(&sel_d)
+                .arg(&qb_seq_d)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&mapb)
+                .arg(&mut maskb)
+                .launch(lc(grid_rows, 256, sort_smem))?;
+            stream
+                .launch_builder(&f("sel_qa_topup")?)
+                .arg(&stats.descs)
+                .arg(&sel_d)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&stats.rep_block_mass)
+                .arg(&mut maskb)
+                .launch(lc(grid_heads, 256, topup_smem))?;
+        }
+        stream
+            .launch_builder(&f("sel_count")?)
+            .arg(&stats.descs)
+            .arg(&sel_d)
+            .arg(&qb_seq_d)
+            .arg(&p)
+            .arg(&maskb)
+            .arg(&mut counts)
+            .launch(lc(grid_rows, 32, 0))?;
+        let rows_u = total_rows as u32;
+        stream
+            .launch_builder(&f("sel_scan")?)
+            .arg(&counts)
+            .arg(&rows_u)
+            .arg(&mut offsets)
+            .launch(lc((1, 1, 1), 1024, 0))?;
+        stream
+            .launch_builder(&f("sel_write")?)
+            .arg(&stats.descs)
+            .arg(&sel_d)
+            .arg(&qb_seq_d)
+            .arg(&p)
+            .arg(&maskb)
+            .arg(&offsets)
+            .arg(&mut cols)
+            .launch(lc(grid_rows, 32, 0))?;
+    }
+    Ok(DeviceSelection {
+        index: DeviceBlockIndex {
+            block_size: bs,
+            num_heads: h,
+            head_row_start: stream.clone_htod(&head_row_start)?,
+            row_offsets: offsets,
+            col_indices: cols,
+        },
+        pattern,
+        js,
+        rows: total_rows,
+    })
+}
+
+impl DeviceSelection {
+    /// Downloads the index and the per-head decisions (synchronises). `stats` gives each
+    /// head's exact representative mass for the report; pass `None` to leave it NaN.
+    pub fn to_host(
+        &self,
+        stream: &Arc<CudaStream>,
+        layout: &StatsLayout,
+        stats: Option<&[HeadStatistics]>,
+    ) -> Result<(BlockIndex, Vec<HeadReport>)> {
+        let offsets = stream.clone_dtoh(&self.index.row_offsets)?;
+        let pattern = stream.clone_dtoh(&self.pattern)?;
+        let js = stream.clone_dtoh(&self.js)?;
+        stream.synchronize()?;
+        let nnz = offsets[self.rows] as usize;
+        let mut cols = vec![0u32; nnz];
+        if nnz > 0 {
+            stream.memcpy_dtoh(&self.index.col_indices.slice(..nnz), &mut cols)?;
+            stream.synchronize()?;
+        }
+        let h = layout.shape.num_heads;
+        let bs = self.index.block_size;
+        let mut heads = Vec::with_capacity(layout.seqs.len() * h);
+        let mut reports = Vec::with_capacity(layout.seqs.len() * h);
+        let mut row = 0usize;
+        for (si, s) in layout.seqs.iter().enumerate() {
+            let nqb = s.num_query_blocks(bs);
+            let nkb = s.num_key_blocks(bs);
+            let causal = s.total_causal_blocks(bs);
+            for head in 0..h {
+                let rows: Vec<Vec<u32>> = (row..row + nqb)
+                    .map(|i| cols[offsets[i] as usize..offsets[i + 1] as usize].to_vec())
+                    .collect();
+                row += nqb;
+                let selected: usize = rows.iter().map(Vec::len).sum();
+                let pat = match pattern[si * h + head] {
+                    PAT_QA => Pattern::QueryAware,
+                    PAT_DENSE => Pattern::Dense,
+                    _ => Pattern::VerticalSlash,
+                };
+                let mass = match (pat, stats) {
+                    (Pattern::Dense, _) => 1.0,
+                    (_, Some(st)) => mean_rep_mass(&st[si * h + head].rep_block_mass, nkb, s, bs, &rows),
+                    _ => f32::NAN,
+                };
+                reports.push(HeadReport {
+                    seq: si,
+                    head,
+                    pattern: pat,
+                    js_distance: js[si * h + head],
+                    selected_blocks: selected,
+                    causal_blocks: causal,
+                    density: selected as f64 / causal as f64,
+                    estimated_mass: mass,
+                });
+                heads.push(rows);
+            }
+        }
+        let index = BlockIndex::from_rows(&layout.seqs, h, bs, heads)?;
+        Ok((index, reports))
+    }
+}
+
+/// Mean over the representative queries of the exact captured mass (core's
+/// `representative_mass`, f64 per query in ascending block order).
+fn mean_rep_mass(m: &[f32], nkb: usize, s: &flexprefill_core::Sequence, bs: usize, rows: &[Vec<u32>]) -> f32 {
+    let rep = bs.min(s.q_len);
+    if m.len() != rep * nkb || rep == 0 {
+        return f32::NAN;
+    }
+    let mut total = 0f64;
+    for i in 0..rep {
+        let r = (s.q_len - rep + i) / bs;
+        let row = &m[i * nkb..(i + 1) * nkb];
+        total += rows[r].iter().map(|&c| row[c as usize] as f64).sum::<f64>() as f32 as f64;
+    }
+    (total / rep as f64) as f32
+}
+
+/// Uploads host statistics into device buffers laid out as `layout` (for running the device
+/// selection on the CPU's statistics: the exact agreement test).
+pub fn upload_stats(
+    stream: &Arc<CudaStream>,
+    layout: StatsLayout,
+    stats: &[HeadStatistics],
+    emulate: bool,
+) -> Result<DeviceStats> {
+    let h = layout.shape.num_heads;
+    let hkv = layout.shape.num_kv_heads;
+    let d = layout.shape.head_dim;
+    let bs = layout.block_size;
+    let seqs = layout.seqs.clone();
+    if stats.len() != seqs.len() * h {
+        return Err(flexprefill_core::Error::Shape(format!(
+            "{} head statistics for {} sequences × {h} heads",
+            stats.len(),
+            seqs.len()
+        ))
+        .into());
+    }
+    let tot_tok: usize = seqs.iter().map(|s| s.kv_len).sum();
+    let tot_kb = layout.total_key_blocks();
+    let tot_qb = layout.total_query_blocks();
+    let tot_rep: usize = (0..seqs.len())
+        .map(|i| layout.num_rep(i) * seqs[i].num_key_blocks(bs))
+        .sum();
+    let mut vertical = vec![0f32; tot_tok * h];
+    let mut slash = vec![0f32; tot_tok * h];
+    let mut estimate = vec![0f32; tot_kb * h];
+    let mut rbm = vec![0f32; tot_rep * h];
+    let mut kp = vec![0f32; tot_kb * hkv * d];
+    let mut qp = vec![0f32; tot_qb * h * d];
+    for (si, s) in seqs.iter().enumerate() {
+        let (nkb, nqb) = (s.num_key_blocks(bs), s.num_query_blocks(bs));
+        for head in 0..h {
+            let st = &stats[si * h + head];
+            let lo = layout.line_offset(si, head);
+            vertical[lo..lo + s.kv_len].copy_from_slice(&st.vertical);
+            slash[lo..lo + s.kv_len].copy_from_slice(&st.slash);
+            let eo = layout.estimate_offset(si, head);
+            estimate[eo..eo + nkb].copy_from_slice(&st.estimate);
+            let ro = layout.rep_offset(si, head);
+            rbm[ro..ro + st.rep_block_mass.len()].copy_from_slice(&st.rep_block_mass);
+            let ko = layout.k_pooled_offset(si, layout.shape.kv_head(head));
+            kp[ko..ko + nkb * d].copy_from_slice(&st.k_pooled);
+            let qo = layout.q_pooled_offset(si, head);
+            qp[qo..qo + nqb * d].copy_from_slice(&st.q_pooled);
+        }
+    }
+    DeviceStats::from_parts(
+        stream,
+        layout,
+        [vertical, slash, estimate, rbm, kp, qp],
+        emulate,
+    )
+}
+
+/// Host-facing selection: statistics and selection on the device, index and reports back.
+pub(crate) fn select_index(
+    dev: &CudaDevice,
+    x: &AttentionInput<'_>,
+    cfg: &FlexPrefillConfig,
+) -> Result<(BlockIndex, SparsityReport)> {
+    cfg.validate()?;
+    x.validate()?;
+    let stream = dev.stream();
+    let layout = StatsLayout::new(&x.seqs, x.shape, cfg.block_size)?;
+    let (scale, emulate) = crate::stats::estimation_scale(x.shape, x.scale(), x.dtype(), cfg);
+    fn run<T: StatsElem + cudarc::driver::ValidAsZeroBits>(
+        dev: &CudaDevice,
+        stream: &Arc<CudaStream>,
+        q: &[T],
+        k: &[T],
+        layout: StatsLayout,
+        scale: f32,
+        emulate: bool,
+        cfg: &FlexPrefillConfig,
+    ) -> Result<(BlockIndex, Vec<HeadReport>)> {
+        let (qd, kd) = (stream.clone_htod(q)?, stream.clone_htod(k)?);
+        let t0 = std::time::Instant::now();
+        let mut st = launch_stats(dev, stream, &qd, &kd, layout.clone(), scale, emulate)?;
+        let sel = launch_select(dev, stream, Some(&qd), &mut st, cfg)?;
+        let host_stats = st.to_host(stream)?;
+        let _ = t0;
+        sel.to_host(stream, &layout, Some(&host_stats))
+    }
+    let t0 = std::time::Instant::now();
+    let (index, heads) = match (x.q, x.k) {
+        (TensorRef::BF16(q), TensorRef::BF16(k)) => run(dev, stream, q, k, layout, scale, emulate, cfg)?,
+        (TensorRef::F16(q), TensorRef::F16(k)) => run(dev, stream, q, k, layout, scale, emulate, cfg)?,
+        (TensorRef::F32(q), TensorRef::F32(k)) => {
+            let cv = |t: &[f32]| t.iter().map(|&a| half::bf16::from_f32(a)).collect::<Vec<_>>();
+            run(dev, stream, &cv(q), &cv(k), layout, scale, false, cfg)?
+        }
+        _ => {
+            return Err(flexprefill_core::Error::DType {
+                q: x.q.dtype().name(),
+                k: x.k.dtype().name(),
+                v: x.v.dtype().name(),
+            }
+            .into())
+        }
+    };
+    let dense_fallback = x
+        .seqs
+        .iter()
+        .map(|s| selection::dense_fallback(s, cfg))
+        .collect::<Option<Vec<_>>>()
+        .and_then(|r| r.into_iter().next());
+    let mut report = SparsityReport {
+        heads,
+        dense_fallback,
+        ..Default::default()
+    };
+    report.timings.index_build = t0.elapsed();
+    Ok((index, report))
+}
+
+#[cfg(test)]
+mod tests {
+    //! GPU tests (ignored without a GPU). The exact test feeds the CPU's statistics to the
+    //! device selection, so both paths see identical numbers and must pick identical blocks;
+    //! the end-to-end test runs everything on the device and counts disagreements.
+
+    use super::*;
+    use crate::stats::tests::{device, ragged, seed, workload};
+    use flexprefill_core::{Backend, DType, ForcedBlocks};
+    use flexprefill_cpu::CpuBackend;
+    use flexprefill_testkit::owned::OwnedInput;
+    use flexprefill_testkit::workload::WorkloadKind;
+
+    fn configs() -> Vec<(&'static str, FlexPrefillConfig)> {
+        let f = FlexPrefillConfig {
+            min_budget: 256,
+            ..FlexPrefillConfig::default()
+        };
+        let o = FlexPrefillConfig {
+            min_budget: 256,
+            ..FlexPrefillConfig::original()
+        };
+        vec![
+            ("faithful", f),
+            ("faithful tau 0.4", FlexPrefillConfig { tau: 0.4, ..f }),
+            ("faithful per-row tau 0.4", FlexPrefillConfig { tau: 0.4, query_aware_cut: QueryAwareCut::PerQueryBlock, ..f }),
+            ("faithful gamma 0.95 bs 64", FlexPrefillConfig { gamma: 0.95, block_size: 64, ..f }),
+            ("original", o),
+            ("original tau 0.4", FlexPrefillConfig { tau: 0.4, ..o }),
+            ("original per-row tau 0.4 max budget", FlexPrefillConfig { tau: 0.4, query_aware_cut: QueryAwareCut::PerQueryBlock, max_budget: Some(512), ..o }),
+            ("original gamma 0.8 bs 64", FlexPrefillConfig { gamma: 0.8, block_size: 64, ..o }),
+        ]
+    }
+
+    fn inputs(seed: u64) -> Vec<(&'static str, OwnedInput)> {
+        let long = workload(WorkloadKind::Mixed, 3000, 8, 2, 128, seed + 10);
+        vec![
+            ("mixed 4096", workload(WorkloadKind::Mixed, 4096, 8, 2, 128, seed).to_dtype(DType::BF16)),
+            ("topics 3000", workload(WorkloadKind::Topics, 3000, 4, 2, 128, seed + 1).to_dtype(DType::BF16)),
+            ("stripes 2500 f16", workload(WorkloadKind::Stripes, 2500, 4, 1, 64, seed + 2).to_dtype(DType::F16)),
+            ("random 2048", workload(WorkloadKind::Random, 2048, 4, 2, 128, seed + 3).to_dtype(DType::BF16)),
+            ("needle 3333", workload(WorkloadKind::Needle, 3333, 4, 2, 128, seed + 4).to_dtype(DType::BF16)),
+            ("chunk 2200..3000", long.chunk(2200, 3000).expect("chunk").to_dtype(DType::BF16)),
+            ("ragged 900 + 2100 + 300", {
+                let a = ragged(&workload(WorkloadKind::SinkLocal, 900, 8, 2, 128, seed + 5), &workload(WorkloadKind::Topics, 2100, 8, 2, 128, seed + 6));
+                ragged(&a, &workload(WorkloadKind::Stripes, 300, 8, 2, 128, seed + 7)).to_dtype(DType::BF16)
+            }),
+        ]
+    }
+
+    fn diff_heads(a: &BlockIndex, b: &BlockIndex) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        for s in 0..a.seqs().len() {
+            for h in 0..a.num_heads() {
+                let nqb = a.seqs()[s].num_query_blocks(a.block_size());
+                if (0..nqb).any(|r| a.row(s, h, r) != b.row(s, h, r)) {
+                    out.push((s, h));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn device_selection_equals_core_on_the_same_statistics() {
+        let dev = device();
+        let stream = dev.stream().clone();
+        let cpu = CpuBackend::new();
+        let seed = seed();
+        let mut checked = 0;
+        let mut qa_heads = 0;
+        for (what, owned) in inputs(seed) {
+            let x = owned.input().expect("input");
+            for (cname, cfg) in configs() {
+                let stats = cpu.head_statistics(&x, &cfg).expect("cpu stats");
+                let (want, want_rep) = selection::build_index(&x.seqs, x.shape, &cfg, &stats).expect("core");
+                want.validate(cfg.forced).expect("core index valid");
+                let layout = StatsLayout::new(&x.seqs, x.shape, cfg.block_size).expect("layout");
+                let emulate = stats.first().is_some_and(|s| s.bf16_pooled_logits);
+                let mut dst = upload_stats(&stream, layout.clone(), &stats, emulate).expect("upload");
+                let sel = launch_select::<half::bf16>(&dev, &stream, None, &mut dst, &cfg).expect("select");
+                let (got, got_rep) = sel.to_host(&stream, &layout, Some(&stats)).expect("download");
+                got.validate(cfg.forced).expect("device index valid");
+                for (g, w) in got_rep.iter().zip(&want_rep) {
+                    assert_eq!(g.pattern, w.pattern, "{what} / {cname}: seq {} head {} pattern (js gpu {} cpu {})", g.seq, g.head, g.js_distance, w.js_distance);
+                    qa_heads += (g.pattern == Pattern::QueryAware) as usize;
+                }
+                let bad = diff_heads(&got, &want);
+                assert!(bad.is_empty(), "{what} / {cname}: heads {bad:?} select other blocks; first: gpu {:?} cpu {:?}",
+                    bad.first().map(|&(s, h)| (0..want.seqs()[s].num_query_blocks(cfg.block_size)).map(|r| got.row(s, h, r).to_vec()).collect::<Vec<_>>()),
+                    bad.first().map(|&(s, h)| (0..want.seqs()[s].num_query_blocks(cfg.block_size)).map(|r| want.row(s, h, r).to_vec()).collect::<Vec<_>>()));
+                checked += want_rep.len();
+            }
+        }
+        eprintln!("identical selection on {checked} heads ({qa_heads} query-aware)");
+        assert!(qa_heads > 0, "the configurations should exercise query-aware heads");
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn device_path_end_to_end_agrees_with_cpu_path() {
+        let dev = device();
+        let cpu = CpuBackend::new();
+        let seed = seed();
+        let (mut heads, mut differ) = (0usize, 0usize);
+        for (what, owned) in inputs(seed + 100) {
+            let x = owned.input().expect("input");
+            for (cname, cfg) in configs() {
+                let (want, want_rep) = cpu.select_index(&x, &cfg).expect("cpu");
+                let (got, got_rep) = select_index(&dev, &x, &cfg).expect("gpu");
+                got.validate(cfg.forced).expect("device index valid");
+                assert_eq!(got_rep.heads.len(), want_rep.heads.len());
+                let bad = diff_heads(&got, &want);
+                for &(s, h) in &bad {
+                    let (g, w) = (&got_rep.heads[s * x.shape.num_heads + h], &want_rep.heads[s * x.shape.num_heads + h]);
+                    eprintln!("{what} / {cname}: seq {s} head {h} differs: gpu {:?} js {} blocks {} | cpu {:?} js {} blocks {}",
+                        g.pattern, g.js_distance, g.selected_blocks, w.pattern, w.js_distance, w.selected_blocks);
+                }
+                heads += want_rep.heads.len();
+                differ += bad.len();
+            }
+        }
+        eprintln!("end to end: {differ} of {heads} heads differ (statistics differ in the last bits)");
+        // Statistics are computed differently (tensor cores vs CPU sgemm), so a head sitting on
+        // a decision boundary may differ; more than 2% would be a bug, not rounding.
+        assert!(differ * 50 <= heads, "{differ} of {heads} heads differ");
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn dense_fallback_and_forced_blocks() {
+        let dev = device();
+        let seed = seed();
+        // 900 tokens ≤ min_budget 1024: every head dense, every causal block listed.
+        let owned = workload(WorkloadKind::Random, 900, 4, 2, 64, seed).to_dtype(DType::BF16);
+        let x = owned.input().expect("input");
+        let cfg = FlexPrefillConfig::default();
+        let (idx, rep) = select_index(&dev, &x, &cfg).expect("gpu");
+        assert_eq!(idx, BlockIndex::dense(&x.seqs, 4, 128).expect("dense"));
+        assert!(rep.dense_fallback.is_some());
+        assert!(rep.heads.iter().all(|h| h.pattern == Pattern::Dense));
+        // no forced blocks, min budget 1 block: still a valid index
+        let cfg = FlexPrefillConfig {
+            forced: ForcedBlocks { sink: false, diagonal: false },
+            min_budget: 1,
+            ..FlexPrefillConfig::default()
+        };
+        let owned = workload(WorkloadKind::SinkLocal, 2000, 4, 2, 64, seed + 1).to_dtype(DType::BF16);
+        let x = owned.input().expect("input");
+        let (idx, _) = select_index(&dev, &x, &cfg).expect("gpu");
+        idx.validate(cfg.forced).expect("valid");
+        let (want, _) = CpuBackend::new().select_index(&x, &cfg).expect("cpu");
+        assert_eq!(idx.density() > 0.0, want.density() > 0.0);
+    }
+}

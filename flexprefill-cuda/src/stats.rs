@@ -92,6 +92,9 @@ pub struct StatsLayout {
     total_kb: usize,
     total_qb: usize,
     total_rep: usize,
+    /// Fill every output with NaN before the kernels run (tests: proves every element is
+    /// written). Costs one memset per buffer; the host path sets it, the device path does not.
+    pub poison: bool,
 }
 
 fn to_u32(n: usize, what: &str) -> Result<u32> {
@@ -108,7 +111,8 @@ impl StatsLayout {
         let mut descs = Vec::with_capacity(seqs.len());
         let mut work = Vec::new();
         let (mut kb_seq, mut qb_seq) = (Vec::new(), Vec::new());
-        let (mut tok, mut kb, mut qb, mut rep_off, mut split) = (0usize, 0usize, 0usize, 0usize, 0usize);
+        let (mut tok, mut kb, mut qb, mut rep_off, mut split) =
+            (0usize, 0usize, 0usize, 0usize, 0usize);
         let mut max_rep = 1;
         for (si, s) in seqs.iter().enumerate() {
             let rep = block_size.min(s.q_len);
@@ -169,6 +173,7 @@ impl StatsLayout {
             total_kb: kb,
             total_qb: qb,
             total_rep: rep_off,
+            poison: false,
         })
     }
 
@@ -193,7 +198,8 @@ impl StatsLayout {
     /// Offset of (seq, kv_head)'s pooled keys (`nkb · D` floats).
     pub fn k_pooled_offset(&self, seq: usize, kv_head: usize) -> usize {
         let d = &self.descs[seq];
-        (d.kb_off as usize * self.shape.num_kv_heads + kv_head * d.nkb as usize) * self.shape.head_dim
+        (d.kb_off as usize * self.shape.num_kv_heads + kv_head * d.nkb as usize)
+            * self.shape.head_dim
     }
 
     /// Offset of (seq, head)'s pooled queries (`nqb · D` floats).
@@ -268,7 +274,12 @@ impl StatsElem for half::f16 {
 }
 
 /// Estimation scale and rounding mode for `cfg` (see the module docs).
-pub fn estimation_scale(shape: AttentionShape, softmax_scale: f32, dtype: DType, cfg: &FlexPrefillConfig) -> (f32, bool) {
+pub fn estimation_scale(
+    shape: AttentionShape,
+    softmax_scale: f32,
+    dtype: DType,
+    cfg: &FlexPrefillConfig,
+) -> (f32, bool) {
     let original = cfg.selection == SelectionMode::Original;
     let inv_sqrt_d = 1.0 / ((shape.head_dim as f64).sqrt() as f32);
     let e = if original { inv_sqrt_d } else { softmax_scale };
@@ -308,7 +319,12 @@ pub fn launch_stats<T: StatsElem>(
     let (h, hkv, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
     let need = |name: &'static str, got: usize, want: usize| -> Result<()> {
         if got != want {
-            return Err(CudaError::BufferLen { op: "head_statistics", name, got, want });
+            return Err(CudaError::BufferLen {
+                op: "head_statistics",
+                name,
+                got,
+                want,
+            });
         }
         Ok(())
     };
@@ -325,9 +341,11 @@ pub fn launch_stats<T: StatsElem>(
             message: format!("head_dim {d} with block_size {} needs {smem2} bytes of shared memory (device: {max_smem})", layout.block_size),
         });
     }
-    let f_pass1 = dev.function(&STATS, &kkey, "stats_pass1", smem1)?;
+    // The registry raises a function's dynamic-smem limit once, at first use: ask for the
+    // device maximum so a later launch with a larger block size is not refused.
+    let f_pass1 = dev.function(&STATS, &kkey, "stats_pass1", max_smem)?;
     let f_merge = dev.function(&STATS, &kkey, "stats_merge", 0)?;
-    let f_pass2 = dev.function(&STATS, &kkey, "stats_pass2", smem2)?;
+    let f_pass2 = dev.function(&STATS, &kkey, "stats_pass2", max_smem)?;
     let f_final = dev.function(&STATS, &kkey, "stats_slash_finalize", 0)?;
     let f_pool_k = dev.function(&STATS, &kkey, "stats_pool_k", 0)?;
     let f_est = dev.function(&STATS, &kkey, "stats_estimate", 0)?;
@@ -338,7 +356,11 @@ pub fn launch_stats<T: StatsElem>(
     let work = stream.clone_htod(&layout.work)?;
     let kb_seq = stream.clone_htod(&layout.kb_seq)?;
     let qb_seq = stream.clone_htod(&layout.qb_seq)?;
+    let poison = layout.poison;
     let alloc = |n: usize| -> Result<CudaSlice<f32>> {
+        if poison {
+            return crate::backend::poisoned::<f32>(stream, n);
+        }
         // SAFETY: every buffer below is fully written by the kernels before it is read
         // (checked by the poisoned-buffer tests).
         Ok(unsafe { stream.alloc::<f32>(n.max(1)) }?)
@@ -362,7 +384,11 @@ pub fn launch_stats<T: StatsElem>(
     );
     let (round_q, round_logits) = (emulate as i32, emulate as i32);
     // With round_q, Q̂ already carries the scale: the logits only change base.
-    let scale_log2 = if emulate { std::f32::consts::LOG2_E } else { scale * std::f32::consts::LOG2_E };
+    let scale_log2 = if emulate {
+        std::f32::consts::LOG2_E
+    } else {
+        scale * std::f32::consts::LOG2_E
+    };
     let sl_i = layout.sl_stride as i32;
     let emu_i = emulate as i32;
     let grid_pass = (h as u32, total_splits as u32, 1);
@@ -384,7 +410,11 @@ pub fn launch_stats<T: StatsElem>(
             .arg(&round_q)
             .arg(&round_logits)
             .arg(&mut row_ml)
-            .launch(LaunchConfig { grid_dim: grid_pass, block_dim: (NTHREADS, 1, 1), shared_mem_bytes: smem1 as u32 })?;
+            .launch(LaunchConfig {
+                grid_dim: grid_pass,
+                block_dim: (NTHREADS, 1, 1),
+                shared_mem_bytes: smem1 as u32,
+            })?;
         stream
             .launch_builder(&f_merge)
             .arg(&descs)
@@ -392,7 +422,11 @@ pub fn launch_stats<T: StatsElem>(
             .arg(&h_i)
             .arg(&rp_i)
             .arg(&mut lse2)
-            .launch(LaunchConfig { grid_dim: (h as u32, nseq as u32, 1), block_dim: (layout.rp as u32, 1, 1), shared_mem_bytes: 0 })?;
+            .launch(LaunchConfig {
+                grid_dim: (h as u32, nseq as u32, 1),
+                block_dim: (layout.rp as u32, 1, 1),
+                shared_mem_bytes: 0,
+            })?;
         stream
             .launch_builder(&f_pass2)
             .arg(q)
@@ -413,7 +447,11 @@ pub fn launch_stats<T: StatsElem>(
             .arg(&mut vertical)
             .arg(&mut rep_block_mass)
             .arg(&mut slash_part)
-            .launch(LaunchConfig { grid_dim: grid_pass, block_dim: (NTHREADS, 1, 1), shared_mem_bytes: smem2 as u32 })?;
+            .launch(LaunchConfig {
+                grid_dim: grid_pass,
+                block_dim: (NTHREADS, 1, 1),
+                shared_mem_bytes: smem2 as u32,
+            })?;
         let max_kv = layout.seqs.iter().map(|s| s.kv_len).max().unwrap_or(1);
         stream
             .launch_builder(&f_final)
@@ -423,7 +461,11 @@ pub fn launch_stats<T: StatsElem>(
             .arg(&split_i)
             .arg(&sl_i)
             .arg(&mut slash)
-            .launch(LaunchConfig { grid_dim: (max_kv.div_ceil(256) as u32, h as u32, nseq as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 })?;
+            .launch(LaunchConfig {
+                grid_dim: (max_kv.div_ceil(256) as u32, h as u32, nseq as u32),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })?;
         stream
             .launch_builder(&f_pool_k)
             .arg(k)
@@ -433,7 +475,11 @@ pub fn launch_stats<T: StatsElem>(
             .arg(&bs_i)
             .arg(&emu_i)
             .arg(&mut k_pooled)
-            .launch(LaunchConfig { grid_dim: (layout.total_kb as u32, hkv as u32, 1), block_dim: (d.min(256) as u32, 1, 1), shared_mem_bytes: 0 })?;
+            .launch(LaunchConfig {
+                grid_dim: (layout.total_kb as u32, hkv as u32, 1),
+                block_dim: (d.min(256) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            })?;
         stream
             .launch_builder(&f_est)
             .arg(q)
@@ -444,7 +490,11 @@ pub fn launch_stats<T: StatsElem>(
             .arg(&scale)
             .arg(&emu_i)
             .arg(&mut estimate)
-            .launch(LaunchConfig { grid_dim: (h as u32, nseq as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })?;
+            .launch(LaunchConfig {
+                grid_dim: (h as u32, nseq as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })?;
     }
     Ok(DeviceStats {
         layout,
@@ -478,7 +528,11 @@ pub fn launch_pool_q<T: StatsElem>(
     let bs_i = l.block_size as i32;
     let emu_i = stats.emulate as i32;
     let grid = (l.total_qb as u32, l.shape.num_heads as u32, 1);
-    let cfg = LaunchConfig { grid_dim: grid, block_dim: (l.shape.head_dim.min(256) as u32, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: grid,
+        block_dim: (l.shape.head_dim.min(256) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
     if l.total_qb == 0 {
         return Ok(());
     }
@@ -503,6 +557,38 @@ pub fn launch_pool_q<T: StatsElem>(
 }
 
 impl DeviceStats {
+    /// Device statistics from host arrays already in the layout's flat order: vertical, slash,
+    /// estimate, rep_block_mass, k_pooled (per kv head), q_pooled. For tests and tools.
+    pub fn from_parts(
+        stream: &Arc<CudaStream>,
+        layout: StatsLayout,
+        parts: [Vec<f32>; 6],
+        emulate: bool,
+    ) -> Result<Self> {
+        let up = |v: &Vec<f32>| -> Result<CudaSlice<f32>> {
+            if v.is_empty() {
+                Ok(stream.clone_htod(&[0f32])?)
+            } else {
+                Ok(stream.clone_htod(v)?)
+            }
+        };
+        let [vertical, slash, estimate, rbm, kp, qp] = &parts;
+        Ok(Self {
+            descs: stream.clone_htod(&layout.descs)?,
+            qb_seq: stream.clone_htod(&layout.qb_seq)?,
+            vertical: up(vertical)?,
+            slash: up(slash)?,
+            estimate: up(estimate)?,
+            rep_block_mass: up(rbm)?,
+            k_pooled: up(kp)?,
+            q_pooled: up(qp)?,
+            scale: 0.0,
+            emulate,
+            dtype: DType::BF16,
+            layout,
+        })
+    }
+
     /// Downloads everything and splits it per (sequence, head), sequence-major. Synchronises.
     pub fn to_host(&self, stream: &Arc<CudaStream>) -> Result<Vec<HeadStatistics>> {
         let l = &self.layout;
@@ -516,7 +602,10 @@ impl DeviceStats {
         let (h, d) = (l.shape.num_heads, l.shape.head_dim);
         let mut out = Vec::with_capacity(l.seqs.len() * h);
         for (si, s) in l.seqs.iter().enumerate() {
-            let (nkb, nqb) = (s.num_key_blocks(l.block_size), s.num_query_blocks(l.block_size));
+            let (nkb, nqb) = (
+                s.num_key_blocks(l.block_size),
+                s.num_query_blocks(l.block_size),
+            );
             let rep = l.num_rep(si);
             for head in 0..h {
                 let lo = l.line_offset(si, head);
@@ -554,7 +643,8 @@ pub(crate) fn head_statistics(
     cfg.validate()?;
     x.validate()?;
     let stream = dev.stream();
-    let layout = StatsLayout::new(&x.seqs, x.shape, cfg.block_size)?;
+    let mut layout = StatsLayout::new(&x.seqs, x.shape, cfg.block_size)?;
+    layout.poison = true;
     let (scale, emulate) = estimation_scale(x.shape, x.scale(), x.dtype(), cfg);
     match (x.q, x.k) {
         (TensorRef::BF16(q), TensorRef::BF16(k)) => {
@@ -570,7 +660,11 @@ pub(crate) fn head_statistics(
             st.to_host(stream)
         }
         (TensorRef::F32(q), TensorRef::F32(k)) => {
-            let cv = |t: &[f32]| t.iter().map(|&a| half::bf16::from_f32(a)).collect::<Vec<_>>();
+            let cv = |t: &[f32]| {
+                t.iter()
+                    .map(|&a| half::bf16::from_f32(a))
+                    .collect::<Vec<_>>()
+            };
             let (qd, kd) = (stream.clone_htod(&cv(q))?, stream.clone_htod(&cv(k))?);
             let mut st = launch_stats(dev, stream, &qd, &kd, layout, scale, false)?;
             launch_pool_q(dev, stream, &qd, &mut st, None)?;
@@ -582,5 +676,229 @@ pub(crate) fn head_statistics(
             v: x.v.dtype().name(),
         }
         .into()),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! GPU tests (ignored without a GPU): the device statistics against the CPU oracle's
+    //! `head_statistics` on testkit workloads, every output element written (poisoned first).
+
+    use super::*;
+    use flexprefill_core::Backend;
+    use flexprefill_cpu::CpuBackend;
+    use flexprefill_testkit::owned::OwnedInput;
+    use flexprefill_testkit::workload::{generate, WorkloadKind, WorkloadSpec};
+
+    pub(crate) fn device() -> Arc<CudaDevice> {
+        CudaDevice::new(0).expect("a CUDA device (run with --include-ignored on the GPU machine)")
+    }
+
+    /// A fresh seed per run (inputs differ between runs), printed so a failure can be replayed.
+    pub(crate) fn seed() -> u64 {
+        let s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(7, |d| d.as_nanos() as u64);
+        eprintln!("seed {s}");
+        s
+    }
+
+    pub(crate) fn workload(
+        kind: WorkloadKind,
+        len: usize,
+        h: usize,
+        hkv: usize,
+        d: usize,
+        seed: u64,
+    ) -> OwnedInput {
+        let spec = WorkloadSpec {
+            kind,
+            batch: 1,
+            seq_len: len,
+            num_heads: h,
+            num_kv_heads: hkv,
+            head_dim: d,
+            seed,
+        };
+        generate(&spec).owned()
+    }
+
+    /// Two sequences of different lengths packed into one ragged input.
+    pub(crate) fn ragged(a: &OwnedInput, b: &OwnedInput) -> OwnedInput {
+        let parts: Vec<_> = [a, b]
+            .iter()
+            .map(|o| (o.q.to_f32_vec(), o.k.to_f32_vec(), o.v.to_f32_vec()))
+            .collect();
+        OwnedInput::pack_f32(a.shape, &parts)
+    }
+
+    fn l1(a: &[f32], b: &[f32]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| (x as f64 - y as f64).abs())
+            .sum()
+    }
+
+    fn max_rel(a: &[f32], b: &[f32]) -> f64 {
+        let scale = b
+            .iter()
+            .fold(0f64, |m, &y| m.max(y.abs() as f64))
+            .max(1e-30);
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| (x as f64 - y as f64).abs() / scale)
+            .fold(0.0, f64::max)
+    }
+
+    /// Compares every field; returns the worst line L1 distance seen.
+    pub(crate) fn compare(
+        gpu: &[HeadStatistics],
+        cpu: &[HeadStatistics],
+        line_tol: f64,
+        what: &str,
+    ) -> f64 {
+        assert_eq!(gpu.len(), cpu.len());
+        let mut worst = 0f64;
+        for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+            for (name, a, b) in [
+                ("vertical", &g.vertical, &c.vertical),
+                ("slash", &g.slash, &c.slash),
+                ("estimate", &g.estimate, &c.estimate),
+            ] {
+                assert!(
+                    a.iter().all(|x| x.is_finite()),
+                    "{what} head {i}: {name} has a non-finite value (unwritten?)"
+                );
+                let d = l1(a, b);
+                worst = worst.max(d);
+                assert!(
+                    d <= line_tol,
+                    "{what} head {i}: {name} L1 distance {d:e} > {line_tol:e}"
+                );
+            }
+            let nkb = c.estimate.len();
+            assert_eq!(
+                g.rep_block_mass.len(),
+                c.rep_block_mass.len(),
+                "{what}: rep_block_mass length"
+            );
+            for (r, (a, b)) in g
+                .rep_block_mass
+                .chunks(nkb)
+                .zip(c.rep_block_mass.chunks(nkb))
+                .enumerate()
+            {
+                assert!(
+                    a.iter().all(|x| x.is_finite()),
+                    "{what} head {i} rep row {r}: non-finite"
+                );
+                let d = l1(a, b);
+                assert!(d <= line_tol, "{what} head {i} rep row {r}: L1 {d:e}");
+            }
+            for (name, a, b) in [
+                ("k_pooled", &g.k_pooled, &c.k_pooled),
+                ("q_pooled", &g.q_pooled, &c.q_pooled),
+            ] {
+                assert!(
+                    a.iter().all(|x| x.is_finite()),
+                    "{what} head {i}: {name} non-finite"
+                );
+                let d = max_rel(a, b);
+                assert!(
+                    d <= 1e-2,
+                    "{what} head {i}: {name} max relative difference {d:e}"
+                );
+            }
+        }
+        eprintln!("{what}: worst line L1 {worst:.3e}");
+        worst
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn statistics_match_the_cpu_oracle() {
+        let dev = device();
+        let cpu = CpuBackend::new();
+        let seed = seed();
+        let faithful = FlexPrefillConfig::default();
+        let original = FlexPrefillConfig::original();
+        let cases: Vec<(&str, OwnedInput, FlexPrefillConfig, f64)> = vec![
+            (
+                "sink_local 2048 bf16",
+                workload(WorkloadKind::SinkLocal, 2048, 4, 2, 128, seed).to_dtype(DType::BF16),
+                faithful,
+                2e-3,
+            ),
+            (
+                "stripes 3000 f16 (partial block)",
+                workload(WorkloadKind::Stripes, 3000, 4, 1, 128, seed + 1).to_dtype(DType::F16),
+                faithful,
+                2e-3,
+            ),
+            (
+                "topics 2048 bf16 original (bf16 emulation)",
+                workload(WorkloadKind::Topics, 2048, 4, 2, 128, seed + 2).to_dtype(DType::BF16),
+                original,
+                2e-2,
+            ),
+            (
+                "random 1500 bf16 d64",
+                workload(WorkloadKind::Random, 1500, 4, 4, 64, seed + 3).to_dtype(DType::BF16),
+                faithful,
+                2e-3,
+            ),
+            (
+                "needle 2500 bf16 bs64",
+                workload(WorkloadKind::Needle, 2500, 2, 1, 128, seed + 4).to_dtype(DType::BF16),
+                FlexPrefillConfig {
+                    block_size: 64,
+                    ..faithful
+                },
+                2e-3,
+            ),
+            (
+                "mixed 1800 bf16 bs256",
+                workload(WorkloadKind::Mixed, 1800, 4, 2, 128, seed + 5).to_dtype(DType::BF16),
+                FlexPrefillConfig {
+                    block_size: 256,
+                    ..faithful
+                },
+                2e-3,
+            ),
+            (
+                "stripes 1000 bf16 bs16",
+                workload(WorkloadKind::Stripes, 1000, 2, 1, 64, seed + 6).to_dtype(DType::BF16),
+                FlexPrefillConfig {
+                    block_size: 16,
+                    ..faithful
+                },
+                2e-3,
+            ),
+        ];
+        let long = workload(WorkloadKind::Mixed, 2600, 4, 2, 128, seed + 7);
+        let chunk = long
+            .chunk(2000, 2600)
+            .expect("valid chunk")
+            .to_dtype(DType::BF16);
+        let tiny = long
+            .chunk(2550, 2600)
+            .expect("valid chunk")
+            .to_dtype(DType::BF16);
+        let rag = ragged(
+            &workload(WorkloadKind::SinkLocal, 700, 4, 2, 128, seed + 8),
+            &workload(WorkloadKind::Stripes, 1300, 4, 2, 128, seed + 9),
+        )
+        .to_dtype(DType::BF16);
+        let mut cases = cases;
+        cases.push(("chunk q 2000..2600 of 2600", chunk, faithful, 2e-3));
+        cases.push(("chunk of 50 queries (R < bs)", tiny, faithful, 2e-3));
+        cases.push(("ragged 700 + 1300", rag, faithful, 2e-3));
+        for (what, owned, cfg, tol) in &cases {
+            let x = owned.input().expect("valid input");
+            let want = cpu.head_statistics(&x, cfg).expect("cpu statistics");
+            let got = head_statistics(&dev, &x, cfg).expect("gpu statistics");
+            compare(&got, &want, *tol, what);
+        }
     }
 }

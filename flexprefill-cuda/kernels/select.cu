@@ -1,0 +1,843 @@
+// Pattern decision, block selection and CSR index build on the device (FlexPrefill
+// Algorithms 2-4), with no host synchronisation.
+//
+// Every rule is core's (`flexprefill_core::selection`), replayed so that the GPU selects the
+// same blocks as the CPU on the same statistics:
+// - ties: one total order, score descending then index ascending (core's `rank_order`), encoded
+//   as a 64-bit key: (descending bits of the f32 score) << 32 | tie-break bits; smaller key
+//   ranks first. NaN ranks last.
+// - the gamma cuts over large sets (token lines, the flattened query-aware map) are found
+//   without sorting: a radix select over the 64-bit keys, 8 bits a pass, each bin carrying its
+//   count and its mass in 2^-SC fixed point (exact, order independent). Appendix B: the smallest
+//   set reaching a mass is exactly the set ranked above one key.
+// - cuts that core sums sequentially in rank order over at most one key-block row (faithful
+//   vertical-slash walk, per-query-block cuts) sort that row in shared memory (bitonic) and
+//   replay the f64 sum in the same order, so they match bit for bit.
+// - the index is built as a bitmask [rows, ceil(nkb/32)] per (sequence, head) (fixed capacity:
+//   no host sync), then compacted into CSR (core's row order: sequence, head, query block).
+
+#include "flexprefill_common.cuh"
+
+#define F32_INF __int_as_float(0x7f800000)
+#define KEY_NONE 0ull                  // "before every key": nothing taken
+#define KEY_ALL 0xffffffffffffffffull  // "after every key": everything taken
+
+// Must match stats.rs SeqDesc.
+struct SeqDesc {
+    unsigned q_start, k_start, q_len, kv_len;
+    unsigned rep, nkb, nqb;
+    unsigned tok_off, kb_off, qb_off, rep_off, split_off, nsplit;
+    unsigned pad0, pad1, pad2;
+};
+
+// Per-sequence offsets of the selection buffers. Must match select.rs SelSeq.
+struct SelSeq {
+    unsigned words;     // mask words per row: ceil(nkb / 32)
+    unsigned mask_off;  // Σ nqb·words of earlier sequences (× H)
+    unsigned map_off;   // Σ nqb·nkb of earlier sequences (× H)
+    unsigned row_off;   // Σ nqb of earlier sequences (× H): first CSR row = row_off·H + h·nqb
+    unsigned dist_off;  // Σ (kv_len + 1) of earlier sequences (× H)
+    unsigned dense;     // 1: the sequence is a dense fallback
+    unsigned pad0, pad1;
+};
+
+// Configuration, by value. Must match select.rs SelParams.
+struct SelParams {
+    int num_heads;
+    int num_kv_heads;
+    int head_dim;
+    int block_size;
+    float gamma;
+    float tau;
+    int original;       // SelectionMode::Original
+    int per_row;        // QueryAwareCut::PerQueryBlock
+    int sink;           // forced sink
+    int diagonal;       // forced diagonal
+    int mb;             // min budget, blocks
+    int cap;            // max budget, blocks (0: none)
+    int bf16_logits;    // round pooled-map logits to bf16 (compat)
+    int pad;
+    double gamma_py;    // the original's Python-float gamma (compat flattened target)
+};
+
+enum { PAT_VS = 0, PAT_QA = 1, PAT_DENSE = 2 };
+
+// ---- keys ----------------------------------------------------------------------------------
+
+// Descending order bits of an f32: smaller for larger values; NaN after everything; -0 == +0.
+FP_DEVICE uint32_t desc32(float x) {
+    if (x != x) return 0xffffffffu;
+    if (x == 0.f) x = 0.f;
+    uint32_t u = __float_as_uint(x);
+    uint32_t asc = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ~asc;
+}
+FP_DEVICE uint64_t rank_key(float x, uint32_t idx) { return ((uint64_t)desc32(x) << 32) | idx; }
+
+// ---- grid geometry (core's Grid) ----------------------------------------------------------
+
+struct Geo {
+    unsigned q_len, kv_len, bs, nqb, nkb, rep;
+    FP_DEVICE unsigned first_pos(unsigned r) const { return kv_len - q_len + r * bs; }
+    FP_DEVICE unsigned last_pos(unsigned r) const { return min(kv_len - q_len + (r + 1) * bs, kv_len) - 1; }
+    FP_DEVICE unsigned last_diag(unsigned r) const { return last_pos(r) / bs; }
+    FP_DEVICE unsigned first_diag(unsigned r) const { return first_pos(r) / bs; }
+    FP_DEVICE unsigned rep_block(unsigned i) const { return (q_len - rep + i) / bs; }
+};
+FP_DEVICE Geo geo(const SeqDesc& sd, int bs) {
+    Geo g;
+    g.q_len = sd.q_len; g.kv_len = sd.kv_len; g.bs = bs; g.nqb = sd.nqb; g.nkb = sd.nkb; g.rep = sd.rep;
+    return g;
+}
+FP_DEVICE bool is_forced(const Geo& g, const SelParams& p, unsigned r, unsigned c) {
+    return (p.sink && c == 0) || (p.diagonal && c >= g.first_diag(r) && c <= g.last_diag(r));
+}
+
+// ---- CTA helpers ---------------------------------------------------------------------------
+
+// Bitonic sort of (key, val) pairs in shared memory, ascending by key then val; n a power of 2.
+FP_DEVICE void bitonic_sort(uint64_t* key, uint32_t* val, int n) {
+    for (int k = 2; k <= n; k <<= 1) {
+        for (int j = k >> 1; j > 0; j >>= 1) {
+            for (int i = threadIdx.x; i < n; i += blockDim.x) {
+                int ixj = i ^ j;
+                if (ixj > i) {
+                    bool up = (i & k) == 0;
+                    uint64_t a = key[i], b = key[ixj];
+                    bool gt = a > b || (a == b && val[i] > val[ixj]);
+                    if (gt == up) {
+                        key[i] = b; key[ixj] = a;
+                        uint32_t t = val[i]; val[i] = val[ixj]; val[ixj] = t;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+FP_DEVICE int next_pow2(int n) {
+    int p = 1;
+    while (p < n) p <<= 1;
+    return p;
+}
+
+// Mass in fixed point: floor(x · 2^sc), exact and order independent; negatives and NaN are 0.
+FP_DEVICE uint64_t fixed(float x, int sc) {
+    if (!(x > 0.f)) return 0ull;
+    return (uint64_t)__dmul_rn((double)x, ldexp(1.0, sc));
+}
+
+// Radix select over 64-bit keys (unique), 8 bits a pass from the top: walks the keys in
+// ascending order and returns the first key that is NOT taken, where keys are taken while
+//   mode 0: the taken mass stays ≤ target   (the original's "prefix sums ≤ gamma")
+//   mode 1: the taken mass stays <  target   (then the crossing key completes "≥ gamma")
+//   mode 2: the taken count stays ≤ target_count (top-n)
+// KEY_ALL when every key is taken. `items(i, key, mass)` enumerates candidates i < n (returns
+// false for an invalid slot). `taken_count` receives how many keys precede the result.
+struct RadixShared {
+    unsigned cnt[256];
+    unsigned long long sum[256];
+    unsigned long long prefix;
+    unsigned long long sum_above;
+    unsigned cnt_above;
+    int state;  // 0 refine, 1 done (result in prefix), 2 all taken, 3 single candidate: find it
+};
+
+template <typename Items>
+FP_DEVICE uint64_t radix_cut(RadixShared& sh, const Items& items, unsigned n, int mode, uint64_t target_fx,
+                             unsigned target_count, int sc, unsigned* taken_count) {
+    if (threadIdx.x == 0) { sh.prefix = 0; sh.sum_above = 0; sh.cnt_above = 0; sh.state = 0; }
+    __syncthreads();
+    for (int depth = 0; depth < 8; ++depth) {
+        for (int b = threadIdx.x; b < 256; b += blockDim.x) { sh.cnt[b] = 0; sh.sum[b] = 0; }
+        __syncthreads();
+        const int shift = 56 - 8 * depth;
+        const uint64_t pref = sh.prefix;
+        for (unsigned i = threadIdx.x; i < n; i += blockDim.x) {
+            uint64_t key; float m;
+            if (!items(i, key, m)) continue;
+            if (depth > 0 && (key >> (shift + 8)) != pref) continue;
+            int b = (int)((key >> shift) & 255);
+            atomicAdd(&sh.cnt[b], 1u);
+            if (mode != 2) atomicAdd(&sh.sum[b], (unsigned long long)fixed(m, sc));
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int st = 2;
+            for (int b = 0; b < 256; ++b) {
+                if (sh.cnt[b] == 0) continue;
+                bool take;
+                if (mode == 0) take = sh.sum_above + sh.sum[b] <= target_fx;
+                else if (mode == 1) take = sh.sum_above + sh.sum[b] < target_fx;
+                else take = sh.cnt_above + sh.cnt[b] <= target_count;
+                if (take) {
+                    sh.sum_above += sh.sum[b];
+                    sh.cnt_above += sh.cnt[b];
+                } else {
+                    sh.prefix = (sh.prefix << 8) | (unsigned long long)b;
+                    st = (depth == 7) ? 1 : (sh.cnt[b] == 1 ? 3 : 0);
+                    break;
+                }
+            }
+            sh.state = st;
+        }
+        __syncthreads();
+        if (sh.state == 3) {
+            // One key left in the crossing bin: find it.
+            const int sh2 = shift;
+            const uint64_t p2 = sh.prefix;
+            for (unsigned i = threadIdx.x; i < n; i += blockDim.x) {
+                uint64_t key; float m;
+                if (!items(i, key, m)) continue;
+                if ((key >> sh2) == p2) sh.prefix = key;  // exactly one writer
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) sh.state = 1;
+            __syncthreads();
+        }
+        if (sh.state != 0) break;
+    }
+    uint64_t r = sh.state == 2 ? KEY_ALL : sh.prefix;
+    if (taken_count) *taken_count = sh.cnt_above;
+    __syncthreads();
+    return r;
+}
+
+// ---- kernel 2: pattern decision ----------------------------------------------------------
+
+// Pools the lines to blocks (core's pool_vertical / pool_slash: f64 per block, rounded once),
+// then sqrt-JS(estimate, pooled vertical) against tau. Grid (H, nseq), 256 threads.
+// pattern/js: [s·H + h]; vpool/spool: [kb_off·H + h·nkb + c].
+extern "C" __global__ void __launch_bounds__(256)
+sel_decide(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
+           const float* __restrict__ vertical, const float* __restrict__ slash, const float* __restrict__ estimate,
+           float* __restrict__ vpool, float* __restrict__ spool, int* __restrict__ pattern, float* __restrict__ js) {
+    __shared__ double red[8];
+    __shared__ float redf[8];
+    const int h = blockIdx.x, s = blockIdx.y;
+    const SeqDesc sd = seqs[s];
+    const unsigned bs = p.block_size, nkb = sd.nkb, n = sd.kv_len;
+    const float* v = vertical + (size_t)sd.tok_off * p.num_heads + (size_t)h * n;
+    const float* sl = slash + (size_t)sd.tok_off * p.num_heads + (size_t)h * n;
+    const float* est = estimate + (size_t)sd.kb_off * p.num_heads + (size_t)h * nkb;
+    float* vp = vpool + (size_t)sd.kb_off * p.num_heads + (size_t)h * nkb;
+    float* sp = spool + (size_t)sd.kb_off * p.num_heads + (size_t)h * nkb;
+    const unsigned pad = nkb * bs - n;
+    double kl = 0.0;   // faithful: f64, xlogy
+    float klf = 0.f;   // original: f32, NaN on 0·ln 0
+    for (unsigned c = threadIdx.x; c < nkb; c += blockDim.x) {
+        double a = 0.0;
+        for (unsigned j = c * bs; j < min((c + 1) * bs, n); ++j) a += (double)v[j];
+        const float V = (float)a;
+        vp[c] = V;
+        const unsigned lo = c * bs > pad ? c * bs - pad : 0;
+        const unsigned hi = min((c + 1) * bs - pad, n);
+        double b = 0.0;
+        for (unsigned d = lo; d < hi; ++d) b += (double)sl[d];
+        sp[c] = (float)b;
+        const float x = est[c], y = V;
+        const double xd = x, yd = y, m = 0.5 * (xd + yd);
+        if (xd > 0.0) kl += 0.5 * xd * log(xd / m);
+        if (yd > 0.0) kl += 0.5 * yd * log(yd / m);
+        const float mf = 0.5f * (x + y);
+        klf += 0.5f * (x * logf(x / mf)) + 0.5f * (y * logf(y / mf));
+    }
+    // Fixed-order block reductions.
+    for (int o = 16; o > 0; o >>= 1) {
+        kl += __shfl_xor_sync(0xffffffffu, kl, o);
+        klf += __shfl_xor_sync(0xffffffffu, klf, o);
+    }
+    if (threadIdx.x % 32 == 0) { red[threadIdx.x / 32] = kl; redf[threadIdx.x / 32] = klf; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+        float tf = 0.f;
+        for (int w = 0; w < (int)(blockDim.x / 32); ++w) { t += red[w]; tf += redf[w]; }
+        const float d = p.original ? sqrtf(tf) : (float)sqrt(t > 0.0 ? t : 0.0);
+        int pat = d < p.tau ? PAT_QA : PAT_VS;
+        if (sel[s].dense) pat = PAT_DENSE;
+        pattern[s * p.num_heads + h] = pat;
+        js[s * p.num_heads + h] = sel[s].dense ? __int_as_float(0x7fc00000) : d;
+    }
+}
+
+// ---- kernel 3a: faithful vertical-slash -----------------------------------------------------
+
+FP_DEVICE uint64_t vkey_of(float v, unsigned j) { return rank_key(v, j); }
+FP_DEVICE uint64_t skey_of(float s, unsigned d) { return rank_key(s, 0x80000000u | d); }
+
+// Faithful vertical-slash stop key (core's faithful::vertical_slash walk, replayed without
+// walking the 2·kv_len token lines): every candidate line's key; for each key block of each
+// representative query block, the first candidate that covers it; those events sorted (they
+// are at most nkb per block) and walked by every representative query in f64, exactly as core
+// adds them; the stop key is the latest of the keys at which each query reaches gamma and each
+// block reaches its minimum budget. Output kstar[s·H + h] and vkey[kb_off·H + h·nkb + c] (the
+// best key of each column). Grid (H, nseq), 512 threads, dynamic smem 12·next_pow2(nkb) bytes.
+extern "C" __global__ void __launch_bounds__(512)
+sel_fvs_stop(const SeqDesc* __restrict__ seqs, SelParams p, const int* __restrict__ pattern,
+             const float* __restrict__ vertical, const float* __restrict__ slash, const float* __restrict__ rep_block_mass,
+             unsigned long long* __restrict__ vkey_out, unsigned long long* __restrict__ kstar) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ unsigned long long kmax;
+    const int h = blockIdx.x, s = blockIdx.y;
+    if (p.original || pattern[s * p.num_heads + h] != PAT_VS) return;
+    const SeqDesc sd = seqs[s];
+    const Geo g = geo(sd, p.block_size);
+    const unsigned bs = g.bs, nkb = g.nkb;
+    const float* v = vertical + (size_t)sd.tok_off * p.num_heads + (size_t)h * g.kv_len;
+    const float* sl = slash + (size_t)sd.tok_off * p.num_heads + (size_t)h * g.kv_len;
+    const float* mass = rep_block_mass + (size_t)sd.rep_off * p.num_heads + (size_t)h * g.rep * nkb;
+    unsigned long long* vk = vkey_out + (size_t)sd.kb_off * p.num_heads + (size_t)h * nkb;
+    const int N = next_pow2(nkb);
+    uint64_t* ekey = (uint64_t*)smem;
+    uint32_t* ec = (uint32_t*)(ekey + N);
+
+    // Best vertical key of every column.
+    for (unsigned c = threadIdx.x; c < nkb; c += blockDim.x) {
+        uint64_t best = KEY_ALL;
+        for (unsigned j = c * bs; j < min((c + 1) * bs, g.kv_len); ++j) {
+            uint64_t k = vkey_of(v[j], j);
+            best = k < best ? k : best;
+        }
+        vk[c] = best;
+    }
+    if (threadIdx.x == 0) kmax = KEY_NONE;
+    __syncthreads();
+
+    const unsigned r0 = g.rep_block(0), r1 = g.rep_block(g.rep - 1);
+    for (unsigned r = r0; r <= r1; ++r) {
+        const unsigned first = g.first_pos(r), last = g.last_pos(r), d = g.last_diag(r);
+        // Events: (first covering key, c) for every non-forced causal key block.
+        for (int c = threadIdx.x; c < N; c += blockDim.x) {
+            uint64_t best = KEY_ALL;
+            if ((unsigned)c <= d && !is_forced(g, p, r, c)) {
+                best = vk[c];
+                const long long lo = (long long)first - (long long)(c * bs + bs - 1);
+                const unsigned dlo = lo > 0 ? (unsigned)lo : 0;
+                const unsigned dhi = last - c * bs;
+                for (unsigned dd = dlo; dd <= dhi; ++dd) {
+                    uint64_t k = skey_of(sl[dd], dd);
+                    best = k < best ? k : best;
+                }
+            }
+            ekey[c] = ((unsigned)c <= d && !is_forced(g, p, r, c)) ? best : KEY_ALL;
+            ec[c] = c;
+        }
+        __syncthreads();
+        bitonic_sort(ekey, ec, N);
+        unsigned nforced = 0;
+        for (unsigned c = 0; c <= d; ++c) nforced += is_forced(g, p, r, c);
+        unsigned nev = d + 1 - nforced;
+        // Rows of this representative block: the walk of core's RepCoverage, in f64.
+        for (unsigned i = threadIdx.x; i < g.rep; i += blockDim.x) {
+            if (g.rep_block(i) != r) continue;
+            const float* mi = mass + (size_t)i * nkb;
+            double total = 0.0;
+            for (unsigned c = 0; c < nkb; ++c) total += (double)mi[c];
+            const double target = (double)p.gamma * total;
+            uint64_t ki = KEY_NONE;
+            if (target > 0.0) {
+                double cap = 0.0;
+                // forced first, in core's order: sink, then the diagonal blocks
+                if (p.sink) cap += (double)mi[0];
+                if (p.diagonal)
+                    for (unsigned c = g.first_diag(r); c <= d; ++c)
+                        if (!(p.sink && c == 0)) cap += (double)mi[c];
+                if (!(cap >= target)) {
+                    ki = KEY_ALL;
+                    for (unsigned e = 0; e < nev; ++e) {
+                        cap += (double)mi[ec[e]];
+                        if (cap >= target) { ki = ekey[e]; break; }
+                    }
+                }
+            }
+            atomicMax(&kmax, (unsigned long long)ki);
+        }
+        if (threadIdx.x == 0) {
+            const unsigned want = min((unsigned)p.mb, d + 1);
+            if (want > nforced) {
+                const unsigned need = want - nforced;
+                atomicMax(&kmax, (unsigned long long)(need <= nev ? ekey[need - 1] : KEY_ALL));
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) kstar[s * p.num_heads + h] = kmax;
+}
+
+// Selected columns and token distances of a faithful vertical-slash head from its stop key,
+// and the prefix count of selected distances (for the O(1) extension test). Grid (H, nseq),
+// 1024 threads. colsel[kb_off·H + h·nkb + c]; dist_prefix[dist_off·H + h·(kv_len+1) + δ].
+extern "C" __global__ void __launch_bounds__(1024)
+sel_fvs_lines(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
+              const int* __restrict__ pattern, const float* __restrict__ slash,
+              const unsigned long long* __restrict__ vkey, const unsigned long long* __restrict__ kstar,
+              unsigned char* __restrict__ colsel, unsigned* __restrict__ dist_prefix) {
+    __shared__ unsigned warp_tot[32];
+    __shared__ unsigned carry;
+    const int h = blockIdx.x, s = blockIdx.y;
+    if (p.original || pattern[s * p.num_heads + h] != PAT_VS) return;
+    const SeqDesc sd = seqs[s];
+    const unsigned n = sd.kv_len, nkb = sd.nkb;
+    const uint64_t K = kstar[s * p.num_heads + h];
+    const float* sl = slash + (size_t)sd.tok_off * p.num_heads + (size_t)h * n;
+    const unsigned long long* vk = vkey + (size_t)sd.kb_off * p.num_heads + (size_t)h * nkb;
+    unsigned char* cs = colsel + (size_t)sd.kb_off * p.num_heads + (size_t)h * nkb;
+    unsigned* pre = dist_prefix + (size_t)sel[s].dist_off * p.num_heads + (size_t)h * (n + 1);
+    for (unsigned c = threadIdx.x; c < nkb; c += blockDim.x) cs[c] = (vk[c] <= K) || (p.sink && c == 0);
+    if (threadIdx.x == 0) { carry = 0; pre[0] = 0; }
+    __syncthreads();
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    for (unsigned base = 0; base < n; base += blockDim.x) {
+        const unsigned d = base + threadIdx.x;
+        unsigned x = (d < n && skey_of(sl[d], d) <= K) ? 1u : 0u;
+        for (int o = 1; o < 32; o <<= 1) {
+            unsigned y = __shfl_up_sync(0xffffffffu, x, o);
+            if (lane >= o) x += y;
+        }
+        if (lane == 31) warp_tot[warp] = x;
+        __syncthreads();
+        unsigned off = carry;
+        for (int w = 0; w < warp; ++w) off += warp_tot[w];
+        if (d < n) pre[d + 1] = off + x;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            unsigned t = 0;
+            for (int w = 0; w < nw; ++w) t += warp_tot[w];
+            carry += t;
+        }
+        __syncthreads();
+    }
+}
+
+// ---- kernel 3b: original vertical-slash (also the mb lines of original query-aware heads) ---
+
+// The original's line budgets (K = #{prefix sums of the sorted line ≤ gamma} + 1 tokens,
+// n = K // 128 + 1, raised to mb then capped) and the top-n pooled columns / offsets with the
+// sink / diagonal forced first. Query-aware heads take n_v = n_s = mb. Grid (H, nseq), 1024
+// threads. colsel / offsel [kb_off·H + h·nkb + c].
+struct LineItems {
+    const float* x;
+    FP_DEVICE bool operator()(unsigned i, uint64_t& key, float& m) const {
+        float v = x[i];
+        if (v != v) v = 0.f;  // core maps NaN to 0 before sorting
+        key = rank_key(v, i);
+        m = v;
+        return true;
+    }
+};
+struct PooledItems {
+    const float* x;
+    int force_first;
+    FP_DEVICE bool operator()(unsigned i, uint64_t& key, float& m) const {
+        float v = (force_first && i == 0) ? F32_INF : x[i];
+        key = rank_key(v, i);
+        m = 0.f;
+        return true;
+    }
+};
+
+extern "C" __global__ void __launch_bounds__(1024)
+sel_ovs(const SeqDesc* __restrict__ seqs, SelParams p, const int* __restrict__ pattern,
+        const float* __restrict__ vertical, const float* __restrict__ slash,
+        const float* __restrict__ vpool, const float* __restrict__ spool,
+        unsigned char* __restrict__ colsel, unsigned char* __restrict__ offsel) {
+    __shared__ RadixShared rs;
+    const int h = blockIdx.x, s = blockIdx.y;
+    const int pat = pattern[s * p.num_heads + h];
+    if (!p.original || pat == PAT_DENSE) return;
+    const SeqDesc sd = seqs[s];
+    const unsigned n = sd.kv_len, nkb = sd.nkb;
+    const size_t lo = (size_t)sd.tok_off * p.num_heads + (size_t)h * n;
+    const size_t bo = (size_t)sd.kb_off * p.num_heads + (size_t)h * nkb;
+    unsigned nv = p.mb, ns = p.mb;
+    if (pat == PAT_VS) {
+        const int sc = 60;  // lines sum to 1: 2^60 fixed point cannot overflow
+        const uint64_t T = (uint64_t)__dmul_rn((double)p.gamma, ldexp(1.0, sc));
+        unsigned kv = 0, ks = 0;
+        radix_cut(rs, LineItems{vertical + lo}, n, 0, T, 0, sc, &kv);
+        radix_cut(rs, LineItems{slash + lo}, n, 0, T, 0, sc, &ks);
+        const unsigned cap = p.cap > 0 ? min((unsigned)p.cap, nkb) : nkb;
+        nv = min(max((kv + 1) / 128 + 1, (unsigned)p.mb), cap);
+        ns = min(max((ks + 1) / 128 + 1, (unsigned)p.mb), cap);
+    }
+    const uint64_t kcol = radix_cut(rs, PooledItems{vpool + bo, p.sink}, nkb, 2, 0, nv, 0, nullptr);
+    const uint64_t koff = radix_cut(rs, PooledItems{spool + bo, p.diagonal}, nkb, 2, 0, ns, 0, nullptr);
+    for (unsigned c = threadIdx.x; c < nkb; c += blockDim.x) {
+        float fv = (p.sink && c == 0) ? F32_INF : vpool[bo + c];
+        float fs = (p.diagonal && c == 0) ? F32_INF : spool[bo + c];
+        colsel[bo + c] = rank_key(fv, c) < kcol;
+        offsel[bo + c] = rank_key(fs, c) < koff;
+    }
+}
+
+// ---- extension: every head's rows into the block mask -------------------------------------
+
+// Writes one mask row (query block r of (s, h)): dense heads every causal block; faithful
+// vertical-slash heads selected columns and distances; original heads (vertical-slash, and the
+// mb lines of query-aware heads) selected columns and offsets; forced blocks everywhere except
+// faithful query-aware heads (their kernels add them after the per-row raise). Grid
+// (Σ nqb, H), 64 threads (one per mask word).
+extern "C" __global__ void sel_extend(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
+                                      const unsigned* __restrict__ qb_seq, SelParams p, const int* __restrict__ pattern,
+                                      const unsigned char* __restrict__ colsel, const unsigned char* __restrict__ offsel,
+                                      const unsigned* __restrict__ dist_prefix, unsigned* __restrict__ mask) {
+    const unsigned gb = blockIdx.x;
+    const int h = blockIdx.y;
+    const unsigned s = qb_seq[gb];
+    const SeqDesc sd = seqs[s];
+    const SelSeq ss = sel[s];
+    const Geo g = geo(sd, p.block_size);
+    const unsigned r = gb - sd.qb_off;
+    const int pat = pattern[s * p.num_heads + h];
+    const unsigned d = g.last_diag(r);
+    const unsigned first = g.first_pos(r), last = g.last_pos(r), bs = g.bs;
+    const size_t bo = (size_t)sd.kb_off * p.num_heads + (size_t)h * sd.nkb;
+    const unsigned* pre = dist_prefix + (size_t)ss.dist_off * p.num_heads + (size_t)h * (sd.kv_len + 1);
+    unsigned* row = mask + (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
+    for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) {
+        unsigned bits = 0;
+        for (unsigned b = 0; b < 32; ++b) {
+            const unsigned c = w * 32 + b;
+            if (c > d) break;
+            bool on;
+            if (pat == PAT_DENSE) {
+                on = true;
+            } else if (!p.original && pat == PAT_QA) {
+                on = false;
+            } else if (!p.original) {
+                const long long lo = (long long)first - (long long)(c * bs + bs - 1);
+                const unsigned dlo = lo > 0 ? (unsigned)lo : 0;
+                const unsigned dhi = last - c * bs;
+                on = colsel[bo + c] || pre[dhi + 1] > pre[dlo] || is_forced(g, p, r, c);
+            } else {
+                on = colsel[bo + c] || offsel[bo + d - c] || is_forced(g, p, r, c);
+            }
+            bits |= (unsigned)on << b;
+        }
+        row[w] = bits;
+    }
+}
+
+// ---- kernel 4: query-aware heads ----------------------------------------------------------
+
+// The pooled block map of a query-aware head (core's pooled_block_attention: f64 dot products
+// and softmax, each rounded once to f32; optional bf16 logits). Row r of (s, h); causal entries
+// only. Grid (Σ nqb, H), 128 threads, dynamic smem 8·nkb bytes.
+extern "C" __global__ void sel_qa_map(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
+                                      const unsigned* __restrict__ qb_seq, SelParams p, const int* __restrict__ pattern,
+                                      const float* __restrict__ q_pooled, const float* __restrict__ k_pooled,
+                                      float* __restrict__ map) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ double red[4];
+    const unsigned gb = blockIdx.x;
+    const int h = blockIdx.y;
+    const unsigned s = qb_seq[gb];
+    if (pattern[s * p.num_heads + h] != PAT_QA) return;
+    const SeqDesc sd = seqs[s];
+    const Geo g = geo(sd, p.block_size);
+    const unsigned r = gb - sd.qb_off, d = g.last_diag(r), D = p.head_dim;
+    const int hk = h / (p.num_heads / p.num_kv_heads);
+    const float* qv = q_pooled + ((size_t)sd.qb_off * p.num_heads + (size_t)h * sd.nqb + r) * D;
+    const float* kb = k_pooled + ((size_t)sd.kb_off * p.num_kv_heads + (size_t)hk * sd.nkb) * D;
+    double* lg = (double*)smem;
+    double m = -1.0 / 0.0;
+    for (unsigned c = threadIdx.x; c <= d; c += blockDim.x) {
+        double dot = 0.0;
+        for (unsigned t = 0; t < D; ++t) dot += (double)qv[t] * (double)kb[(size_t)c * D + t];
+        float x = (float)dot;
+        if (p.bf16_logits) x = bf16_to_float(float_to_bf16(x));
+        lg[c] = (double)x;
+        m = fmax(m, (double)x);
+    }
+    for (int o = 16; o > 0; o >>= 1) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = m;
+    __syncthreads();
+    m = red[0];
+    for (int w = 1; w < (int)(blockDim.x / 32); ++w) m = fmax(m, red[w]);
+    for (unsigned c = threadIdx.x; c <= d; c += blockDim.x) lg[c] = exp(lg[c] - m);
+    __syncthreads();
+    __shared__ double total;
+    if (threadIdx.x == 0) {
+        double t = 0.0;  // sequential, as core sums
+        for (unsigned c = 0; c <= d; ++c) t += lg[c];
+        total = t;
+    }
+    __syncthreads();
+    float* out = map + (size_t)sel[s].map_off * p.num_heads + ((size_t)h * sd.nqb + r) * sd.nkb;
+    for (unsigned c = threadIdx.x; c < sd.nkb; c += blockDim.x) out[c] = c <= d ? (float)(lg[c] / total) : 0.f;
+}
+
+// Flattened query-aware cut over every causal entry of the map (Algorithm 4): original keeps
+// the entries whose running sum stays ≤ (f32 of gamma_py·nqb) (crossing excluded); faithful
+// the smallest top set with mass ≥ gamma·nqb (crossing included). Ties by flat index r·nkb + c.
+// Grid (H, nseq), 1024 threads. ORs the kept entries into the mask.
+struct MapItems {
+    const float* map;
+    Geo g;
+    unsigned nkb;
+    FP_DEVICE bool operator()(unsigned i, uint64_t& key, float& m) const {
+        const unsigned r = i / nkb, c = i % nkb;
+        if (c > g.last_diag(r)) return false;
+        m = map[i];
+        key = rank_key(m, i);
+        return true;
+    }
+};
+
+extern "C" __global__ void __launch_bounds__(1024)
+sel_qa_flat(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
+            const int* __restrict__ pattern, const float* __restrict__ map, unsigned* __restrict__ mask) {
+    __shared__ RadixShared rs;
+    const int h = blockIdx.x, s = blockIdx.y;
+    if (p.per_row || pattern[s * p.num_heads + h] != PAT_QA) return;
+    const SeqDesc sd = seqs[s];
+    const SelSeq ss = sel[s];
+    const Geo g = geo(sd, p.block_size);
+    const float* mp = map + (size_t)ss.map_off * p.num_heads + (size_t)h * sd.nqb * sd.nkb;
+    unsigned* mk = mask + (size_t)ss.mask_off * p.num_heads + (size_t)h * sd.nqb * ss.words;
+    // Fixed point so that nqb unit-mass rows cannot overflow 64 bits.
+    int lg = 0;
+    while ((1u << lg) < sd.nqb + 1) ++lg;
+    const int sc = 62 - lg;
+    double target = p.original ? (double)(float)(p.gamma_py * (double)sd.nqb) : (double)p.gamma * (double)sd.nqb;
+    const uint64_t T = (uint64_t)__dmul_rn(target, ldexp(1.0, sc));
+    const MapItems items{mp, g, sd.nkb};
+    const unsigned total = sd.nqb * sd.nkb;
+    const uint64_t kcut = radix_cut(rs, items, total, p.original ? 0 : 1, T, 0, sc, nullptr);
+    for (unsigned i = threadIdx.x; i < total; i += blockDim.x) {
+        uint64_t key; float m;
+        if (!items(i, key, m)) continue;
+        const bool keep = p.original ? key < kcut : key <= kcut;
+        if (keep) {
+            const unsigned r = i / sd.nkb, c = i % sd.nkb;
+            atomicOr(&mk[(size_t)r * ss.words + c / 32], 1u << (c % 32));
+        }
+    }
+}
+
+// Per query block (Appendix F.4, both modes) and the faithful per-row raise, one row per CTA:
+// sorts the row's causal entries by rank (bitonic, shared memory) and replays core's f64 sums
+// in that order. per_row: keep the smallest top set with row mass ≥ gamma (core's
+// cumulative_mass_cut). Faithful: then raise the row to mass ≥ gamma and ≥ min(mb, causal)
+// blocks, and add the forced blocks. Grid (Σ nqb, H), 256 threads, smem 12·next_pow2(nkb).
+extern "C" __global__ void __launch_bounds__(256)
+sel_qa_row(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, const unsigned* __restrict__ qb_seq,
+           SelParams p, const int* __restrict__ pattern, const float* __restrict__ map, unsigned* __restrict__ mask) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    const unsigned gb = blockIdx.x;
+    const int h = blockIdx.y;
+    const unsigned s = qb_seq[gb];
+    if (pattern[s * p.num_heads + h] != PAT_QA) return;
+    if (!p.per_row && p.original) return;  // original flattened: nothing per row
+    const SeqDesc sd = seqs[s];
+    const SelSeq ss = sel[s];
+    const Geo g = geo(sd, p.block_size);
+    const unsigned r = gb - sd.qb_off, d = g.last_diag(r), n = d + 1;
+    const float* sc = map + (size_t)ss.map_off * p.num_heads + ((size_t)h * sd.nqb + r) * sd.nkb;
+    unsigned* row = mask + (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
+    const int N = next_pow2(n);
+    uint64_t* key = (uint64_t*)smem;
+    uint32_t* val = (uint32_t*)(key + N);
+    for (int i = threadIdx.x; i < N; i += blockDim.x) {
+        key[i] = (unsigned)i < n ? rank_key(sc[i], i) : KEY_ALL;
+        val[i] = i;
+    }
+    __syncthreads();
+    bitonic_sort(key, val, N);
+    if (threadIdx.x == 0) {
+        if (p.per_row) {
+            // cumulative_mass_cut: total of max(s, 0) in index order, acc in rank order, ≥.
+            double tot = 0.0;
+            for (unsigned c = 0; c < n; ++c) tot += (double)fmaxf(sc[c], 0.f);
+            const double target = (double)p.gamma * tot;
+            double acc = 0.0;
+            unsigned k = n;
+            for (unsigned e = 0; e < n; ++e) {
+                acc += (double)fmaxf(sc[val[e]], 0.f);
+                if (acc >= target) { k = e + 1; break; }
+            }
+            for (unsigned e = 0; e < k; ++e) row[val[e] / 32] |= 1u << (val[e] % 32);
+        }
+        if (!p.original) {
+            // faithful raise: mass of the row as cut (ascending c), then top up in rank order.
+            double m = 0.0;
+            unsigned len = 0;
+            for (unsigned c = 0; c < n; ++c)
+                if (row[c / 32] >> (c % 32) & 1u) { m += (double)sc[c]; ++len; }
+            const unsigned want = min((unsigned)p.mb, n);
+            for (unsigned e = 0; e < n && !(m >= (double)p.gamma && len >= want); ++e) {
+                const unsigned c = val[e];
+                if (!(row[c / 32] >> (c % 32) & 1u)) {
+                    row[c / 32] |= 1u << (c % 32);
+                    m += (double)sc[c];
+                    ++len;
+                }
+            }
+            for (unsigned c = 0; c < n; ++c)
+                if (is_forced(g, p, r, c)) row[c / 32] |= 1u << (c % 32);
+        }
+    }
+}
+
+// Faithful query-aware exact top-up (core's RepCoverage::top_up) of the representative query
+// blocks: each representative query holds gamma of its exact attention, else the heaviest
+// missing causal key blocks (by summed representative mass) are added. One thread per head
+// does the (rare, at most nkb-long) walk after a parallel check. Grid (H, nseq), 256 threads,
+// smem 12·next_pow2(nkb).
+extern "C" __global__ void __launch_bounds__(256)
+sel_qa_topup(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
+             const int* __restrict__ pattern, const float* __restrict__ rep_block_mass, unsigned* __restrict__ mask) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ int short_rows;
+    const int h = blockIdx.x, s = blockIdx.y;
+    if (p.original || pattern[s * p.num_heads + h] != PAT_QA) return;
+    const SeqDesc sd = seqs[s];
+    const SelSeq ss = sel[s];
+    const Geo g = geo(sd, p.block_size);
+    const unsigned nkb = sd.nkb;
+    const float* mass = rep_block_mass + (size_t)sd.rep_off * p.num_heads + (size_t)h * g.rep * nkb;
+    unsigned* mk = mask + (size_t)ss.mask_off * p.num_heads + (size_t)h * sd.nqb * ss.words;
+    const int N = next_pow2(nkb);
+    uint64_t* key = (uint64_t*)smem;
+    uint32_t* val = (uint32_t*)(key + N);
+    double* cap = (double*)(val + N);  // [rep]
+    double* tgt = cap + g.rep;
+    const unsigned r0 = g.rep_block(0), r1 = g.rep_block(g.rep - 1);
+    for (unsigned r = r0; r <= r1; ++r) {
+        const unsigned* row = mk + (size_t)r * ss.words;
+        const unsigned d = g.last_diag(r);
+        if (threadIdx.x == 0) short_rows = 0;
+        __syncthreads();
+        for (unsigned i = threadIdx.x; i < g.rep; i += blockDim.x) {
+            if (g.rep_block(i) != r) continue;
+            double t = 0.0, c2 = 0.0;
+            for (unsigned c = 0; c < nkb; ++c) t += (double)mass[(size_t)i * nkb + c];
+            for (unsigned c = 0; c <= d; ++c)
+                if (row[c / 32] >> (c % 32) & 1u) c2 += (double)mass[(size_t)i * nkb + c];
+            cap[i] = c2;
+            tgt[i] = (double)p.gamma * t;
+            if (!(c2 >= tgt[i])) atomicAdd(&short_rows, 1);
+        }
+        __syncthreads();
+        if (short_rows == 0) continue;
+        // Score the uncovered causal blocks by their summed representative mass.
+        for (int c = threadIdx.x; c < N; c += blockDim.x) {
+            uint64_t k = KEY_ALL;
+            if ((unsigned)c <= d) {
+                float sc;
+                if (row[c / 32] >> (c % 32) & 1u) {
+                    sc = -F32_INF;
+                } else {
+                    double a = 0.0;
+                    for (unsigned i = 0; i < g.rep; ++i)
+                        if (g.rep_block(i) == r) a += (double)mass[(size_t)i * nkb + c];
+                    sc = (float)a;
+                }
+                k = rank_key(sc, c);
+            }
+            key[c] = k;
+            val[c] = c;
+        }
+        __syncthreads();
+        bitonic_sort(key, val, N);
+        if (threadIdx.x == 0) {
+            unsigned* wrow = mk + (size_t)r * ss.words;
+            for (unsigned e = 0; e <= d; ++e) {
+                bool all = true;
+                for (unsigned i = 0; i < g.rep; ++i)
+                    if (g.rep_block(i) == r && !(cap[i] >= tgt[i])) { all = false; break; }
+                const unsigned c = val[e];
+                if (all || (wrow[c / 32] >> (c % 32) & 1u)) break;
+                wrow[c / 32] |= 1u << (c % 32);
+                for (unsigned i = 0; i < g.rep; ++i)
+                    if (g.rep_block(i) == r) cap[i] += (double)mass[(size_t)i * nkb + c];
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// ---- compaction: mask → CSR -----------------------------------------------------------------
+
+// Blocks per CSR row (popcount of its mask words). Grid (Σ nqb, H), 32 threads.
+extern "C" __global__ void sel_count(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
+                                     const unsigned* __restrict__ qb_seq, SelParams p,
+                                     const unsigned* __restrict__ mask, unsigned* __restrict__ counts) {
+    const unsigned gb = blockIdx.x;
+    const int h = blockIdx.y;
+    const unsigned s = qb_seq[gb];
+    const SeqDesc sd = seqs[s];
+    const SelSeq ss = sel[s];
+    const unsigned r = gb - sd.qb_off;
+    const unsigned* row = mask + (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
+    unsigned n = 0;
+    for (unsigned w = threadIdx.x; w < ss.words; w += 32) n += __popc(row[w]);
+    for (int o = 16; o > 0; o >>= 1) n += __shfl_xor_sync(0xffffffffu, n, o);
+    if (threadIdx.x == 0) counts[(size_t)ss.row_off * p.num_heads + (size_t)h * sd.nqb + r] = n;
+}
+
+// Exclusive scan of the row counts into row_offsets [rows + 1]. One CTA of 1024 threads.
+extern "C" __global__ void __launch_bounds__(1024)
+sel_scan(const unsigned* __restrict__ counts, unsigned rows, unsigned* __restrict__ offsets) {
+    __shared__ unsigned warp_tot[32];
+    __shared__ unsigned carry;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    if (threadIdx.x == 0) { carry = 0; offsets[0] = 0; }
+    __syncthreads();
+    for (unsigned base = 0; base < rows; base += blockDim.x) {
+        const unsigned i = base + threadIdx.x;
+        unsigned x = i < rows ? counts[i] : 0u;
+        for (int o = 1; o < 32; o <<= 1) {
+            unsigned y = __shfl_up_sync(0xffffffffu, x, o);
+            if (lane >= o) x += y;
+        }
+        if (lane == 31) warp_tot[warp] = x;
+        __syncthreads();
+        unsigned off = carry;
+        for (int w = 0; w < warp; ++w) off += warp_tot[w];
+        if (i < rows) offsets[i + 1] = off + x;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            unsigned t = 0;
+            for (int w = 0; w < nw; ++w) t += warp_tot[w];
+            carry += t;
+        }
+        __syncthreads();
+    }
+}
+
+// Writes each row's key blocks, ascending, at its offset. Grid (Σ nqb, H), 32 threads (a warp
+// walks the words in order and ballots the running position).
+extern "C" __global__ void sel_write(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
+                                     const unsigned* __restrict__ qb_seq, SelParams p,
+                                     const unsigned* __restrict__ mask, const unsigned* __restrict__ offsets,
+                                     unsigned* __restrict__ cols) {
+    const unsigned gb = blockIdx.x;
+    const int h = blockIdx.y;
+    const unsigned s = qb_seq[gb];
+    const SeqDesc sd = seqs[s];
+    const SelSeq ss = sel[s];
+    const unsigned r = gb - sd.qb_off;
+    const unsigned* row = mask + (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
+    unsigned pos = offsets[(size_t)ss.row_off * p.num_heads + (size_t)h * sd.nqb + r];
+    const int lane = threadIdx.x;
+    for (unsigned base = 0; base < ss.words; base += 32) {
+        const unsigned w = base + lane;
+        const unsigned bits = w < ss.words ? row[w] : 0u;
+        unsigned n = __popc(bits), x = n;
+        for (int o = 1; o < 32; o <<= 1) {
+            unsigned y = __shfl_up_sync(0xffffffffu, x, o);
+            if (lane >= o) x += y;
+        }
+        unsigned at = pos + x - n;
+        unsigned b = bits;
+        while (b) {
+            const int t = __ffs(b) - 1;
+            cols[at++] = w * 32 + t;
+            b &= b - 1;
+        }
+        pos += __shfl_sync(0xffffffffu, x, 31);
+    }
+}
