@@ -217,4 +217,14 @@ impl Backend for CudaBackend {
     ) -> flexprefill_core::Result<Vec<HeadStatistics>> {
         Ok(crate::stats::head_statistics(&self.device, x, cfg)?)
     }
+
+    /// Pattern search and index build on the device (`select.rs`), same blocks as core's
+    /// `build_index` on the same statistics.
+    fn select_index(
+        &self,
+        x: &AttentionInput<'_>,
+        cfg: &FlexPrefillConfig,
+    ) -> flexprefill_core::Result<(BlockIndex, flexprefill_core::SparsityReport)> {
+        Ok(crate::select::select_index(&self.device, x, cfg)?)
+    }
 }

@@ -39,8 +39,8 @@ mod backend;
 pub mod device;
 mod error;
 pub mod registry;
-mod select;
-mod stats;
+pub mod select;
+pub mod stats;
 
 pub use attention::{AttentionArgs, AttnTile, DeviceBlockIndex, DeviceElem, DeviceSeqs};
 pub use backend::CudaBackend;
