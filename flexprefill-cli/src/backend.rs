@@ -32,7 +32,10 @@ pub fn open(choice: BackendChoice) -> Result<Chosen> {
         }),
         BackendChoice::Cuda => {
             let (backend, what) = cuda().map_err(|e| {
-                anyhow::anyhow!("--backend cuda: no usable GPU ({e:#}); use --backend cpu or auto")
+                anyhow::anyhow!(
+                    "--backend cuda: no usable GPU: {}; use --backend cpu or auto",
+                    one_line(&e)
+                )
             })?;
             Ok(Chosen {
                 backend,
@@ -47,7 +50,7 @@ pub fn open(choice: BackendChoice) -> Result<Chosen> {
             Err(e) => Ok(Chosen {
                 backend: cpu()?,
                 reason: format!(
-                    "auto: no usable GPU ({}), fell back to the CPU",
+                    "auto: no usable GPU ({}); using the CPU",
                     one_line(&e)
                 ),
             }),
@@ -60,9 +63,17 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn cpu() -> Result<Box<dyn Backend>> {
-    anyhow::bail!("the CPU backend is not available in this build yet")
+    Ok(Box::new(flexprefill_cpu::CpuBackend::new()))
 }
 
+/// The CUDA backend on device 0 and a description of the device. Without a driver the
+/// constructor returns a typed error (never a panic), which `auto` turns into the CPU.
 fn cuda() -> Result<(Box<dyn Backend>, String)> {
-    anyhow::bail!("the CUDA backend is not available in this build yet")
+    let gpu = flexprefill_cuda::CudaBackend::new()?;
+    let info = gpu.device().info();
+    let what = format!(
+        "GPU {} ({}, compute capability {}.{})",
+        info.ordinal, info.name, info.compute_capability.0, info.compute_capability.1
+    );
+    Ok((Box::new(gpu), what))
 }

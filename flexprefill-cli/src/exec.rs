@@ -136,6 +136,7 @@ pub fn measured<'a>(
     qkv: &Qkv,
     plan: &'a Plan<'_>,
     o: &'a Outcome,
+    planted: Option<Vec<&'static str>>,
 ) -> Measured<'a> {
     Measured {
         backend: chosen.backend.name(),
@@ -156,6 +157,7 @@ pub fn measured<'a>(
         total: o.total,
         dense: o.dense,
         comparison: o.comparison.as_ref(),
+        planted,
     }
 }
 

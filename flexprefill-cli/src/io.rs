@@ -290,33 +290,57 @@ fn tensor_from_safetensors(st: &SafeTensors<'_>, role: &'static str, name: &str)
 }
 
 /// Writes named tensors (with their shapes) to a safetensors file.
+///
+/// The header is written here rather than by `safetensors::serialize`, whose metadata is a
+/// `HashMap` serialised in random order: with sorted keys the same workload gives the same
+/// bytes, so a file's checksum identifies a report's input. Layout (the format's spec): u64
+/// little-endian header length, the JSON header padded with spaces to a multiple of 8, then the
+/// tensors' bytes back to back in the order given.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(&str, &[usize], &HostTensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let encoded: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(name, shape, t)| {
-            let dt = match t.dtype() {
-                DType::F32 => StDtype::F32,
-                DType::F16 => StDtype::F16,
-                DType::BF16 => StDtype::BF16,
-            };
-            (name.to_string(), dt, shape.to_vec(), npy::encode(t))
-        })
-        .collect();
-    let views = encoded
-        .iter()
-        .map(|(name, dt, shape, bytes)| {
-            safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| anyhow::anyhow!("cannot encode tensor {name}: {e:?}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, &metadata)
-        .map_err(|e| anyhow::anyhow!("cannot encode safetensors: {e:?}"))?;
-    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+    let mut header = serde_json::Map::new();
+    if let Some(meta) = metadata {
+        let sorted: BTreeMap<String, String> = meta.into_iter().collect();
+        header.insert("__metadata__".into(), serde_json::to_value(sorted)?);
+    }
+    let mut offset = 0usize;
+    let mut data = Vec::new();
+    for (name, shape, t) in tensors {
+        let elems: usize = shape.iter().product();
+        ensure!(
+            elems == t.len(),
+            "tensor {name}: shape {shape:?} holds {elems} elements, data has {}",
+            t.len()
+        );
+        let dtype = match t.dtype() {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        };
+        let bytes = npy::encode(t);
+        header.insert(
+            name.to_string(),
+            serde_json::json!({
+                "dtype": dtype,
+                "shape": shape,
+                "data_offsets": [offset, offset + bytes.len()],
+            }),
+        );
+        offset += bytes.len();
+        data.extend_from_slice(&bytes);
+    }
+    let mut text = serde_json::to_string(&header)?;
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + text.len() + data.len());
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&data);
+    std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Writes the attention output `o` next to the inputs' format: `.npy` when the path says so,
@@ -423,9 +447,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.safetensors");
         let t = HostTensor::F32(vec![1.0, 2.0, 3.0, 4.0]);
-        write_safetensors(&p, &[("o", &[1, 2, 2], &t)], None).unwrap();
+        let meta = HashMap::from([("b".to_string(), "2".to_string()), ("a".into(), "1".into())]);
+        write_safetensors(&p, &[("o", &[1, 2, 2], &t)], Some(meta)).unwrap();
         let bytes = std::fs::read(&p).unwrap();
         let st = open_safetensors(&bytes).unwrap();
+        let (_, m) = SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(m.metadata().as_ref().unwrap()["a"], "1");
+        assert!(String::from_utf8_lossy(&bytes).contains(r#"{"__metadata__":{"a":"1","b":"2"}"#));
         let l = tensor_from_safetensors(&st, "q", "o").unwrap();
         assert_eq!((l.shape, l.data), (vec![1, 2, 2], t));
         let e = open_safetensors(&bytes[..bytes.len() - 1])

@@ -73,10 +73,10 @@ enum CutArg {
 #[derive(Debug, Args)]
 struct Knobs {
     /// Cumulative attention threshold gamma, in (0, 1].
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     gamma: f32,
     /// Pattern threshold tau on the sqrt-JS distance (below it a head is query-aware).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     tau: f32,
     /// Tokens per block: a power of two in [16, 256].
     #[arg(long, default_value_t = 128)]
@@ -94,7 +94,7 @@ struct Knobs {
     #[arg(long, value_enum, default_value_t = CutArg::Flattened)]
     query_aware_cut: CutArg,
     /// Softmax scale of q·k (default 1/sqrt(head_dim)).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     softmax_scale: Option<f32>,
 }
 
@@ -269,8 +269,9 @@ fn emit(
     plan: &Plan<'_>,
     o: &exec::Outcome,
     json: bool,
+    planted: Option<Vec<&'static str>>,
 ) -> Result<()> {
-    let m = exec::measured(chosen, qkv, plan, o);
+    let m = exec::measured(chosen, qkv, plan, o, planted);
     if json {
         let text =
             serde_json::to_string_pretty(&m.to_json()).context("cannot encode the report")?;
@@ -326,7 +327,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         input,
     };
     let o = exec::execute(&chosen, &qkv, &plan)?;
-    emit(&chosen, &qkv, &plan, &o, a.outputs.json)
+    emit(&chosen, &qkv, &plan, &o, a.outputs.json, None)
 }
 
 fn cmd_demo(a: DemoArgs) -> Result<()> {
@@ -352,7 +353,8 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
         input: format!("demo workload '{}' (seed {})", a.kind.name(), a.seed),
     };
     let o = exec::execute(&chosen, &qkv, &plan)?;
-    emit(&chosen, &qkv, &plan, &o, a.outputs.json)
+    let planted = spec.head_kinds().into_iter().map(|k| k.name()).collect();
+    emit(&chosen, &qkv, &plan, &o, a.outputs.json, Some(planted))
 }
 
 fn cmd_synth(a: SynthArgs) -> Result<()> {

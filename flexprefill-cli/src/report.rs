@@ -70,6 +70,10 @@ pub struct HeadJson {
     pub head: usize,
     /// `query_aware`, `vertical_slash` or `dense` (dense fallback).
     pub pattern: &'static str,
+    /// The structure planted in this head (demo only): `sink_local`, `stripes`, `topics`,
+    /// `needle` or `random`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub planted: Option<&'static str>,
     /// Eq. 2 distance; `null` when not computed.
     pub js_distance: Option<f32>,
     /// Blocks computed.
@@ -188,6 +192,8 @@ pub struct Measured<'a> {
     pub dense: Option<Duration>,
     /// The comparison, when run.
     pub comparison: Option<&'a Comparison>,
+    /// Per query head, the planted structure (demo).
+    pub planted: Option<Vec<&'static str>>,
 }
 
 impl Measured<'_> {
@@ -205,6 +211,7 @@ impl Measured<'_> {
                     batch: h.seq,
                     head: h.head,
                     pattern: h.pattern.name(),
+                    planted: self.planted.as_ref().and_then(|p| p.get(h.head).copied()),
                     js_distance: h.js_distance.is_finite().then_some(h.js_distance),
                     selected_blocks: h.selected_blocks,
                     causal_blocks: h.causal_blocks,
@@ -288,11 +295,16 @@ impl Measured<'_> {
             let _ = writeln!(s, "note     {why}");
         }
         let cmp = self.comparison.is_some();
+        let planted = self.planted.is_some();
         let _ = writeln!(s);
+        let _ = write!(s, "{:>5} {:>4}  ", "batch", "head");
+        if planted {
+            let _ = write!(s, "{:<11}", "planted");
+        }
         let _ = write!(
             s,
-            "{:>5} {:>4}  {:<14} {:>6} {:>7} {:>11}",
-            "batch", "head", "pattern", "js", "density", "blocks"
+            "{:<14} {:>6} {:>7} {:>11}",
+            "pattern", "js", "density", "blocks"
         );
         if cmp {
             let _ = write!(
@@ -303,11 +315,13 @@ impl Measured<'_> {
         }
         let _ = writeln!(s);
         for h in &j.heads {
+            let _ = write!(s, "{:>5} {:>4}  ", h.batch, h.head);
+            if planted {
+                let _ = write!(s, "{:<11}", h.planted.unwrap_or("-"));
+            }
             let _ = write!(
                 s,
-                "{:>5} {:>4}  {:<14} {:>6} {:>6.1}% {:>11}",
-                h.batch,
-                h.head,
+                "{:<14} {:>6} {:>6.1}% {:>11}",
                 h.pattern,
                 h.js_distance
                     .map(|v| format!("{v:.3}"))

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{ensure, Result};
+use anyhow::{Context, Result};
 use clap::ValueEnum;
 use flexprefill_core::{DType, HostTensor};
 use flexprefill_testkit::workload::{self, WorkloadKind, WorkloadSpec};
@@ -75,48 +75,9 @@ impl DTypeArg {
     }
 }
 
-/// Checks the numbers before generating (the testkit expects valid specs).
-pub fn check_spec(spec: &WorkloadSpec) -> Result<()> {
-    ensure!(
-        spec.batch >= 1,
-        "--batch ({}) must be at least 1",
-        spec.batch
-    );
-    ensure!(
-        spec.seq_len >= 1,
-        "--seq ({}) must be at least 1",
-        spec.seq_len
-    );
-    ensure!(
-        spec.num_heads >= 1 && spec.num_kv_heads >= 1,
-        "--heads ({}) and --kv-heads ({}) must be at least 1",
-        spec.num_heads,
-        spec.num_kv_heads
-    );
-    ensure!(
-        spec.num_heads % spec.num_kv_heads == 0,
-        "--heads ({}) is not a multiple of --kv-heads ({})",
-        spec.num_heads,
-        spec.num_kv_heads
-    );
-    ensure!(
-        (1..=256).contains(&spec.head_dim),
-        "--dim ({}) must be in 1..=256",
-        spec.head_dim
-    );
-    let elems =
-        spec.batch as u128 * spec.seq_len as u128 * spec.num_heads as u128 * spec.head_dim as u128;
-    ensure!(
-        elems <= 1 << 31,
-        "workload too large: q would hold {elems} elements (limit 2^31)"
-    );
-    Ok(())
-}
-
 /// Generates a workload and returns it as checked q/k/v in `dtype`, plus the needle position.
 pub fn generate(spec: &WorkloadSpec, dtype: DType) -> Result<(Qkv, Option<usize>)> {
-    check_spec(spec)?;
-    let w = workload::generate(spec);
+    let w = workload::try_generate(spec).context("cannot generate the workload")?;
     let shape_q = vec![spec.batch, spec.seq_len, spec.num_heads, spec.head_dim];
     let shape_kv = vec![spec.batch, spec.seq_len, spec.num_kv_heads, spec.head_dim];
     let mk = |role, shape: &Vec<usize>, data: Vec<f32>| io::Loaded {
