@@ -201,6 +201,10 @@ fn run_task(
         corr,
         valid,
     } = sc;
+    // Balanced chunks (9 blocks at 4 per chunk → 3·3, not 4·4·1): a lone trailing block would
+    // pay a whole GEMM call's fixed cost for a quarter of the work.
+    let nchunks = cols.len().div_ceil(per_chunk);
+    let per_chunk = cols.len().div_ceil(nchunks.max(1)).max(1);
     for blocks in cols.chunks(per_chunk) {
         // Consecutive blocks are read in place through the strides; scattered ones are gathered
         // into one contiguous key range first, so that one pair of GEMMs covers them all (the
