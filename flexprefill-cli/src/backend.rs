@@ -49,10 +49,7 @@ pub fn open(choice: BackendChoice) -> Result<Chosen> {
             }),
             Err(e) => Ok(Chosen {
                 backend: cpu()?,
-                reason: format!(
-                    "auto: no usable GPU ({}); using the CPU",
-                    one_line(&e)
-                ),
+                reason: format!("auto: no usable GPU ({}); using the CPU", one_line(&e)),
             }),
         },
     }

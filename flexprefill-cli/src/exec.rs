@@ -30,6 +30,8 @@ pub struct Plan<'a> {
     pub mask_png: Option<&'a Path>,
     /// Input description for the report.
     pub input: String,
+    /// Short input name for picture subtitles (file name without folders).
+    pub label: String,
 }
 
 /// Everything measured.
@@ -116,7 +118,7 @@ pub fn execute(chosen: &Chosen, qkv: &Qkv, plan: &Plan<'_>) -> Result<Outcome> {
             &report,
             comparison.as_ref(),
             &plan.cfg,
-            &plan.input,
+            &plan.label,
         )?;
     }
 

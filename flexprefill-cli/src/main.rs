@@ -298,6 +298,11 @@ fn emit(
 }
 
 fn cmd_run(a: RunArgs) -> Result<()> {
+    let input_paths: Vec<PathBuf> = match (&a.input, &a.q, &a.k, &a.v) {
+        (Some(p), ..) => vec![p.clone()],
+        (None, Some(q), Some(k), Some(v)) => vec![q.clone(), k.clone(), v.clone()],
+        _ => Vec::new(),
+    };
     let (source, input) = match (&a.input, &a.q, &a.k, &a.v) {
         (Some(p), ..) => (
             io::Source::Safetensors {
@@ -324,10 +329,25 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         compare_dense: a.compare_dense,
         output: a.output.as_deref(),
         mask_png: a.outputs.mask_png.as_deref(),
+        label: file_names(&input_paths),
         input,
     };
     let o = exec::execute(&chosen, &qkv, &plan)?;
     emit(&chosen, &qkv, &plan, &o, a.outputs.json, None)
+}
+
+/// `a.safetensors` or `q.npy, k.npy, v.npy`: what picture subtitles show.
+fn file_names(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| {
+            p.file_name().map_or_else(
+                || p.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn cmd_demo(a: DemoArgs) -> Result<()> {
@@ -351,6 +371,12 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
         output: None,
         mask_png: a.outputs.mask_png.as_deref(),
         input: format!("demo workload '{}' (seed {})", a.kind.name(), a.seed),
+        label: format!(
+            "demo '{}', seed {}, {} tokens",
+            a.kind.name(),
+            a.seed,
+            a.seq
+        ),
     };
     let o = exec::execute(&chosen, &qkv, &plan)?;
     let planted = spec.head_kinds().into_iter().map(|k| k.name()).collect();

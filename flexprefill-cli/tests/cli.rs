@@ -143,12 +143,10 @@ fn qkv_file(path: &Path, b: usize, n: usize, h: usize, hkv: usize, d: usize) {
     );
 }
 
-fn read_st(
-    path: &Path,
-) -> (
-    HashMap<String, (Dtype, Vec<usize>, Vec<f32>)>,
-    Option<HashMap<String, String>>,
-) {
+/// Tensors of a safetensors file by name: dtype, shape, values widened to f32.
+type Tensors = HashMap<String, (Dtype, Vec<usize>, Vec<f32>)>;
+
+fn read_st(path: &Path) -> (Tensors, Option<HashMap<String, String>>) {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
