@@ -13,10 +13,16 @@ use crate::device::CudaDevice;
 use crate::error::{CudaError, Result};
 use crate::registry::{KernelFamily, KernelKey};
 
-/// The attention kernel family.
+/// The attention kernel family (mma.sync, compute capability 8.0 and newer).
 pub static ATTENTION: KernelFamily = KernelFamily {
     name: "attention",
     source: include_str!("../kernels/attention.cu"),
+};
+
+/// The Hopper attention kernel family (wgmma, sm_90a): same parameters and semantics.
+pub static ATTENTION_SM90: KernelFamily = KernelFamily {
+    name: "attention_sm90",
+    source: include_str!("../kernels/attention_sm90.cu"),
 };
 
 /// 16-bit element types the attention kernel reads (bf16, f16).
@@ -78,6 +84,9 @@ pub struct AttnTile {
     pub q_in_regs: bool,
     /// CTAs per SM the register allocation must allow.
     pub min_blocks: usize,
+    /// Run the Hopper kernel (`kernels/attention_sm90.cu`, wgmma): `bq` is 64 per warpgroup,
+    /// `warps` = `bq / 16`, `stages` 2, `q_in_regs` unused.
+    pub wgmma: bool,
 }
 
 impl AttnTile {
@@ -98,6 +107,7 @@ impl AttnTile {
                 stages: 2,
                 q_in_regs: false,
                 min_blocks: 1,
+                wgmma: false,
             },
             (_, 64) => Self {
                 bq: 64,
@@ -106,6 +116,7 @@ impl AttnTile {
                 stages: 2,
                 q_in_regs: true,
                 min_blocks: 2,
+                wgmma: false,
             },
             _ => Self {
                 bq: 128,
@@ -114,15 +125,49 @@ impl AttnTile {
                 stages: 2,
                 q_in_regs: false,
                 min_blocks: 2,
+                wgmma: false,
             },
         }
     }
 
-    /// Other tile shapes worth timing against [`AttnTile::auto`] on a new GPU (the bench's
-    /// `--variants`).
+    /// The tile we ship for a device of compute capability `arch`: the wgmma kernel on Hopper
+    /// for head_dim 64 and 128 (two warpgroups, 128 query rows, 128-key tiles for block 128;
+    /// one warpgroup and 64-key tiles for block 64), [`AttnTile::auto`] elsewhere.
+    pub fn auto_for(arch: (i32, i32), head_dim: usize, block_size: usize) -> Self {
+        if arch == (9, 0) && (head_dim == 64 || head_dim == 128) && block_size >= 64 {
+            let bq = block_size.min(128);
+            Self::wgmma(bq, block_size.min(128))
+        } else {
+            Self::auto(head_dim, block_size)
+        }
+    }
+
+    /// A wgmma tile of `bq` query rows (64 per warpgroup) and `bk`-key steps.
+    pub fn wgmma(bq: usize, bk: usize) -> Self {
+        Self {
+            bq,
+            bk,
+            warps: bq / 16,
+            stages: 2,
+            q_in_regs: false,
+            min_blocks: 1,
+            wgmma: true,
+        }
+    }
+
+    /// Tile shapes worth timing against each other on a new GPU (the bench's `--variants`):
+    /// the portable default, wgmma shapes, mma.sync shapes.
     pub fn variants(head_dim: usize, block_size: usize) -> Vec<Self> {
         let base = Self::auto(head_dim, block_size);
         let mut v = vec![
+            Self::auto(head_dim, block_size),
+            Self::wgmma(128, 128),
+            Self::wgmma(128, 64),
+            Self::wgmma(64, 64),
+            Self {
+                min_blocks: 2,
+                ..Self::wgmma(64, 64)
+            },
             Self {
                 stages: 3,
                 min_blocks: 1,
@@ -159,13 +204,23 @@ impl AttnTile {
             },
             Self { bk: 32, ..base },
         ];
-        v.retain(|t| *t != base && t.check(head_dim, block_size).is_ok());
+        v.retain(|t| t.check(head_dim, block_size).is_ok());
         v
     }
 
     /// Dynamic shared memory of one CTA, bytes: Q tile plus `stages` K and V tiles.
     pub fn smem_bytes(&self, head_dim: usize) -> usize {
-        (self.bq + 2 * self.stages * self.bk) * head_dim * 2
+        // The wgmma kernel aligns its tiles to 1024 bytes (the swizzle reads address bits 7-9).
+        (self.bq + 2 * self.stages * self.bk) * head_dim * 2 + if self.wgmma { 1024 } else { 0 }
+    }
+
+    /// The kernel family this tile runs.
+    pub fn family(&self) -> &'static KernelFamily {
+        if self.wgmma {
+            &ATTENTION_SM90
+        } else {
+            &ATTENTION
+        }
     }
 
     fn check(&self, head_dim: usize, block_size: usize) -> Result<()> {
@@ -180,6 +235,22 @@ impl AttnTile {
         }
         if ![64, 128, 256].contains(&block_size) {
             return bad(format!("block_size ({block_size}) must be 64, 128 or 256"));
+        }
+        if self.wgmma {
+            let ok = (head_dim == 64 || head_dim == 128)
+                && (self.bq == 64 || self.bq == 128)
+                && (self.bk == 64 || self.bk == 128)
+                && block_size.is_multiple_of(self.bq)
+                && block_size.is_multiple_of(self.bk)
+                && self.warps == self.bq / 16
+                && self.stages == 2;
+            return if ok {
+                Ok(())
+            } else {
+                bad(format!(
+                    "wgmma tile {self:?} invalid for head_dim {head_dim}, block {block_size}"
+                ))
+            };
         }
         let rows_per_warp = self.bq / self.warps.max(1);
         if self.warps == 0
@@ -210,7 +281,7 @@ impl AttnTile {
 
     /// The registry key of this tile for `(dtype, head_dim, block_size)`.
     pub fn kernel_key(&self, dtype: DType, head_dim: usize, block_size: usize) -> KernelKey {
-        KernelKey::new(&ATTENTION, Some(dtype), head_dim, block_size)
+        KernelKey::new(self.family(), Some(dtype), head_dim, block_size)
             .define("ATT_BQ", self.bq as i64)
             .define("ATT_BK", self.bk as i64)
             .define("ATT_WARPS", self.warps as i64)
@@ -427,7 +498,17 @@ pub fn launch_attention<T: DeviceElem>(
             .into());
         }
     }
-    let tile = tile.unwrap_or_else(|| AttnTile::auto(d, block_size));
+    let tile =
+        tile.unwrap_or_else(|| AttnTile::auto_for(dev.info().compute_capability, d, block_size));
+    if tile.wgmma && dev.info().compute_capability != (9, 0) {
+        return Err(CudaError::Unsupported {
+            op: OP,
+            message: format!(
+                "the wgmma tile needs compute capability 9.0, the device has {:?}",
+                dev.info().compute_capability
+            ),
+        });
+    }
     tile.check(d, block_size)?;
     let num_tiles = seqs
         .iter()
@@ -454,7 +535,7 @@ pub fn launch_attention<T: DeviceElem>(
         });
     }
     let key = tile.kernel_key(T::DTYPE, d, block_size);
-    let func = dev.function(&ATTENTION, &key, "attn_fwd", smem)?;
+    let func = dev.function(tile.family(), &key, "attn_fwd", smem)?;
 
     let scale = args.softmax_scale.unwrap_or(1.0 / (d as f32).sqrt());
     let params = AttnParams {

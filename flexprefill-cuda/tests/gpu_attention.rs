@@ -13,7 +13,7 @@ use flexprefill_core::{
     AttentionInput, AttentionShape, Backend, BlockIndex, DType, HostTensor, Sequence,
 };
 use flexprefill_cpu::oracle;
-use flexprefill_cuda::CudaBackend;
+use flexprefill_cuda::{AttentionArgs, AttnTile, CudaBackend, DeviceBlockIndex, DeviceSeqs};
 
 /// splitmix64: small, seedable, no dependency.
 struct Rng(u64);
@@ -289,4 +289,75 @@ fn unsupported_shapes_are_typed_errors() {
     let inp = AttentionInput::batched(&q, &kv, &kv, 1, 10, 10, shape).unwrap();
     let e = gpu.dense_attention(&inp).unwrap_err();
     assert!(e.to_string().contains("head_dim (96)"), "{e}");
+}
+
+/// Both kernels (portable mma.sync, Hopper wgmma where the device has it) against the oracle
+/// through the device API, every tile shape the bench compares, on poisoned output buffers.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn every_tile_shape_matches_oracle_through_device_api() {
+    let gpu = gpu();
+    let stream = gpu.stream().clone();
+    let mut rng = Rng::fresh("tiles");
+    for (d, bs) in [(128, 128), (64, 128), (128, 64), (64, 64)] {
+        let shape = AttentionShape::new(8, 2, d).unwrap();
+        let layout = [(600, 600), (130, 1000)];
+        let x = data(&mut rng, DType::BF16, shape, 730, 1600, 1.0);
+        let inp = input(&x, shape, &layout, true);
+        let index = random_index(&mut rng, &inp.seqs, 8, bs, 0.4, false);
+        let want = oracle::masked_attention_f64(&inp, &index).unwrap();
+        let up = |t: &HostTensor| match t {
+            HostTensor::BF16(v) => stream.clone_htod(v).unwrap(),
+            _ => unreachable!("bf16 data"),
+        };
+        let (q, k, v) = (up(&x.q), up(&x.k), up(&x.v));
+        let seqs = DeviceSeqs::new(&stream, &inp.seqs).unwrap();
+        let dindex = DeviceBlockIndex::upload(&stream, &index).unwrap();
+        let args = AttentionArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            shape,
+            seqs: &seqs,
+            softmax_scale: Some(0.1),
+        };
+        let inp = inp.with_softmax_scale(0.1).unwrap();
+        let want_scaled = oracle::masked_attention_f64(&inp, &index).unwrap();
+        assert_ne!(want, want_scaled);
+        let mut tiles = AttnTile::variants(d, bs);
+        tiles.push(AttnTile::auto_for(
+            gpu.device().info().compute_capability,
+            d,
+            bs,
+        ));
+        for t in tiles {
+            if t.wgmma && gpu.device().info().compute_capability != (9, 0) {
+                continue;
+            }
+            let mut out = stream
+                .clone_htod(&vec![half::bf16::NAN; 730 * 8 * d])
+                .unwrap();
+            let mut lse = stream.clone_htod(&vec![f32::NAN; 730 * 8]).unwrap();
+            gpu.attention_device(
+                &stream,
+                &args,
+                Some(&dindex),
+                Some(t),
+                &mut out,
+                Some(&mut lse),
+            )
+            .unwrap();
+            let got = flexprefill_core::AttentionOutput {
+                out: HostTensor::BF16(stream.clone_dtoh(&out).unwrap()),
+                lse: Some(stream.clone_dtoh(&lse).unwrap()),
+            };
+            check(
+                &format!("tile {t:?} d{d} bs{bs}"),
+                DType::BF16,
+                &got,
+                &want_scaled,
+                true,
+            );
+        }
+    }
 }

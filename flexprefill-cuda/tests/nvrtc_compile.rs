@@ -60,3 +60,28 @@ fn bench_variants_compile() {
         }
     }
 }
+
+#[test]
+#[ignore = "needs NVRTC (libnvrtc.so)"]
+fn wgmma_attention_compiles_for_hopper() {
+    for dtype in [DType::BF16, DType::F16] {
+        for (d, bs) in [(64, 64), (64, 128), (128, 64), (128, 128)] {
+            let tile = AttnTile::auto_for((9, 0), d, bs);
+            assert!(tile.wgmma);
+            let key = tile.kernel_key(dtype, d, bs);
+            let (cubin, log) = compile_offline(tile.family(), &key, (9, 0))
+                .unwrap_or_else(|e| panic!("{dtype} d{d} bs{bs}: {e}"));
+            // FLEXPREFILL_DUMP_CUBIN=dir writes the cubins for cuobjdump --dump-sass.
+            if let Ok(dir) = std::env::var("FLEXPREFILL_DUMP_CUBIN") {
+                let path = format!("{dir}/attention_sm90_{dtype}_d{d}_bs{bs}.cubin");
+                std::fs::write(&path, &cubin).expect("dump dir writable");
+            }
+            let regs: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("registers") || l.contains("spill"))
+                .collect();
+            println!("sm90 wgmma {dtype} d{d} bs{bs} {tile:?}: {regs:?}");
+            assert!(log.contains(" 0 bytes spill stores"), "spills: {log}");
+        }
+    }
+}

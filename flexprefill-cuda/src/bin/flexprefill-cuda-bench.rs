@@ -17,7 +17,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, CudaStream};
 use flexprefill_core::{AttentionShape, BlockIndex, Sequence};
-use flexprefill_cuda::attention::{fill_normal, ATTENTION};
+use flexprefill_cuda::attention::fill_normal;
 use flexprefill_cuda::{AttentionArgs, AttnTile, CudaBackend, DeviceBlockIndex, DeviceSeqs};
 use half::bf16;
 
@@ -175,9 +175,9 @@ fn run() -> Result<(), Box<dyn Error>> {
         o.warmup
     );
     let shape = AttentionShape::new(o.heads, o.kv_heads, o.dim)?;
-    let tile = AttnTile::auto(o.dim, o.block);
+    let tile = AttnTile::auto_for(info.compute_capability, o.dim, o.block);
     let module = dev.module(
-        &ATTENTION,
+        tile.family(),
         &tile.kernel_key(flexprefill_core::DType::BF16, o.dim, o.block),
     )?;
     println!(
@@ -249,8 +249,14 @@ fn run() -> Result<(), Box<dyn Error>> {
                     Ok(ms) => table.push((
                         n,
                         format!(
-                            "dense bq{} bk{} w{} st{} qr{} mb{}",
-                            t.bq, t.bk, t.warps, t.stages, t.q_in_regs as u8, t.min_blocks
+                            "dense {} bq{} bk{} w{} st{} qr{} mb{}",
+                            if t.wgmma { "wgmma" } else { "mma" },
+                            t.bq,
+                            t.bk,
+                            t.warps,
+                            t.stages,
+                            t.q_in_regs as u8,
+                            t.min_blocks
                         ),
                         1.0,
                         ms,
