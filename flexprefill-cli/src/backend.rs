@@ -23,13 +23,26 @@ pub struct Chosen {
     pub reason: String,
 }
 
-/// Opens the backend `choice` asks for.
-pub fn open(choice: BackendChoice) -> Result<Chosen> {
+/// Opens the backend `choice` asks for; `threads` sizes the CPU backend's pool (default: one
+/// thread per core, or `RAYON_NUM_THREADS`).
+pub fn open(choice: BackendChoice, threads: Option<usize>) -> Result<Chosen> {
+    let cpu = || -> Result<(Box<dyn Backend>, usize)> {
+        let b = match threads {
+            Some(t) => flexprefill_cpu::CpuBackend::with_threads(t)
+                .map_err(|e| anyhow::anyhow!("--threads {t}: {e}"))?,
+            None => flexprefill_cpu::CpuBackend::new(),
+        };
+        let n = b.threads();
+        Ok((Box::new(b), n))
+    };
     match choice {
-        BackendChoice::Cpu => Ok(Chosen {
-            backend: cpu()?,
-            reason: "--backend cpu".into(),
-        }),
+        BackendChoice::Cpu => {
+            let (backend, n) = cpu()?;
+            Ok(Chosen {
+                backend,
+                reason: format!("--backend cpu, {}", threads_text(n)),
+            })
+        }
         BackendChoice::Cuda => {
             let (backend, what) = cuda().map_err(|e| {
                 anyhow::anyhow!(
@@ -47,20 +60,31 @@ pub fn open(choice: BackendChoice) -> Result<Chosen> {
                 backend,
                 reason: format!("auto: {what}"),
             }),
-            Err(e) => Ok(Chosen {
-                backend: cpu()?,
-                reason: format!("auto: no usable GPU ({}); using the CPU", one_line(&e)),
-            }),
+            Err(e) => {
+                let (backend, n) = cpu()?;
+                Ok(Chosen {
+                    backend,
+                    reason: format!(
+                        "auto: no usable GPU ({}); using the CPU, {}",
+                        one_line(&e),
+                        threads_text(n)
+                    ),
+                })
+            }
         },
+    }
+}
+
+fn threads_text(n: usize) -> String {
+    if n == 1 {
+        "1 thread".into()
+    } else {
+        format!("{n} threads")
     }
 }
 
 fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}").replace('\n', " ")
-}
-
-fn cpu() -> Result<Box<dyn Backend>> {
-    Ok(Box::new(flexprefill_cpu::CpuBackend::new()))
 }
 
 /// The CUDA backend on device 0 and a description of the device. Without a driver the

@@ -125,6 +125,9 @@ struct Outputs {
     /// auto: CUDA if a GPU is usable, else the CPU (the report says why).
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
+    /// Threads of the CPU backend (default: one per core, or RAYON_NUM_THREADS).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Print one JSON object on stdout and nothing else (schema in docs/CLI.md).
     #[arg(long)]
     json: bool,
@@ -322,7 +325,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let sp = progress::spinner("reading q, k, v");
     let qkv = io::load(&source)?;
     sp.finish_and_clear();
-    let chosen = backend::open(a.outputs.backend)?;
+    let chosen = backend::open(a.outputs.backend, a.outputs.threads)?;
     let plan = Plan {
         cfg: a.knobs.config(),
         softmax_scale: a.knobs.softmax_scale,
@@ -363,7 +366,7 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
     let sp = progress::spinner("generating the planted workload");
     let (qkv, _) = synth::generate(&spec, a.dtype.dtype())?;
     sp.finish_and_clear();
-    let chosen = backend::open(a.outputs.backend)?;
+    let chosen = backend::open(a.outputs.backend, a.outputs.threads)?;
     let plan = Plan {
         cfg: a.knobs.config(),
         softmax_scale: a.knobs.softmax_scale,

@@ -332,7 +332,7 @@ impl Measured<'_> {
             if cmp {
                 let _ = write!(
                     s,
-                    " {:>9.2e} {:>9.2e} {:>7.4} {:>7.4} {:>6.1}%",
+                    " {:>9.2e} {:>9.4} {:>7.4} {:>7.4} {:>6.1}%",
                     h.rel_l2_vs_dense.unwrap_or(f64::NAN),
                     h.max_abs_vs_dense.unwrap_or(f64::NAN),
                     h.mass_captured.unwrap_or(f64::NAN),
