@@ -72,6 +72,17 @@ pub enum Source {
 
 /// Reads, checks and assembles q/k/v.
 pub fn load(source: &Source) -> Result<Qkv> {
+    let (q, k, v) = read_tensors(source)?;
+    match source {
+        Source::Safetensors { path, .. } => {
+            assemble(q, k, v).with_context(|| format!("in {}", path.display()))
+        }
+        // Each .npy origin already names its file.
+        Source::Npy { .. } => assemble(q, k, v),
+    }
+}
+
+fn read_tensors(source: &Source) -> Result<(Loaded, Loaded, Loaded)> {
     let [q, k, v] = match source {
         Source::Safetensors { path, names } => {
             let bytes = read(path)?;
@@ -104,7 +115,7 @@ pub fn load(source: &Source) -> Result<Qkv> {
             [q, k, v]
         }
     };
-    assemble(q, k, v)
+    Ok((q, k, v))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {

@@ -35,7 +35,7 @@ use synth::{DTypeArg, Kind};
 /// FlexPrefill (ICLR 2025) context-aware sparse attention: which heads are query-aware or
 /// vertical-slash, how sparse each head is, how far from dense, and how much time it saves.
 #[derive(Debug, Parser)]
-#[command(name = "flexprefill", version, about, long_about = None)]
+#[command(name = "flexprefill", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
