@@ -197,6 +197,13 @@ fn npy_bytes(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
 /// h / (h_q / h_kv)), `[b, n, h, d]` out.
 fn naive_attention(q: &[f32], k: &[f32], v: &[f32], dims: [usize; 5]) -> Vec<f64> {
     let [b, n, h, hkv, d] = dims;
+    naive_chunked_attention(q, k, v, [b, n, n, h, hkv, d])
+}
+
+/// The same with `nq ≤ nk` queries that are the last `nq` positions (bottom-right causal):
+/// query `i` sees keys `0..=nk - nq + i`.
+fn naive_chunked_attention(q: &[f32], k: &[f32], v: &[f32], dims: [usize; 6]) -> Vec<f64> {
+    let [b, n, nk, h, hkv, d] = dims;
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = vec![0.0; b * n * h * d];
     for bi in 0..b {
@@ -204,9 +211,9 @@ fn naive_attention(q: &[f32], k: &[f32], v: &[f32], dims: [usize; 5]) -> Vec<f64
             let g = hi / (h / hkv);
             for i in 0..n {
                 let qi = &q[((bi * n + i) * h + hi) * d..][..d];
-                let logits: Vec<f64> = (0..=i)
+                let logits: Vec<f64> = (0..=nk - n + i)
                     .map(|j| {
-                        let kj = &k[((bi * n + j) * hkv + g) * d..][..d];
+                        let kj = &k[((bi * nk + j) * hkv + g) * d..][..d];
                         scale
                             * qi.iter()
                                 .zip(kj)
@@ -219,7 +226,7 @@ fn naive_attention(q: &[f32], k: &[f32], v: &[f32], dims: [usize; 5]) -> Vec<f64
                 let z: f64 = w.iter().sum();
                 let o = &mut out[((bi * n + i) * h + hi) * d..][..d];
                 for (j, wj) in w.iter().enumerate() {
-                    let vj = &v[((bi * n + j) * hkv + g) * d..][..d];
+                    let vj = &v[((bi * nk + j) * hkv + g) * d..][..d];
                     for (o, x) in o.iter_mut().zip(vj) {
                         *o += wj / z * *x as f64;
                     }
@@ -510,6 +517,48 @@ fn output_round_trips_and_matches_naive_attention() {
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect();
     assert_eq!(&o_npy, o);
+}
+
+#[test]
+fn chunked_prefill_dump_is_bottom_right_causal() {
+    // 48 new queries over 112 keys (a chunk of a longer prefill), 2 sequences, GQA 2:1.
+    let dir = tempfile::tempdir().unwrap();
+    let (b, nq, nk, h, hkv, d) = (2, 48, 112, 2, 1, 16);
+    let f = dir.path().join("chunk.safetensors");
+    write_st(
+        &f,
+        &[
+            f32_tensor("q", &[b, nq, h, d], 4),
+            f32_tensor("k", &[b, nk, hkv, d], 5),
+            f32_tensor("v", &[b, nk, hkv, d], 6),
+        ],
+    );
+    let out = dir.path().join("o.safetensors");
+    let j = json(&[
+        "run",
+        "--input",
+        p(&f),
+        "--output",
+        p(&out),
+        "--json",
+        "--backend",
+        "cpu",
+    ]);
+    assert_eq!(
+        (j["seq_len"].as_u64(), j["kv_len"].as_u64()),
+        (Some(48), Some(112))
+    );
+    let (inp, _) = read_st(&f);
+    let (t, _) = read_st(&out);
+    assert_eq!(t["o"].1, vec![b, nq, h, d]);
+    let want = naive_chunked_attention(
+        &inp["q"].2,
+        &inp["k"].2,
+        &inp["v"].2,
+        [b, nq, nk, h, hkv, d],
+    );
+    let e = rel_l2(&t["o"].2, &want);
+    assert!(e < 1e-5, "rel_l2 vs bottom-right causal attention {e}");
 }
 
 #[test]
