@@ -154,13 +154,30 @@ FP_DEVICE uint64_t radix_cut(RadixShared& sh, const Items& items, unsigned n, in
         __syncthreads();
         const int shift = 56 - 8 * depth;
         const uint64_t pref = sh.prefix;
+        // Run-length aggregation per thread before the shared atomics: scores cluster in a few
+        // bins (the top bits of probabilities barely vary), and 1024 threads hitting one bin
+        // serialise. Integer sums: exact in any order.
+        int cur = -1;
+        unsigned cur_n = 0;
+        unsigned long long cur_s = 0;
         for (unsigned i = threadIdx.x; i < n; i += blockDim.x) {
             uint64_t key; float m;
             if (!items(i, key, m)) continue;
             if (depth > 0 && (key >> (shift + 8)) != pref) continue;
             int b = (int)((key >> shift) & 255);
-            atomicAdd(&sh.cnt[b], 1u);
-            if (mode != 2) atomicAdd(&sh.sum[b], (unsigned long long)fixed(m, sc));
+            if (b != cur) {
+                if (cur_n) {
+                    atomicAdd(&sh.cnt[cur], cur_n);
+                    if (mode != 2) atomicAdd(&sh.sum[cur], cur_s);
+                }
+                cur = b; cur_n = 0; cur_s = 0;
+            }
+            ++cur_n;
+            if (mode != 2) cur_s += (unsigned long long)fixed(m, sc);
+        }
+        if (cur_n) {
+            atomicAdd(&sh.cnt[cur], cur_n);
+            if (mode != 2) atomicAdd(&sh.sum[cur], cur_s);
         }
         __syncthreads();
         if (threadIdx.x == 0) {
@@ -621,7 +638,8 @@ sel_qa_flat(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, Se
 // sorts the row's causal entries by rank (bitonic, shared memory) and replays core's f64 sums
 // in that order. per_row: keep the smallest top set with row mass ≥ gamma (core's
 // cumulative_mass_cut). Faithful: then raise the row to mass ≥ gamma and ≥ min(mb, causal)
-// blocks, and add the forced blocks. Grid (Σ nqb, H), 256 threads, smem 12·next_pow2(nkb).
+// blocks, and add the forced blocks. Grid (Σ nqb, H), 256 threads, smem 16·next_pow2(nkb) +
+// 4·ceil(nkb/32).
 extern "C" __global__ void __launch_bounds__(256)
 sel_qa_row(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, const unsigned* __restrict__ qb_seq,
            SelParams p, const int* __restrict__ pattern, const float* __restrict__ map, unsigned* __restrict__ mask) {
@@ -640,45 +658,53 @@ sel_qa_row(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, con
     const int N = next_pow2(n);
     uint64_t* key = (uint64_t*)smem;
     uint32_t* val = (uint32_t*)(key + N);
+    float* scs = (float*)(val + N);          // the row's scores, [N]
+    unsigned* bits = (unsigned*)(scs + N);   // the row's mask words
     for (int i = threadIdx.x; i < N; i += blockDim.x) {
-        key[i] = (unsigned)i < n ? rank_key(sc[i], i) : KEY_ALL;
+        const float x = (unsigned)i < n ? sc[i] : 0.f;
+        scs[i] = x;
+        key[i] = (unsigned)i < n ? rank_key(x, i) : KEY_ALL;
         val[i] = i;
     }
+    for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) bits[w] = row[w];
     __syncthreads();
     bitonic_sort(key, val, N);
+    // The sequential replays below read shared memory only.
     if (threadIdx.x == 0) {
         if (p.per_row) {
             // cumulative_mass_cut: total of max(s, 0) in index order, acc in rank order, ≥.
             double tot = 0.0;
-            for (unsigned c = 0; c < n; ++c) tot += (double)fmaxf(sc[c], 0.f);
+            for (unsigned c = 0; c < n; ++c) tot += (double)fmaxf(scs[c], 0.f);
             const double target = (double)p.gamma * tot;
             double acc = 0.0;
             unsigned k = n;
             for (unsigned e = 0; e < n; ++e) {
-                acc += (double)fmaxf(sc[val[e]], 0.f);
+                acc += (double)fmaxf(scs[val[e]], 0.f);
                 if (acc >= target) { k = e + 1; break; }
             }
-            for (unsigned e = 0; e < k; ++e) row[val[e] / 32] |= 1u << (val[e] % 32);
+            for (unsigned e = 0; e < k; ++e) bits[val[e] / 32] |= 1u << (val[e] % 32);
         }
         if (!p.original) {
             // faithful raise: mass of the row as cut (ascending c), then top up in rank order.
             double m = 0.0;
             unsigned len = 0;
             for (unsigned c = 0; c < n; ++c)
-                if (row[c / 32] >> (c % 32) & 1u) { m += (double)sc[c]; ++len; }
+                if (bits[c / 32] >> (c % 32) & 1u) { m += (double)scs[c]; ++len; }
             const unsigned want = min((unsigned)p.mb, n);
             for (unsigned e = 0; e < n && !(m >= (double)p.gamma && len >= want); ++e) {
                 const unsigned c = val[e];
-                if (!(row[c / 32] >> (c % 32) & 1u)) {
-                    row[c / 32] |= 1u << (c % 32);
-                    m += (double)sc[c];
+                if (!(bits[c / 32] >> (c % 32) & 1u)) {
+                    bits[c / 32] |= 1u << (c % 32);
+                    m += (double)scs[c];
                     ++len;
                 }
             }
             for (unsigned c = 0; c < n; ++c)
-                if (is_forced(g, p, r, c)) row[c / 32] |= 1u << (c % 32);
+                if (is_forced(g, p, r, c)) bits[c / 32] |= 1u << (c % 32);
         }
     }
+    __syncthreads();
+    for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) row[w] = bits[w];
 }
 
 // Faithful query-aware exact top-up (core's RepCoverage::top_up) of the representative query

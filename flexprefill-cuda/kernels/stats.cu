@@ -117,7 +117,7 @@ FP_DEVICE float logit2(float acc, float scale_log2, int round_logits) {
 
 // Pass 1: per (sequence, head, key split) the running row max and sum of exp2 over the split.
 // Grid (num_heads, total_splits); out row_ml[(split_global * H + h) * rp + i] = (m, l).
-extern "C" __global__ void __launch_bounds__(NTHREADS)
+extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
 stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             const SeqDesc* __restrict__ seqs, const uint2* __restrict__ work,
             int num_heads, int num_kv_heads, int split_keys, int rp,
@@ -209,29 +209,33 @@ stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
 }
 
 // Merges the per-split (max, sum) of every representative row, splits in ascending order:
-// lse2[(seq * H + h) * rp + i] = log2 Σ_j exp2(logit2_ij). Grid (num_heads, num_seqs), rp threads.
+// lse2[(seq * H + h) * rp + i] = log2 Σ_j exp2(logit2_ij). Grid (num_heads, num_seqs), 256 threads.
 extern "C" __global__ void stats_merge(const SeqDesc* __restrict__ seqs, const float2* __restrict__ row_ml,
                                        int num_heads, int rp, float* __restrict__ lse2) {
+    // One warp per row; lanes stride the splits, then fixed xor trees (deterministic).
     const int h = blockIdx.x, s = blockIdx.y;
     const SeqDesc sd = seqs[s];
-    for (int i = threadIdx.x; i < rp; i += blockDim.x) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    for (int i = warp; i < rp; i += nw) {
         float m = (-F32_INF);
-        for (unsigned sp = 0; sp < sd.nsplit; ++sp)
+        for (unsigned sp = lane; sp < sd.nsplit; sp += 32)
             m = fmaxf(m, row_ml[((size_t)(sd.split_off + sp) * num_heads + h) * rp + i].x);
+        m = warp_max(m);
         float l = 0.f;
         if (m != (-F32_INF))
-            for (unsigned sp = 0; sp < sd.nsplit; ++sp) {
+            for (unsigned sp = lane; sp < sd.nsplit; sp += 32) {
                 float2 ml = row_ml[((size_t)(sd.split_off + sp) * num_heads + h) * rp + i];
                 if (ml.x != (-F32_INF)) l += ml.y * exp2f(ml.x - m);
             }
-        lse2[((size_t)s * num_heads + h) * rp + i] = (m == (-F32_INF)) ? F32_INF : m + log2f(l);
+        l = warp_sum(l);
+        if (lane == 0) lse2[((size_t)s * num_heads + h) * rp + i] = (m == (-F32_INF)) ? F32_INF : m + log2f(l);
     }
 }
 
 // Pass 2: probabilities tile by tile; vertical (exclusive per split), rep_block_mass (whole
 // blocks per split: split_keys is a multiple of the block size) and per-split slash partials
 // slash_part[(split_global * H + h) * sl_stride + L], L = δ - δ_min(split).
-extern "C" __global__ void __launch_bounds__(NTHREADS)
+extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
 stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             const SeqDesc* __restrict__ seqs, const uint2* __restrict__ work,
             int num_heads, int num_kv_heads, int split_keys, int rp, int block_size,
@@ -249,7 +253,8 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     elem_t* qs = (elem_t*)smem;
     elem_t* ks = qs + ng * ROWS * DPAD;
     float* ps = (float*)(ks + 2 * KT * DPAD);
-    float* slash_acc = ps + ROWS * PPAD;  // sl_stride floats
+    float* wcol = ps + ROWS * PPAD;       // [NWARPS][KT] per-warp column sums
+    float* slash_acc = wcol + NWARPS * KT; // sl_stride floats
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const unsigned J0 = sp * split_keys;
     const unsigned J1 = min(J0 + split_keys, sd.kv_len);
@@ -294,6 +299,7 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             if (g >= ng) continue;
             float acc[KT / 8][4];
             qk_tile(acc, qs, kt, g, warp, lane);
+            float pv[2][KT / 8][2];
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const int ii = warp * 16 + (lane / 4) + 8 * r;
@@ -309,6 +315,7 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                         bool valid = (unsigned)i < sd.rep && j <= last_key && j < sd.kv_len;
                         float p = valid ? exp2f(logit2(acc[nt][2 * r + e], scale_log2, round_logits) - row_lse[g][r]) : 0.f;
                         ps[ii * PPAD + jj] = p;
+                        pv[r][nt][e] = p;
                         segsum += p;
                     }
                     // End of a block segment inside the tile: reduce the quad, emit or carry.
@@ -335,11 +342,22 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                     }
                 }
             }
+            // Column sums over the warp's 16 rows from the registers (fixed xor tree).
+#pragma unroll
+            for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float c = pv[0][nt][e] + pv[1][nt][e];
+                    c += __shfl_xor_sync(0xffffffff, c, 4);
+                    c += __shfl_xor_sync(0xffffffff, c, 8);
+                    c += __shfl_xor_sync(0xffffffff, c, 16);
+                    if (lane < 4) wcol[warp * KT + nt * 8 + 2 * lane + e] = c;
+                }
             __syncthreads();
             const int t = threadIdx.x;
             if (t < KT) {
                 float s = 0.f;
-                for (int ii = 0; ii < ROWS; ++ii) s += ps[ii * PPAD + t];
+                for (int w = 0; w < NWARPS; ++w) s += wcol[w * KT + t];
                 vsum += s;
             } else if (t < KT + KT + ROWS - 1) {
                 // Diagonal e = ii - jj of the tile (e in [-(KT-1), ROWS-1]).
@@ -397,6 +415,7 @@ extern "C" __global__ void stats_pool_k(const elem_t* __restrict__ k, const SeqD
     const unsigned last = min(first + block_size, sd.kv_len);
     for (int d = threadIdx.x; d < HEAD_DIM; d += blockDim.x) {
         float acc = 0.f;
+#pragma unroll 8
         for (unsigned j = first; j < last; ++j)
             acc += to_f32(k[((size_t)(sd.k_start + j) * num_kv_heads + hk) * HEAD_DIM + d]);
         const float m = acc / (float)(last - first);
@@ -422,6 +441,7 @@ extern "C" __global__ void stats_pool_q(const elem_t* __restrict__ q, const SeqD
     const unsigned last = min(first + block_size, sd.q_len);
     for (int d = threadIdx.x; d < HEAD_DIM; d += blockDim.x) {
         float acc = 0.f;
+#pragma unroll 8
         for (unsigned i = first; i < last; ++i)
             acc += to_f32(q[((size_t)(sd.q_start + i) * num_heads + h) * HEAD_DIM + d]);
         const unsigned count = last - first;

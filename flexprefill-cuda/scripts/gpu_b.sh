@@ -11,5 +11,5 @@ for f in "${filters[@]}"; do
 done
 if [ -x ./.gpu/cuda_b_bench ]; then
   echo "=== bench"
-  timeout 240 ./.gpu/cuda_b_bench 2>&1 | tee "$OUT/bench.log" | tail -60
+  FLEXPREFILL_PROFILE=1 timeout 300 ./.gpu/cuda_b_bench ${BENCH_SIZES:-8192,32768,65536,131072} 2>&1 | tee "$OUT/bench.log" | tail -60
 fi

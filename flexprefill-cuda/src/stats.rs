@@ -30,6 +30,50 @@ use crate::device::CudaDevice;
 use crate::error::{CudaError, Result};
 use crate::registry::{KernelFamily, KernelKey};
 
+/// Per-kernel timing for benches: with `FLEXPREFILL_PROFILE` set, every launch of the stats and
+/// select paths records a CUDA event after it; [`profile_take`] syncs and returns the time of
+/// each kernel. Off (no event, no sync) otherwise.
+pub mod profile {
+    use std::cell::RefCell;
+    use std::sync::OnceLock;
+
+    use cudarc::driver::{CudaEvent, CudaStream};
+
+    thread_local! {
+        static MARKS: RefCell<Vec<(&'static str, CudaEvent)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Whether `FLEXPREFILL_PROFILE` is set (read once).
+    pub fn enabled() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| std::env::var_os("FLEXPREFILL_PROFILE").is_some())
+    }
+
+    /// Records an event named `name` on `stream` (after the work queued so far).
+    pub fn mark(stream: &CudaStream, name: &'static str) {
+        if !enabled() {
+            return;
+        }
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        if let Ok(e) = stream.record_event(flags) {
+            MARKS.with(|m| m.borrow_mut().push((name, e)));
+        }
+    }
+
+    /// Waits for the last mark and returns (name, ms since the previous mark), emptying the list.
+    pub fn take() -> Vec<(&'static str, f32)> {
+        let marks = MARKS.with(|m| std::mem::take(&mut *m.borrow_mut()));
+        if let Some((_, last)) = marks.last() {
+            let _ = last.synchronize();
+        }
+        marks
+            .windows(2)
+            .map(|w| (w[1].0, w[0].1.elapsed_ms(&w[1].1).unwrap_or(f32::NAN)))
+            .collect()
+    }
+}
+pub use profile::take as profile_take;
+
 /// The statistics kernel family.
 pub static STATS: KernelFamily = KernelFamily {
     name: "stats",
@@ -228,7 +272,7 @@ impl StatsLayout {
         let elems = (self.rp + 2 * KT) * (d + 8);
         let mut bytes = elems * 2;
         if pass2 {
-            bytes += (ROWS * (KT + 1) + self.sl_stride) * 4;
+            bytes += (ROWS * (KT + 1) + 8 * KT + self.sl_stride) * 4;
         }
         bytes
     }
@@ -392,6 +436,7 @@ pub fn launch_stats<T: StatsElem>(
     let sl_i = layout.sl_stride as i32;
     let emu_i = emulate as i32;
     let grid_pass = (h as u32, total_splits as u32, 1);
+    profile::mark(stream, "start");
     // SAFETY (all launches): argument lists match the kernels' signatures in stats.cu; every
     // buffer is sized by StatsLayout for the indices the kernels compute.
     unsafe {
@@ -415,6 +460,7 @@ pub fn launch_stats<T: StatsElem>(
                 block_dim: (NTHREADS, 1, 1),
                 shared_mem_bytes: smem1 as u32,
             })?;
+        profile::mark(stream, "stats_pass1");
         stream
             .launch_builder(&f_merge)
             .arg(&descs)
@@ -424,9 +470,10 @@ pub fn launch_stats<T: StatsElem>(
             .arg(&mut lse2)
             .launch(LaunchConfig {
                 grid_dim: (h as u32, nseq as u32, 1),
-                block_dim: (layout.rp as u32, 1, 1),
+                block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             })?;
+        profile::mark(stream, "stats_merge");
         stream
             .launch_builder(&f_pass2)
             .arg(q)
@@ -452,6 +499,7 @@ pub fn launch_stats<T: StatsElem>(
                 block_dim: (NTHREADS, 1, 1),
                 shared_mem_bytes: smem2 as u32,
             })?;
+        profile::mark(stream, "stats_pass2");
         let max_kv = layout.seqs.iter().map(|s| s.kv_len).max().unwrap_or(1);
         stream
             .launch_builder(&f_final)
@@ -466,6 +514,7 @@ pub fn launch_stats<T: StatsElem>(
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             })?;
+        profile::mark(stream, "stats_slash_finalize");
         stream
             .launch_builder(&f_pool_k)
             .arg(k)
@@ -480,6 +529,7 @@ pub fn launch_stats<T: StatsElem>(
                 block_dim: (d.min(256) as u32, 1, 1),
                 shared_mem_bytes: 0,
             })?;
+        profile::mark(stream, "stats_pool_k");
         stream
             .launch_builder(&f_est)
             .arg(q)
@@ -495,6 +545,7 @@ pub fn launch_stats<T: StatsElem>(
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             })?;
+        profile::mark(stream, "stats_estimate");
     }
     Ok(DeviceStats {
         layout,
@@ -553,6 +604,7 @@ pub fn launch_pool_q<T: StatsElem>(
         };
         b.arg(&mut stats.q_pooled).launch(cfg)?;
     }
+    profile::mark(stream, "stats_pool_q");
     Ok(())
 }
 

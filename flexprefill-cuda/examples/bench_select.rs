@@ -1,0 +1,202 @@
+//! Times FlexPrefill's device pattern search and index build, and the whole call, against this
+//! crate's dense kernel (CUDA events, median of `REPS` after warm-up).
+//!
+//! Shape of issue 5: batch 1, 32 query heads, 8 kv heads, head_dim 128, bf16, causal; tau 0.1,
+//! min_budget 1024; gamma 0.9 and 0.95; random data (Gaussian) and a structured testkit
+//! workload (`mixed`). Run on a GPU machine:
+//! `cargo run --release -p flexprefill-cuda --example bench_select -- [8192,32768,...]`.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream};
+use flexprefill_core::{bf16, AttentionShape, FlexPrefillConfig, Sequence};
+use flexprefill_cuda::attention::{AttentionArgs, DeviceSeqs};
+use flexprefill_cuda::select::{flex_prefill_device, launch_select};
+use flexprefill_cuda::stats::{estimation_scale, launch_stats, StatsLayout};
+use flexprefill_cuda::CudaBackend;
+use flexprefill_testkit::workload::{generate, WorkloadKind, WorkloadSpec};
+
+const REPS: usize = 10;
+const H: usize = 32;
+const HKV: usize = 8;
+const D: usize = 128;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn median(mut v: Vec<f32>) -> f32 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Gaussian-ish bf16 noise from a hash, filled on every core.
+fn random_bf16(len: usize, seed: u64) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; len];
+    let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+    let chunk = len.div_ceil(threads);
+    std::thread::scope(|s| {
+        for (t, part) in out.chunks_mut(chunk).enumerate() {
+            s.spawn(move || {
+                let mut x = seed ^ (t as u64).wrapping_mul(0x9E3779B97F4A7C15) ^ 0xD1B54A32D192ED03;
+                for v in part.iter_mut() {
+                    // sum of 4 uniforms ≈ normal (Irwin-Hall), scaled to unit variance
+                    let mut acc = 0.0f32;
+                    for _ in 0..4 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        acc += (x >> 40) as f32 / (1u64 << 24) as f32;
+                    }
+                    *v = bf16::from_f32((acc - 2.0) * 1.732);
+                }
+            });
+        }
+    });
+    out
+}
+
+struct Data {
+    name: &'static str,
+    q: Vec<bf16>,
+    k: Vec<bf16>,
+    v: Vec<bf16>,
+}
+
+fn data(n: usize, structured: bool) -> Data {
+    if structured {
+        let spec = WorkloadSpec {
+            kind: WorkloadKind::Mixed,
+            batch: 1,
+            seq_len: n,
+            num_heads: H,
+            num_kv_heads: HKV,
+            head_dim: D,
+            seed: n as u64,
+        };
+        let w = generate(&spec);
+        let (q, k, v) = w.to_bf16();
+        Data { name: "mixed", q, k, v }
+    } else {
+        Data {
+            name: "random",
+            q: random_bf16(n * H * D, 1 + n as u64),
+            k: random_bf16(n * HKV * D, 2 + n as u64),
+            v: random_bf16(n * HKV * D, 3 + n as u64),
+        }
+    }
+}
+
+fn time_ms(stream: &Arc<CudaStream>, mut f: impl FnMut() -> Res<()>) -> Res<f32> {
+    let ctx = stream.context();
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let (a, b) = (ctx.new_event(flags)?, ctx.new_event(flags)?);
+    a.record(stream)?;
+    f()?;
+    b.record(stream)?;
+    b.synchronize()?;
+    Ok(a.elapsed_ms(&b)?)
+}
+
+fn main() -> Res<()> {
+    let sizes: Vec<usize> = std::env::args()
+        .nth(1)
+        .map(|a| a.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![8192, 32768, 65536, 131072]);
+    let be = CudaBackend::new()?;
+    let dev = be.device().clone();
+    let stream = dev.stream().clone();
+    println!("device: {} ({} SMs)", dev.info().name, dev.info().sm_count);
+    let shape = AttentionShape::new(H, HKV, D)?;
+    println!("| seq | data | gamma | stats ms | select ms | search+index ms | sparse attn ms | sparse path ms | dense ms | sparse path/dense | whole call ms | whole/dense | density | QA heads |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for &n in &sizes {
+        for structured in [false, true] {
+            let t = std::time::Instant::now();
+            let dt = data(n, structured);
+            let gen_s = t.elapsed().as_secs_f32();
+            let seqs = vec![Sequence { q_start: 0, k_start: 0, q_len: n, kv_len: n }];
+            let q: CudaSlice<bf16> = stream.clone_htod(&dt.q)?;
+            let k: CudaSlice<bf16> = stream.clone_htod(&dt.k)?;
+            let v: CudaSlice<bf16> = stream.clone_htod(&dt.v)?;
+            let dseqs = DeviceSeqs::new(&stream, &seqs)?;
+            let mut out: CudaSlice<bf16> = stream.alloc_zeros(n * H * D)?;
+            let args = AttentionArgs { q: &q, k: &k, v: &v, shape, seqs: &dseqs, softmax_scale: None };
+            // dense baseline
+            for _ in 0..2 {
+                be.attention_device(&stream, &args, None, None, &mut out, None)?;
+            }
+            let mut dense = Vec::new();
+            for _ in 0..REPS {
+                dense.push(time_ms(&stream, || Ok(be.attention_device(&stream, &args, None, None, &mut out, None)?))?);
+            }
+            let dense = median(dense);
+            for gamma in [0.9f32, 0.95] {
+                let cfg = FlexPrefillConfig { gamma, tau: 0.1, min_budget: 1024, ..Default::default() };
+                let layout = StatsLayout::new(&seqs, shape, cfg.block_size)?;
+                let (scale, emulate) = estimation_scale(shape, 1.0 / (D as f32).sqrt(), flexprefill_core::DType::BF16, &cfg);
+                let (mut ts, mut tsel, mut tatt, mut twhole) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                let mut last = None;
+                for rep in 0..REPS + 2 {
+                    let ctx = stream.context();
+                    let fl = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+                    let e: Vec<_> = (0..4).map(|_| ctx.new_event(fl)).collect::<Result<_, _>>()?;
+                    e[0].record(&stream)?;
+                    let mut st = launch_stats(&dev, &stream, &q, &k, layout.clone(), scale, emulate)?;
+                    e[1].record(&stream)?;
+                    let sel = launch_select(&dev, &stream, Some(&q), &mut st, &cfg)?;
+                    e[2].record(&stream)?;
+                    be.attention_device(&stream, &args, Some(&sel.index), None, &mut out, None)?;
+                    e[3].record(&stream)?;
+                    e[3].synchronize()?;
+                    if rep >= 2 {
+                        ts.push(e[0].elapsed_ms(&e[1])?);
+                        tsel.push(e[1].elapsed_ms(&e[2])?);
+                        tatt.push(e[2].elapsed_ms(&e[3])?);
+                        twhole.push(e[0].elapsed_ms(&e[3])?);
+                    }
+                    last = Some((sel, st));
+                }
+                // The whole call as a user runs it (cheap dense decision included).
+                let mut whole = Vec::new();
+                let mut reason = None;
+                for rep in 0..REPS + 2 {
+                    let mut r = None;
+                    let t = time_ms(&stream, || {
+                        r = Some(flex_prefill_device(&be, &stream, &args, &cfg, &mut out, None)?);
+                        Ok(())
+                    })?;
+                    if rep >= 2 {
+                        whole.push(t);
+                    }
+                    reason = r.and_then(|r| r.dense_reason);
+                }
+                let whole_call = median(whole);
+                if flexprefill_cuda::stats::profile::enabled() && gamma == 0.9 {
+                    let _ = flexprefill_cuda::stats::profile_take();
+                    let mut st = launch_stats(&dev, &stream, &q, &k, layout.clone(), scale, emulate)?;
+                    let _sel = launch_select(&dev, &stream, Some(&q), &mut st, &cfg)?;
+                    let prof = flexprefill_cuda::stats::profile_take();
+                    let line: Vec<String> = prof.iter().map(|(n, ms)| format!("{n} {ms:.3}")).collect();
+                    eprintln!("profile {n} {}: {}", dt.name, line.join(", "));
+                }
+                let (sel, _st) = last.expect("ran");
+                let offs = stream.clone_dtoh(&sel.index.row_offsets)?;
+                let pat = stream.clone_dtoh(&sel.pattern)?;
+                stream.synchronize()?;
+                let causal = seqs[0].total_causal_blocks(cfg.block_size) * H;
+                let density = offs[sel.rows] as f64 / causal as f64;
+                let qa = pat.iter().filter(|&&p| p == 1).count();
+                let (a, b, c, w) = (median(ts), median(tsel), median(tatt), median(twhole));
+                println!(
+                    "| {n} | {} | {gamma} | {a:.3} | {b:.3} | {:.3} | {c:.3} | {w:.3} | {dense:.3} | {:.2} | {whole_call:.3}{} | {:.2} | {density:.3} | {qa}/{H} |",
+                    dt.name,
+                    a + b,
+                    w / dense,
+                    if reason.is_some() { " (dense)" } else { "" },
+                    whole_call / dense
+                );
+            }
+            eprintln!("({} data at {n}: generated in {gen_s:.1} s)", dt.name);
+        }
+    }
+    Ok(())
+}
