@@ -22,6 +22,11 @@
 #ifndef ATT_MINB
 #define ATT_MINB 1
 #endif
+// 1: three-stage K/V ring and S_{j+1} = Q·K_{j+1} issued before the softmax of S_j, so the
+// tensor cores work while the warpgroup computes exponentials (FA3's intra-warpgroup overlap).
+#ifndef ATT_OVERLAP
+#define ATT_OVERLAP 0
+#endif
 
 #if defined(KEY_DTYPE_F16)
 #define WG_T "f16"
@@ -79,7 +84,8 @@ constexpr int BQ = ATT_BQ;
 constexpr int BK = ATT_BK;
 constexpr int WG = BQ / 64;  // warpgroups
 constexpr int NT = WG * 128;
-constexpr int STAGES = 2;
+constexpr bool OVERLAP = ATT_OVERLAP != 0;
+constexpr int STAGES = OVERLAP ? 3 : 2;
 constexpr int ATOMS = D / 64;
 constexpr int CH = D / 8;
 constexpr int KPB = BS / BK;
@@ -221,9 +227,6 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
             cp_async_16(dv + o, ok ? (const void*)(vg + off) : (const void*)p.v, ok);
         }
     };
-    if (n_iter > 0) load_kv(0);
-    cp_async_commit();
-
     float o[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
@@ -231,19 +234,9 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
     const int wrow = wg * 64 + wq * 16;  // first tile row of this warp
     const float sl2 = p.scale_log2;
 
-    for (int it = 0; it < n_iter; ++it) {
-        cp_async_wait<0>();
-        fence_proxy_async();
-        __syncthreads();
-        if (it + 1 < n_iter) load_kv(it + 1);
-        cp_async_commit();
-
-        const int st = it % STAGES;
-        const uint32_t kst = sK + st * BK * D * 2, vst = sV + st * BK * D * 2;
-        const int k0 = tile_k0(top - it);
-
-        // S = Q·Kᵀ for this warpgroup's 64 rows.
-        float sacc[BK / 2];
+    // S = Q·K_it for this warpgroup's 64 rows (issued, not waited).
+    auto issue_qk = [&](float (&sacc)[BK / 2], int it) {
+        const uint32_t kst = sK + (it % STAGES) * BK * D * 2;
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
@@ -253,9 +246,10 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
             mma_qk<BK>(sacc, da, db, kk > 0 ? 1 : 0);
         }
         wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(sacc);
-
+    };
+    // Mask, online softmax (rescales o), P as A fragments.
+    auto softmax = [&](float (&sacc)[BK / 2], int it, uint32_t (&pa)[BK / 16][4]) {
+        const int k0 = tile_k0(top - it);
         if (k0 + BK - 1 > pos_first || k0 + BK > kv_len) {
 #pragma unroll
             for (int i = 0; i < BK / 8; ++i)
@@ -266,7 +260,6 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
                     if (key > pos_first + row || key >= kv_len) sacc[i * 4 + e] = NEG_INF;
                 }
         }
-
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             float mx = NEG_INF;
@@ -294,9 +287,6 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
                 o[i * 4 + 2 * h + 1] *= alpha;
             }
         }
-
-        // O += P·V, P from registers.
-        uint32_t pa[BK / 16][4];
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
             pa[kk][0] = Elem::pack2(sacc[8 * kk + 0], sacc[8 * kk + 1]);
@@ -304,6 +294,10 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
             pa[kk][2] = Elem::pack2(sacc[8 * kk + 4], sacc[8 * kk + 5]);
             pa[kk][3] = Elem::pack2(sacc[8 * kk + 6], sacc[8 * kk + 7]);
         }
+    };
+    // O += P·V_it, P from registers (issued, not waited).
+    auto issue_pv = [&](const uint32_t (&pa)[BK / 16][4], int it) {
+        const uint32_t vst = sV + (it % STAGES) * BK * D * 2;
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
@@ -312,8 +306,63 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
             mma_pv<D>(o, pa[kk], db);
         }
         wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(o);
+    };
+
+    if (!OVERLAP) {
+        if (n_iter > 0) load_kv(0);
+        cp_async_commit();
+        for (int it = 0; it < n_iter; ++it) {
+            cp_async_wait<0>();
+            fence_proxy_async();
+            __syncthreads();
+            if (it + 1 < n_iter) load_kv(it + 1);
+            cp_async_commit();
+            float sacc[BK / 2];
+            issue_qk(sacc, it);
+            wgmma_wait<0>();
+            fence_regs(sacc);
+            uint32_t pa[BK / 16][4];
+            softmax(sacc, it, pa);
+            issue_pv(pa, it);
+            wgmma_wait<0>();
+            fence_regs(o);
+        }
+    } else {
+        // Tiles it+1 (K for the early S) and it+2 (in flight) ahead of the one being finished.
+        if (n_iter > 0) load_kv(0);
+        cp_async_commit();
+        if (n_iter > 1) load_kv(1);
+        cp_async_commit();
+        float sa[BK / 2], sb[BK / 2];
+        if (n_iter > 0) {
+            cp_async_wait<1>();
+            fence_proxy_async();
+            __syncthreads();
+            issue_qk(sa, 0);
+            wgmma_wait<0>();
+            fence_regs(sa);
+        }
+        // Two copies of the body so S alternates between sa and sb without register moves.
+        auto step = [&](float (&cur)[BK / 2], float (&nxt)[BK / 2], int it) {
+            cp_async_wait<0>();  // tile it+1 landed (issued one iteration ago)
+            fence_proxy_async();
+            __syncthreads();  // ...for every thread; and stage (it+2)%3 is free
+            if (it + 2 < n_iter) load_kv(it + 2);
+            cp_async_commit();
+            if (it + 1 < n_iter) issue_qk(nxt, it + 1);
+            uint32_t pa[BK / 16][4];
+            softmax(cur, it, pa);
+            issue_pv(pa, it);
+            wgmma_wait<0>();
+            fence_regs(nxt);
+            fence_regs(o);
+        };
+        int it = 0;
+        for (; it + 1 < n_iter; it += 2) {
+            step(sa, sb, it);
+            step(sb, sa, it + 1);
+        }
+        if (it < n_iter) step(sa, sb, it);
     }
 
     // Epilogue: normalise, stage in sQ (plain swizzled [row][D] rows; every warpgroup is past

@@ -31,7 +31,7 @@ if [ "${ROUND_SAN:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
   : > "$OUT/sanitizer.log"
   for tool in memcheck racecheck synccheck initcheck; do
     timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 "$G/gpu_attention" --include-ignored --test-threads 1 \
-      sparse_with_every_block rows_without_keys >> "$OUT/sanitizer.log" 2>&1
+      sparse_with_every_block rows_without_keys every_tile_shape >> "$OUT/sanitizer.log" 2>&1
     rc=$?
     summary+=("sanitizer $tool rc=$rc: $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)")
   done
@@ -48,7 +48,7 @@ if [ "${ROUND_SDPA:-1}" = 1 ]; then
 fi
 
 if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
-  timeout 240 ncu --clock-control none --launch-skip 3 --launch-count 2 -k regex:attn_fwd \
+  timeout 240 ncu --clock-control none --launch-skip 1 --launch-count 1 -k regex:attn_fwd \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats \
     "$G/flexprefill-cuda-bench" --seqs 32768 --iters 2 --warmup 1 > "$OUT/ncu.log" 2>&1
   summary+=("ncu rc=$?")

@@ -85,7 +85,8 @@ pub struct AttnTile {
     /// CTAs per SM the register allocation must allow.
     pub min_blocks: usize,
     /// Run the Hopper kernel (`kernels/attention_sm90.cu`, wgmma): `bq` is 64 per warpgroup,
-    /// `warps` = `bq / 16`, `stages` 2, `q_in_regs` unused.
+    /// `warps` = `bq / 16`, `q_in_regs` unused; `stages` 3 turns on the overlap of the next
+    /// tile's Q·Kᵀ with the current softmax (2: no overlap).
     pub wgmma: bool,
 }
 
@@ -162,6 +163,14 @@ impl AttnTile {
         let mut v = vec![
             Self::auto(head_dim, block_size),
             Self::wgmma(128, 128),
+            Self {
+                stages: 3,
+                ..Self::wgmma(128, 128)
+            },
+            Self {
+                stages: 3,
+                ..Self::wgmma(128, 64)
+            },
             Self::wgmma(128, 64),
             Self::wgmma(64, 64),
             Self {
@@ -243,7 +252,7 @@ impl AttnTile {
                 && block_size.is_multiple_of(self.bq)
                 && block_size.is_multiple_of(self.bk)
                 && self.warps == self.bq / 16
-                && self.stages == 2;
+                && (self.stages == 2 || self.stages == 3);
             return if ok {
                 Ok(())
             } else {
@@ -288,6 +297,7 @@ impl AttnTile {
             .define("ATT_STAGES", self.stages as i64)
             .define("ATT_Q_IN_REGS", self.q_in_regs as i64)
             .define("ATT_MINB", self.min_blocks as i64)
+            .define("ATT_OVERLAP", (self.wgmma && self.stages == 3) as i64)
     }
 }
 

@@ -361,3 +361,24 @@ fn every_tile_shape_matches_oracle_through_device_api() {
         }
     }
 }
+
+/// The testkit's agreement harness on its device-backend list (`standard_cases`: head_dim 64
+/// and 128, blocks 64 and 128, ragged, chunked, awkward lengths, both selection modes): dense
+/// and sparse attention against the f64 oracle, and the whole `flex_prefill` (GPU statistics,
+/// core selection, GPU attention) against the CPU backend's selection. bf16 only (f16 runs the
+/// same kernels, checked above; f32 inputs run as bf16 here, see `CudaBackend`, below the
+/// harness's f32 tolerance by design). The quick list uses head_dim 32/48 and block 32, which
+/// this backend rejects with typed errors.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn testkit_agreement_standard_cases() {
+    use flexprefill_testkit::agreement::{self, AgreementOptions};
+    let gpu = gpu();
+    let opts = AgreementOptions {
+        dtypes: vec![DType::BF16],
+        ..Default::default()
+    };
+    let report = agreement::check_backend_with(&gpu, &agreement::standard_cases(), &opts);
+    println!("{report}");
+    assert!(report.passed(), "backend disagreement:\n{report}");
+}

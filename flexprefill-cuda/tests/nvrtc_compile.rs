@@ -66,22 +66,45 @@ fn bench_variants_compile() {
 fn wgmma_attention_compiles_for_hopper() {
     for dtype in [DType::BF16, DType::F16] {
         for (d, bs) in [(64, 64), (64, 128), (128, 64), (128, 128)] {
-            let tile = AttnTile::auto_for((9, 0), d, bs);
-            assert!(tile.wgmma);
-            let key = tile.kernel_key(dtype, d, bs);
-            let (cubin, log) = compile_offline(tile.family(), &key, (9, 0))
-                .unwrap_or_else(|e| panic!("{dtype} d{d} bs{bs}: {e}"));
-            // FLEXPREFILL_DUMP_CUBIN=dir writes the cubins for cuobjdump --dump-sass.
-            if let Ok(dir) = std::env::var("FLEXPREFILL_DUMP_CUBIN") {
-                let path = format!("{dir}/attention_sm90_{dtype}_d{d}_bs{bs}.cubin");
-                std::fs::write(&path, &cubin).expect("dump dir writable");
+            for tile in [
+                AttnTile::auto_for((9, 0), d, bs),
+                AttnTile {
+                    stages: 3,
+                    ..AttnTile::auto_for((9, 0), d, bs)
+                },
+            ] {
+                assert!(tile.wgmma);
+                let key = tile.kernel_key(dtype, d, bs);
+                let (cubin, log) = compile_offline(tile.family(), &key, (9, 0))
+                    .unwrap_or_else(|e| panic!("{dtype} d{d} bs{bs}: {e}"));
+                // FLEXPREFILL_DUMP_CUBIN=dir writes the cubins for cuobjdump --dump-sass.
+                if let Ok(dir) = std::env::var("FLEXPREFILL_DUMP_CUBIN") {
+                    let path = format!(
+                        "{dir}/attention_sm90_{dtype}_d{d}_bs{bs}_st{}.cubin",
+                        tile.stages
+                    );
+                    std::fs::write(&path, &cubin).expect("dump dir writable");
+                }
+                let regs: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("registers") || l.contains("spill"))
+                    .collect();
+                println!("sm90 wgmma {dtype} d{d} bs{bs} {tile:?}: {regs:?}");
+                assert!(log.contains(" 0 bytes spill stores"), "spills: {log}");
+                assert!(!log.contains("serialized"), "wgmma serialized: {log}");
             }
-            let regs: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains("registers") || l.contains("spill"))
-                .collect();
-            println!("sm90 wgmma {dtype} d{d} bs{bs} {tile:?}: {regs:?}");
-            assert!(log.contains(" 0 bytes spill stores"), "spills: {log}");
         }
     }
+}
+
+/// FLEXPREFILL_PROBE="bq,bk,stages,d,bs": print NVRTC's log for one wgmma tile (tuning aid).
+#[test]
+#[ignore = "needs NVRTC (libnvrtc.so)"]
+fn probe_tile() {
+    let Ok(spec) = std::env::var("FLEXPREFILL_PROBE") else { return };
+    let v: Vec<usize> = spec.split(',').map(|x| x.parse().expect("numbers")).collect();
+    let tile = AttnTile { stages: v[2], ..AttnTile::wgmma(v[0], v[1]) };
+    let key = tile.kernel_key(DType::BF16, v[3], v[4]);
+    let (_, log) = compile_offline(tile.family(), &key, (9, 0)).unwrap_or_else(|e| panic!("{e}"));
+    println!("{tile:?}\n{log}");
 }

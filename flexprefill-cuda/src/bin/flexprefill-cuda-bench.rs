@@ -131,6 +131,42 @@ fn synthetic_index(seq: Sequence, heads: usize, bs: usize, p: f64, seed: u64) ->
     BlockIndex::from_rows(&[seq], heads, bs, all).expect("rows built for this sequence")
 }
 
+/// Vertical-slash structure, FlexPrefill's common pattern: per head, a set of key-block columns
+/// (probability `pv` each) and a set of diagonal offsets (probability `ps` each), plus sink and
+/// diagonal. Rows share columns and neighbouring rows read neighbouring slash blocks, so K/V
+/// blocks are reused through L2 as in real selections.
+fn vertical_slash_index(
+    seq: Sequence,
+    heads: usize,
+    bs: usize,
+    pv: f64,
+    ps: f64,
+    seed: u64,
+) -> BlockIndex {
+    let nkb = seq.num_key_blocks(bs);
+    let mut s = seed ^ 0x5eed;
+    let mut coin = |p: f64| {
+        s = mix(s);
+        ((s >> 11) as f64 / (1u64 << 53) as f64) < p
+    };
+    let mut all = Vec::with_capacity(heads);
+    for _ in 0..heads {
+        let vertical: Vec<bool> = (0..nkb).map(|_| coin(pv)).collect();
+        let slash: Vec<bool> = (0..nkb).map(|_| coin(ps)).collect();
+        let rows = (0..seq.num_query_blocks(bs))
+            .map(|r| {
+                let causal = seq.causal_key_blocks(r, bs);
+                (0..causal)
+                    .filter(|&c| c == 0 || c + 1 == causal || vertical[c] || slash[causal - 1 - c])
+                    .map(|c| c as u32)
+                    .collect()
+            })
+            .collect();
+        all.push(rows);
+    }
+    BlockIndex::from_rows(&[seq], heads, bs, all).expect("rows built for this sequence")
+}
+
 /// FLOPs of the computed blocks: 4·D·Σ rows·keys over every listed block.
 fn block_flops(index: &BlockIndex, seq: Sequence, heads: usize, d: usize) -> f64 {
     let bs = index.block_size();
@@ -226,7 +262,53 @@ fn run() -> Result<(), Box<dyn Error>> {
         let ms = time_ms(&stream, o.warmup, o.iters, || {
             Ok(gpu.attention_device(&stream, &args, Some(&dindex), None, &mut out, None)?)
         })?;
-        table.push((n, "sparse".into(), density, ms, flops / ms / 1e9));
+        table.push((n, "sparse random".into(), density, ms, flops / ms / 1e9));
+
+        let index = vertical_slash_index(
+            seq,
+            o.heads,
+            o.block,
+            o.density / 2.0,
+            o.density / 2.0,
+            seed,
+        );
+        let density = index.density();
+        let flops = block_flops(&index, seq, o.heads, o.dim);
+        let dindex = DeviceBlockIndex::upload(&stream, &index)?;
+        let ms = time_ms(&stream, o.warmup, o.iters, || {
+            Ok(gpu.attention_device(&stream, &args, Some(&dindex), None, &mut out, None)?)
+        })?;
+        table.push((
+            n,
+            "sparse vertical-slash".into(),
+            density,
+            ms,
+            flops / ms / 1e9,
+        ));
+        if o.variants {
+            for t in AttnTile::variants(o.dim, o.block)
+                .into_iter()
+                .filter(|t| t.wgmma)
+            {
+                let ms = time_ms(&stream, 1, o.iters.min(5), || {
+                    Ok(gpu.attention_device(
+                        &stream,
+                        &args,
+                        Some(&dindex),
+                        Some(t),
+                        &mut out,
+                        None,
+                    )?)
+                })?;
+                table.push((
+                    n,
+                    format!("sparse v-s wgmma bq{} bk{} st{}", t.bq, t.bk, t.stages),
+                    density,
+                    ms,
+                    flops / ms / 1e9,
+                ));
+            }
+        }
 
         if o.variants {
             let full = BlockIndex::dense(&[seq], o.heads, o.block)?;
