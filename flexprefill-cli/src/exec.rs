@@ -42,6 +42,8 @@ pub struct Outcome {
     pub total: Duration,
     /// Wall time of dense, when run.
     pub dense: Option<Duration>,
+    /// Wall time of the untimed warm-up calls, when run (GPU backends).
+    pub warmup: Option<Duration>,
     /// The comparison, when run.
     pub comparison: Option<Comparison>,
     /// Pictures written.
@@ -70,6 +72,28 @@ pub fn execute(chosen: &Chosen, qkv: &Qkv, plan: &Plan<'_>) -> Result<Outcome> {
     }
     let backend = chosen.backend.as_ref();
     let name = backend.name();
+
+    // A GPU backend compiles its kernels (NVRTC) and allocates at first use; timing that call
+    // would report compile time as attention time. So on any backend but the CPU, which has
+    // nothing to warm, every timed call is run once untimed first, on the same input (same
+    // kernels, same tile choices).
+    let mut warmup = None;
+    if name != "cpu" {
+        let sp = progress::spinner(&format!(
+            "warming up {name} (kernel compilation at first use)"
+        ));
+        let t = Instant::now();
+        backend
+            .flex_prefill(&x, &plan.cfg)
+            .with_context(|| format!("FlexPrefill failed on the {name} backend"))?;
+        if plan.compare_dense {
+            backend
+                .dense_attention(&x)
+                .with_context(|| format!("dense attention failed on the {name} backend"))?;
+        }
+        warmup = Some(t.elapsed());
+        sp.finish_and_clear();
+    }
 
     let sp = progress::spinner(&format!("FlexPrefill on {name}"));
     let t0 = Instant::now();
@@ -126,6 +150,7 @@ pub fn execute(chosen: &Chosen, qkv: &Qkv, plan: &Plan<'_>) -> Result<Outcome> {
         report,
         total,
         dense,
+        warmup,
         comparison,
         pictures,
         softmax_scale: x.scale(),
@@ -158,6 +183,7 @@ pub fn measured<'a>(
         report: &o.report,
         total: o.total,
         dense: o.dense,
+        warmup: o.warmup,
         comparison: o.comparison.as_ref(),
         planted,
     }

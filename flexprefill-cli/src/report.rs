@@ -115,6 +115,10 @@ pub struct TimingsJson {
     /// Dense attention (with --compare-dense or in the demo).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dense: Option<f64>,
+    /// The untimed warm-up pass run before timing on GPU backends (kernel compilation at
+    /// first use); absent on the CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<f64>,
 }
 
 /// The whole report.
@@ -190,6 +194,8 @@ pub struct Measured<'a> {
     pub total: Duration,
     /// Wall time of dense attention, when run.
     pub dense: Option<Duration>,
+    /// Wall time of the warm-up pass, when run.
+    pub warmup: Option<Duration>,
     /// The comparison, when run.
     pub comparison: Option<&'a Comparison>,
     /// Per query head, the planted structure (demo).
@@ -248,6 +254,7 @@ impl Measured<'_> {
                 attention: ms(t.attention),
                 total: ms(self.total),
                 dense: self.dense.map(ms),
+                warmup: self.warmup.map(ms),
             },
             rel_l2_vs_dense: self.comparison.map(|c| c.rel_l2),
             max_abs_vs_dense: self.comparison.map(|c| c.max_abs),
@@ -370,6 +377,12 @@ impl Measured<'_> {
             );
         }
         let _ = writeln!(s);
+        if let Some(w) = t.warmup {
+            let _ = writeln!(
+                s,
+                "         (after an untimed warm-up pass of {w:.1} ms: kernel compilation at first use)"
+            );
+        }
         s
     }
 }
