@@ -213,6 +213,7 @@ pub(crate) fn head_statistics(
                 q_pooled,
                 k_pooled: kbar.clone(),
                 rep_block_mass,
+                probe_block_mass: Vec::new(),
                 bf16_pooled_logits: emulate,
             }
         })

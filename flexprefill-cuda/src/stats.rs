@@ -672,6 +672,7 @@ impl DeviceStats {
                     q_pooled: qp[qo..qo + nqb * d].to_vec(),
                     k_pooled: kp[ko..ko + nkb * d].to_vec(),
                     rep_block_mass: rbm[ro..ro + rep * nkb].to_vec(),
+                    probe_block_mass: Vec::new(),
                     bf16_pooled_logits: self.emulate,
                 });
             }

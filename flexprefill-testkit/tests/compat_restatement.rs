@@ -202,6 +202,7 @@ fn case() -> impl Strategy<Value = (Knobs, HeadStatistics, usize)> {
                             q_pooled: qp.iter().map(|&x| x as f32 * 0.5).collect(),
                             k_pooled: kp.iter().map(|&x| x as f32 * 0.5).collect(),
                             rep_block_mass: Vec::new(),
+                            probe_block_mass: Vec::new(),
                             bf16_pooled_logits: false,
                         };
                         let knobs = Knobs {

@@ -214,6 +214,7 @@ fn original_statistics(c: &Case, head: usize) -> HeadStatistics {
         q_pooled,
         k_pooled,
         rep_block_mass,
+        probe_block_mass: Vec::new(),
         bf16_pooled_logits: true,
     }
 }

@@ -4,93 +4,131 @@
 //! The representative queries' exact attention per key block (`rep_block_mass`) is known, so
 //! instead of converting token counts to block counts as the original does, every step here
 //! checks the exact captured mass of the representative rows and stops only when each holds
-//! `gamma` of its attention.
+//! `gamma` of its attention. When the backend also measured a few probe queries spread over
+//! the chunk ([`super::probe_queries`]), the selection also keeps the probes' mean captured
+//! mass at `gamma`: the last block alone cannot tell whether earlier rows look like it.
 
-use crate::config::FlexPrefillConfig;
+use crate::config::{FlexPrefillConfig, QueryAwareCut};
 
 use super::grid::{add_forced, normalise, Grid};
-use super::{rank_order, ranked, HeadStatistics};
+use super::mass::LazyRanked;
+use super::{probe_queries, rank_order, HeadStatistics};
 
-/// Exact captured mass of the representative queries while blocks are being added to the
-/// query blocks that hold them.
-pub(crate) struct RepCoverage<'a> {
+/// Exact captured mass of tracked query rows (the representative queries, each of which
+/// must reach gamma, and optional probe queries, whose mean must reach gamma) while key
+/// blocks are being selected in the query blocks that hold them.
+pub(crate) struct Coverage<'a> {
     grid: Grid,
-    mass: &'a [f32],
-    /// Query blocks holding representative queries (one, or two when `q_len % bs != 0`).
+    /// Query blocks holding at least one tracked row.
     pub blocks: Vec<usize>,
-    /// Representative queries (indices) of each of `blocks`.
-    reps: Vec<std::ops::Range<usize>>,
-    /// `covered[k][c]`: key block `c` already selected in query block `blocks[k]`.
+    /// Tracked rows (indices into the per-row vectors) of each of `blocks`.
+    rows_of: Vec<Vec<usize>>,
+    /// `covered[k][c]`: key block `c` selected in query block `blocks[k]`.
     covered: Vec<Vec<bool>>,
     count: Vec<usize>,
+    mass: Vec<&'a [f32]>,
     captured: Vec<f64>,
-    target: Vec<f64>,
-    short: usize,
+    total: Vec<f64>,
+    is_rep: Vec<bool>,
+    gamma: f64,
+    rep_short: usize,
+    probe_fraction_sum: f64,
+    num_probes: usize,
 }
 
-impl<'a> RepCoverage<'a> {
-    /// Nothing selected yet. Each representative query must reach `gamma` of its own total
-    /// (its row of `rep_block_mass` sums to 1 up to rounding).
-    pub fn new(grid: Grid, rep_block_mass: &'a [f32], gamma: f32) -> Self {
-        let num_rep = grid.num_rep();
-        let mut blocks: Vec<usize> = (0..num_rep).map(|i| grid.rep_block(i)).collect();
+impl<'a> Coverage<'a> {
+    /// Nothing selected yet. `rep_block_mass` is `[num_rep, nkb]` for the representative
+    /// queries; `probe_block_mass` is `[num_probes, nkb]` for [`probe_queries`] (may be
+    /// empty). Each row's target is relative to its own total (1 up to rounding).
+    pub fn new(
+        grid: Grid,
+        rep_block_mass: &'a [f32],
+        probe_block_mass: &'a [f32],
+        gamma: f32,
+    ) -> Self {
+        let nkb = grid.nkb;
+        let mut block_of: Vec<usize> = (0..grid.num_rep()).map(|i| grid.rep_block(i)).collect();
+        let mut mass: Vec<&[f32]> = rep_block_mass.chunks_exact(nkb).collect();
+        let mut is_rep = vec![true; mass.len()];
+        if !probe_block_mass.is_empty() {
+            let probes = probe_queries(&grid.seq, grid.bs);
+            block_of.extend(probes.iter().map(|&i| i / grid.bs));
+            mass.extend(probe_block_mass.chunks_exact(nkb));
+            is_rep.resize(mass.len(), false);
+        }
+        let mut blocks = block_of.clone();
+        blocks.sort_unstable();
         blocks.dedup();
-        let target: Vec<f64> = (0..num_rep)
-            .map(|i| {
-                let row = &rep_block_mass[i * grid.nkb..(i + 1) * grid.nkb];
-                gamma as f64 * row.iter().map(|&x| x as f64).sum::<f64>()
-            })
-            .collect();
-        let short = target.iter().filter(|&&t| t > 0.0).count();
-        let reps = blocks
+        let mut rows_of = vec![Vec::new(); blocks.len()];
+        for (t, b) in block_of.iter().enumerate() {
+            let k = blocks
+                .binary_search(b)
+                .expect("every tracked row's block is listed");
+            rows_of[k].push(t);
+        }
+        let total: Vec<f64> = mass
             .iter()
-            .map(|&r| {
-                let first = (0..num_rep)
-                    .find(|&i| grid.rep_block(i) == r)
-                    .unwrap_or(num_rep);
-                let last = (first..num_rep)
-                    .find(|&i| grid.rep_block(i) != r)
-                    .unwrap_or(num_rep);
-                first..last
-            })
+            .map(|m| m.iter().map(|&x| x as f64).sum())
             .collect();
+        let gamma = gamma as f64;
+        let num_probes = is_rep.iter().filter(|&&r| !r).count();
         Self {
-            reps,
             grid,
-            mass: rep_block_mass,
-            covered: vec![vec![false; grid.nkb]; blocks.len()],
+            covered: vec![vec![false; nkb]; blocks.len()],
             count: vec![0; blocks.len()],
             blocks,
-            captured: vec![0.0; num_rep],
-            target,
-            short,
+            rows_of,
+            captured: vec![0.0; mass.len()],
+            rep_short: is_rep
+                .iter()
+                .zip(&total)
+                .filter(|(&r, &t)| r && t > 0.0)
+                .count(),
+            mass,
+            total,
+            is_rep,
+            gamma,
+            probe_fraction_sum: 0.0,
+            num_probes,
         }
     }
 
-    /// Representative queries (indices) of the `k`-th representative query block.
-    fn reps_of(&self, k: usize) -> std::ops::Range<usize> {
-        self.reps[k].clone()
+    fn holds(&self, t: usize) -> bool {
+        self.captured[t] >= self.gamma * self.total[t]
     }
 
-    /// Marks block `c` selected in the `k`-th representative query block.
+    /// Marks key block `c` selected in the `k`-th tracked query block.
     pub fn cover(&mut self, k: usize, c: usize) {
         if self.covered[k][c] {
             return;
         }
         self.covered[k][c] = true;
         self.count[k] += 1;
-        for i in self.reps_of(k) {
-            let before = self.captured[i] >= self.target[i];
-            self.captured[i] += self.mass[i * self.grid.nkb + c] as f64;
-            if !before && self.captured[i] >= self.target[i] {
-                self.short -= 1;
+        for &t in &self.rows_of[k] {
+            let m = self.mass[t][c] as f64;
+            if self.is_rep[t] {
+                let before = self.holds(t);
+                self.captured[t] += m;
+                if !before && self.holds(t) {
+                    self.rep_short -= 1;
+                }
+            } else {
+                self.captured[t] += m;
+                if self.total[t] > 0.0 {
+                    self.probe_fraction_sum += m / self.total[t];
+                }
             }
         }
     }
 
-    /// Every representative query holds gamma.
+    /// Every representative query holds gamma, and so does the mean probe.
     pub fn done(&self) -> bool {
-        self.short == 0
+        self.rep_short == 0 && self.probes_done()
+    }
+
+    /// The probes' mean captured fraction reaches gamma (true without probes).
+    fn probes_done(&self) -> bool {
+        self.probe_fraction_sum >= self.gamma * self.num_probes as f64 - 1e-12
     }
 
     /// Every representative query block has at least `min(mb, causal)` blocks.
@@ -98,10 +136,13 @@ impl<'a> RepCoverage<'a> {
         self.blocks
             .iter()
             .zip(&self.count)
-            .all(|(&r, &n)| n >= mb.min(self.grid.last_diag(r) + 1))
+            .zip(&self.rows_of)
+            .all(|((&r, &n), rows)| {
+                !rows.iter().any(|&t| self.is_rep[t]) || n >= mb.min(self.grid.last_diag(r) + 1)
+            })
     }
 
-    /// Adds the blocks of `rows` (whole index rows) to the coverage.
+    /// Adds the blocks of whole index rows.
     pub fn cover_rows(&mut self, rows: &[Vec<u32>]) {
         for k in 0..self.blocks.len() {
             for &c in &rows[self.blocks[k]] {
@@ -110,31 +151,32 @@ impl<'a> RepCoverage<'a> {
         }
     }
 
-    /// Exact top-up: for each representative query block still short, adds its unselected
-    /// causal key blocks in order of their total representative mass until every
-    /// representative query holds gamma. Returns the added blocks as (query block, key block).
-    pub fn top_up(&mut self, rows: &mut [Vec<u32>]) {
+    /// Exact top-up of the representative query blocks: a block still holding a
+    /// representative query under gamma gets its unselected causal key blocks in order of
+    /// their total mass over the block's representative queries until every one holds gamma.
+    pub fn top_up_representatives(&mut self, rows: &mut [Vec<u32>]) {
         for k in 0..self.blocks.len() {
             let r = self.blocks[k];
-            let reps = self.reps_of(k);
-            if reps.clone().all(|i| self.captured[i] >= self.target[i]) {
+            let reps: Vec<usize> = self.rows_of[k]
+                .iter()
+                .copied()
+                .filter(|&t| self.is_rep[t])
+                .collect();
+            if reps.iter().all(|&t| self.holds(t)) {
                 continue;
             }
             let d = self.grid.last_diag(r);
-            let nkb = self.grid.nkb;
             let score: Vec<f32> = (0..=d)
                 .map(|c| {
                     if self.covered[k][c] {
                         f32::NEG_INFINITY
                     } else {
-                        reps.clone()
-                            .map(|i| self.mass[i * nkb + c] as f64)
-                            .sum::<f64>() as f32
+                        reps.iter().map(|&t| self.mass[t][c] as f64).sum::<f64>() as f32
                     }
                 })
                 .collect();
-            for c in ranked(&score) {
-                if reps.clone().all(|i| self.captured[i] >= self.target[i]) || self.covered[k][c] {
+            for c in LazyRanked::new(&score, 16) {
+                if reps.iter().all(|&t| self.holds(t)) || self.covered[k][c] {
                     break;
                 }
                 self.cover(k, c);
@@ -151,23 +193,23 @@ impl<'a> RepCoverage<'a> {
 /// one ranking (score descending; vertical first, then lower index, on ties). They are taken
 /// in that order; a key token selects its key-block column, a distance selects, in every query
 /// block, every key block that distance reaches from one of the block's queries (one or two
-/// blocks: the whole token diagonal, not the original's one block diagonal). After each
-/// line the representative queries' exact captured mass is updated from `rep_block_mass`;
-/// the walk stops when every representative query holds `gamma` of its attention and the
-/// representative query blocks hold at least `min(mb, causal)` blocks.
+/// blocks: the whole token diagonal, not the original's one block diagonal). After each line
+/// the exact captured mass of the representative queries (and probes) is updated; the walk
+/// stops when every representative query holds `gamma` of its attention, the probes' mean
+/// does too, and the representative query blocks hold at least `min(mb, causal)` blocks.
 ///
-/// The blocks are then extended to every query block and the forced blocks added.
+/// The lines are then extended to every query block and the forced blocks added.
 pub(crate) fn vertical_slash(
     stats: &HeadStatistics,
+    probe_block_mass: &[f32],
     grid: &Grid,
     cfg: &FlexPrefillConfig,
 ) -> Vec<Vec<u32>> {
     let bs = grid.bs;
-    let kv_len = grid.seq.kv_len;
     let mb = cfg.min_budget_blocks();
-    let mut cov = RepCoverage::new(*grid, &stats.rep_block_mass, cfg.gamma);
+    let mut cov = Coverage::new(*grid, &stats.rep_block_mass, probe_block_mass, cfg.gamma);
     let mut columns = vec![false; grid.nkb];
-    let mut distances = vec![false; kv_len];
+    let mut distances = vec![false; grid.seq.kv_len];
 
     // Forced blocks count from the start.
     let mut forced_rows = vec![Vec::new(); grid.nqb];
@@ -177,18 +219,18 @@ pub(crate) fn vertical_slash(
         columns[0] = true;
     }
 
-    let v_order = ranked(&stats.vertical);
-    let s_order = ranked(&stats.slash);
-    let (mut iv, mut is) = (0, 0);
-    while !(cov.done() && cov.budget_met(mb)) && (iv < v_order.len() || is < s_order.len()) {
-        let take_vertical = match (v_order.get(iv), s_order.get(is)) {
-            (Some(&j), Some(&d)) => stats.vertical[j] >= stats.slash[d] || stats.slash[d].is_nan(),
+    // The walk usually stops after a few hundred lines: rank lazily.
+    let mut v_order = LazyRanked::new(&stats.vertical, 4 * bs);
+    let mut s_order = LazyRanked::new(&stats.slash, 4 * bs);
+    while !(cov.done() && cov.budget_met(mb)) {
+        let take_vertical = match (v_order.peek(), s_order.peek()) {
+            (Some(j), Some(d)) => stats.vertical[j] >= stats.slash[d] || stats.slash[d].is_nan(),
             (Some(_), None) => true,
-            _ => false,
+            (None, Some(_)) => false,
+            (None, None) => break,
         };
         if take_vertical {
-            let c = v_order[iv] / bs;
-            iv += 1;
+            let c = v_order.next().expect("peeked") / bs;
             if columns[c] {
                 continue;
             }
@@ -199,8 +241,7 @@ pub(crate) fn vertical_slash(
                 }
             }
         } else {
-            let delta = s_order[is];
-            is += 1;
+            let delta = s_order.next().expect("peeked");
             distances[delta] = true;
             for k in 0..cov.blocks.len() {
                 let (first, last) = grid.rows(cov.blocks[k]);
@@ -216,8 +257,8 @@ pub(crate) fn vertical_slash(
 
     let mut rows = extend_columns_and_distances(grid, &columns, &distances);
     add_forced(&mut rows, grid, cfg.forced);
-    // The walk above already covers gamma; this only matters if the lines ran out first.
-    cov.top_up(&mut rows);
+    // The walk already covers gamma; this only matters if the lines ran out first.
+    cov.top_up_representatives(&mut rows);
     normalise(&mut rows);
     rows
 }
@@ -255,47 +296,142 @@ pub(crate) fn extend_columns_and_distances(
         .collect()
 }
 
-/// Faithful query-aware selection: the cut of [`super::query_aware_index_search`] (per query
-/// block or flattened, paper conventions), then every row raised to its estimated `gamma` and
-/// to `min(mb, causal)` blocks from its own ranking of the pooled map, the forced blocks, and
-/// the exact top-up of the representative query blocks.
+/// The faithful query-aware cuts of the pooled map at any target `t`, with the paper's
+/// convention (smallest top set reaching the target). The sets grow with `t`.
+struct QueryAwareCuts {
+    grid: Grid,
+    /// Each row's causal key blocks in rank order, with the running mass.
+    orders: Vec<Vec<(u32, f64)>>,
+    /// Flattened: global rank of every causal entry and the running mass over that order.
+    flat: Option<(Vec<Vec<usize>>, Vec<f64>)>,
+    mb: usize,
+}
+
+impl QueryAwareCuts {
+    fn new(map: &[f32], grid: Grid, cut: QueryAwareCut, mb: usize) -> Self {
+        let nkb = grid.nkb;
+        let orders: Vec<Vec<(u32, f64)>> = (0..grid.nqb)
+            .map(|r| {
+                let scores = &map[r * nkb..=r * nkb + grid.last_diag(r)];
+                let mut acc = 0.0;
+                super::ranked(scores)
+                    .into_iter()
+                    .map(|c| {
+                        acc += scores[c] as f64;
+                        (c as u32, acc)
+                    })
+                    .collect()
+            })
+            .collect();
+        let flat = (cut == QueryAwareCut::Flattened).then(|| {
+            let mut ids: Vec<usize> = (0..grid.nqb)
+                .flat_map(|r| r * nkb..=r * nkb + grid.last_diag(r))
+                .collect();
+            ids.sort_unstable_by(|&a, &b| rank_order(map, a, b));
+            let mut rank: Vec<Vec<usize>> = (0..grid.nqb)
+                .map(|r| vec![usize::MAX; grid.last_diag(r) + 1])
+                .collect();
+            let mut acc = 0.0;
+            let mut running = Vec::with_capacity(ids.len());
+            for (g, &id) in ids.iter().enumerate() {
+                rank[id / nkb][id % nkb] = g;
+                acc += map[id] as f64;
+                running.push(acc);
+            }
+            (rank, running)
+        });
+        Self {
+            grid,
+            orders,
+            flat,
+            mb,
+        }
+    }
+
+    /// Row `r`'s blocks at target `t`: its own smallest top set reaching `t` of its mass
+    /// (both cuts: the flattened cut is followed by this per-row raise, so no row keeps
+    /// less than the target under the pooled estimate), the flattened cut's entries of the
+    /// row (flattened only), and at least `min(mb, causal)` blocks.
+    fn row(&self, r: usize, t: f64) -> Vec<u32> {
+        let order = &self.orders[r];
+        let target = t * m_total(order);
+        let k = (order.partition_point(|&(_, m)| m < target) + 1).min(order.len());
+        let k = k.max(self.mb.min(order.len()));
+        let mut row: Vec<u32> = order[..k].iter().map(|&(c, _)| c).collect();
+        if let Some((rank, running)) = &self.flat {
+            let target = t * self.grid.nqb as f64;
+            let kk = (running.partition_point(|&m| m < target) + 1).min(running.len());
+            row.extend(
+                order[k..]
+                    .iter()
+                    .map(|&(c, _)| c)
+                    .filter(|&c| rank[r][c as usize] < kk),
+            );
+        }
+        row
+    }
+}
+
+fn m_total(order: &[(u32, f64)]) -> f64 {
+    order.last().map_or(0.0, |&(_, m)| m)
+}
+
+/// Faithful query-aware selection.
+///
+/// The cut of Algorithm 4 (per query block, or flattened followed by a per-row raise — both
+/// with the paper's "smallest set reaching the target" convention) plus each row raised to
+/// `min(mb, causal)` blocks and the forced blocks. The target starts at `gamma`; with probes it is calibrated: the smallest
+/// target whose selection gives the probes an exact mean captured mass `≥ gamma` (bisection;
+/// the cut sets grow with the target). Then the representative query blocks are topped up
+/// exactly until every representative query holds `gamma`.
 pub(crate) fn query_aware(
     block_map: &[f32],
     stats: &HeadStatistics,
+    probe_block_mass: &[f32],
     grid: &Grid,
     cfg: &FlexPrefillConfig,
 ) -> Vec<Vec<u32>> {
-    let mut rows = super::query_aware_index_search(block_map, &grid.seq, cfg);
-    let mb = cfg.min_budget_blocks();
-    let nkb = grid.nkb;
-    for (r, row) in rows.iter_mut().enumerate() {
-        let d = grid.last_diag(r);
-        let scores = &block_map[r * nkb..=r * nkb + d];
-        let mut mass: f64 = row.iter().map(|&c| scores[c as usize] as f64).sum();
-        let want = mb.min(d + 1);
-        if mass >= cfg.gamma as f64 && row.len() >= want {
-            continue;
-        }
-        let mut order: Vec<usize> = (0..=d).collect();
-        order.sort_unstable_by(|&a, &b| rank_order(scores, a, b));
-        let mut have = vec![false; d + 1];
-        row.iter().for_each(|&c| have[c as usize] = true);
-        for c in order {
-            if mass >= cfg.gamma as f64 && row.len() >= want {
-                break;
+    let cuts = QueryAwareCuts::new(
+        block_map,
+        *grid,
+        cfg.query_aware_cut,
+        cfg.min_budget_blocks(),
+    );
+    let build = |t: f64| {
+        let mut rows: Vec<Vec<u32>> = (0..grid.nqb).map(|r| cuts.row(r, t)).collect();
+        add_forced(&mut rows, grid, cfg.forced);
+        normalise(&mut rows);
+        rows
+    };
+    let mut t = cfg.gamma as f64;
+    if !probe_block_mass.is_empty() {
+        let probe_mean = |t: f64| {
+            let mut cov = Coverage::new(*grid, &[], probe_block_mass, cfg.gamma);
+            let mut rows: Vec<Vec<u32>> = vec![Vec::new(); grid.nqb];
+            for &r in &cov.blocks {
+                rows[r] = cuts.row(r, t);
             }
-            if !have[c] {
-                have[c] = true;
-                row.push(c as u32);
-                mass += scores[c] as f64;
+            add_forced(&mut rows, grid, cfg.forced);
+            cov.cover_rows(&rows);
+            cov.probes_done()
+        };
+        let (mut lo, mut hi) = (0.0f64, 1.0f64);
+        if probe_mean(hi) {
+            for _ in 0..16 {
+                let mid = 0.5 * (lo + hi);
+                if probe_mean(mid) {
+                    hi = mid;
+                } else {
+                    lo = mid;
+                }
             }
         }
+        t = hi;
     }
-    add_forced(&mut rows, grid, cfg.forced);
-    normalise(&mut rows);
-    let mut cov = RepCoverage::new(*grid, &stats.rep_block_mass, cfg.gamma);
+    let mut rows = build(t);
+    let mut cov = Coverage::new(*grid, &stats.rep_block_mass, &[], cfg.gamma);
     cov.cover_rows(&rows);
-    cov.top_up(&mut rows);
+    cov.top_up_representatives(&mut rows);
     normalise(&mut rows);
     rows
 }
@@ -370,7 +506,7 @@ mod tests {
             min_budget: 1,
             ..Default::default()
         };
-        let rows = vertical_slash(&stripes_stats(), &g, &cfg);
+        let rows = vertical_slash(&stripes_stats(), &[], &g, &cfg);
         // forced sink + diagonal hold 0.6; column 1 (key 5, v = 0.3) brings 0.9 ≥ 0.85.
         assert_eq!(
             rows,
@@ -378,8 +514,54 @@ mod tests {
         );
         // gamma 0.95 needs block 2 as well: the next line is key 9 (v = 0.1)
         let cfg95 = FlexPrefillConfig { gamma: 0.95, ..cfg };
-        let rows = vertical_slash(&stripes_stats(), &g, &cfg95);
+        let rows = vertical_slash(&stripes_stats(), &[], &g, &cfg95);
         assert_eq!(rows[3], vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn probes_keep_the_walk_going_for_earlier_rows() {
+        // 32 tokens, bs 4: 8 blocks; 4 reps in block 7. Probes sit in blocks 0..7.
+        let g = grid(32, 32, 4);
+        let probes = probe_queries(&g.seq, 4);
+        assert!(!probes.is_empty() && probes.iter().all(|&i| i < 28));
+        let nkb = 8;
+        // reps: everything on the sink and the diagonal → forced blocks alone hold 1
+        let mut rep = vec![0.0f32; 4 * nkb];
+        for i in 0..4 {
+            rep[i * nkb] = 0.5;
+            rep[i * nkb + 7] = 0.5;
+        }
+        // probes: half their mass on key block 1 (a column the reps do not look at)
+        let mut probe = vec![0.0f32; probes.len() * nkb];
+        for (k, &i) in probes.iter().enumerate() {
+            let r = i / 4;
+            if r >= 1 {
+                probe[k * nkb + 1] += 0.5;
+                probe[k * nkb + r] += 0.5;
+            } else {
+                probe[k * nkb] = 1.0;
+            }
+        }
+        let mut vertical = vec![0.0f32; 32];
+        vertical[0] = 0.5;
+        vertical[30] = 0.4;
+        vertical[5] = 0.1; // key 5 (block 1) is the best remaining line
+        let stats = HeadStatistics {
+            vertical,
+            slash: vec![0.0; 32],
+            rep_block_mass: rep,
+            ..Default::default()
+        };
+        let cfg = FlexPrefillConfig {
+            gamma: 0.9,
+            block_size: 4,
+            min_budget: 1,
+            ..Default::default()
+        };
+        let without = vertical_slash(&stats, &[], &g, &cfg);
+        assert!(!without[5].contains(&1));
+        let with = vertical_slash(&stats, &probe, &g, &cfg);
+        assert!(with[5].contains(&1), "{with:?}");
     }
 
     #[test]
@@ -387,10 +569,10 @@ mod tests {
         let g = grid(16, 16, 4);
         let s = stripes_stats();
         let mut rows = vec![vec![0], vec![0, 1], vec![0, 2], vec![0, 3]];
-        let mut cov = RepCoverage::new(g, &s.rep_block_mass, 0.7);
+        let mut cov = Coverage::new(g, &s.rep_block_mass, &[], 0.7);
         cov.cover_rows(&rows);
         assert!(!cov.done());
-        cov.top_up(&mut rows);
+        cov.top_up_representatives(&mut rows);
         assert!(cov.done());
         assert_eq!(rows[3], vec![0, 3, 1]);
     }

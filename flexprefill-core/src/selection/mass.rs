@@ -24,6 +24,62 @@ pub fn ranked(scores: &[f32]) -> Vec<usize> {
     idx
 }
 
+/// Indices of `scores` in [`rank_order`], produced lazily: the first `k` cost
+/// `O(n + k log k)` instead of a full sort, which matters when a walk usually stops early.
+///
+/// Yields exactly the sequence of [`ranked`]: each refill partitions the remaining indices
+/// with `select_nth_unstable_by` under the same total order, then sorts only the chunk taken
+/// (chunks double, so a walk to the end still costs `O(n log n)`).
+pub(crate) struct LazyRanked<'a> {
+    scores: &'a [f32],
+    rest: Vec<usize>,
+    chunk: Vec<usize>,
+    pos: usize,
+    size: usize,
+}
+
+impl<'a> LazyRanked<'a> {
+    pub(crate) fn new(scores: &'a [f32], first_chunk: usize) -> Self {
+        Self {
+            scores,
+            rest: (0..scores.len()).collect(),
+            chunk: Vec::new(),
+            pos: 0,
+            size: first_chunk.max(1),
+        }
+    }
+
+    /// The next index without consuming it.
+    pub(crate) fn peek(&mut self) -> Option<usize> {
+        if self.pos == self.chunk.len() {
+            if self.rest.is_empty() {
+                return None;
+            }
+            let s = self.scores;
+            let m = self.size.min(self.rest.len());
+            if m < self.rest.len() {
+                self.rest
+                    .select_nth_unstable_by(m - 1, |&a, &b| rank_order(s, a, b));
+            }
+            self.chunk.clear();
+            self.chunk.extend(self.rest.drain(..m));
+            self.chunk.sort_unstable_by(|&a, &b| rank_order(s, a, b));
+            self.pos = 0;
+            self.size *= 2;
+        }
+        Some(self.chunk[self.pos])
+    }
+}
+
+impl Iterator for LazyRanked<'_> {
+    type Item = usize;
+    fn next(&mut self) -> Option<usize> {
+        let i = self.peek()?;
+        self.pos += 1;
+        Some(i)
+    }
+}
+
 /// Size of the smallest top set whose mass reaches `gamma · total`, where `total` is the sum
 /// of all scores (the paper's rule: `min{k : Σ_{i<k} s[I_i] ≥ gamma}` on normalised scores).
 ///
@@ -79,6 +135,17 @@ mod tests {
     fn ties_break_by_lower_index() {
         let s = [0.1, 0.3, 0.3, f32::NAN, 0.3];
         assert_eq!(ranked(&s), vec![1, 2, 4, 0, 3]);
+    }
+
+    #[test]
+    fn lazy_ranking_is_the_full_ranking() {
+        let s: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 13) as f32 * 0.25).collect();
+        for first in [1, 3, 64, 5000] {
+            assert_eq!(LazyRanked::new(&s, first).collect::<Vec<_>>(), ranked(&s));
+        }
+        let mut it = LazyRanked::new(&[0.5, f32::NAN, 0.7], 1);
+        assert_eq!(it.peek(), Some(2));
+        assert_eq!(it.collect::<Vec<_>>(), vec![2, 0, 1]);
     }
 
     #[test]

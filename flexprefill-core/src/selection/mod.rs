@@ -69,6 +69,14 @@ pub struct HeadStatistics {
     /// the captured mass of any block set on the representative rows is exact, which is what
     /// the faithful mode's gamma promise is checked against.
     pub rep_block_mass: Vec<f32>,
+    /// Attention of each probe query summed over each key block, `[num_probes, nkb]`, probes
+    /// as [`probe_queries`] places them (a few single queries spread over the chunk before
+    /// the representative ones); each row sums to 1. Optional: empty means not measured.
+    /// With it the faithful mode also keeps the probes' mean captured mass at gamma, which
+    /// the last block alone cannot promise for earlier rows (`docs/SELECTION.md`); the
+    /// original mode ignores it. Costs about `PROBE_QUERIES / (2·block_size)` of the
+    /// representative attention (12% at block 128).
+    pub probe_block_mass: Vec<f32>,
     /// Round the pooled query-aware logits `Q̄·K̄ᵀ` (Algorithm 4) to bf16 before their softmax,
     /// as the original does on its bf16 inputs. Backends set it when `selection == Original`
     /// and the input dtype is BF16 (together with the other bf16 rounding points they emulate
@@ -122,6 +130,22 @@ impl HeadSelection {
     }
 }
 
+/// How many probe queries [`probe_queries`] places (at most).
+pub const PROBE_QUERIES: usize = 32;
+
+/// The probe queries of a sequence: chunk-relative query indices at which a backend may
+/// measure the exact attention per key block, besides the representative queries, so the
+/// faithful mode can check its selection on rows the last block does not represent.
+///
+/// `min(PROBE_QUERIES, ceil(m / bs))` queries, where `m = q_len − min(bs, q_len)` counts the
+/// queries before the representative ones: the midpoints of that many equal segments of
+/// `0..m`, ascending. Empty when `m = 0`.
+pub fn probe_queries(seq: &Sequence, block_size: usize) -> Vec<usize> {
+    let m = seq.q_len - block_size.min(seq.q_len);
+    let p = PROBE_QUERIES.min(m.div_ceil(block_size));
+    (0..p).map(|k| (2 * k + 1) * m / (2 * p)).collect()
+}
+
 /// Checks that one head's statistics have the lengths `seq` implies.
 fn check_statistics(
     stats: &HeadStatistics,
@@ -154,6 +178,10 @@ fn check_statistics(
     if !rep_ok {
         return bad("rep_block_mass", stats.rep_block_mass.len(), rep);
     }
+    let probes = probe_queries(seq, cfg.block_size).len() * grid.nkb;
+    if !stats.probe_block_mass.is_empty() && stats.probe_block_mass.len() != probes {
+        return bad("probe_block_mass", stats.probe_block_mass.len(), probes);
+    }
     Ok(())
 }
 
@@ -171,6 +199,7 @@ pub fn select_head(
     cfg: &FlexPrefillConfig,
 ) -> Result<HeadSelection> {
     check_statistics(stats, seq, head_dim, cfg)?;
+    let probe_block_mass = &stats.probe_block_mass[..];
     let bs = cfg.block_size;
     let grid = Grid::new(seq, bs);
     let (pattern, js) = sparse_pattern_search(stats, bs, cfg);
@@ -204,17 +233,11 @@ pub fn select_head(
                 bs,
                 stats.bf16_pooled_logits,
             );
-            faithful::query_aware(&map, stats, &grid, cfg)
+            faithful::query_aware(&map, stats, probe_block_mass, &grid, cfg)
         }
-        (SelectionMode::Faithful, _) => vertical_slash_index_search(
-            stats,
-            seq,
-            cfg,
-            LineBudgets {
-                vertical: 0,
-                slash: 0,
-            },
-        ),
+        (SelectionMode::Faithful, _) => {
+            faithful::vertical_slash(stats, probe_block_mass, &grid, cfg)
+        }
     };
     let representative_mass = representative_mass(&grid, &rows, &stats.rep_block_mass);
     Ok(HeadSelection {
@@ -345,7 +368,7 @@ mod tests {
             q_pooled: vec![0.0; grid.nqb * 2],
             k_pooled: vec![0.0; nkb * 2],
             rep_block_mass: rep,
-            bf16_pooled_logits: false,
+            ..Default::default()
         }
     }
 

@@ -182,7 +182,7 @@ pub fn vertical_slash_index_search(
             rows
         }
         SelectionMode::Faithful => {
-            faithful::vertical_slash(stats, &Grid::new(seq, cfg.block_size), cfg)
+            faithful::vertical_slash(stats, &[], &Grid::new(seq, cfg.block_size), cfg)
         }
     }
 }
