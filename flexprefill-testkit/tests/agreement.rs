@@ -23,3 +23,17 @@ fn cpu_backend_agrees_with_the_oracle_on_the_quick_cases() {
         "{report}"
     );
 }
+
+/// The full device list on the CPU (minutes of f64 oracle on 2 cores): run it when the list
+/// changes, so that a device backend failing it is the device's fault.
+#[test]
+#[ignore = "slow: the full standard list, minutes of f64 oracle on 2 cores"]
+fn cpu_backend_agrees_with_the_oracle_on_the_standard_cases() {
+    let t = std::time::Instant::now();
+    let report = agreement::assert_backend_agrees(
+        &CpuBackend::new(),
+        &agreement::standard_cases(),
+        &AgreementOptions::default(),
+    );
+    println!("{report}\n{:?}", t.elapsed());
+}
