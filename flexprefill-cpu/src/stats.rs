@@ -8,6 +8,7 @@
 //! A      = softmax(Q̂·Kᵀ·e), bottom-right causal       one GEMM [num_rep × kv_len]
 //! vertical[j] = mean_i A[i, j]      slash[δ] = mean_i A[i, pos_i − δ]
 //! rep_block_mass[i, c] = Σ_{j ∈ block c} A[i, j]
+//! probe_block_mass: the same for core's probe queries (faithful mode only)
 //! K̄      = block means of K                           k_pooled
 //! ā      = softmax(mean(Q̂·e)·K̄ᵀ), no causal mask      estimate
 //! Q̄_r    = block means of the chunk's queries · e     q_pooled
@@ -22,6 +23,7 @@
 //! The pooled-map logits `bf16(Q̄·K̄ᵀ)` belong to the pooled map, which core computes; the
 //! statistics ask for them through `bf16_pooled_logits`.
 
+use flexprefill_core::selection::probe_queries;
 use flexprefill_core::{
     bf16, AttentionInput, DType, FlexPrefillConfig, HeadStatistics, Result, SelectionMode,
 };
@@ -108,38 +110,16 @@ pub(crate) fn head_statistics(
 
             // A = softmax(Q̂s·Kᵀ) with the causal limit, in place over the logits.
             let n = s.kv_len;
-            let mut a = vec![0.0f32; nrep * n];
             let k_all = &k[x.kv_offset(s.k_start, kvh)..];
-            // Without emulation the logits come out in log2 units (one multiplication folded
-            // into the GEMM) for the vectorised exp2; with it they must be rounded to bf16 in
-            // natural units first, and use libm's exp as torch does.
-            sgemm(
-                nrep,
-                d,
-                n,
-                if emulate {
-                    1.0
-                } else {
-                    std::f32::consts::LOG2_E
-                },
-                View::new(&qh, d, 1),
-                View::new(k_all, kv_rs, 1).t(),
-                0.0,
-                &mut a,
-                n,
-            );
+            let k_t = View::new(k_all, kv_rs, 1).t();
+            let positions: Vec<usize> = (first_pos..s.kv_len).collect();
+            let a = causal_softmax_rows(&qh, &positions, k_t, n, d, emulate);
             let mut vertical = vec![0.0f32; n];
             let mut slash = vec![0.0f32; n];
             let mut rep_block_mass = vec![0.0f32; nrep * nkb];
-            for (i, row) in a.chunks_exact_mut(n).enumerate() {
+            for (i, row) in a.chunks_exact(n).enumerate() {
                 let pos = first_pos + i;
-                let live = &mut row[..=pos];
-                if emulate {
-                    live.iter_mut().for_each(|v| *v = bf16r(*v));
-                    softmax_in_place(live);
-                } else {
-                    softmax_log2_row(live);
-                }
+                let live = &row[..=pos];
                 vertical[..=pos]
                     .iter_mut()
                     .zip(live.iter())
@@ -148,9 +128,29 @@ pub(crate) fn head_statistics(
                     .iter_mut()
                     .zip(live.iter().rev())
                     .for_each(|(acc, &p)| *acc += p);
-                let mass = &mut rep_block_mass[i * nkb..(i + 1) * nkb];
-                for (c, blk) in live.chunks(bs).enumerate() {
-                    mass[c] = blk.iter().sum();
+                block_sums_into(live, bs, &mut rep_block_mass[i * nkb..(i + 1) * nkb]);
+            }
+            drop(a);
+
+            // The probe queries' exact block mass (faithful mode only: the original ignores
+            // it), with the same scale and causal limit as the representative rows.
+            let mut probe_block_mass = Vec::new();
+            if !original {
+                let probes = probe_queries(s, bs);
+                let mut qp = vec![0.0f32; probes.len() * d];
+                for (row, &qi) in qp.chunks_exact_mut(d).zip(&probes) {
+                    let src = &q[x.q_offset(s.q_start + qi, head)..][..d];
+                    row.iter_mut().zip(src).for_each(|(o, &v)| *o = v * e);
+                }
+                let pos: Vec<usize> = probes.iter().map(|&qi| s.query_offset() + qi).collect();
+                let p = causal_softmax_rows(&qp, &pos, k_t, n, d, false);
+                probe_block_mass = vec![0.0f32; probes.len() * nkb];
+                for ((row, out), &pi) in p
+                    .chunks_exact(n)
+                    .zip(probe_block_mass.chunks_exact_mut(nkb))
+                    .zip(&pos)
+                {
+                    block_sums_into(&row[..=pi], bs, out);
                 }
             }
             let inv_rep = 1.0 / nrep as f32;
@@ -213,12 +213,56 @@ pub(crate) fn head_statistics(
                 q_pooled,
                 k_pooled: kbar.clone(),
                 rep_block_mass,
-                probe_block_mass: Vec::new(),
+                probe_block_mass,
                 bf16_pooled_logits: emulate,
             }
         })
         .collect();
     Ok(stats)
+}
+
+/// `softmax(qs·Kᵀ)` of each row of `qs` (already scaled) over keys `0..=positions[i]`,
+/// `[rows, n]` row-major, zeros past each row's position.
+///
+/// Without emulation the logits come out of the GEMM in log2 units (the multiplication folded
+/// into alpha) for the vectorised exp2; with it they are rounded to bf16 in natural units
+/// first and go through libm's exp, as torch's do.
+fn causal_softmax_rows(
+    qs: &[f32],
+    positions: &[usize],
+    k_t: View<'_>,
+    n: usize,
+    d: usize,
+    emulate: bool,
+) -> Vec<f32> {
+    let rows = positions.len();
+    let mut a = vec![0.0f32; rows * n];
+    let alpha = if emulate {
+        1.0
+    } else {
+        std::f32::consts::LOG2_E
+    };
+    sgemm(rows, d, n, alpha, View::new(qs, d, 1), k_t, 0.0, &mut a, n);
+    for (row, &pos) in a.chunks_exact_mut(n).zip(positions) {
+        let (live, dead) = row.split_at_mut(pos + 1);
+        dead.fill(0.0);
+        if emulate {
+            live.iter_mut().for_each(|v| *v = bf16r(*v));
+            softmax_in_place(live);
+        } else {
+            softmax_log2_row(live);
+        }
+    }
+    a
+}
+
+/// `out[c] = Σ` of `row` over consecutive blocks of `bs` (the last one may be partial); blocks
+/// past the end of `row` stay 0.
+fn block_sums_into(row: &[f32], bs: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    for (o, blk) in out.iter_mut().zip(row.chunks(bs)) {
+        *o = blk.iter().sum();
+    }
 }
 
 fn softmax_in_place(x: &mut [f32]) {

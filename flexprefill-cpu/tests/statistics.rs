@@ -3,6 +3,7 @@
 mod common;
 
 use common::Data;
+use flexprefill_core::selection::probe_queries;
 use flexprefill_core::{
     AttentionInput, Backend, BlockIndex, DType, FlexPrefillConfig, HeadStatistics, HostTensor,
     SelectionMode,
@@ -11,6 +12,7 @@ use flexprefill_cpu::{oracle, CpuBackend};
 
 /// The definitions of `HeadStatistics`, term by term, in f64.
 struct Naive {
+    probe_block_mass: Vec<f64>,
     vertical: Vec<f64>,
     slash: Vec<f64>,
     rep_block_mass: Vec<f64>,
@@ -45,6 +47,20 @@ fn naive(x: &AttentionInput<'_>, seq: usize, head: usize, bs: usize, e: f64) -> 
             rep_block_mass[i * nkb + j / bs] += a;
         }
     }
+    let mut probe_block_mass = Vec::new();
+    for qi in probe_queries(&s, bs) {
+        let pos = s.query_offset() + qi;
+        let logits: Vec<f64> = (0..=pos)
+            .map(|j| (0..d).map(|c| q(qi, c) * k(j, c)).sum::<f64>() * e)
+            .collect();
+        let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
+        let mut row = vec![0.0; nkb];
+        for (j, l) in logits.iter().enumerate() {
+            row[j / bs] += (l - m).exp() / z;
+        }
+        probe_block_mass.extend(row);
+    }
     let mean_rows = |rows: std::ops::Range<usize>, f: &dyn Fn(usize, usize) -> f64| {
         let cnt = rows.len() as f64;
         (0..d)
@@ -70,6 +86,7 @@ fn naive(x: &AttentionInput<'_>, seq: usize, head: usize, bs: usize, e: f64) -> 
     let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
     let estimate = logits.iter().map(|l| (l - m).exp() / z).collect();
     Naive {
+        probe_block_mass,
         vertical,
         slash,
         rep_block_mass,
@@ -106,6 +123,9 @@ fn check_invariants(st: &HeadStatistics, x: &AttentionInput<'_>, seq: usize, bs:
     assert!((sum(&st.slash) - 1.0).abs() < 1e-5);
     assert!((sum(&st.estimate) - 1.0).abs() < 1e-5);
     for row in st.rep_block_mass.chunks(nkb) {
+        assert!((sum(row) - 1.0).abs() < 1e-5);
+    }
+    for row in st.probe_block_mass.chunks(nkb) {
         assert!((sum(row) - 1.0).abs() < 1e-5);
     }
     // The last representative query sees everything; the first one nothing past its position.
@@ -154,6 +174,14 @@ fn statistics_match_the_naive_definitions() {
                 );
                 assert!(max_abs(&st.estimate, &want.estimate) < 1e-6, "{at}");
                 assert!(max_abs(&st.q_pooled, &want.q_pooled) < 1e-5, "{at}");
+                if mode == SelectionMode::Original {
+                    assert!(st.probe_block_mass.is_empty(), "{at}");
+                } else {
+                    assert!(
+                        max_abs(&st.probe_block_mass, &want.probe_block_mass) < 1e-5,
+                        "{at}"
+                    );
+                }
                 assert!(max_abs(&st.k_pooled, &want.k_pooled) < 1e-5, "{at}");
             }
         }
