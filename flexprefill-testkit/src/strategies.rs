@@ -169,6 +169,27 @@ pub fn workload_kind() -> impl Strategy<Value = WorkloadKind> {
     ])
 }
 
+/// A small uniform-batch workload spec (batch 1–3, 1–600 tokens, GQA 1/2/4/8, d 16–128):
+/// for properties of the generator itself, or of code that takes a [`WorkloadSpec`].
+pub fn workload_spec() -> impl Strategy<Value = WorkloadSpec> {
+    (
+        workload_kind(),
+        1usize..=3,
+        1usize..=600,
+        shape(),
+        any::<u64>(),
+    )
+        .prop_map(|(kind, batch, seq_len, shape, seed)| WorkloadSpec {
+            kind,
+            batch,
+            seq_len,
+            num_heads: shape.num_heads,
+            num_kv_heads: shape.num_kv_heads,
+            head_dim: shape.head_dim.min(128),
+            seed,
+        })
+}
+
 /// A case in f32 with any layout.
 pub fn case() -> impl Strategy<Value = CaseSpec> {
     case_in(Just(DType::F32))
@@ -368,6 +389,23 @@ mod tests {
             d256 |= c.shape.head_dim == 256;
         }
         assert!(short && multiple && partial && chunk && ragged && gqa8 && d256);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+        /// The generator never fails or emits a non-finite value on a valid spec, and its
+        /// recorded plan is consistent with the tensors' shape.
+        #[test]
+        fn workloads_generate_finite_valid_inputs(spec in workload_spec()) {
+            let w = crate::workload::try_generate(&spec)?;
+            prop_assert!(w.q.iter().chain(&w.k).chain(&w.v).all(|v| v.is_finite()));
+            w.input().validate()?;
+            prop_assert_eq!(w.plan.head_kinds.len(), spec.num_heads);
+            if let Some(p) = w.needle_position {
+                prop_assert!(p < spec.seq_len);
+            }
+        }
     }
 
     #[test]
