@@ -47,7 +47,14 @@ impl<'a> Coverage<'a> {
         gamma: f32,
     ) -> Self {
         let nkb = grid.nkb;
-        let mut block_of: Vec<usize> = (0..grid.num_rep()).map(|i| grid.rep_block(i)).collect();
+        // Representative rows only when their masses are given (the probe-only coverage of
+        // the query-aware calibration passes none).
+        let num_rep = if rep_block_mass.is_empty() {
+            0
+        } else {
+            grid.num_rep()
+        };
+        let mut block_of: Vec<usize> = (0..num_rep).map(|i| grid.rep_block(i)).collect();
         let mut mass: Vec<&[f32]> = rep_block_mass.chunks_exact(nkb).collect();
         let mut is_rep = vec![true; mass.len()];
         if !probe_block_mass.is_empty() {
@@ -562,6 +569,75 @@ mod tests {
         assert!(!without[5].contains(&1));
         let with = vertical_slash(&stats, &probe, &g, &cfg);
         assert!(with[5].contains(&1), "{with:?}");
+    }
+
+    /// Mean over probes of the captured share under `rows`.
+    fn probe_mean(g: &Grid, probe: &[f32], rows: &[Vec<u32>]) -> f64 {
+        let probes = probe_queries(&g.seq, g.bs);
+        let nkb = g.nkb;
+        probes
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                rows[i / g.bs]
+                    .iter()
+                    .map(|&c| probe[k * nkb + c as usize] as f64)
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / probes.len() as f64
+    }
+
+    #[test]
+    fn query_aware_target_is_raised_until_the_probes_hold_gamma() {
+        // 8 blocks of 4 tokens; 7 probes, one in each block 0..6. The pooled map is sure that
+        // every row attends key block 0 (0.9) — the probes actually spread evenly.
+        let g = grid(32, 32, 4);
+        let (nqb, nkb) = (8, 8);
+        let mut map = vec![0.0f32; nqb * nkb];
+        for r in 0..nqb {
+            if r == 0 {
+                map[0] = 1.0;
+                continue;
+            }
+            map[r * nkb] = 0.9;
+            for c in 1..=r {
+                map[r * nkb + c] = 0.1 / r as f32;
+            }
+        }
+        let probes = probe_queries(&g.seq, 4);
+        assert_eq!(probes, vec![2, 6, 10, 14, 18, 22, 26]);
+        let mut probe = vec![0.0f32; probes.len() * nkb];
+        for (k, &i) in probes.iter().enumerate() {
+            let r = i / 4;
+            for c in 0..=r {
+                probe[k * nkb + c] = 1.0 / (r + 1) as f32;
+            }
+        }
+        let stats = HeadStatistics {
+            rep_block_mass: {
+                let mut m = vec![0.0f32; 4 * nkb];
+                (0..4).for_each(|i| m[i * nkb] = 1.0);
+                m
+            },
+            ..Default::default()
+        };
+        for cut in [QueryAwareCut::PerQueryBlock, QueryAwareCut::Flattened] {
+            let cfg = FlexPrefillConfig {
+                gamma: 0.8,
+                block_size: 4,
+                min_budget: 1,
+                query_aware_cut: cut,
+                ..Default::default()
+            };
+            let blind = query_aware(&map, &stats, &[], &g, &cfg);
+            assert!(probe_mean(&g, &probe, &blind) < 0.8, "{cut:?}");
+            let rows = query_aware(&map, &stats, &probe, &g, &cfg);
+            let m = probe_mean(&g, &probe, &rows);
+            assert!(m >= 0.8 - 1e-9, "{cut:?}: {m}");
+            // and not much more than needed: one block short of it would miss gamma
+            assert!(m < 0.95, "{cut:?}: {m}");
+        }
     }
 
     #[test]

@@ -503,6 +503,22 @@ mod tests {
     }
 
     #[test]
+    fn probe_queries_are_midpoints_before_the_representative_block() {
+        // 1000 tokens, bs 100: 900 queries before the last block → 9 probes, midpoints of
+        // nine 100-query segments.
+        assert_eq!(
+            probe_queries(&seq(1000, 1000), 100),
+            (0..9).map(|k| 50 + 100 * k).collect::<Vec<_>>()
+        );
+        // long sequences get PROBE_QUERIES of them
+        assert_eq!(probe_queries(&seq(16384, 16384), 128).len(), PROBE_QUERIES);
+        // chunk of 40 queries, bs 16: 24 before the representative ones → 2 probes
+        assert_eq!(probe_queries(&seq(40, 1000), 16), vec![6, 18]);
+        // a chunk no longer than a block has none
+        assert!(probe_queries(&seq(16, 1000), 16).is_empty());
+    }
+
+    #[test]
     fn bad_statistics_are_typed_errors() {
         let shape = AttentionShape::new(1, 1, 2).unwrap();
         let s = seq(320, 320);
@@ -516,6 +532,12 @@ mod tests {
         assert!(matches!(
             build_index(&[s], shape, &c, &[st.clone()]),
             Err(Error::Shape(m)) if m.contains("slash")
+        ));
+        let mut st = planted(&s, 16, 0.3, 0.3, 0.3, 5);
+        st.probe_block_mass = vec![0.0; 7];
+        assert!(matches!(
+            build_index(&[s], shape, &c, std::slice::from_ref(&st)),
+            Err(Error::Shape(m)) if m.contains("probe_block_mass")
         ));
         let mut st = planted(&s, 16, 0.3, 0.3, 0.3, 5);
         st.rep_block_mass.clear();
