@@ -56,11 +56,15 @@ constexpr int CH = D / 8;           // 16-byte chunks per row
 constexpr int KPB = BS / BK;        // key tiles per index block
 constexpr bool Q_IN_REGS = ATT_Q_IN_REGS != 0;
 
-static_assert(D == 64 || D == 128 || D == 256, "head_dim must be 64, 128 or 256");
+static_assert(D % 16 == 0 && D >= 16 && D <= 256, "head_dim must be a multiple of 16 in [16, 256]");
+// Rows of a multiple of 8 chunks are XOR-swizzled in place; others get one spare chunk per row
+// (stride CH+1 chunks, odd since CH is even), which spreads 8 consecutive rows over 8 bank
+// groups just as well.
+constexpr bool SWIZZLE = CH % 8 == 0;
+constexpr int RS = SWIZZLE ? D : D + 8;  // row stride in elements
 static_assert(BQ % (16 * NW) == 0 && MT >= 1, "BQ must be a multiple of 16 * warps");
 static_assert(BS % BQ == 0, "a query tile must not straddle two index rows");
 static_assert(BS % BK == 0 && BK % 16 == 0, "key tiles must split the block in 16-key steps");
-static_assert((BQ * CH) % NT == 0 && (BK * CH) % NT == 0, "loads must split evenly");
 static_assert(STAGES >= 2, "the ring needs two stages");
 static_assert(!Q_IN_REGS || MT == 1, "Q fragments in registers only with one m-tile per warp");
 
@@ -91,15 +95,15 @@ struct AttnParams {
 
 // Element offset of 16-byte chunk `c` of row `r` in a [rows][D] tile, XOR-swizzled so that the
 // 8 rows an ldmatrix phase reads (same logical chunk) land in 8 different bank groups.
-FP_DEVICE int swz(int r, int c) { return r * D + ((c ^ (r & 7)) << 3); }
+FP_DEVICE int swz(int r, int c) { return SWIZZLE ? r * D + ((c ^ (r & 7)) << 3) : r * RS + (c << 3); }
 
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnParams p) {
     extern __shared__ __align__(128) uint8_t smem_raw[];
     uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw);
-    uint16_t* sK = sQ + BQ * D;
-    uint16_t* sV = sK + STAGES * BK * D;
+    uint16_t* sK = sQ + BQ * RS;
+    uint16_t* sV = sK + STAGES * BK * RS;
     const uint32_t sQ_a = smem_u32(sQ), sK_a = smem_u32(sK), sV_a = smem_u32(sV);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -148,18 +152,20 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
 
     // ---- prologue: Q and the first STAGES-1 key tiles --------------------------------------
 #pragma unroll
-    for (int i = 0; i < BQ * CH / NT; ++i) {
+    for (int i = 0; i < (BQ * CH + NT - 1) / NT; ++i) {
         const int idx = tid + i * NT, r = idx / CH, c = idx % CH;
+        if ((BQ * CH) % NT != 0 && idx >= BQ * CH) break;
         const bool ok = r < rows_here;
         cp_async_16(sQ_a + 2 * swz(r, c), ok ? (const void*)(qg + r * q_stride + c * 8) : (const void*)p.q, ok);
     }
     auto load_kv = [&](int it) {
         const int k0 = tile_k0(top - it);
         const int st = it % STAGES;
-        const uint32_t dk = sK_a + 2 * st * BK * D, dv = sV_a + 2 * st * BK * D;
+        const uint32_t dk = sK_a + 2 * st * BK * RS, dv = sV_a + 2 * st * BK * RS;
 #pragma unroll
-        for (int i = 0; i < BK * CH / NT; ++i) {
+        for (int i = 0; i < (BK * CH + NT - 1) / NT; ++i) {
             const int idx = tid + i * NT, r = idx / CH, c = idx % CH;
+            if ((BK * CH) % NT != 0 && idx >= BK * CH) break;
             const bool ok = k0 + r < kv_len;
             const size_t off = (size_t)(k0 + r) * kv_stride + c * 8;
             cp_async_16(dk + 2 * swz(r, c), ok ? (const void*)(kg + off) : (const void*)p.k, ok);
@@ -202,7 +208,7 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
         }
 
         const int st = it % STAGES;
-        const uint32_t kst = sK_a + 2 * st * BK * D, vst = sV_a + 2 * st * BK * D;
+        const uint32_t kst = sK_a + 2 * st * BK * RS, vst = sV_a + 2 * st * BK * RS;
         const int k0 = tile_k0(top - it);
 
         // S = Q Kᵀ for this warp's rows.
@@ -322,7 +328,7 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
             const int row = wrow + mt * 16 + (lane >> 2) + h * 8;
 #pragma unroll
             for (int dn = 0; dn < D / 8; ++dn)
-                st_shared_u32(sQ_a + 2 * (row * D + ((dn ^ (row & 7)) << 3) + ((lane & 3) << 1)),
+                st_shared_u32(sQ_a + 2 * (swz(row, dn) + ((lane & 3) << 1)),
                               Elem::pack2(o[mt][dn][2 * h] * inv, o[mt][dn][2 * h + 1] * inv));
             if (p.lse != nullptr && (lane & 3) == 0 && row < rows_here)
                 p.lse[(size_t)(s.q_start + q_lo + row) * p.num_heads + head] =

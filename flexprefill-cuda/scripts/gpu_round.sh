@@ -31,7 +31,7 @@ if [ "${ROUND_SAN:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
   : > "$OUT/sanitizer.log"
   for tool in memcheck racecheck synccheck initcheck; do
     timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 "$G/gpu_attention" --include-ignored --test-threads 1 \
-      sparse_with_every_block rows_without_keys every_tile_shape >> "$OUT/sanitizer.log" 2>&1
+      sparse_with_every_block rows_without_keys every_tile_shape odd_head_dims >> "$OUT/sanitizer.log" 2>&1
     rc=$?
     summary+=("sanitizer $tool rc=$rc: $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)")
   done

@@ -91,43 +91,47 @@ pub struct AttnTile {
 }
 
 impl AttnTile {
-    /// The tile we ship for `(head_dim, block_size)`.
+    /// The portable (mma.sync) tile we ship for `(head_dim, block_size)`.
     ///
     /// head_dim ≤ 128: FA2's hdim-128 forward shape, 128 query rows over 4 warps (32 rows, two
     /// m-tiles per warp: each K/V fragment read from shared memory feeds two MMAs, which keeps
-    /// shared-memory bandwidth under the tensor-core rate) and 64-key steps; 96 KiB of shared
-    /// memory and ≤ 255 registers, so two CTAs share an SM. Block 64 uses 64-row tiles (the
+    /// shared-memory bandwidth under the tensor-core rate), two CTAs per SM. 32-key steps: with
+    /// 64 the S accumulators push ptxas to 255 registers and a spill, and on the H200 the
+    /// 32-key tile ran 1–3% faster (311 against 304 TFLOP/s at 128k, docs/PERFORMANCE.md). Block 64 uses 64-row tiles (the
     /// tile may not straddle index rows). head_dim 256 halves the rows (the O accumulator is
-    /// 256 floats per row) and the key step (shared memory).
+    /// 256 floats per row) and the key step (shared memory). Blocks of 16 and 32 get tiles of
+    /// their own size (correct everywhere, tuned nowhere).
     pub fn auto(head_dim: usize, block_size: usize) -> Self {
-        match (head_dim, block_size) {
-            (256, _) => Self {
-                bq: 64,
-                bk: 32,
-                warps: 4,
-                stages: 2,
-                q_in_regs: false,
+        let base = Self {
+            bq: 128,
+            bk: 32,
+            warps: 4,
+            stages: 2,
+            q_in_regs: false,
+            min_blocks: 2,
+            wgmma: false,
+        };
+        if head_dim > 128 {
+            // The O accumulator is head_dim/2 floats per thread per 16 rows: one m-tile.
+            let bq = block_size.min(64);
+            return Self {
+                bq,
+                bk: block_size.min(32),
+                warps: bq / 16,
                 min_blocks: 1,
-                wgmma: false,
-            },
-            (_, 64) => Self {
-                bq: 64,
-                bk: 64,
-                warps: 4,
-                stages: 2,
+                ..base
+            };
+        }
+        match block_size {
+            // Blocks under 128 rows: one 16-row m-tile per warp, Q fragments in registers.
+            16 | 32 | 64 => Self {
+                bq: block_size,
+                bk: block_size,
+                warps: block_size / 16,
                 q_in_regs: true,
-                min_blocks: 2,
-                wgmma: false,
+                ..base
             },
-            _ => Self {
-                bq: 128,
-                bk: 64,
-                warps: 4,
-                stages: 2,
-                q_in_regs: false,
-                min_blocks: 2,
-                wgmma: false,
-            },
+            _ => base,
         }
     }
 
@@ -211,7 +215,7 @@ impl AttnTile {
                 min_blocks: 2,
                 ..base
             },
-            Self { bk: 32, ..base },
+            Self { bk: 64, ..base },
         ];
         v.retain(|t| t.check(head_dim, block_size).is_ok());
         v
@@ -219,8 +223,18 @@ impl AttnTile {
 
     /// Dynamic shared memory of one CTA, bytes: Q tile plus `stages` K and V tiles.
     pub fn smem_bytes(&self, head_dim: usize) -> usize {
-        // The wgmma kernel aligns its tiles to 1024 bytes (the swizzle reads address bits 7-9).
-        (self.bq + 2 * self.stages * self.bk) * head_dim * 2 + if self.wgmma { 1024 } else { 0 }
+        if self.wgmma {
+            // Tiles aligned to 1024 bytes (the swizzle reads address bits 7-9).
+            (self.bq + 2 * self.stages * self.bk) * head_dim * 2 + 1024
+        } else {
+            // Rows of a multiple of 64 elements are swizzled in place, others padded by 8.
+            let row = if head_dim.is_multiple_of(64) {
+                head_dim
+            } else {
+                head_dim + 8
+            };
+            (self.bq + 2 * self.stages * self.bk) * row * 2
+        }
     }
 
     /// The kernel family this tile runs.
@@ -239,11 +253,15 @@ impl AttnTile {
                 message: m,
             })
         };
-        if ![64, 128, 256].contains(&head_dim) {
-            return bad(format!("head_dim ({head_dim}) must be 64, 128 or 256"));
+        if !head_dim.is_multiple_of(16) || !(16..=256).contains(&head_dim) {
+            return bad(format!(
+                "head_dim ({head_dim}) must be a multiple of 16 in [16, 256]"
+            ));
         }
-        if ![64, 128, 256].contains(&block_size) {
-            return bad(format!("block_size ({block_size}) must be 64, 128 or 256"));
+        if ![16, 32, 64, 128, 256].contains(&block_size) {
+            return bad(format!(
+                "block_size ({block_size}) must be 16, 32, 64, 128 or 256"
+            ));
         }
         if self.wgmma {
             let ok = (head_dim == 64 || head_dim == 128)
@@ -279,11 +297,6 @@ impl AttnTile {
         }
         if self.q_in_regs && rows_per_warp != 16 {
             return bad("q_in_regs needs 16 rows per warp".into());
-        }
-        let ch = head_dim / 8;
-        let nt = self.warps * 32;
-        if !(self.bq * ch).is_multiple_of(nt) || !(self.bk * ch).is_multiple_of(nt) {
-            return bad("tile loads do not split evenly over the threads".into());
         }
         Ok(())
     }

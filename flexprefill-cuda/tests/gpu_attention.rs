@@ -228,6 +228,45 @@ fn sparse_matches_masked_oracle_ragged_chunked() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
+fn odd_head_dims_and_small_blocks_match_oracle() {
+    let gpu = gpu();
+    let mut rng = Rng::fresh("odd shapes");
+    let layout = [(333, 333), (70, 260)];
+    for (h, hkv, d, bs) in [
+        (4, 2, 96, 64),
+        (4, 1, 32, 32),
+        (2, 2, 48, 16),
+        (4, 2, 80, 128),
+        (2, 1, 160, 128),
+        (2, 1, 96, 256),
+    ] {
+        let shape = AttentionShape::new(h, hkv, d).unwrap();
+        let x = data(&mut rng, DType::BF16, shape, 403, 593, 1.0);
+        let inp = input(&x, shape, &layout, true);
+        let index = random_index(&mut rng, &inp.seqs, h, bs, 0.3, false);
+        let got = gpu.sparse_attention(&inp, &index).unwrap();
+        let want = oracle::masked_attention_f64(&inp, &index).unwrap();
+        check(
+            &format!("odd h{h}/{hkv} d{d} bs{bs}"),
+            DType::BF16,
+            &got,
+            &want,
+            true,
+        );
+        let got = gpu.dense_attention(&inp).unwrap();
+        let want = oracle::dense_attention_f64(&inp).unwrap();
+        check(
+            &format!("odd dense h{h}/{hkv} d{d}"),
+            DType::BF16,
+            &got,
+            &want,
+            true,
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
 fn rows_without_keys_give_zero_and_minus_infinity_lse() {
     let gpu = gpu();
     let mut rng = Rng::fresh("empty rows");
@@ -283,12 +322,12 @@ fn f32_inputs_run_as_bf16() {
 #[ignore = "needs an NVIDIA GPU"]
 fn unsupported_shapes_are_typed_errors() {
     let gpu = gpu();
-    let shape = AttentionShape::new(2, 1, 96).unwrap();
-    let q = vec![half::bf16::from_f32(0.5); 10 * 2 * 96];
-    let kv = vec![half::bf16::from_f32(0.5); 10 * 96];
+    let shape = AttentionShape::new(2, 1, 40).unwrap();
+    let q = vec![half::bf16::from_f32(0.5); 10 * 2 * 40];
+    let kv = vec![half::bf16::from_f32(0.5); 10 * 40];
     let inp = AttentionInput::batched(&q, &kv, &kv, 1, 10, 10, shape).unwrap();
     let e = gpu.dense_attention(&inp).unwrap_err();
-    assert!(e.to_string().contains("head_dim (96)"), "{e}");
+    assert!(e.to_string().contains("head_dim (40)"), "{e}");
 }
 
 /// Both kernels (portable mma.sync, Hopper wgmma where the device has it) against the oracle
