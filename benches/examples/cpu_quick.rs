@@ -7,7 +7,7 @@
 //! (default 3); `FLEXPREFILL_BENCH_KIND=mixed|sink_local|stripes|topics|needle|random`
 //! (default mixed); `FLEXPREFILL_BENCH_SKIP_DENSE=1` to time FlexPrefill alone;
 //! `FLEXPREFILL_BENCH_MASS=1` to also measure the captured attention mass above 8k tokens;
-//! `FLEXPREFILL_BENCH_TILES=chunk_keys,dense_block` to try other [`flexprefill_cpu::Tiles`].
+//! `FLEXPREFILL_BENCH_TILES=chunk_keys,dense_block,stack_rows` to try other [`flexprefill_cpu::Tiles`].
 
 use std::time::Duration;
 
@@ -43,15 +43,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(t) = env("FLEXPREFILL_BENCH_TILES") {
         let parse = |v: Option<&str>| v.and_then(|v| v.trim().parse().ok());
         let mut it = t.split(',');
-        let (chunk_keys, dense_block) = (parse(it.next()), parse(it.next()));
-        let (Some(chunk_keys), Some(dense_block)) = (chunk_keys, dense_block) else {
-            return Err(
-                format!("FLEXPREFILL_BENCH_TILES={t:?}: expected chunk_keys,dense_block").into(),
-            );
+        let parsed = (parse(it.next()), parse(it.next()), parse(it.next()));
+        let (Some(chunk_keys), Some(dense_block), Some(stack_rows)) = parsed else {
+            return Err(format!(
+                "FLEXPREFILL_BENCH_TILES={t:?}: expected chunk_keys,dense_block,stack_rows"
+            )
+            .into());
         };
         cpu = cpu.with_tiles(flexprefill_cpu::Tiles {
             chunk_keys,
             dense_block,
+            stack_rows,
         })?;
     }
     let threads = cpu.threads();

@@ -56,9 +56,26 @@ pub(crate) fn sgemm(
     c: &mut [f32],
     ldc: usize,
 ) {
+    sgemm_strided(m, k, n, alpha, a, b, beta, c, ldc, 1);
+}
+
+/// [`sgemm`] with C at any strides: element `(i, j)` of C is `c[i·rsc + j·csc]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm_strided(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: View<'_>,
+    b: View<'_>,
+    beta: f32,
+    c: &mut [f32],
+    rsc: usize,
+    csc: usize,
+) {
     a.check(m, k, "A");
     b.check(k, n, "B");
-    View::new(c, ldc, 1).check(m, n, "C");
+    View::new(c, rsc, csc).check(m, n, "C");
     if m == 0 || n == 0 {
         return;
     }
@@ -79,8 +96,8 @@ pub(crate) fn sgemm(
             b.cs as isize,
             beta,
             c.as_mut_ptr(),
-            ldc as isize,
-            1,
+            rsc as isize,
+            csc as isize,
         );
     }
 }

@@ -98,10 +98,14 @@ impl CpuBackend {
     /// Replaces the speed-only tiling knobs (see [`Tiles`]; results do not depend on them
     /// beyond f32 rounding).
     pub fn with_tiles(mut self, tiles: Tiles) -> Result<Self> {
-        if tiles.chunk_keys == 0 || !(1..=1024).contains(&tiles.dense_block) {
+        if tiles.chunk_keys == 0
+            || tiles.stack_rows == 0
+            || !(1..=1024).contains(&tiles.dense_block)
+        {
             return Err(cpu_error(format!(
-                "tiles: chunk_keys ({}) must be ≥ 1 and dense_block ({}) in 1..=1024",
-                tiles.chunk_keys, tiles.dense_block
+                "tiles: chunk_keys ({}) and stack_rows ({}) must be ≥ 1, dense_block ({}) in \
+                 1..=1024",
+                tiles.chunk_keys, tiles.stack_rows, tiles.dense_block
             )));
         }
         self.tiles = tiles;

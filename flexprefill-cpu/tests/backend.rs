@@ -90,10 +90,17 @@ fn dense_path_equals_the_oracle_on_awkward_head_dims_and_tiles() {
             Tiles {
                 chunk_keys: 48,
                 dense_block: 40,
+                stack_rows: 1,
             },
             Tiles {
                 chunk_keys: 1000,
                 dense_block: 256,
+                stack_rows: 2048,
+            },
+            Tiles {
+                chunk_keys: 100,
+                dense_block: 64,
+                stack_rows: 70,
             },
         ] {
             let cpu = CpuBackend::new().with_tiles(tiles).unwrap();
@@ -430,7 +437,7 @@ fn bad_inputs_are_typed_errors_not_panics() {
     assert!(CpuBackend::new()
         .with_tiles(Tiles {
             chunk_keys: 0,
-            dense_block: 64
+            ..Tiles::default()
         })
         .is_err());
 }
