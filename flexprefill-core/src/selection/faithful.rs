@@ -149,6 +149,14 @@ impl<'a> Coverage<'a> {
             })
     }
 
+    /// Some representative query block already holds `cap` blocks.
+    pub fn reached(&self, cap: usize) -> bool {
+        self.count
+            .iter()
+            .zip(&self.rows_of)
+            .any(|(&n, rows)| n >= cap && rows.iter().any(|&t| self.is_rep[t]))
+    }
+
     /// Adds the blocks of whole index rows.
     pub fn cover_rows(&mut self, rows: &[Vec<u32>]) {
         for k in 0..self.blocks.len() {
@@ -229,7 +237,11 @@ pub(crate) fn vertical_slash(
     // The walk usually stops after a few hundred lines: rank lazily.
     let mut v_order = LazyRanked::new(&stats.vertical, 4 * bs);
     let mut s_order = LazyRanked::new(&stats.slash, 4 * bs);
-    while !(cov.done() && cov.budget_met(mb)) {
+    // An explicit max_budget caps the walk (blocks per representative query block), even
+    // short of gamma: the promise yields to the caller's cap, and the report shows the mass.
+    let cap = cfg.max_budget_blocks();
+    let capped = |cov: &Coverage<'_>| cap.is_some_and(|m| cov.reached(m));
+    while !(cov.done() && cov.budget_met(mb)) && !capped(&cov) {
         let take_vertical = match (v_order.peek(), s_order.peek()) {
             (Some(j), Some(d)) => stats.vertical[j] >= stats.slash[d] || stats.slash[d].is_nan(),
             (Some(_), None) => true,
@@ -265,7 +277,9 @@ pub(crate) fn vertical_slash(
     let mut rows = extend_columns_and_distances(grid, &columns, &distances);
     add_forced(&mut rows, grid, cfg.forced);
     // The walk already covers gamma; this only matters if the lines ran out first.
-    cov.top_up_representatives(&mut rows);
+    if !capped(&cov) {
+        cov.top_up_representatives(&mut rows);
+    }
     normalise(&mut rows);
     rows
 }
@@ -355,27 +369,29 @@ impl QueryAwareCuts {
         }
     }
 
-    /// Row `r`'s blocks at target `t`: its own smallest top set reaching `t` of its mass
-    /// (both cuts: the flattened cut is followed by this per-row raise, so no row keeps
-    /// less than the target under the pooled estimate), the flattened cut's entries of the
-    /// row (flattened only), and at least `min(mb, causal)` blocks.
+    /// Row `r`'s blocks at target `t`: `PerQueryBlock`, its own smallest top set reaching
+    /// `t` of its mass; `Flattened`, its entries of the smallest top set of the whole map
+    /// reaching `t·nqb` (a prefix of the row's own ranking). Then at least `min(mb, causal)`.
     fn row(&self, r: usize, t: f64) -> Vec<u32> {
         let order = &self.orders[r];
-        let target = t * m_total(order);
-        let k = (order.partition_point(|&(_, m)| m < target) + 1).min(order.len());
-        let k = k.max(self.mb.min(order.len()));
-        let mut row: Vec<u32> = order[..k].iter().map(|&(c, _)| c).collect();
-        if let Some((rank, running)) = &self.flat {
-            let target = t * self.grid.nqb as f64;
-            let kk = (running.partition_point(|&m| m < target) + 1).min(running.len());
-            row.extend(
-                order[k..]
+        let k = match &self.flat {
+            None => {
+                let target = t * m_total(order);
+                (order.partition_point(|&(_, m)| m < target) + 1).min(order.len())
+            }
+            Some((rank, running)) => {
+                let target = t * self.grid.nqb as f64;
+                let kk = (running.partition_point(|&m| m < target) + 1).min(running.len());
+                order
                     .iter()
-                    .map(|&(c, _)| c)
-                    .filter(|&c| rank[r][c as usize] < kk),
-            );
-        }
-        row
+                    .take_while(|&&(c, _)| rank[r][c as usize] < kk)
+                    .count()
+            }
+        };
+        order[..k.max(self.mb.min(order.len()))]
+            .iter()
+            .map(|&(c, _)| c)
+            .collect()
     }
 }
 
@@ -385,9 +401,9 @@ fn m_total(order: &[(u32, f64)]) -> f64 {
 
 /// Faithful query-aware selection.
 ///
-/// The cut of Algorithm 4 (per query block, or flattened followed by a per-row raise — both
-/// with the paper's "smallest set reaching the target" convention) plus each row raised to
-/// `min(mb, causal)` blocks and the forced blocks. The target starts at `gamma`; with probes it is calibrated: the smallest
+/// The cut of Algorithm 4 (per query block as in Appendix F.4, or flattened as in Algorithm 4 —
+/// both with the paper's "smallest set reaching the target" convention) plus each row raised
+/// to `min(mb, causal)` blocks and the forced blocks. The target starts at `gamma`; with probes it is calibrated: the smallest
 /// target whose selection gives the probes an exact mean captured mass `≥ gamma` (bisection;
 /// the cut sets grow with the target). Then the representative query blocks are topped up
 /// exactly until every representative query holds `gamma`.
@@ -523,6 +539,28 @@ mod tests {
         let cfg95 = FlexPrefillConfig { gamma: 0.95, ..cfg };
         let rows = vertical_slash(&stripes_stats(), &[], &g, &cfg95);
         assert_eq!(rows[3], vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn max_budget_caps_the_walk_even_short_of_gamma() {
+        let g = grid(16, 16, 4);
+        let cfg = FlexPrefillConfig {
+            gamma: 0.95,
+            block_size: 4,
+            min_budget: 1,
+            max_budget: Some(8), // 2 blocks: the forced sink and diagonal already
+            ..Default::default()
+        };
+        let rows = vertical_slash(&stripes_stats(), &[], &g, &cfg);
+        assert_eq!(rows[3], vec![0, 3]);
+        let cfg = FlexPrefillConfig {
+            max_budget: Some(12),
+            ..cfg
+        };
+        assert_eq!(
+            vertical_slash(&stripes_stats(), &[], &g, &cfg)[3],
+            vec![0, 1, 3]
+        );
     }
 
     #[test]
