@@ -241,7 +241,10 @@ pub(crate) fn vertical_slash(
     // short of gamma: the promise yields to the caller's cap, and the report shows the mass.
     let cap = cfg.max_budget_blocks();
     let capped = |cov: &Coverage<'_>| cap.is_some_and(|m| cov.reached(m));
-    while !(cov.done() && cov.budget_met(mb)) && !capped(&cov) {
+    loop {
+        if capped(&cov) || (cov.done() && cov.budget_met(mb)) {
+            break;
+        }
         let take_vertical = match (v_order.peek(), s_order.peek()) {
             (Some(j), Some(d)) => stats.vertical[j] >= stats.slash[d] || stats.slash[d].is_nan(),
             (Some(_), None) => true,
