@@ -74,7 +74,12 @@ fn data(n: usize, structured: bool) -> Data {
         };
         let w = generate(&spec);
         let (q, k, v) = w.to_bf16();
-        Data { name: "mixed", q, k, v }
+        Data {
+            name: "mixed",
+            q,
+            k,
+            v,
+        }
     } else {
         Data {
             name: "random",
@@ -113,34 +118,63 @@ fn main() -> Res<()> {
             let t = std::time::Instant::now();
             let dt = data(n, structured);
             let gen_s = t.elapsed().as_secs_f32();
-            let seqs = vec![Sequence { q_start: 0, k_start: 0, q_len: n, kv_len: n }];
+            let seqs = vec![Sequence {
+                q_start: 0,
+                k_start: 0,
+                q_len: n,
+                kv_len: n,
+            }];
             let q: CudaSlice<bf16> = stream.clone_htod(&dt.q)?;
             let k: CudaSlice<bf16> = stream.clone_htod(&dt.k)?;
             let v: CudaSlice<bf16> = stream.clone_htod(&dt.v)?;
             let dseqs = DeviceSeqs::new(&stream, &seqs)?;
             let mut out: CudaSlice<bf16> = stream.alloc_zeros(n * H * D)?;
-            let args = AttentionArgs { q: &q, k: &k, v: &v, shape, seqs: &dseqs, softmax_scale: None };
+            let args = AttentionArgs {
+                q: &q,
+                k: &k,
+                v: &v,
+                shape,
+                seqs: &dseqs,
+                softmax_scale: None,
+            };
             // dense baseline
             for _ in 0..2 {
                 be.attention_device(&stream, &args, None, None, &mut out, None)?;
             }
             let mut dense = Vec::new();
             for _ in 0..REPS {
-                dense.push(time_ms(&stream, || Ok(be.attention_device(&stream, &args, None, None, &mut out, None)?))?);
+                dense.push(time_ms(&stream, || {
+                    Ok(be.attention_device(&stream, &args, None, None, &mut out, None)?)
+                })?);
             }
             let dense = median(dense);
             for gamma in [0.9f32, 0.95] {
-                let cfg = FlexPrefillConfig { gamma, tau: 0.1, min_budget: 1024, ..Default::default() };
-                let layout = StatsLayout::new(&seqs, shape, cfg.block_size)?;
-                let (scale, emulate) = estimation_scale(shape, 1.0 / (D as f32).sqrt(), flexprefill_core::DType::BF16, &cfg);
-                let (mut ts, mut tsel, mut tatt, mut twhole) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                let cfg = FlexPrefillConfig {
+                    gamma,
+                    tau: 0.1,
+                    min_budget: 1024,
+                    ..Default::default()
+                };
+                let layout = StatsLayout::new(&seqs, shape, cfg.block_size)?
+                    .with_probes(cfg.selection == flexprefill_core::SelectionMode::Faithful);
+                let (scale, emulate) = estimation_scale(
+                    shape,
+                    1.0 / (D as f32).sqrt(),
+                    flexprefill_core::DType::BF16,
+                    &cfg,
+                );
+                let (mut ts, mut tsel, mut tatt, mut twhole) =
+                    (Vec::new(), Vec::new(), Vec::new(), Vec::new());
                 let mut last = None;
                 for rep in 0..REPS + 2 {
                     let ctx = stream.context();
                     let fl = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-                    let e: Vec<_> = (0..4).map(|_| ctx.new_event(fl)).collect::<Result<_, _>>()?;
+                    let e: Vec<_> = (0..4)
+                        .map(|_| ctx.new_event(fl))
+                        .collect::<Result<_, _>>()?;
                     e[0].record(&stream)?;
-                    let mut st = launch_stats(&dev, &stream, &q, &k, layout.clone(), scale, emulate)?;
+                    let mut st =
+                        launch_stats(&dev, &stream, &q, &k, layout.clone(), scale, emulate)?;
                     e[1].record(&stream)?;
                     let sel = launch_select(&dev, &stream, Some(&q), &mut st, &cfg)?;
                     e[2].record(&stream)?;
@@ -161,7 +195,9 @@ fn main() -> Res<()> {
                 for rep in 0..REPS + 2 {
                     let mut r = None;
                     let t = time_ms(&stream, || {
-                        r = Some(flex_prefill_device(&be, &stream, &args, &cfg, &mut out, None)?);
+                        r = Some(flex_prefill_device(
+                            &be, &stream, &args, &cfg, &mut out, None,
+                        )?);
                         Ok(())
                     })?;
                     if rep >= 2 {
@@ -172,10 +208,12 @@ fn main() -> Res<()> {
                 let whole_call = median(whole);
                 if flexprefill_cuda::stats::profile::enabled() && gamma == 0.9 {
                     let _ = flexprefill_cuda::stats::profile_take();
-                    let mut st = launch_stats(&dev, &stream, &q, &k, layout.clone(), scale, emulate)?;
+                    let mut st =
+                        launch_stats(&dev, &stream, &q, &k, layout.clone(), scale, emulate)?;
                     let _sel = launch_select(&dev, &stream, Some(&q), &mut st, &cfg)?;
                     let prof = flexprefill_cuda::stats::profile_take();
-                    let line: Vec<String> = prof.iter().map(|(n, ms)| format!("{n} {ms:.3}")).collect();
+                    let line: Vec<String> =
+                        prof.iter().map(|(n, ms)| format!("{n} {ms:.3}")).collect();
                     eprintln!("profile {n} {}: {}", dt.name, line.join(", "));
                 }
                 let (sel, _st) = last.expect("ran");

@@ -93,6 +93,31 @@ FP_DEVICE bool is_forced(const Geo& g, const SelParams& p, unsigned r, unsigned 
     return (p.sink && c == 0) || (p.diagonal && c >= g.first_diag(r) && c <= g.last_diag(r));
 }
 
+// Core's probe_queries: at most 32 single queries spread over the chunk before the
+// representative block; k-th at chunk-relative index (2k+1)·m/(2p), m = q_len - rep,
+// p = min(32, ceil(m / bs)). Their block masses come in probe_block_mass [probes, nkb].
+#define PROBE_QUERIES 32
+FP_DEVICE unsigned num_probes(const Geo& g) {
+    const unsigned m = g.q_len - g.rep;
+    return min((unsigned)PROBE_QUERIES, (m + g.bs - 1) / g.bs);
+}
+FP_DEVICE unsigned probe_block(const Geo& g, unsigned t) {
+    const unsigned long long m = g.q_len - g.rep, p = num_probes(g);
+    return (unsigned)((2ull * t + 1ull) * m / (2ull * p)) / g.bs;
+}
+
+// Deterministic f64 block sum (fixed tree), every thread gets the result. `red` ≥ 32 doubles.
+FP_DEVICE double block_sum_f64(double v, double* red) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
+    __syncthreads();
+    double t = 0.0;
+    for (int w = 0; w < (int)(blockDim.x / 32); ++w) t += red[w];
+    __syncthreads();
+    return t;
+}
+
 // ---- CTA helpers ---------------------------------------------------------------------------
 
 // Bitonic sort of (key, val) pairs in shared memory, ascending by key then val; n a power of 2.
@@ -294,6 +319,8 @@ FP_DEVICE uint64_t skey_of(float s, unsigned d) { return rank_key(s, 0x80000000u
 extern "C" __global__ void __launch_bounds__(512)
 sel_fvs_stop(const SeqDesc* __restrict__ seqs, SelParams p, const int* __restrict__ pattern,
              const float* __restrict__ vertical, const float* __restrict__ slash, const float* __restrict__ rep_block_mass,
+             const float* __restrict__ probe_block_mass, int probes,
+             unsigned long long* __restrict__ ev_key, double* __restrict__ ev_w,
              unsigned long long* __restrict__ vkey_out, unsigned long long* __restrict__ kstar) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ unsigned long long kmax;
@@ -378,6 +405,78 @@ sel_fvs_stop(const SeqDesc* __restrict__ seqs, SelParams p, const int* __restric
                 atomicMax(&kmax, (unsigned long long)(need <= nev ? ekey[need - 1] : KEY_ALL));
             }
         }
+        __syncthreads();
+    }
+    // Probes (core's Coverage with probe rows): the walk also needs the probes' mean captured
+    // fraction ≥ gamma (1e-12 slack). Events of the probes' query blocks with their probe
+    // weights Σ_t mass_t[c] / total_t, then a bisection over the 64-bit key for the first key
+    // at which the weights (forced blocks first) reach the target. Sums: fixed-tree f64 (the
+    // slack absorbs their order).
+    const unsigned P = probes ? num_probes(g) : 0;
+    if (P > 0) {
+        __shared__ double red[32];
+        __shared__ double tot_sh[PROBE_QUERIES];
+        const float* pm = probe_block_mass + (size_t)sd.pad0 * p.num_heads + (size_t)h * P * nkb;
+        for (unsigned t = threadIdx.x / 32; t < P; t += blockDim.x / 32) {
+            double a = 0.0;
+            if (threadIdx.x % 32 == 0) {
+                for (unsigned c = 0; c < nkb; ++c) a += (double)pm[(size_t)t * nkb + c];
+                tot_sh[t] = a;
+            }
+        }
+        __syncthreads();
+        // Slots: one per probe (a block may repeat: its events then count once, with the
+        // weights of every probe in it, carried by the block's first slot).
+        unsigned long long* ek = ev_key + ((size_t)sd.kb_off * p.num_heads + (size_t)h * nkb) * PROBE_QUERIES;
+        double* ew = ev_w + ((size_t)sd.kb_off * p.num_heads + (size_t)h * nkb) * PROBE_QUERIES;
+        double forced = 0.0;
+        for (unsigned i = threadIdx.x; i < P * nkb; i += blockDim.x) {
+            const unsigned t = i / nkb, c = i % nkb;
+            const unsigned r = probe_block(g, t);
+            const bool first_slot = t == 0 || probe_block(g, t - 1) != r;
+            uint64_t key = KEY_ALL;
+            double w = 0.0;
+            const unsigned d = g.last_diag(r);
+            if (first_slot && c <= d) {
+                for (unsigned u = t; u < P && probe_block(g, u) == r; ++u)
+                    if (tot_sh[u] > 0.0) w += (double)pm[(size_t)u * nkb + c] / tot_sh[u];
+                if (is_forced(g, p, r, c)) {
+                    forced += w;
+                    w = 0.0;
+                } else {
+                    const unsigned first = g.first_pos(r), last = g.last_pos(r);
+                    key = vk[c];
+                    const long long lo = (long long)first - (long long)(c * bs + bs - 1);
+                    const unsigned dlo = lo > 0 ? (unsigned)lo : 0;
+                    for (unsigned dd = dlo; dd <= last - c * bs; ++dd) {
+                        uint64_t k2 = skey_of(sl[dd], dd);
+                        key = k2 < key ? k2 : key;
+                    }
+                }
+            }
+            ek[i] = key;
+            ew[i] = w;
+        }
+        __syncthreads();
+        const double F = block_sum_f64(forced, red);
+        const double target = (double)p.gamma * (double)P - 1e-12;
+        auto frac = [&](uint64_t K) {
+            double a = 0.0;
+            for (unsigned i = threadIdx.x; i < P * nkb; i += blockDim.x)
+                if (ek[i] <= K) a += ew[i];
+            return F + block_sum_f64(a, red);
+        };
+        uint64_t kp = KEY_NONE;
+        if (!(F >= target)) {
+            // largest K with frac(K) < target, bit by bit; the stop key is the next one.
+            uint64_t K = 0;
+            for (int b = 63; b >= 0; --b) {
+                const uint64_t tr = K | (1ull << b);
+                if (frac(tr) < target) K = tr;
+            }
+            kp = K == KEY_ALL ? KEY_ALL : K + 1;
+        }
+        if (threadIdx.x == 0) atomicMax(&kmax, (unsigned long long)kp);
         __syncthreads();
     }
     if (threadIdx.x == 0) kstar[s * p.num_heads + h] = kmax;
@@ -540,50 +639,72 @@ extern "C" __global__ void sel_extend(const SeqDesc* __restrict__ seqs, const Se
 // ---- kernel 4: query-aware heads ----------------------------------------------------------
 
 // The pooled block map of a query-aware head (core's pooled_block_attention: f64 dot products
-// and softmax, each rounded once to f32; optional bf16 logits). Row r of (s, h); causal entries
-// only. Grid (Σ nqb, H), 128 threads, dynamic smem 8·nkb bytes.
-extern "C" __global__ void sel_qa_map(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
-                                      const unsigned* __restrict__ qb_seq, SelParams p, const int* __restrict__ pattern,
-                                      const float* __restrict__ q_pooled, const float* __restrict__ k_pooled,
-                                      float* __restrict__ map) {
+// summed in order, rounded once to f32 (optional bf16), f64 softmax summed in order, each
+// entry rounded once to f32). A CTA takes `rows_per` query-block rows of one head: pooled keys
+// are staged 32 at a time in shared memory (coalesced, reused by every row), each thread
+// computes whole dot products in core's order, then one warp per row does the softmax, its
+// sequential f64 sum replayed through shuffles. Grid (row groups, H), 512 threads, dynamic
+// smem 4·(rows_per·D + 32·(D+1) + rows_per·nkb). groups[i] = (sequence, first row).
+#define QM_THREADS 512
+extern "C" __global__ void __launch_bounds__(QM_THREADS)
+sel_qa_map(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, const uint2* __restrict__ groups,
+           int rows_per, SelParams p, const int* __restrict__ pattern,
+           const float* __restrict__ q_pooled, const float* __restrict__ k_pooled, float* __restrict__ map) {
     extern __shared__ __align__(16) unsigned char smem[];
-    __shared__ double red[4];
-    const unsigned gb = blockIdx.x;
+    const uint2 grp = groups[blockIdx.x];
     const int h = blockIdx.y;
-    const unsigned s = qb_seq[gb];
+    const unsigned s = grp.x;
     if (pattern[s * p.num_heads + h] != PAT_QA) return;
     const SeqDesc sd = seqs[s];
     const Geo g = geo(sd, p.block_size);
-    const unsigned r = gb - sd.qb_off, d = g.last_diag(r), D = p.head_dim;
+    const unsigned D = p.head_dim, nkb = sd.nkb, r0 = grp.y;
+    const unsigned rows = min((unsigned)rows_per, sd.nqb - r0);
     const int hk = h / (p.num_heads / p.num_kv_heads);
-    const float* qv = q_pooled + ((size_t)sd.qb_off * p.num_heads + (size_t)h * sd.nqb + r) * D;
-    const float* kb = k_pooled + ((size_t)sd.kb_off * p.num_kv_heads + (size_t)hk * sd.nkb) * D;
-    double* lg = (double*)smem;
-    double m = -1.0 / 0.0;
-    for (unsigned c = threadIdx.x; c <= d; c += blockDim.x) {
-        double dot = 0.0;
-        for (unsigned t = 0; t < D; ++t) dot += (double)qv[t] * (double)kb[(size_t)c * D + t];
-        float x = (float)dot;
-        if (p.bf16_logits) x = bf16_to_float(float_to_bf16(x));
-        lg[c] = (double)x;
-        m = fmax(m, (double)x);
+    const float* qv = q_pooled + ((size_t)sd.qb_off * p.num_heads + (size_t)h * sd.nqb + r0) * D;
+    const float* kb = k_pooled + ((size_t)sd.kb_off * p.num_kv_heads + (size_t)hk * nkb) * D;
+    float* qs = (float*)smem;                 // [rows_per][D]
+    float* ks = qs + rows_per * D;            // [32][D + 1]
+    float* lg = ks + 32 * (D + 1);            // [rows_per][nkb] logits (f32 is exact: core rounds to f32)
+    for (unsigned i = threadIdx.x; i < rows * D; i += blockDim.x) qs[i] = qv[i];
+    const unsigned dmax = g.last_diag(r0 + rows - 1);
+    const unsigned rl = threadIdx.x / 32, cl = threadIdx.x % 32;
+    for (unsigned c0 = 0; c0 <= dmax; c0 += 32) {
+        __syncthreads();
+        for (unsigned i = threadIdx.x; i < 32 * D; i += blockDim.x) {
+            const unsigned c = c0 + i / D, t = i % D;
+            ks[(i / D) * (D + 1) + t] = c < nkb ? kb[(size_t)c * D + t] : 0.f;
+        }
+        __syncthreads();
+        for (unsigned row = rl; row < rows; row += QM_THREADS / 32) {
+            const unsigned c = c0 + cl;
+            if (c > g.last_diag(r0 + row)) continue;
+            double dot = 0.0;
+            const float* a = qs + row * D;
+            const float* b = ks + cl * (D + 1);
+            for (unsigned t = 0; t < D; ++t) dot += (double)a[t] * (double)b[t];
+            float x = (float)dot;
+            if (p.bf16_logits) x = bf16_to_float(float_to_bf16(x));
+            lg[row * nkb + c] = x;
+        }
     }
-    for (int o = 16; o > 0; o >>= 1) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = m;
     __syncthreads();
-    m = red[0];
-    for (int w = 1; w < (int)(blockDim.x / 32); ++w) m = fmax(m, red[w]);
-    for (unsigned c = threadIdx.x; c <= d; c += blockDim.x) lg[c] = exp(lg[c] - m);
-    __syncthreads();
-    __shared__ double total;
-    if (threadIdx.x == 0) {
-        double t = 0.0;  // sequential, as core sums
-        for (unsigned c = 0; c <= d; ++c) t += lg[c];
-        total = t;
+    const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (unsigned row = warp; row < rows; row += QM_THREADS / 32) {
+        const unsigned r = r0 + row, d = g.last_diag(r);
+        const float* l = lg + row * nkb;
+        float mf = -F32_INF;
+        for (unsigned c = lane; c <= d; c += 32) mf = fmaxf(mf, l[c]);
+        mf = warp_max(mf);
+        const double m = (double)mf;
+        double total = 0.0;  // every lane replays the same sequential sum
+        for (unsigned base = 0; base <= d; base += 32) {
+            const unsigned c = base + lane;
+            const double e = c <= d ? exp((double)l[c] - m) : 0.0;
+            for (int j = 0; j < 32; ++j) total += __shfl_sync(0xffffffffu, e, j);
+        }
+        float* out = map + (size_t)sel[s].map_off * p.num_heads + ((size_t)h * sd.nqb + r) * nkb;
+        for (unsigned c = lane; c < nkb; c += 32) out[c] = c <= d ? (float)(exp((double)l[c] - m) / total) : 0.f;
     }
-    __syncthreads();
-    float* out = map + (size_t)sel[s].map_off * p.num_heads + ((size_t)h * sd.nqb + r) * sd.nkb;
-    for (unsigned c = threadIdx.x; c < sd.nkb; c += blockDim.x) out[c] = c <= d ? (float)(lg[c] / total) : 0.f;
 }
 
 // Flattened query-aware cut over every causal entry of the map (Algorithm 4): original keeps
@@ -594,8 +715,13 @@ struct MapItems {
     const float* map;
     Geo g;
     unsigned nkb;
+    float inv_nkb;
     FP_DEVICE bool operator()(unsigned i, uint64_t& key, float& m) const {
-        const unsigned r = i / nkb, c = i % nkb;
+        // r = i / nkb without the integer division (exact after one correction step).
+        unsigned r = __float2uint_rz((float)i * inv_nkb);
+        if (r * nkb > i) --r;
+        else if ((r + 1) * nkb <= i) ++r;
+        const unsigned c = i - r * nkb;
         if (c > g.last_diag(r)) return false;
         m = map[i];
         key = rank_key(m, i);
@@ -605,32 +731,53 @@ struct MapItems {
 
 extern "C" __global__ void __launch_bounds__(1024)
 sel_qa_flat(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
-            const int* __restrict__ pattern, const float* __restrict__ map, unsigned* __restrict__ mask) {
+            const int* __restrict__ pattern, const float* __restrict__ map, unsigned long long* __restrict__ kcut_out) {
     __shared__ RadixShared rs;
     const int h = blockIdx.x, s = blockIdx.y;
-    if (p.per_row || pattern[s * p.num_heads + h] != PAT_QA) return;
+    if (!p.original || p.per_row || pattern[s * p.num_heads + h] != PAT_QA) return;  // faithful: sel_qa_calib
     const SeqDesc sd = seqs[s];
     const SelSeq ss = sel[s];
     const Geo g = geo(sd, p.block_size);
     const float* mp = map + (size_t)ss.map_off * p.num_heads + (size_t)h * sd.nqb * sd.nkb;
-    unsigned* mk = mask + (size_t)ss.mask_off * p.num_heads + (size_t)h * sd.nqb * ss.words;
     // Fixed point so that nqb unit-mass rows cannot overflow 64 bits.
     int lg = 0;
     while ((1u << lg) < sd.nqb + 1) ++lg;
     const int sc = 62 - lg;
     double target = p.original ? (double)(float)(p.gamma_py * (double)sd.nqb) : (double)p.gamma * (double)sd.nqb;
     const uint64_t T = (uint64_t)__dmul_rn(target, ldexp(1.0, sc));
-    const MapItems items{mp, g, sd.nkb};
+    const MapItems items{mp, g, sd.nkb, 1.f / (float)sd.nkb};
     const unsigned total = sd.nqb * sd.nkb;
     const uint64_t kcut = radix_cut(rs, items, total, p.original ? 0 : 1, T, 0, sc, nullptr);
-    for (unsigned i = threadIdx.x; i < total; i += blockDim.x) {
-        uint64_t key; float m;
-        if (!items(i, key, m)) continue;
-        const bool keep = p.original ? key < kcut : key <= kcut;
-        if (keep) {
-            const unsigned r = i / sd.nkb, c = i % sd.nkb;
-            atomicOr(&mk[(size_t)r * ss.words + c / 32], 1u << (c % 32));
+    if (threadIdx.x == 0) kcut_out[s * p.num_heads + h] = kcut;
+}
+
+// Marks the entries the flattened cut keeps (original: key < kcut, crossing excluded;
+// faithful: key ≤ kcut) into the mask, one thread per mask word (no atomics).
+// Grid (Σ nqb, H), 64 threads.
+extern "C" __global__ void sel_qa_flat_mark(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
+                                            const unsigned* __restrict__ qb_seq, SelParams p,
+                                            const int* __restrict__ pattern, const float* __restrict__ map,
+                                            const unsigned long long* __restrict__ kcut, unsigned* __restrict__ mask) {
+    const unsigned gb = blockIdx.x;
+    const int h = blockIdx.y;
+    const unsigned s = qb_seq[gb];
+    if (!p.original || p.per_row || pattern[s * p.num_heads + h] != PAT_QA) return;
+    const SeqDesc sd = seqs[s];
+    const SelSeq ss = sel[s];
+    const Geo g = geo(sd, p.block_size);
+    const unsigned r = gb - sd.qb_off, d = g.last_diag(r), nkb = sd.nkb;
+    const uint64_t K = kcut[s * p.num_heads + h];
+    const float* mp = map + (size_t)ss.map_off * p.num_heads + ((size_t)h * sd.nqb + r) * nkb;
+    unsigned* row = mask + (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
+    for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) {
+        unsigned bits = 0;
+        for (unsigned b = 0; b < 32; ++b) {
+            const unsigned c = w * 32 + b;
+            if (c > d) break;
+            const uint64_t key = rank_key(mp[c], r * nkb + c);
+            if (p.original ? key < K : key <= K) bits |= 1u << b;
         }
+        if (bits) row[w] |= bits;
     }
 }
 
@@ -648,7 +795,7 @@ sel_qa_row(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, con
     const int h = blockIdx.y;
     const unsigned s = qb_seq[gb];
     if (pattern[s * p.num_heads + h] != PAT_QA) return;
-    if (!p.per_row && p.original) return;  // original flattened: nothing per row
+    if (!p.per_row || !p.original) return;  // only the original per-row cut lives here
     const SeqDesc sd = seqs[s];
     const SelSeq ss = sel[s];
     const Geo g = geo(sd, p.block_size);
@@ -668,6 +815,34 @@ sel_qa_row(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, con
     }
     for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) bits[w] = row[w];
     __syncthreads();
+    if (!p.per_row && !p.original) {
+        // Faithful flattened: most rows already hold gamma and the budget after the cut. Warp
+        // 0 replays core's ascending f64 sum through shuffles; those rows skip the sort.
+        __shared__ int done;
+        if (threadIdx.x < 32) {
+            double m = 0.0;
+            unsigned len = 0;
+            for (unsigned base = 0; base < n; base += 32) {
+                const unsigned c = base + threadIdx.x;
+                const bool on = c < n && (bits[c / 32] >> (c % 32) & 1u);
+                const double v = on ? (double)scs[c] : 0.0;
+                len += __popc(__ballot_sync(0xffffffffu, on));
+                for (int j = 0; j < 32; ++j) {
+                    const double x = __shfl_sync(0xffffffffu, v, j);
+                    if (__shfl_sync(0xffffffffu, (int)on, j)) m += x;
+                }
+            }
+            if (threadIdx.x == 0) done = m >= (double)p.gamma && len >= min((unsigned)p.mb, n);
+        }
+        __syncthreads();
+        if (done) {
+            for (unsigned c = threadIdx.x; c < n; c += blockDim.x)
+                if (is_forced(g, p, r, c)) atomicOr(&bits[c / 32], 1u << (c % 32));
+            __syncthreads();
+            for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) row[w] = bits[w];
+            return;
+        }
+    }
     bitonic_sort(key, val, N);
     // The sequential replays below read shared memory only.
     if (threadIdx.x == 0) {
@@ -702,6 +877,184 @@ sel_qa_row(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, con
             for (unsigned c = 0; c < n; ++c)
                 if (is_forced(g, p, r, c)) bits[c / 32] |= 1u << (c % 32);
         }
+    }
+    __syncthreads();
+    for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) row[w] = bits[w];
+}
+
+// ---- faithful query-aware (core's QueryAwareCuts) -------------------------------------------
+
+// Each causal row of a faithful query-aware head in rank order with its running mass (f64,
+// summed in that order as core does), into order[map layout] (u32) and run[map layout] (f64).
+// Grid (Σ nqb, H), 256 threads, smem 12·next_pow2(nkb).
+extern "C" __global__ void __launch_bounds__(256)
+sel_qa_sort(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, const unsigned* __restrict__ qb_seq,
+            SelParams p, const int* __restrict__ pattern, const float* __restrict__ map,
+            unsigned* __restrict__ order, double* __restrict__ run) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    const unsigned gb = blockIdx.x;
+    const int h = blockIdx.y;
+    const unsigned s = qb_seq[gb];
+    if (p.original || pattern[s * p.num_heads + h] != PAT_QA) return;
+    const SeqDesc sd = seqs[s];
+    const Geo g = geo(sd, p.block_size);
+    const unsigned r = gb - sd.qb_off, n = g.last_diag(r) + 1;
+    const size_t base = (size_t)sel[s].map_off * p.num_heads + ((size_t)h * sd.nqb + r) * sd.nkb;
+    const float* sc = map + base;
+    const int N = next_pow2(n);
+    uint64_t* key = (uint64_t*)smem;
+    uint32_t* val = (uint32_t*)(key + N);
+    for (int i = threadIdx.x; i < N; i += blockDim.x) {
+        key[i] = (unsigned)i < n ? rank_key(sc[i], i) : KEY_ALL;
+        val[i] = i;
+    }
+    __syncthreads();
+    bitonic_sort(key, val, N);
+    if (threadIdx.x < 32) {
+        // running sums in order, replayed through shuffles (every lane holds the same sum)
+        const unsigned lane = threadIdx.x;
+        double acc = 0.0;
+        for (unsigned b = 0; b < n; b += 32) {
+            const unsigned e = b + lane;
+            const double v = e < n ? (double)sc[val[e]] : 0.0;
+            double mine = 0.0;
+            for (int j = 0; j < 32; ++j) {
+                acc += __shfl_sync(0xffffffffu, v, j);
+                if ((int)lane == j) mine = acc;
+            }
+            if (e < n) {
+                order[base + e] = val[e];
+                run[base + e] = mine;
+            }
+        }
+    }
+}
+
+// Row r's own cut at target t (core's QueryAwareCuts::row, before the flattened extras):
+// the smallest rank prefix whose running mass reaches t·(row total), at least min(mb, len).
+FP_DEVICE unsigned own_cut(const double* run, unsigned n, double t, int mb) {
+    const double target = t * run[n - 1];
+    unsigned lo = 0, hi = n;  // partition_point(m < target)
+    while (lo < hi) {
+        const unsigned mid = (lo + hi) / 2;
+        if (run[mid] < target) lo = mid + 1;
+        else hi = mid;
+    }
+    unsigned k = min(lo + 1, n);
+    return max(k, min((unsigned)mb, n));
+}
+
+// The target t of a faithful query-aware head: gamma, or with probes the smallest t (16-step
+// bisection on [0, 1], as core) whose selection gives the probes a mean captured mass ≥ gamma;
+// and the flattened cut at t (the first key past the smallest top set reaching t·nqb).
+// Grid (H, nseq), 1024 threads. t_out / kcut_out [s·H + h].
+extern "C" __global__ void __launch_bounds__(1024)
+sel_qa_calib(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
+             const int* __restrict__ pattern, const float* __restrict__ map,
+             const unsigned* __restrict__ order, const double* __restrict__ run,
+             const float* __restrict__ probe_block_mass, int probes,
+             double* __restrict__ t_out, unsigned long long* __restrict__ kcut_out) {
+    __shared__ RadixShared rs;
+    __shared__ double red[32];
+    __shared__ double tot_sh[PROBE_QUERIES];
+    const int h = blockIdx.x, s = blockIdx.y;
+    if (p.original || pattern[s * p.num_heads + h] != PAT_QA) return;
+    const SeqDesc sd = seqs[s];
+    const SelSeq ss = sel[s];
+    const Geo g = geo(sd, p.block_size);
+    const unsigned nkb = sd.nkb;
+    const size_t hb = (size_t)ss.map_off * p.num_heads + (size_t)h * sd.nqb * nkb;
+    const float* mp = map + hb;
+    int lg = 0;
+    while ((1u << lg) < sd.nqb + 1) ++lg;
+    const int sc = 62 - lg;
+    const MapItems items{mp, g, nkb, 1.f / (float)nkb};
+    const unsigned total = sd.nqb * nkb;
+    const bool flat = !p.per_row;
+    auto flat_cut = [&](double t) -> uint64_t {
+        if (!flat) return KEY_NONE;
+        const uint64_t T = (uint64_t)__dmul_rn(t * (double)sd.nqb, ldexp(1.0, sc));
+        return radix_cut(rs, items, total, 1, T, 0, sc, nullptr);
+    };
+    double t = (double)p.gamma;
+    const unsigned P = probes ? num_probes(g) : 0;
+    if (P > 0) {
+        const float* pm = probe_block_mass + (size_t)sd.pad0 * p.num_heads + (size_t)h * P * nkb;
+        if (threadIdx.x < P) {
+            double a = 0.0;
+            for (unsigned c = 0; c < nkb; ++c) a += (double)pm[(size_t)threadIdx.x * nkb + c];
+            tot_sh[threadIdx.x] = a;
+        }
+        __syncthreads();
+        const double target = (double)p.gamma * (double)P - 1e-12;
+        // Σ over probe blocks (each once) of Σ_{c in the block's row at t} Σ_probes mass/total.
+        auto probes_done = [&](double tt) {
+            const uint64_t kc = flat_cut(tt);
+            double a = 0.0;
+            for (unsigned i = threadIdx.x; i < P * nkb; i += blockDim.x) {
+                const unsigned u = i / nkb, e = i % nkb;
+                const unsigned r = probe_block(g, u);
+                if (u > 0 && probe_block(g, u - 1) == r) continue;  // the block's first slot
+                const unsigned n = g.last_diag(r) + 1;
+                if (e >= n) continue;
+                const size_t rb = hb + (size_t)r * nkb;
+                const unsigned k = own_cut(run + rb, n, tt, p.mb);
+                const unsigned c = order[rb + e];
+                bool on = e < k || is_forced(g, p, r, c);
+                if (!on && flat) on = rank_key(mp[(size_t)r * nkb + c], r * nkb + c) <= kc;
+                if (!on) continue;
+                for (unsigned v = u; v < P && probe_block(g, v) == r; ++v)
+                    if (tot_sh[v] > 0.0) a += (double)pm[(size_t)v * nkb + c] / tot_sh[v];
+            }
+            return block_sum_f64(a, red) >= target;
+        };
+        double lo = 0.0, hi = 1.0;
+        if (probes_done(hi)) {
+            for (int it = 0; it < 16; ++it) {
+                const double mid = 0.5 * (lo + hi);
+                if (probes_done(mid)) hi = mid;
+                else lo = mid;
+            }
+        }
+        t = hi;
+    }
+    const uint64_t kc = flat_cut(t);
+    if (threadIdx.x == 0) {
+        t_out[s * p.num_heads + h] = t;
+        kcut_out[s * p.num_heads + h] = kc;
+    }
+}
+
+// Faithful query-aware rows at the calibrated target: the row's own cut, the flattened cut's
+// entries of the row, the forced blocks. Grid (Σ nqb, H), 128 threads, smem 4·ceil(nkb/32).
+extern "C" __global__ void __launch_bounds__(128)
+sel_qa_build(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, const unsigned* __restrict__ qb_seq,
+             SelParams p, const int* __restrict__ pattern, const float* __restrict__ map,
+             const unsigned* __restrict__ order, const double* __restrict__ run,
+             const double* __restrict__ t_in, const unsigned long long* __restrict__ kcut,
+             unsigned* __restrict__ mask) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    const unsigned gb = blockIdx.x;
+    const int h = blockIdx.y;
+    const unsigned s = qb_seq[gb];
+    if (p.original || pattern[s * p.num_heads + h] != PAT_QA) return;
+    const SeqDesc sd = seqs[s];
+    const SelSeq ss = sel[s];
+    const Geo g = geo(sd, p.block_size);
+    const unsigned r = gb - sd.qb_off, n = g.last_diag(r) + 1, nkb = sd.nkb;
+    const size_t rb = (size_t)ss.map_off * p.num_heads + ((size_t)h * sd.nqb + r) * nkb;
+    unsigned* bits = (unsigned*)smem;
+    unsigned* row = mask + (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
+    for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) bits[w] = row[w];
+    __syncthreads();
+    const double t = t_in[s * p.num_heads + h];
+    const uint64_t K = kcut[s * p.num_heads + h];
+    const unsigned k = own_cut(run + rb, n, t, p.mb);
+    for (unsigned e = threadIdx.x; e < n; e += blockDim.x) {
+        const unsigned c = order[rb + e];
+        bool on = e < k || is_forced(g, p, r, c);
+        if (!on && !p.per_row) on = rank_key(map[rb + c], r * nkb + c) <= K;
+        if (on) atomicOr(&bits[c / 32], 1u << (c % 32));
     }
     __syncthreads();
     for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) row[w] = bits[w];

@@ -50,6 +50,27 @@ struct SeqDesc {
     unsigned pad0, pad1, pad2;
 };
 
+// The query rows a pass works on. Representative rows (probe = 0): the last `rep` queries of
+// the chunk. Probe rows (probe = 1): core's `probe_queries`, at most 32 single queries spread
+// over the chunk before the representative block, k-th at (2k+1)·m/(2p) with m = q_len - rep,
+// p = min(32, ceil(m / bs)). Both bottom-right causal: row i sees keys 0..=pos(i).
+#define PROBE_QUERIES 32
+FP_DEVICE unsigned num_probes(const SeqDesc& sd, int bs) {
+    const unsigned m = sd.q_len - sd.rep;
+    return min((unsigned)PROBE_QUERIES, (m + bs - 1) / bs);
+}
+FP_DEVICE unsigned row_count(const SeqDesc& sd, int probe, int bs) { return probe ? num_probes(sd, bs) : sd.rep; }
+// Chunk-relative query index of row i.
+FP_DEVICE unsigned row_query(const SeqDesc& sd, int probe, int bs, unsigned i) {
+    if (!probe) return sd.q_len - sd.rep + i;
+    const unsigned long long m = sd.q_len - sd.rep, p = num_probes(sd, bs);
+    if (p == 0) return 0;
+    return (unsigned)((2ull * i + 1ull) * m / (2ull * p));
+}
+FP_DEVICE long long row_pos(const SeqDesc& sd, int probe, int bs, unsigned i) {
+    return (long long)(sd.kv_len - sd.q_len) + row_query(sd, probe, bs, i);
+}
+
 // Loads a KT x HEAD_DIM key tile (keys j0.., kv head hk) into shared, zero-filling keys >= kv_len.
 FP_DEVICE void load_k_tile(elem_t* ks, const elem_t* __restrict__ k,
                                             const SeqDesc& sd, unsigned j0, int hk, int num_kv_heads) {
@@ -92,13 +113,15 @@ FP_DEVICE void qk_tile(float (&acc)[KT / 8][4], const elem_t* qs, const elem_t* 
 // With round_q, Q̂ is pre-multiplied by `scale` and rounded to the input dtype (the original's
 // Q̂s = bf16(Q̂/√D)).
 FP_DEVICE void load_q_hat(elem_t* qs, const elem_t* __restrict__ q, const SeqDesc& sd,
-                                           int h, int num_heads, int ng, int round_q, float scale) {
+                                           int h, int num_heads, int ng, int round_q, float scale,
+                                           int probe, int bs) {
     constexpr int CHUNKS = HEAD_DIM / 8;
-    const unsigned first = sd.q_start + sd.q_len - sd.rep;
+    const unsigned nrow = row_count(sd, probe, bs);
     for (int c = threadIdx.x; c < ng * ROWS * CHUNKS; c += NTHREADS) {
         int r = c / CHUNKS, col = (c % CHUNKS) * 8;
-        bool valid = (unsigned)r < sd.rep;
-        const elem_t* src = q + ((size_t)(first + (valid ? r : 0)) * num_heads + h) * HEAD_DIM + col;
+        bool valid = (unsigned)r < nrow;
+        const unsigned tok = sd.q_start + row_query(sd, probe, bs, valid ? r : 0);
+        const elem_t* src = q + ((size_t)tok * num_heads + h) * HEAD_DIM + col;
         if (round_q) {
             elem_t* dst = qs + r * DPAD + col;
 #pragma unroll
@@ -122,21 +145,23 @@ stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             const SeqDesc* __restrict__ seqs, const uint2* __restrict__ work,
             int num_heads, int num_kv_heads, int split_keys, int rp,
             float scale, float scale_log2, int round_q, int round_logits,
-            float2* __restrict__ row_ml) {
+            int probe, int block_size, float2* __restrict__ row_ml) {
     extern __shared__ __align__(16) unsigned char smem[];
     const int h = blockIdx.x;
     const uint2 wk = work[blockIdx.y];
     const SeqDesc sd = seqs[wk.x];
     const unsigned sp = wk.y;
     const int hk = h / (num_heads / num_kv_heads);
-    const int ng = (sd.rep + ROWS - 1) / ROWS;
+    const unsigned nrow = row_count(sd, probe, block_size);
+    if (nrow == 0) return;  // a chunk with no probe rows
+    const int ng = (nrow + ROWS - 1) / ROWS;
     elem_t* qs = (elem_t*)smem;
     elem_t* ks = qs + ng * ROWS * DPAD;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const unsigned J0 = sp * split_keys;
     const unsigned J1 = min(J0 + split_keys, sd.kv_len);
 
-    load_q_hat(qs, q, sd, h, num_heads, ng, round_q, scale);
+    load_q_hat(qs, q, sd, h, num_heads, ng, round_q, scale, probe, block_size);
     load_k_tile(ks, k, sd, J0, hk, num_kv_heads);
     cp_async_commit();
 
@@ -165,7 +190,7 @@ stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const int i = g * ROWS + warp * 16 + (lane / 4) + 8 * r;
-                const long long last_key = (long long)sd.kv_len - sd.rep + i;  // pos_i
+                const long long last_key = (unsigned)i < nrow ? row_pos(sd, probe, block_size, i) : -1;
                 float x[KT / 8][2];
                 float tmax = (-F32_INF);
 #pragma unroll
@@ -173,7 +198,7 @@ stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
                         long long j = (long long)j0 + nt * 8 + 2 * (lane % 4) + e;
-                        bool valid = (unsigned)i < sd.rep && j <= last_key && j < sd.kv_len;
+                        bool valid = (unsigned)i < nrow && j <= last_key && j < sd.kv_len;
                         x[nt][e] = valid ? logit2(acc[nt][2 * r + e], scale_log2, round_logits) : (-F32_INF);
                         tmax = fmaxf(tmax, x[nt][e]);
                     }
@@ -242,14 +267,18 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             float scale, float scale_log2, int round_q, int round_logits,
             const float* __restrict__ lse2, int sl_stride,
             float* __restrict__ vertical, float* __restrict__ rep_block_mass,
-            float* __restrict__ slash_part) {
+            float* __restrict__ slash_part, int probe) {
     extern __shared__ __align__(16) unsigned char smem[];
     const int h = blockIdx.x;
     const uint2 wk = work[blockIdx.y];
     const SeqDesc sd = seqs[wk.x];
     const unsigned sp = wk.y;
     const int hk = h / (num_heads / num_kv_heads);
-    const int ng = (sd.rep + ROWS - 1) / ROWS;
+    // Probe rows (probe = 1) only need their block masses, written to rep_block_mass at the
+    // probe layout (pad0 = Σ probes·nkb of earlier sequences); no lines.
+    const unsigned nrow = row_count(sd, probe, block_size);
+    if (nrow == 0) return;  // a chunk with no probe rows
+    const int ng = (nrow + ROWS - 1) / ROWS;
     elem_t* qs = (elem_t*)smem;
     elem_t* ks = qs + ng * ROWS * DPAD;
     float* ps = (float*)(ks + 2 * KT * DPAD);
@@ -261,7 +290,7 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const float inv_r = 1.f / (float)sd.rep;
 
     for (int i = threadIdx.x; i < sl_stride; i += NTHREADS) slash_acc[i] = 0.f;
-    load_q_hat(qs, q, sd, h, num_heads, ng, round_q, scale);
+    load_q_hat(qs, q, sd, h, num_heads, ng, round_q, scale, probe, block_size);
     load_k_tile(ks, k, sd, J0, hk, num_kv_heads);
     cp_async_commit();
 
@@ -279,7 +308,8 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     for (int g = 0; g < MAXG; ++g) bm_run[g][0] = bm_run[g][1] = 0.f;
 
     float* vert_out = vertical + (size_t)sd.tok_off * num_heads + (size_t)h * sd.kv_len;
-    float* rbm_out = rep_block_mass + (size_t)sd.rep_off * num_heads + (size_t)h * sd.rep * sd.nkb;
+    float* rbm_out = probe ? rep_block_mass + (size_t)sd.pad0 * num_heads + (size_t)h * nrow * sd.nkb
+                           : rep_block_mass + (size_t)sd.rep_off * num_heads + (size_t)h * sd.rep * sd.nkb;
     const int seg = block_size < KT ? block_size : KT;  // columns per block segment in a tile
 
     int buf = 0;
@@ -304,7 +334,7 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             for (int r = 0; r < 2; ++r) {
                 const int ii = warp * 16 + (lane / 4) + 8 * r;
                 const int i = g * ROWS + ii;
-                const long long last_key = (long long)sd.kv_len - sd.rep + i;
+                const long long last_key = (unsigned)i < nrow ? row_pos(sd, probe, block_size, i) : -1;
                 float segsum = 0.f;
 #pragma unroll
                 for (int nt = 0; nt < KT / 8; ++nt) {
@@ -312,7 +342,7 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                     for (int e = 0; e < 2; ++e) {
                         const int jj = nt * 8 + 2 * (lane % 4) + e;
                         long long j = (long long)j0 + jj;
-                        bool valid = (unsigned)i < sd.rep && j <= last_key && j < sd.kv_len;
+                        bool valid = (unsigned)i < nrow && j <= last_key && j < sd.kv_len;
                         float p = valid ? exp2f(logit2(acc[nt][2 * r + e], scale_log2, round_logits) - row_lse[g][r]) : 0.f;
                         ps[ii * PPAD + jj] = p;
                         pv[r][nt][e] = p;
@@ -330,11 +360,11 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                             const bool block_ends = ((nt + 1) * 8 == KT) ? ((j0 + KT) % block_size == 0 || j0 + KT >= sd.kv_len)
                                                                         : true;
                             if (block_size <= KT) {
-                                if (lane % 4 == 0 && (unsigned)i < sd.rep) rbm_out[(size_t)i * sd.nkb + c] = t;
+                                if (lane % 4 == 0 && (unsigned)i < nrow) rbm_out[(size_t)i * sd.nkb + c] = t;
                             } else {
                                 bm_run[g][r] += t;
                                 if (block_ends) {
-                                    if (lane % 4 == 0 && (unsigned)i < sd.rep) rbm_out[(size_t)i * sd.nkb + c] = bm_run[g][r];
+                                    if (lane % 4 == 0 && (unsigned)i < nrow) rbm_out[(size_t)i * sd.nkb + c] = bm_run[g][r];
                                     bm_run[g][r] = 0.f;
                                 }
                             }
@@ -355,7 +385,9 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                 }
             __syncthreads();
             const int t = threadIdx.x;
-            if (t < KT) {
+            if (probe) {
+                // block masses only
+            } else if (t < KT) {
                 float s = 0.f;
                 for (int w = 0; w < NWARPS; ++w) s += wcol[w * KT + t];
                 vsum += s;
@@ -371,8 +403,9 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             }
             __syncthreads();
         }
-        if (threadIdx.x < KT && j0 + threadIdx.x < sd.kv_len) vert_out[j0 + threadIdx.x] = vsum * inv_r;
+        if (!probe && threadIdx.x < KT && j0 + threadIdx.x < sd.kv_len) vert_out[j0 + threadIdx.x] = vsum * inv_r;
     }
+    if (probe) return;
     float* out = slash_part + ((size_t)(sd.split_off + sp) * num_heads + h) * sl_stride;
     for (int i = threadIdx.x; i < sl_stride; i += NTHREADS) out[i] = slash_acc[i] * inv_r;
 }

@@ -18,8 +18,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 use flexprefill_core::{
-    selection, AttentionInput, BlockIndex, FlexPrefillConfig, HeadReport, HeadStatistics,
-    Pattern, QueryAwareCut, SelectionMode, SparsityReport, TensorRef,
+    selection, AttentionInput, BlockIndex, FlexPrefillConfig, HeadReport, HeadStatistics, Pattern,
+    QueryAwareCut, SelectionMode, SparsityReport, TensorRef,
 };
 
 use crate::attention::DeviceBlockIndex;
@@ -145,7 +145,8 @@ pub fn launch_select<T: StatsElem>(
 
     // Host-side plan of the selection buffers (lengths only).
     let mut sel = Vec::with_capacity(nseq);
-    let (mut mask, mut map, mut rows, mut dist, mut causal) = (0usize, 0usize, 0usize, 0usize, 0usize);
+    let (mut mask, mut map, mut rows, mut dist, mut causal) =
+        (0usize, 0usize, 0usize, 0usize, 0usize);
     let (mut max_nkb, mut max_rep) = (1usize, 1usize);
     let mut head_row_start = vec![0u32];
     for (si, s) in layout.seqs.iter().enumerate() {
@@ -180,7 +181,10 @@ pub fn launch_select<T: StatsElem>(
     }
     u32::try_from(map * h).map_err(|_| CudaError::Unsupported {
         op: "select",
-        message: format!("pooled map of {} entries does not fit u32 indexing", map * h),
+        message: format!(
+            "pooled map of {} entries does not fit u32 indexing",
+            map * h
+        ),
     })?;
     let total_rows = rows * h;
     let any_qa = cfg.tau > 0.0;
@@ -199,7 +203,22 @@ pub fn launch_select<T: StatsElem>(
     // (vpool/spool/pattern/js by sel_decide, vkey/kstar/colsel/dist by the mode's own kernels
     // for exactly the heads that later read them, mask by sel_extend, map by sel_qa_map for
     // query-aware heads, counts/offsets/cols by the compaction).
-    let (mut vpool, mut spool, mut pattern, mut js, mut vkey, mut kstar, mut colsel, mut offsel, mut dist_prefix, mut mapb, mut maskb, mut counts, mut offsets, mut cols) = unsafe {
+    let (
+        mut vpool,
+        mut spool,
+        mut pattern,
+        mut js,
+        mut vkey,
+        mut kstar,
+        mut colsel,
+        mut offsel,
+        mut dist_prefix,
+        mut mapb,
+        mut maskb,
+        mut counts,
+        mut offsets,
+        mut cols,
+    ) = unsafe {
         (
             stream.alloc::<f32>(nkb_all.max(1))?,
             stream.alloc::<f32>(nkb_all.max(1))?,
@@ -240,8 +259,45 @@ pub fn launch_select<T: StatsElem>(
             message: format!("{max_nkb} key blocks per sequence need {topup_smem} bytes of shared memory to rank (device: {dyn_limit}); use a larger block_size"),
         });
     }
+    // Query-aware map: row groups of one sequence, as many rows as shared memory holds (≤ 16).
+    let d = layout.shape.head_dim;
+    let map_fixed = 4 * (32 * (d + 1));
+    let rows_per = ((dyn_limit.saturating_sub(map_fixed)) / (4 * (d + max_nkb))).clamp(1, 16);
+    let map_smem = map_fixed + 4 * rows_per * (d + max_nkb);
+    let mut groups: Vec<[u32; 2]> = Vec::new();
+    for (si, s) in layout.seqs.iter().enumerate() {
+        for r0 in (0..s.num_query_blocks(bs)).step_by(rows_per) {
+            groups.push([si as u32, r0 as u32]);
+        }
+    }
+    let groups_d = stream.clone_htod(&groups.concat())?;
+    let rows_per_i = rows_per as i32;
+    // SAFETY: written by sel_qa_flat for every query-aware head before sel_qa_flat_mark reads it.
+    let mut kcut = unsafe { stream.alloc::<u64>((nseq * h).max(1)) }?;
+    // Faithful query-aware rows in rank order with running masses (map layout), the
+    // calibrated targets, and the probe events of the vertical-slash stop (32 slots per key
+    // block). SAFETY: each is written by its producer kernel for exactly the heads whose
+    // consumers read it (same pattern test on both sides).
+    let faithful_qa = any_qa && cfg.selection == SelectionMode::Faithful;
+    let qa_len = if faithful_qa { (map * h).max(1) } else { 1 };
+    let mut order_b = unsafe { stream.alloc::<u32>(qa_len) }?;
+    let mut run_b = unsafe { stream.alloc::<f64>(qa_len) }?;
+    let mut t_b = unsafe { stream.alloc::<f64>((nseq * h).max(1)) }?;
+    let probes = layout.probes && cfg.selection == SelectionMode::Faithful;
+    let probes_i = probes as i32;
+    let ev_len = if probes { (nkb_all * 32).max(1) } else { 1 };
+    let mut ev_key = unsafe { stream.alloc::<u64>(ev_len) }?;
+    let mut ev_w = unsafe { stream.alloc::<f64>(ev_len) }?;
     let f = |name: &'static str| {
-        let dynamic = matches!(name, "sel_fvs_stop" | "sel_qa_map" | "sel_qa_row" | "sel_qa_topup");
+        let dynamic = matches!(
+            name,
+            "sel_fvs_stop"
+                | "sel_qa_map"
+                | "sel_qa_row"
+                | "sel_qa_topup"
+                | "sel_qa_sort"
+                | "sel_qa_build"
+        );
         dev.function(&SELECT, &key, name, if dynamic { dyn_limit } else { 0 })
     };
     let grid_heads = (h as u32, nseq as u32, 1);
@@ -268,7 +324,7 @@ pub fn launch_select<T: StatsElem>(
             .arg(&mut pattern)
             .arg(&mut js)
             .launch(lc(grid_heads, 256, 0))?;
-            crate::stats::profile::mark(stream, "sel_decide");
+        crate::stats::profile::mark(stream, "sel_decide");
     }
     if let Some(q) = q {
         if any_qa {
@@ -284,10 +340,14 @@ pub fn launch_select<T: StatsElem>(
             .arg(&stats.vertical)
             .arg(&stats.slash)
             .arg(&stats.rep_block_mass)
+            .arg(&stats.probe_block_mass)
+            .arg(&probes_i)
+            .arg(&mut ev_key)
+            .arg(&mut ev_w)
             .arg(&mut vkey)
             .arg(&mut kstar)
             .launch(lc(grid_heads, 512, sort_smem))?;
-            crate::stats::profile::mark(stream, "sel_fvs_stop");
+        crate::stats::profile::mark(stream, "sel_fvs_stop");
         stream
             .launch_builder(&f("sel_fvs_lines")?)
             .arg(&stats.descs)
@@ -300,7 +360,7 @@ pub fn launch_select<T: StatsElem>(
             .arg(&mut colsel)
             .arg(&mut dist_prefix)
             .launch(lc(grid_heads, 1024, 0))?;
-            crate::stats::profile::mark(stream, "sel_fvs_lines");
+        crate::stats::profile::mark(stream, "sel_fvs_lines");
         stream
             .launch_builder(&f("sel_ovs")?)
             .arg(&stats.descs)
@@ -313,7 +373,7 @@ pub fn launch_select<T: StatsElem>(
             .arg(&mut colsel)
             .arg(&mut offsel)
             .launch(lc(grid_heads, 1024, 0))?;
-            crate::stats::profile::mark(stream, "sel_ovs");
+        crate::stats::profile::mark(stream, "sel_ovs");
         stream
             .launch_builder(&f("sel_extend")?)
             .arg(&stats.descs)
@@ -326,19 +386,20 @@ pub fn launch_select<T: StatsElem>(
             .arg(&dist_prefix)
             .arg(&mut maskb)
             .launch(lc(grid_rows, 64, 0))?;
-            crate::stats::profile::mark(stream, "sel_extend");
+        crate::stats::profile::mark(stream, "sel_extend");
         if any_qa {
             stream
                 .launch_builder(&f("sel_qa_map")?)
                 .arg(&stats.descs)
                 .arg(&sel_d)
-                .arg(&qb_seq_d)
+                .arg(&groups_d)
+                .arg(&rows_per_i)
                 .arg(&p)
                 .arg(&pattern)
                 .arg(&stats.q_pooled)
                 .arg(&stats.k_pooled)
                 .arg(&mut mapb)
-                .launch(lc(grid_rows, 128, 8 * max_nkb))?;
+                .launch(lc((groups.len() as u32, h as u32, 1), 512, map_smem))?;
             crate::stats::profile::mark(stream, "sel_qa_map");
             stream
                 .launch_builder(&f("sel_qa_flat")?)
@@ -347,9 +408,21 @@ pub fn launch_select<T: StatsElem>(
                 .arg(&p)
                 .arg(&pattern)
                 .arg(&mapb)
-                .arg(&mut maskb)
+                .arg(&mut kcut)
                 .launch(lc(grid_heads, 1024, 0))?;
             crate::stats::profile::mark(stream, "sel_qa_flat");
+            stream
+                .launch_builder(&f("sel_qa_flat_mark")?)
+                .arg(&stats.descs)
+                .arg(&sel_d)
+                .arg(&qb_seq_d)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&mapb)
+                .arg(&kcut)
+                .arg(&mut maskb)
+                .launch(lc(grid_rows, 64, 0))?;
+            crate::stats::profile::mark(stream, "sel_qa_flat_mark");
             stream
                 .launch_builder(&f("sel_qa_row")?)
                 .arg(&stats.descs)
@@ -361,6 +434,48 @@ pub fn launch_select<T: StatsElem>(
                 .arg(&mut maskb)
                 .launch(lc(grid_rows, 256, row_smem))?;
             crate::stats::profile::mark(stream, "sel_qa_row");
+            stream
+                .launch_builder(&f("sel_qa_sort")?)
+                .arg(&stats.descs)
+                .arg(&sel_d)
+                .arg(&qb_seq_d)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&mapb)
+                .arg(&mut order_b)
+                .arg(&mut run_b)
+                .launch(lc(grid_rows, 256, sort_smem))?;
+            crate::stats::profile::mark(stream, "sel_qa_sort");
+            stream
+                .launch_builder(&f("sel_qa_calib")?)
+                .arg(&stats.descs)
+                .arg(&sel_d)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&mapb)
+                .arg(&order_b)
+                .arg(&run_b)
+                .arg(&stats.probe_block_mass)
+                .arg(&probes_i)
+                .arg(&mut t_b)
+                .arg(&mut kcut)
+                .launch(lc(grid_heads, 1024, 0))?;
+            crate::stats::profile::mark(stream, "sel_qa_calib");
+            stream
+                .launch_builder(&f("sel_qa_build")?)
+                .arg(&stats.descs)
+                .arg(&sel_d)
+                .arg(&qb_seq_d)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&mapb)
+                .arg(&order_b)
+                .arg(&run_b)
+                .arg(&t_b)
+                .arg(&kcut)
+                .arg(&mut maskb)
+                .launch(lc(grid_rows, 128, 4 * max_nkb.div_ceil(32)))?;
+            crate::stats::profile::mark(stream, "sel_qa_build");
             stream
                 .launch_builder(&f("sel_qa_topup")?)
                 .arg(&stats.descs)
@@ -381,7 +496,7 @@ pub fn launch_select<T: StatsElem>(
             .arg(&maskb)
             .arg(&mut counts)
             .launch(lc(grid_rows, 32, 0))?;
-            crate::stats::profile::mark(stream, "sel_count");
+        crate::stats::profile::mark(stream, "sel_count");
         let rows_u = total_rows as u32;
         stream
             .launch_builder(&f("sel_scan")?)
@@ -389,7 +504,7 @@ pub fn launch_select<T: StatsElem>(
             .arg(&rows_u)
             .arg(&mut offsets)
             .launch(lc((1, 1, 1), 1024, 0))?;
-            crate::stats::profile::mark(stream, "sel_scan");
+        crate::stats::profile::mark(stream, "sel_scan");
         stream
             .launch_builder(&f("sel_write")?)
             .arg(&stats.descs)
@@ -400,7 +515,7 @@ pub fn launch_select<T: StatsElem>(
             .arg(&offsets)
             .arg(&mut cols)
             .launch(lc(grid_rows, 32, 0))?;
-            crate::stats::profile::mark(stream, "sel_write");
+        crate::stats::profile::mark(stream, "sel_write");
     }
     Ok(DeviceSelection {
         index: DeviceBlockIndex {
@@ -457,7 +572,9 @@ impl DeviceSelection {
                 };
                 let mass = match (pat, stats) {
                     (Pattern::Dense, _) => 1.0,
-                    (_, Some(st)) => mean_rep_mass(&st[si * h + head].rep_block_mass, nkb, s, bs, &rows),
+                    (_, Some(st)) => {
+                        mean_rep_mass(&st[si * h + head].rep_block_mass, nkb, s, bs, &rows)
+                    }
                     _ => f32::NAN,
                 };
                 reports.push(HeadReport {
@@ -480,7 +597,13 @@ impl DeviceSelection {
 
 /// Mean over the representative queries of the exact captured mass (core's
 /// `representative_mass`, f64 per query in ascending block order).
-fn mean_rep_mass(m: &[f32], nkb: usize, s: &flexprefill_core::Sequence, bs: usize, rows: &[Vec<u32>]) -> f32 {
+fn mean_rep_mass(
+    m: &[f32],
+    nkb: usize,
+    s: &flexprefill_core::Sequence,
+    bs: usize,
+    rows: &[Vec<u32>],
+) -> f32 {
     let rep = bs.min(s.q_len);
     if m.len() != rep * nkb || rep == 0 {
         return f32::NAN;
@@ -527,6 +650,12 @@ pub fn upload_stats(
     let mut rbm = vec![0f32; tot_rep * h];
     let mut kp = vec![0f32; tot_kb * hkv * d];
     let mut qp = vec![0f32; tot_qb * h * d];
+    let probes = stats.iter().any(|st| !st.probe_block_mass.is_empty());
+    let layout = layout.with_probes(probes);
+    let tot_probe: usize = (0..seqs.len())
+        .map(|i| layout.num_probes(i) * seqs[i].num_key_blocks(bs))
+        .sum();
+    let mut pm = vec![0f32; tot_probe * h];
     for (si, s) in seqs.iter().enumerate() {
         let (nkb, nqb) = (s.num_key_blocks(bs), s.num_query_blocks(bs));
         for head in 0..h {
@@ -542,12 +671,16 @@ pub fn upload_stats(
             kp[ko..ko + nkb * d].copy_from_slice(&st.k_pooled);
             let qo = layout.q_pooled_offset(si, head);
             qp[qo..qo + nqb * d].copy_from_slice(&st.q_pooled);
+            if probes {
+                let po = layout.probe_offset(si, head);
+                pm[po..po + st.probe_block_mass.len()].copy_from_slice(&st.probe_block_mass);
+            }
         }
     }
     DeviceStats::from_parts(
         stream,
         layout,
-        [vertical, slash, estimate, rbm, kp, qp],
+        [vertical, slash, estimate, rbm, kp, qp, pm],
         emulate,
     )
 }
@@ -563,7 +696,10 @@ pub const MIN_SPARSE_KV_LEN: usize = 16384;
 /// pay off for this batch (every sequence shorter than [`MIN_SPARSE_KV_LEN`], or every sequence
 /// a dense fallback of core's own rule), `None` to run pattern search, selection and sparse
 /// attention. Reads lengths only: no device work, no sync.
-pub fn sparse_pays_off(seqs: &[flexprefill_core::Sequence], cfg: &FlexPrefillConfig) -> Option<String> {
+pub fn sparse_pays_off(
+    seqs: &[flexprefill_core::Sequence],
+    cfg: &FlexPrefillConfig,
+) -> Option<String> {
     if let Some(reasons) = seqs
         .iter()
         .map(|s| selection::dense_fallback(s, cfg))
@@ -609,11 +745,13 @@ pub fn flex_prefill_device<T: StatsElem + crate::attention::DeviceElem>(
         });
     }
     let dev = backend.device();
-    let layout = StatsLayout::new(seqs, args.shape, cfg.block_size)?;
+    let layout = StatsLayout::new(seqs, args.shape, cfg.block_size)?
+        .with_probes(cfg.selection == SelectionMode::Faithful);
     let scale = args
         .softmax_scale
         .unwrap_or(1.0 / (args.shape.head_dim as f32).sqrt());
-    let (scale, emulate) = crate::stats::estimation_scale(args.shape, scale, <T as StatsElem>::DTYPE, cfg);
+    let (scale, emulate) =
+        crate::stats::estimation_scale(args.shape, scale, <T as StatsElem>::DTYPE, cfg);
     let mut st = launch_stats(dev, stream, args.q, args.k, layout, scale, emulate)?;
     let sel = launch_select(dev, stream, Some(args.q), &mut st, cfg)?;
     backend.attention_device(stream, args, Some(&sel.index), None, out, lse)?;
@@ -632,8 +770,10 @@ pub(crate) fn select_index(
     cfg.validate()?;
     x.validate()?;
     let stream = dev.stream();
-    let layout = StatsLayout::new(&x.seqs, x.shape, cfg.block_size)?;
+    let layout = StatsLayout::new(&x.seqs, x.shape, cfg.block_size)?
+        .with_probes(cfg.selection == SelectionMode::Faithful);
     let (scale, emulate) = crate::stats::estimation_scale(x.shape, x.scale(), x.dtype(), cfg);
+    #[allow(clippy::too_many_arguments)]
     fn run<T: StatsElem + cudarc::driver::ValidAsZeroBits>(
         dev: &CudaDevice,
         stream: &Arc<CudaStream>,
@@ -654,10 +794,18 @@ pub(crate) fn select_index(
     }
     let t0 = std::time::Instant::now();
     let (index, heads) = match (x.q, x.k) {
-        (TensorRef::BF16(q), TensorRef::BF16(k)) => run(dev, stream, q, k, layout, scale, emulate, cfg)?,
-        (TensorRef::F16(q), TensorRef::F16(k)) => run(dev, stream, q, k, layout, scale, emulate, cfg)?,
+        (TensorRef::BF16(q), TensorRef::BF16(k)) => {
+            run(dev, stream, q, k, layout, scale, emulate, cfg)?
+        }
+        (TensorRef::F16(q), TensorRef::F16(k)) => {
+            run(dev, stream, q, k, layout, scale, emulate, cfg)?
+        }
         (TensorRef::F32(q), TensorRef::F32(k)) => {
-            let cv = |t: &[f32]| t.iter().map(|&a| half::bf16::from_f32(a)).collect::<Vec<_>>();
+            let cv = |t: &[f32]| {
+                t.iter()
+                    .map(|&a| half::bf16::from_f32(a))
+                    .collect::<Vec<_>>()
+            };
             run(dev, stream, &cv(q), &cv(k), layout, scale, false, cfg)?
         }
         _ => {
@@ -709,27 +857,81 @@ mod tests {
         vec![
             ("faithful", f),
             ("faithful tau 0.4", FlexPrefillConfig { tau: 0.4, ..f }),
-            ("faithful per-row tau 0.4", FlexPrefillConfig { tau: 0.4, query_aware_cut: QueryAwareCut::PerQueryBlock, ..f }),
-            ("faithful gamma 0.95 bs 64", FlexPrefillConfig { gamma: 0.95, block_size: 64, ..f }),
+            (
+                "faithful per-row tau 0.4",
+                FlexPrefillConfig {
+                    tau: 0.4,
+                    query_aware_cut: QueryAwareCut::PerQueryBlock,
+                    ..f
+                },
+            ),
+            (
+                "faithful gamma 0.95 bs 64",
+                FlexPrefillConfig {
+                    gamma: 0.95,
+                    block_size: 64,
+                    ..f
+                },
+            ),
             ("original", o),
             ("original tau 0.4", FlexPrefillConfig { tau: 0.4, ..o }),
-            ("original per-row tau 0.4 max budget", FlexPrefillConfig { tau: 0.4, query_aware_cut: QueryAwareCut::PerQueryBlock, max_budget: Some(512), ..o }),
-            ("original gamma 0.8 bs 64", FlexPrefillConfig { gamma: 0.8, block_size: 64, ..o }),
+            (
+                "original per-row tau 0.4 max budget",
+                FlexPrefillConfig {
+                    tau: 0.4,
+                    query_aware_cut: QueryAwareCut::PerQueryBlock,
+                    max_budget: Some(512),
+                    ..o
+                },
+            ),
+            (
+                "original gamma 0.8 bs 64",
+                FlexPrefillConfig {
+                    gamma: 0.8,
+                    block_size: 64,
+                    ..o
+                },
+            ),
         ]
     }
 
     fn inputs(seed: u64) -> Vec<(&'static str, OwnedInput)> {
         let long = workload(WorkloadKind::Mixed, 3000, 8, 2, 128, seed + 10);
         vec![
-            ("mixed 4096", workload(WorkloadKind::Mixed, 4096, 8, 2, 128, seed).to_dtype(DType::BF16)),
-            ("topics 3000", workload(WorkloadKind::Topics, 3000, 4, 2, 128, seed + 1).to_dtype(DType::BF16)),
-            ("stripes 2500 f16", workload(WorkloadKind::Stripes, 2500, 4, 1, 64, seed + 2).to_dtype(DType::F16)),
-            ("random 2048", workload(WorkloadKind::Random, 2048, 4, 2, 128, seed + 3).to_dtype(DType::BF16)),
-            ("needle 3333", workload(WorkloadKind::Needle, 3333, 4, 2, 128, seed + 4).to_dtype(DType::BF16)),
-            ("chunk 2200..3000", long.chunk(2200, 3000).expect("chunk").to_dtype(DType::BF16)),
+            (
+                "mixed 4096",
+                workload(WorkloadKind::Mixed, 4096, 8, 2, 128, seed).to_dtype(DType::BF16),
+            ),
+            (
+                "topics 3000",
+                workload(WorkloadKind::Topics, 3000, 4, 2, 128, seed + 1).to_dtype(DType::BF16),
+            ),
+            (
+                "stripes 2500 f16",
+                workload(WorkloadKind::Stripes, 2500, 4, 1, 64, seed + 2).to_dtype(DType::F16),
+            ),
+            (
+                "random 2048",
+                workload(WorkloadKind::Random, 2048, 4, 2, 128, seed + 3).to_dtype(DType::BF16),
+            ),
+            (
+                "needle 3333",
+                workload(WorkloadKind::Needle, 3333, 4, 2, 128, seed + 4).to_dtype(DType::BF16),
+            ),
+            (
+                "chunk 2200..3000",
+                long.chunk(2200, 3000).expect("chunk").to_dtype(DType::BF16),
+            ),
             ("ragged 900 + 2100 + 300", {
-                let a = ragged(&workload(WorkloadKind::SinkLocal, 900, 8, 2, 128, seed + 5), &workload(WorkloadKind::Topics, 2100, 8, 2, 128, seed + 6));
-                ragged(&a, &workload(WorkloadKind::Stripes, 300, 8, 2, 128, seed + 7)).to_dtype(DType::BF16)
+                let a = ragged(
+                    &workload(WorkloadKind::SinkLocal, 900, 8, 2, 128, seed + 5),
+                    &workload(WorkloadKind::Topics, 2100, 8, 2, 128, seed + 6),
+                );
+                ragged(
+                    &a,
+                    &workload(WorkloadKind::Stripes, 300, 8, 2, 128, seed + 7),
+                )
+                .to_dtype(DType::BF16)
             }),
         ]
     }
@@ -760,27 +962,50 @@ mod tests {
             let x = owned.input().expect("input");
             for (cname, cfg) in configs() {
                 let stats = cpu.head_statistics(&x, &cfg).expect("cpu stats");
-                let (want, want_rep) = selection::build_index(&x.seqs, x.shape, &cfg, &stats).expect("core");
+                let (want, want_rep) =
+                    selection::build_index(&x.seqs, x.shape, &cfg, &stats).expect("core");
                 want.validate(cfg.forced).expect("core index valid");
                 let layout = StatsLayout::new(&x.seqs, x.shape, cfg.block_size).expect("layout");
                 let emulate = stats.first().is_some_and(|s| s.bf16_pooled_logits);
-                let mut dst = upload_stats(&stream, layout.clone(), &stats, emulate).expect("upload");
-                let sel = launch_select::<half::bf16>(&dev, &stream, None, &mut dst, &cfg).expect("select");
-                let (got, got_rep) = sel.to_host(&stream, &layout, Some(&stats)).expect("download");
+                let mut dst =
+                    upload_stats(&stream, layout.clone(), &stats, emulate).expect("upload");
+                let sel = launch_select::<half::bf16>(&dev, &stream, None, &mut dst, &cfg)
+                    .expect("select");
+                let (got, got_rep) = sel
+                    .to_host(&stream, &layout, Some(&stats))
+                    .expect("download");
                 got.validate(cfg.forced).expect("device index valid");
                 for (g, w) in got_rep.iter().zip(&want_rep) {
-                    assert_eq!(g.pattern, w.pattern, "{what} / {cname}: seq {} head {} pattern (js gpu {} cpu {})", g.seq, g.head, g.js_distance, w.js_distance);
+                    assert_eq!(
+                        g.pattern, w.pattern,
+                        "{what} / {cname}: seq {} head {} pattern (js gpu {} cpu {})",
+                        g.seq, g.head, g.js_distance, w.js_distance
+                    );
                     qa_heads += (g.pattern == Pattern::QueryAware) as usize;
                 }
                 let bad = diff_heads(&got, &want);
-                assert!(bad.is_empty(), "{what} / {cname}: heads {bad:?} select other blocks; first: gpu {:?} cpu {:?}",
-                    bad.first().map(|&(s, h)| (0..want.seqs()[s].num_query_blocks(cfg.block_size)).map(|r| got.row(s, h, r).to_vec()).collect::<Vec<_>>()),
-                    bad.first().map(|&(s, h)| (0..want.seqs()[s].num_query_blocks(cfg.block_size)).map(|r| want.row(s, h, r).to_vec()).collect::<Vec<_>>()));
+                assert!(
+                    bad.is_empty(),
+                    "{what} / {cname}: heads {bad:?} select other blocks; first: gpu {:?} cpu {:?}",
+                    bad.first().map(
+                        |&(s, h)| (0..want.seqs()[s].num_query_blocks(cfg.block_size))
+                            .map(|r| got.row(s, h, r).to_vec())
+                            .collect::<Vec<_>>()
+                    ),
+                    bad.first().map(
+                        |&(s, h)| (0..want.seqs()[s].num_query_blocks(cfg.block_size))
+                            .map(|r| want.row(s, h, r).to_vec())
+                            .collect::<Vec<_>>()
+                    )
+                );
                 checked += want_rep.len();
             }
         }
         eprintln!("identical selection on {checked} heads ({qa_heads} query-aware)");
-        assert!(qa_heads > 0, "the configurations should exercise query-aware heads");
+        assert!(
+            qa_heads > 0,
+            "the configurations should exercise query-aware heads"
+        );
     }
 
     #[test]
@@ -799,7 +1024,10 @@ mod tests {
                 assert_eq!(got_rep.heads.len(), want_rep.heads.len());
                 let bad = diff_heads(&got, &want);
                 for &(s, h) in &bad {
-                    let (g, w) = (&got_rep.heads[s * x.shape.num_heads + h], &want_rep.heads[s * x.shape.num_heads + h]);
+                    let (g, w) = (
+                        &got_rep.heads[s * x.shape.num_heads + h],
+                        &want_rep.heads[s * x.shape.num_heads + h],
+                    );
                     eprintln!("{what} / {cname}: seq {s} head {h} differs: gpu {:?} js {} blocks {} | cpu {:?} js {} blocks {}",
                         g.pattern, g.js_distance, g.selected_blocks, w.pattern, w.js_distance, w.selected_blocks);
                 }
@@ -807,7 +1035,9 @@ mod tests {
                 differ += bad.len();
             }
         }
-        eprintln!("end to end: {differ} of {heads} heads differ (statistics differ in the last bits)");
+        eprintln!(
+            "end to end: {differ} of {heads} heads differ (statistics differ in the last bits)"
+        );
         // Statistics are computed differently (tensor cores vs CPU sgemm), so a head sitting on
         // a decision boundary may differ; more than 2% would be a bug, not rounding.
         assert!(differ * 50 <= heads, "{differ} of {heads} heads differ");
@@ -828,14 +1058,22 @@ mod tests {
         assert!(rep.heads.iter().all(|h| h.pattern == Pattern::Dense));
         // no forced blocks, min budget 1 block: the same blocks as the CPU path
         let cfg = FlexPrefillConfig {
-            forced: ForcedBlocks { sink: false, diagonal: false },
+            forced: ForcedBlocks {
+                sink: false,
+                diagonal: false,
+            },
             min_budget: 1,
             ..FlexPrefillConfig::default()
         };
-        let owned = workload(WorkloadKind::SinkLocal, 2000, 4, 2, 64, seed + 1).to_dtype(DType::BF16);
+        let owned =
+            workload(WorkloadKind::SinkLocal, 2000, 4, 2, 64, seed + 1).to_dtype(DType::BF16);
         let x = owned.input().expect("input");
         let (idx, _) = select_index(&dev, &x, &cfg).expect("gpu");
         let (want, _) = CpuBackend::new().select_index(&x, &cfg).expect("cpu");
-        assert!(diff_heads(&idx, &want).len() <= 1, "{:?}", diff_heads(&idx, &want));
+        assert!(
+            diff_heads(&idx, &want).len() <= 1,
+            "{:?}",
+            diff_heads(&idx, &want)
+        );
     }
 }

@@ -139,6 +139,10 @@ pub struct StatsLayout {
     /// Fill every output with NaN before the kernels run (tests: proves every element is
     /// written). Costs one memset per buffer; the host path sets it, the device path does not.
     pub poison: bool,
+    /// Also measure core's probe queries (`HeadStatistics::probe_block_mass`): the faithful
+    /// mode's selection uses them, the original's does not. Set by [`StatsLayout::with_probes`].
+    pub probes: bool,
+    total_probe: usize,
 }
 
 fn to_u32(n: usize, what: &str) -> Result<u32> {
@@ -157,6 +161,7 @@ impl StatsLayout {
         let (mut kb_seq, mut qb_seq) = (Vec::new(), Vec::new());
         let (mut tok, mut kb, mut qb, mut rep_off, mut split) =
             (0usize, 0usize, 0usize, 0usize, 0usize);
+        let mut probe_off = 0usize;
         let mut max_rep = 1;
         for (si, s) in seqs.iter().enumerate() {
             let rep = block_size.min(s.q_len);
@@ -178,7 +183,7 @@ impl StatsLayout {
                 rep_off: to_u32(rep_off, "representative offset")?,
                 split_off: to_u32(split, "split offset")?,
                 nsplit: to_u32(nsplit, "splits")?,
-                pad: [0; 3],
+                pad: [to_u32(probe_off, "probe offset")?, 0, 0],
             });
             for sp in 0..nsplit {
                 work.push(si as u32);
@@ -190,6 +195,7 @@ impl StatsLayout {
             kb += nkb;
             qb += nqb;
             rep_off += rep * nkb;
+            probe_off += flexprefill_core::selection::probe_queries(s, block_size).len() * nkb;
             split += nsplit;
         }
         // Flat outputs are indexed with u32 offsets times H inside the kernels' size_t math;
@@ -218,6 +224,8 @@ impl StatsLayout {
             total_qb: qb,
             total_rep: rep_off,
             poison: false,
+            probes: false,
+            total_probe: probe_off,
         })
     }
 
@@ -231,6 +239,23 @@ impl StatsLayout {
     pub fn estimate_offset(&self, seq: usize, head: usize) -> usize {
         let d = &self.descs[seq];
         d.kb_off as usize * self.shape.num_heads + head * d.nkb as usize
+    }
+
+    /// Measures the probe queries too (faithful mode).
+    pub fn with_probes(mut self, probes: bool) -> Self {
+        self.probes = probes;
+        self
+    }
+
+    /// Probe queries of `seq` (core's `probe_queries`).
+    pub fn num_probes(&self, seq: usize) -> usize {
+        flexprefill_core::selection::probe_queries(&self.seqs[seq], self.block_size).len()
+    }
+
+    /// Offset of (seq, head)'s probe block masses (`probes · nkb` floats).
+    pub fn probe_offset(&self, seq: usize, head: usize) -> usize {
+        let d = &self.descs[seq];
+        d.pad[0] as usize * self.shape.num_heads + head * self.num_probes(seq) * d.nkb as usize
     }
 
     /// Offset of (seq, head)'s representative block masses (`rep · nkb` floats).
@@ -293,6 +318,8 @@ pub struct DeviceStats {
     pub estimate: CudaSlice<f32>,
     /// `[Σ rep · nkb · H]`.
     pub rep_block_mass: CudaSlice<f32>,
+    /// `[Σ probes · nkb · H]` when the layout measures probes (else one unused element).
+    pub probe_block_mass: CudaSlice<f32>,
     /// `[Σ nkb · Hkv · D]` (per kv head: the query heads of a group share it).
     pub k_pooled: CudaSlice<f32>,
     /// `[Σ nqb · H · D]`; filled by [`launch_pool_q`].
@@ -416,6 +443,11 @@ pub fn launch_stats<T: StatsElem>(
     let mut slash = alloc(layout.total_tok * h)?;
     let mut estimate = alloc(layout.total_kb * h)?;
     let mut rep_block_mass = alloc(layout.total_rep * h)?;
+    let mut probe_block_mass = alloc(if layout.probes {
+        layout.total_probe * h
+    } else {
+        1
+    })?;
     let mut k_pooled = alloc(layout.total_kb * hkv * d)?;
     let q_pooled = alloc(layout.total_qb * h * d)?;
 
@@ -454,6 +486,8 @@ pub fn launch_stats<T: StatsElem>(
             .arg(&scale_log2)
             .arg(&round_q)
             .arg(&round_logits)
+            .arg(&0i32)
+            .arg(&bs_i)
             .arg(&mut row_ml)
             .launch(LaunchConfig {
                 grid_dim: grid_pass,
@@ -494,12 +528,78 @@ pub fn launch_stats<T: StatsElem>(
             .arg(&mut vertical)
             .arg(&mut rep_block_mass)
             .arg(&mut slash_part)
+            .arg(&0i32)
             .launch(LaunchConfig {
                 grid_dim: grid_pass,
                 block_dim: (NTHREADS, 1, 1),
                 shared_mem_bytes: smem2 as u32,
             })?;
         profile::mark(stream, "stats_pass2");
+        if layout.probes && layout.total_probe > 0 {
+            // The probe rows: same passes, one row group, block masses only.
+            let rp_p = ROWS as i32;
+            stream
+                .launch_builder(&f_pass1)
+                .arg(q)
+                .arg(k)
+                .arg(&descs)
+                .arg(&work)
+                .arg(&h_i)
+                .arg(&hkv_i)
+                .arg(&split_i)
+                .arg(&rp_p)
+                .arg(&scale)
+                .arg(&scale_log2)
+                .arg(&round_q)
+                .arg(&round_logits)
+                .arg(&1i32)
+                .arg(&bs_i)
+                .arg(&mut row_ml)
+                .launch(LaunchConfig {
+                    grid_dim: grid_pass,
+                    block_dim: (NTHREADS, 1, 1),
+                    shared_mem_bytes: smem1 as u32,
+                })?;
+            stream
+                .launch_builder(&f_merge)
+                .arg(&descs)
+                .arg(&row_ml)
+                .arg(&h_i)
+                .arg(&rp_p)
+                .arg(&mut lse2)
+                .launch(LaunchConfig {
+                    grid_dim: (h as u32, nseq as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                })?;
+            stream
+                .launch_builder(&f_pass2)
+                .arg(q)
+                .arg(k)
+                .arg(&descs)
+                .arg(&work)
+                .arg(&h_i)
+                .arg(&hkv_i)
+                .arg(&split_i)
+                .arg(&rp_p)
+                .arg(&bs_i)
+                .arg(&scale)
+                .arg(&scale_log2)
+                .arg(&round_q)
+                .arg(&round_logits)
+                .arg(&lse2)
+                .arg(&sl_i)
+                .arg(&mut vertical)
+                .arg(&mut probe_block_mass)
+                .arg(&mut slash_part)
+                .arg(&1i32)
+                .launch(LaunchConfig {
+                    grid_dim: grid_pass,
+                    block_dim: (NTHREADS, 1, 1),
+                    shared_mem_bytes: smem2 as u32,
+                })?;
+            profile::mark(stream, "stats_probes");
+        }
         let max_kv = layout.seqs.iter().map(|s| s.kv_len).max().unwrap_or(1);
         stream
             .launch_builder(&f_final)
@@ -554,6 +654,7 @@ pub fn launch_stats<T: StatsElem>(
         slash,
         estimate,
         rep_block_mass,
+        probe_block_mass,
         k_pooled,
         q_pooled,
         scale,
@@ -614,7 +715,7 @@ impl DeviceStats {
     pub fn from_parts(
         stream: &Arc<CudaStream>,
         layout: StatsLayout,
-        parts: [Vec<f32>; 6],
+        parts: [Vec<f32>; 7],
         emulate: bool,
     ) -> Result<Self> {
         let up = |v: &Vec<f32>| -> Result<CudaSlice<f32>> {
@@ -624,7 +725,7 @@ impl DeviceStats {
                 Ok(stream.clone_htod(v)?)
             }
         };
-        let [vertical, slash, estimate, rbm, kp, qp] = &parts;
+        let [vertical, slash, estimate, rbm, kp, qp, pm] = &parts;
         Ok(Self {
             descs: stream.clone_htod(&layout.descs)?,
             qb_seq: stream.clone_htod(&layout.qb_seq)?,
@@ -634,6 +735,7 @@ impl DeviceStats {
             rep_block_mass: up(rbm)?,
             k_pooled: up(kp)?,
             q_pooled: up(qp)?,
+            probe_block_mass: up(pm)?,
             scale: 0.0,
             emulate,
             dtype: DType::BF16,
@@ -650,6 +752,11 @@ impl DeviceStats {
         let rbm = stream.clone_dtoh(&self.rep_block_mass)?;
         let kp = stream.clone_dtoh(&self.k_pooled)?;
         let qp = stream.clone_dtoh(&self.q_pooled)?;
+        let pm = if l.probes {
+            stream.clone_dtoh(&self.probe_block_mass)?
+        } else {
+            Vec::new()
+        };
         stream.synchronize()?;
         let (h, d) = (l.shape.num_heads, l.shape.head_dim);
         let mut out = Vec::with_capacity(l.seqs.len() * h);
@@ -672,7 +779,12 @@ impl DeviceStats {
                     q_pooled: qp[qo..qo + nqb * d].to_vec(),
                     k_pooled: kp[ko..ko + nkb * d].to_vec(),
                     rep_block_mass: rbm[ro..ro + rep * nkb].to_vec(),
-                    probe_block_mass: Vec::new(),
+                    probe_block_mass: if l.probes {
+                        let po = l.probe_offset(si, head);
+                        pm[po..po + l.num_probes(si) * nkb].to_vec()
+                    } else {
+                        Vec::new()
+                    },
                     bf16_pooled_logits: self.emulate,
                 });
             }
@@ -696,7 +808,8 @@ pub(crate) fn head_statistics(
     cfg.validate()?;
     x.validate()?;
     let stream = dev.stream();
-    let mut layout = StatsLayout::new(&x.seqs, x.shape, cfg.block_size)?;
+    let mut layout = StatsLayout::new(&x.seqs, x.shape, cfg.block_size)?
+        .with_probes(cfg.selection == SelectionMode::Faithful);
     layout.poison = true;
     let (scale, emulate) = estimation_scale(x.shape, x.scale(), x.dtype(), cfg);
     match (x.q, x.k) {
@@ -848,6 +961,24 @@ pub(crate) mod tests {
                 );
                 let d = l1(a, b);
                 assert!(d <= line_tol, "{what} head {i} rep row {r}: L1 {d:e}");
+            }
+            assert_eq!(
+                g.probe_block_mass.len(),
+                c.probe_block_mass.len(),
+                "{what}: probe_block_mass length"
+            );
+            for (r, (a, b)) in g
+                .probe_block_mass
+                .chunks(nkb.max(1))
+                .zip(c.probe_block_mass.chunks(nkb.max(1)))
+                .enumerate()
+            {
+                assert!(
+                    a.iter().all(|x| x.is_finite()),
+                    "{what} head {i} probe {r}: non-finite"
+                );
+                let d = l1(a, b);
+                assert!(d <= line_tol, "{what} head {i} probe {r}: L1 {d:e}");
             }
             for (name, a, b) in [
                 ("k_pooled", &g.k_pooled, &c.k_pooled),
