@@ -110,6 +110,10 @@ pub struct CompiledModule {
     pub log: String,
 }
 
+/// Loaded functions by (key, name), with the largest dynamic shared memory their limit was
+/// raised to.
+type FunctionMap = HashMap<(KernelKey, &'static str), (CudaFunction, usize)>;
+
 /// Compiled modules of one device, keyed by [`KernelKey`].
 #[derive(Debug)]
 pub struct KernelRegistry {
@@ -118,7 +122,7 @@ pub struct KernelRegistry {
     include_paths: Vec<String>,
     modules: Mutex<HashMap<KernelKey, Arc<CompiledModule>>>,
     /// Loaded functions and the largest dynamic shared memory their limit was raised to.
-    functions: Mutex<HashMap<(KernelKey, &'static str), (CudaFunction, usize)>>,
+    functions: Mutex<FunctionMap>,
 }
 
 impl KernelRegistry {
@@ -199,9 +203,7 @@ impl KernelRegistry {
         self.modules.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_functions(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(KernelKey, &'static str), (CudaFunction, usize)>> {
+    fn lock_functions(&self) -> std::sync::MutexGuard<'_, FunctionMap> {
         self.functions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
