@@ -131,3 +131,36 @@ pub fn median_time(reps: usize, mut f: impl FnMut()) -> Duration {
     times.sort();
     times[times.len() / 2]
 }
+
+/// CPU time (user + system, all threads) this process has used, from `/proc/self/stat`
+/// (clock-tick resolution, 10 ms); `None` where that file is missing. Under load from other
+/// processes it measures the work done rather than the time waited for a core, so ratios
+/// between two CPU-bound paths stay meaningful on a shared machine.
+pub fn process_cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_secs_f64(ticks as f64 / 100.0))
+}
+
+/// Wall and CPU time of one run of `f`.
+pub fn timed(f: impl FnOnce()) -> (Duration, Option<Duration>) {
+    let c0 = process_cpu_time();
+    let t = Instant::now();
+    f();
+    let wall = t.elapsed();
+    let cpu = c0.zip(process_cpu_time()).map(|(a, b)| b.saturating_sub(a));
+    (wall, cpu)
+}
+
+/// Median of `xs` (sorted in place); NaN when empty.
+pub fn median(xs: &mut [f64]) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}

@@ -7,13 +7,16 @@
 //! (default 3); `FLEXPREFILL_BENCH_KIND=mixed|sink_local|stripes|topics|needle|random`
 //! (default mixed); `FLEXPREFILL_BENCH_SKIP_DENSE=1` to time FlexPrefill alone;
 //! `FLEXPREFILL_BENCH_MASS=1` to also measure the captured attention mass above 8k tokens;
-//! `FLEXPREFILL_BENCH_TILES=chunk_keys,dense_block,stack_rows` to try other [`flexprefill_cpu::Tiles`].
+//! `FLEXPREFILL_BENCH_TILES=chunk_keys,dense_block,stack_rows` to try other [`flexprefill_cpu::Tiles`];
+//! `FLEXPREFILL_BENCH_INTERLEAVE=r` to finish with `r` interleaved rounds of sgemm, dense and
+//! FlexPrefill on the sink_local and mixed workloads, reporting per-round ratios of wall and CPU
+//! time (robust to other processes loading the machine, unlike separate medians).
 
 use std::time::Duration;
 
 use flexprefill_benches::{
-    dense_causal_flops, input, median_time, seq_len, workload, SgemmProblem, HEADS, HEAD_DIM,
-    SGEMM_N,
+    dense_causal_flops, input, median, median_time, seq_len, timed, workload, SgemmProblem, HEADS,
+    HEAD_DIM, SGEMM_N,
 };
 use flexprefill_core::{Backend, FlexPrefillConfig};
 use flexprefill_cpu::{oracle, CpuBackend};
@@ -133,5 +136,76 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             mass.len()
         );
     }
+    if let Some(rounds) = env("FLEXPREFILL_BENCH_INTERLEAVE").and_then(|s| s.parse().ok()) {
+        interleaved(&cpu, n, rounds);
+    }
     Ok(())
+}
+
+/// `rounds` rounds of sgemm (3 runs), dense, FlexPrefill on sink_local and on mixed, back to
+/// back, so each round's ratios compare runs that saw the same machine load.
+fn interleaved(cpu: &CpuBackend, n: usize, rounds: usize) {
+    let cfg = FlexPrefillConfig::default();
+    let (wa, wb) = (
+        workload(WorkloadKind::SinkLocal, n),
+        workload(WorkloadKind::Mixed, n),
+    );
+    let (xa, xb) = (input(&wa), input(&wb));
+    let mut gemm = SgemmProblem::new(SGEMM_N, cpu.threads());
+    let flops = dense_causal_flops(n, HEADS, HEAD_DIM);
+    let (mut dense_vs_gemm, mut sa, mut sb) = (vec![], vec![], vec![]);
+    let (mut dense_vs_gemm_cpu, mut sa_cpu, mut sb_cpu) = (vec![], vec![], vec![]);
+    println!("interleaved rounds (wall ms / cpu ms): sgemm×3, dense, flex sink_local, flex mixed");
+    for _ in 0..rounds {
+        let g = timed(|| (0..3).for_each(|_| gemm.run()));
+        let d = timed(|| {
+            cpu.dense_attention(&xa).expect("dense runs");
+        });
+        let a = timed(|| {
+            cpu.flex_prefill(&xa, &cfg).expect("flex runs");
+        });
+        let b = timed(|| {
+            cpu.flex_prefill(&xb, &cfg).expect("flex runs");
+        });
+        let f = |t: std::time::Duration| t.as_secs_f64();
+        let gw = 3.0 * gemm.flops() / f(g.0);
+        let dw = flops / f(d.0);
+        dense_vs_gemm.push(dw / gw);
+        sa.push(f(d.0) / f(a.0));
+        sb.push(f(d.0) / f(b.0));
+        let cpu_ms = |t: Option<std::time::Duration>| t.map_or(f64::NAN, |t| ms(t));
+        if let (Some(gc), Some(dc), Some(ac), Some(bc)) = (g.1, d.1, a.1, b.1) {
+            dense_vs_gemm_cpu.push((flops / f(dc)) / (3.0 * gemm.flops() / f(gc)));
+            sa_cpu.push(f(dc) / f(ac));
+            sb_cpu.push(f(dc) / f(bc));
+        }
+        println!(
+            "  sgemm {:.0}/{:.0} ({:.1} GFLOP/s)  dense {:.0}/{:.0} ({:.1} GFLOP/s)  sink_local \
+             {:.0}/{:.0}  mixed {:.0}/{:.0}",
+            ms(g.0),
+            cpu_ms(g.1),
+            gw / 1e9,
+            ms(d.0),
+            cpu_ms(d.1),
+            dw / 1e9,
+            ms(a.0),
+            cpu_ms(a.1),
+            ms(b.0),
+            cpu_ms(b.1)
+        );
+    }
+    println!(
+        "median per-round ratios, wall: dense/sgemm rate {:.2}, speedup sink_local {:.2}×, \
+         mixed {:.2}×",
+        median(&mut dense_vs_gemm),
+        median(&mut sa),
+        median(&mut sb)
+    );
+    println!(
+        "median per-round ratios, cpu time: dense/sgemm rate {:.2}, speedup sink_local {:.2}×, \
+         mixed {:.2}×",
+        median(&mut dense_vs_gemm_cpu),
+        median(&mut sa_cpu),
+        median(&mut sb_cpu)
+    );
 }
