@@ -309,7 +309,7 @@ fn run_task(
         );
 
         // Visible keys per row (the same for every stacked head).
-        for r in 0..rows {
+        for (r, v) in valid[..rows].iter_mut().enumerate() {
             let p = pos0 + r;
             let mut seen = 0;
             for &c in blocks {
@@ -319,7 +319,7 @@ fn run_task(
                 }
                 seen += (p - k0 + 1).min(block_keys(c));
             }
-            valid[r] = seen as u32;
+            *v = seen as u32;
         }
         for g in 1..t.heads.len() {
             valid.copy_within(0..rows, g * rows);
