@@ -173,7 +173,7 @@ fn interleaved(cpu: &CpuBackend, n: usize, rounds: usize) {
         dense_vs_gemm.push(dw / gw);
         sa.push(f(d.0) / f(a.0));
         sb.push(f(d.0) / f(b.0));
-        let cpu_ms = |t: Option<std::time::Duration>| t.map_or(f64::NAN, |t| ms(t));
+        let cpu_ms = |t: Option<std::time::Duration>| t.map_or(f64::NAN, ms);
         if let (Some(gc), Some(dc), Some(ac), Some(bc)) = (g.1, d.1, a.1, b.1) {
             dense_vs_gemm_cpu.push((flops / f(dc)) / (3.0 * gemm.flops() / f(gc)));
             sa_cpu.push(f(dc) / f(ac));
