@@ -96,7 +96,9 @@ FP_DEVICE bool is_forced(const Geo& g, const SelParams& p, unsigned r, unsigned 
 // Core's probe_queries: at most 32 single queries spread over the chunk before the
 // representative block; k-th at chunk-relative index (2k+1)·m/(2p), m = q_len - rep,
 // p = min(32, ceil(m / bs)). Their block masses come in probe_block_mass [probes, nkb].
-#define PROBE_QUERIES 32
+#ifndef PROBE_QUERIES
+#define PROBE_QUERIES 16  // the host passes core's selection::PROBE_QUERIES
+#endif
 FP_DEVICE unsigned num_probes(const Geo& g) {
     const unsigned m = g.q_len - g.rep;
     return min((unsigned)PROBE_QUERIES, (m + g.bs - 1) / g.bs);
@@ -324,6 +326,7 @@ sel_fvs_stop(const SeqDesc* __restrict__ seqs, SelParams p, const int* __restric
              unsigned long long* __restrict__ vkey_out, unsigned long long* __restrict__ kstar) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ unsigned long long kmax;
+    __shared__ unsigned long long kcap;
     const int h = blockIdx.x, s = blockIdx.y;
     if (p.original || pattern[s * p.num_heads + h] != PAT_VS) return;
     const SeqDesc sd = seqs[s];
@@ -346,7 +349,7 @@ sel_fvs_stop(const SeqDesc* __restrict__ seqs, SelParams p, const int* __restric
         }
         vk[c] = best;
     }
-    if (threadIdx.x == 0) kmax = KEY_NONE;
+    if (threadIdx.x == 0) { kmax = KEY_NONE; kcap = KEY_ALL; }
     __syncthreads();
 
     const unsigned r0 = g.rep_block(0), r1 = g.rep_block(g.rep - 1);
@@ -403,6 +406,13 @@ sel_fvs_stop(const SeqDesc* __restrict__ seqs, SelParams p, const int* __restric
             if (want > nforced) {
                 const unsigned need = want - nforced;
                 atomicMax(&kmax, (unsigned long long)(need <= nev ? ekey[need - 1] : KEY_ALL));
+            }
+            // An explicit max_budget stops the walk once some representative block holds cap
+            // blocks (core's Coverage::reached), gamma or not.
+            if (p.cap > 0) {
+                const unsigned cap = (unsigned)p.cap;
+                const uint64_t kc = cap <= nforced ? KEY_NONE : (cap - nforced <= nev ? ekey[cap - nforced - 1] : KEY_ALL);
+                if (kc < kcap) kcap = kc;
             }
         }
         __syncthreads();
@@ -479,7 +489,7 @@ sel_fvs_stop(const SeqDesc* __restrict__ seqs, SelParams p, const int* __restric
         if (threadIdx.x == 0) atomicMax(&kmax, (unsigned long long)kp);
         __syncthreads();
     }
-    if (threadIdx.x == 0) kstar[s * p.num_heads + h] = kmax;
+    if (threadIdx.x == 0) kstar[s * p.num_heads + h] = kmax < kcap ? kmax : kcap;
 }
 
 // Selected columns and token distances of a faithful vertical-slash head from its stop key,
@@ -944,6 +954,23 @@ FP_DEVICE unsigned own_cut(const double* run, unsigned n, double t, int mb) {
     return max(k, min((unsigned)mb, n));
 }
 
+// Row r's blocks at target t are a prefix of its rank order (core's QueryAwareCuts::row):
+// PerQueryBlock, the own cut above; Flattened, the row's entries of the whole map's smallest
+// top set reaching t·nqb (keys ≤ kcut: a prefix, the row ranks as the map does); then at
+// least min(mb, len). Returns the prefix length.
+FP_DEVICE unsigned row_k(const SelParams& p, const float* map_row, const unsigned* order_row, const double* run_row,
+                         unsigned n, unsigned r, unsigned nkb, double t, uint64_t kcut) {
+    if (p.per_row) return own_cut(run_row, n, t, p.mb);
+    unsigned lo = 0, hi = n;  // first e whose key is past the cut (keys ascend along the order)
+    while (lo < hi) {
+        const unsigned mid = (lo + hi) / 2;
+        const unsigned c = order_row[mid];
+        if (rank_key(map_row[c], r * nkb + c) <= kcut) lo = mid + 1;
+        else hi = mid;
+    }
+    return max(lo, min((unsigned)p.mb, n));
+}
+
 // The target t of a faithful query-aware head: gamma, or with probes the smallest t (16-step
 // bisection on [0, 1], as core) whose selection gives the probes a mean captured mass ≥ gamma;
 // and the flattened cut at t (the first key past the smallest top set reaching t·nqb).
@@ -998,11 +1025,9 @@ sel_qa_calib(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, S
                 const unsigned n = g.last_diag(r) + 1;
                 if (e >= n) continue;
                 const size_t rb = hb + (size_t)r * nkb;
-                const unsigned k = own_cut(run + rb, n, tt, p.mb);
+                const unsigned k = row_k(p, mp + (size_t)r * nkb, order + rb, run + rb, n, r, nkb, tt, kc);
                 const unsigned c = order[rb + e];
-                bool on = e < k || is_forced(g, p, r, c);
-                if (!on && flat) on = rank_key(mp[(size_t)r * nkb + c], r * nkb + c) <= kc;
-                if (!on) continue;
+                if (!(e < k || is_forced(g, p, r, c))) continue;
                 for (unsigned v = u; v < P && probe_block(g, v) == r; ++v)
                     if (tot_sh[v] > 0.0) a += (double)pm[(size_t)v * nkb + c] / tot_sh[v];
             }
@@ -1025,8 +1050,8 @@ sel_qa_calib(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, S
     }
 }
 
-// Faithful query-aware rows at the calibrated target: the row's own cut, the flattened cut's
-// entries of the row, the forced blocks. Grid (Σ nqb, H), 128 threads, smem 4·ceil(nkb/32).
+// Faithful query-aware rows at the calibrated target: the row's prefix (row_k), the forced
+// blocks. Grid (Σ nqb, H), 128 threads, smem 4·ceil(nkb/32).
 extern "C" __global__ void __launch_bounds__(128)
 sel_qa_build(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, const unsigned* __restrict__ qb_seq,
              SelParams p, const int* __restrict__ pattern, const float* __restrict__ map,
@@ -1049,12 +1074,10 @@ sel_qa_build(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, c
     __syncthreads();
     const double t = t_in[s * p.num_heads + h];
     const uint64_t K = kcut[s * p.num_heads + h];
-    const unsigned k = own_cut(run + rb, n, t, p.mb);
+    const unsigned k = row_k(p, map + rb, order + rb, run + rb, n, r, nkb, t, K);
     for (unsigned e = threadIdx.x; e < n; e += blockDim.x) {
         const unsigned c = order[rb + e];
-        bool on = e < k || is_forced(g, p, r, c);
-        if (!on && !p.per_row) on = rank_key(map[rb + c], r * nkb + c) <= K;
-        if (on) atomicOr(&bits[c / 32], 1u << (c % 32));
+        if (e < k || is_forced(g, p, r, c)) atomicOr(&bits[c / 32], 1u << (c % 32));
     }
     __syncthreads();
     for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) row[w] = bits[w];

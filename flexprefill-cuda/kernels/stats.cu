@@ -54,7 +54,9 @@ struct SeqDesc {
 // the chunk. Probe rows (probe = 1): core's `probe_queries`, at most 32 single queries spread
 // over the chunk before the representative block, k-th at (2k+1)·m/(2p) with m = q_len - rep,
 // p = min(32, ceil(m / bs)). Both bottom-right causal: row i sees keys 0..=pos(i).
-#define PROBE_QUERIES 32
+#ifndef PROBE_QUERIES
+#define PROBE_QUERIES 16  // the host passes core's selection::PROBE_QUERIES
+#endif
 FP_DEVICE unsigned num_probes(const SeqDesc& sd, int bs) {
     const unsigned m = sd.q_len - sd.rep;
     return min((unsigned)PROBE_QUERIES, (m + bs - 1) / bs);

@@ -237,7 +237,8 @@ pub fn launch_select<T: StatsElem>(
         )
     };
 
-    let key = KernelKey::new(&SELECT, None, 0, 0);
+    let key = KernelKey::new(&SELECT, None, 0, 0)
+        .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64);
     let max_smem = dev.info().max_smem_per_block;
     let n2 = max_nkb.next_power_of_two();
     let sort_smem = 12 * n2;
@@ -275,8 +276,8 @@ pub fn launch_select<T: StatsElem>(
     // SAFETY: written by sel_qa_flat for every query-aware head before sel_qa_flat_mark reads it.
     let mut kcut = unsafe { stream.alloc::<u64>((nseq * h).max(1)) }?;
     // Faithful query-aware rows in rank order with running masses (map layout), the
-    // calibrated targets, and the probe events of the vertical-slash stop (32 slots per key
-    // block). SAFETY: each is written by its producer kernel for exactly the heads whose
+    // calibrated targets, and the probe events of the vertical-slash stop (PROBE_QUERIES
+    // slots per key block). SAFETY: each is written by its producer kernel for exactly the heads whose
     // consumers read it (same pattern test on both sides).
     let faithful_qa = any_qa && cfg.selection == SelectionMode::Faithful;
     let qa_len = if faithful_qa { (map * h).max(1) } else { 1 };
@@ -285,7 +286,11 @@ pub fn launch_select<T: StatsElem>(
     let mut t_b = unsafe { stream.alloc::<f64>((nseq * h).max(1)) }?;
     let probes = layout.probes && cfg.selection == SelectionMode::Faithful;
     let probes_i = probes as i32;
-    let ev_len = if probes { (nkb_all * 32).max(1) } else { 1 };
+    let ev_len = if probes {
+        (nkb_all * selection::PROBE_QUERIES).max(1)
+    } else {
+        1
+    };
     let mut ev_key = unsafe { stream.alloc::<u64>(ev_len) }?;
     let mut ev_w = unsafe { stream.alloc::<f64>(ev_len) }?;
     let f = |name: &'static str| {

@@ -358,7 +358,10 @@ pub fn estimation_scale(
 }
 
 fn key(dtype: DType, head_dim: usize) -> KernelKey {
-    KernelKey::new(&STATS, Some(dtype), head_dim, 0)
+    KernelKey::new(&STATS, Some(dtype), head_dim, 0).define(
+        "PROBE_QUERIES",
+        flexprefill_core::selection::PROBE_QUERIES as i64,
+    )
 }
 
 fn check_head_dim(d: usize) -> Result<()> {
