@@ -75,7 +75,7 @@ pub struct HeadStatistics {
     /// With it the faithful mode also keeps the probes' mean captured mass at gamma, which
     /// the last block alone cannot promise for earlier rows (`docs/SELECTION.md`); the
     /// original mode ignores it. Costs about `PROBE_QUERIES / (2·block_size)` of the
-    /// representative attention (12% at block 128).
+    /// representative attention's arithmetic (6% at block 128).
     pub probe_block_mass: Vec<f32>,
     /// Round the pooled query-aware logits `Q̄·K̄ᵀ` (Algorithm 4) to bf16 before their softmax,
     /// as the original does on its bf16 inputs. Backends set it when `selection == Original`
@@ -130,8 +130,9 @@ impl HeadSelection {
     }
 }
 
-/// How many probe queries [`probe_queries`] places (at most).
-pub const PROBE_QUERIES: usize = 32;
+/// How many probe queries [`probe_queries`] places (at most). 16 and 32 gave the same
+/// accuracy on the testkit workloads at 16k (docs/ACCURACY.md); 16 costs half.
+pub const PROBE_QUERIES: usize = 16;
 
 /// The probe queries of a sequence: chunk-relative query indices at which a backend may
 /// measure the exact attention per key block, besides the representative queries, so the
