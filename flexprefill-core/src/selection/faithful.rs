@@ -451,6 +451,10 @@ pub(crate) fn query_aware(
                     lo = mid;
                 }
             }
+        } else {
+            // Even the whole estimated mass misses (blocks the map rounds to 0 hold probe
+            // mass): any target above 1 takes every causal block, which holds all of it.
+            hi = 2.0;
         }
         t = hi;
     }
