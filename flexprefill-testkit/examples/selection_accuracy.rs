@@ -1,0 +1,342 @@
+//! Measures both selection modes on the testkit workloads (issue 6, `docs/ACCURACY.md`).
+//!
+//! For every workload kind and length it runs the CPU backend's dense attention once (with
+//! LSE), computes the head statistics once per mode, and then for every gamma builds the index
+//! and runs the block-sparse attention (with LSE). The captured mass of every query row is
+//! exact: `exp(LSE over the selected blocks − LSE over all causal keys)`.
+//!
+//! ```text
+//! cargo run --release -p flexprefill-testkit --example selection_accuracy -- \
+//!     [--lens 16384,32768] [--kinds sink_local,stripes,topics,needle,random,mixed] \
+//!     [--gammas 0.8,0.85,0.9,0.95,0.98] [--modes faithful,original] [--heads] \
+//!     [--no-probes] [--time-reps 3] [--csv out.csv] [--png mass_vs_density.png]
+//! # or only draw the picture from earlier CSVs:
+//! cargo run --release -p flexprefill-testkit --example selection_accuracy -- \
+//!     --from-csv a.csv,b.csv --png mass_vs_density.png
+//! ```
+//!
+//! Columns: density (selected / causal blocks, all heads), mean captured mass over all rows
+//! (mean over heads, and the worst head), share of rows under gamma, the smallest captured
+//! mass of a representative row (the last `min(block_size, q_len)` queries; the faithful
+//! mode's promise), relative L2 error of the output vs dense (all heads, worst head), whether
+//! every needle query's block row holds the needle's key block, and the selection time
+//! (statistics + index build, and the index build alone): process CPU time summed over all
+//! threads, medians of `--time-reps` runs.
+//! `--no-probes` drops the probe statistics the CPU backend measures in faithful mode, to show
+//! what they buy.
+
+use std::time::Instant;
+
+use flexprefill_core::{selection, Backend, FlexPrefillConfig, SelectionMode};
+use flexprefill_cpu::CpuBackend;
+use flexprefill_testkit::{generate, WorkloadKind, WorkloadSpec};
+
+#[path = "plot/mass_density.rs"]
+mod plot;
+
+/// One measured configuration.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub kind: String,
+    pub len: usize,
+    pub mode: &'static str,
+    pub gamma: f32,
+    pub density: f64,
+    pub mean_mass: f64,
+    pub worst_head_mass: f64,
+    pub rows_below: f64,
+    pub rep_min: f64,
+    pub rel_l2: f64,
+    pub worst_head_l2: f64,
+    pub needle: Option<bool>,
+    pub t_select_ms: f64,
+    pub t_build_ms: f64,
+}
+
+/// CPU time of the whole process (every thread, rayon's included) in ms, from
+/// `/proc/self/task/*/schedstat` (ns resolution). On a shared machine this is far steadier than
+/// wall-clock time, which mostly measures the other tenants. NaN where /proc is unavailable.
+fn cpu_ms() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return f64::NAN;
+    };
+    let mut ns = 0u64;
+    for t in tasks.flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
+            ns += s
+                .split_whitespace()
+                .next()
+                .and_then(|x| x.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    ns as f64 / 1e6
+}
+
+/// Rows of a CSV written by `--csv`.
+fn read_csv(path: &str) -> Result<Vec<Row>, Box<dyn std::error::Error>> {
+    let text = std::fs::read_to_string(path)?;
+    let mut rows = Vec::new();
+    for line in text.lines().skip(1).filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() < 14 {
+            return Err(format!("{path}: short line {line:?}").into());
+        }
+        let num = |i: usize| f[i].parse::<f64>();
+        rows.push(Row {
+            kind: f[0].to_string(),
+            len: f[1].parse()?,
+            mode: if f[2] == "original" {
+                "original"
+            } else {
+                "faithful"
+            },
+            gamma: f[3].parse()?,
+            density: num(4)?,
+            mean_mass: num(5)?,
+            worst_head_mass: num(6)?,
+            rows_below: num(7)?,
+            rep_min: num(8)?,
+            rel_l2: num(9)?,
+            worst_head_l2: num(10)?,
+            needle: match f[11] {
+                "true" => Some(true),
+                "false" => Some(false),
+                _ => None,
+            },
+            t_select_ms: num(12)?,
+            t_build_ms: num(13)?,
+        });
+    }
+    Ok(rows)
+}
+
+fn median(x: &mut [f64]) -> f64 {
+    x.sort_by(f64::total_cmp);
+    x[x.len() / 2]
+}
+
+fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let lens: Vec<usize> = arg(&args, "--lens")
+        .unwrap_or("16384,32768")
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let kinds: Vec<WorkloadKind> = arg(&args, "--kinds")
+        .unwrap_or("sink_local,stripes,topics,needle,random,mixed")
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let gammas: Vec<f32> = arg(&args, "--gammas")
+        .unwrap_or("0.8,0.85,0.9,0.95,0.98")
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let modes: Vec<SelectionMode> = arg(&args, "--modes")
+        .unwrap_or("faithful,original")
+        .split(',')
+        .map(|m| match m {
+            "original" => Ok(SelectionMode::Original),
+            "faithful" => Ok(SelectionMode::Faithful),
+            _ => Err(format!("unknown mode {m}")),
+        })
+        .collect::<Result<_, _>>()?;
+    if let Some(files) = arg(&args, "--from-csv") {
+        // Only draw: rows from earlier --csv runs (comma-separated files).
+        let mut rows = Vec::new();
+        for f in files.split(',') {
+            rows.extend(read_csv(f)?);
+        }
+        let out = arg(&args, "--png").unwrap_or("mass_vs_density.png");
+        plot::draw(&rows, out)?;
+        return Ok(());
+    }
+    let per_head = args.iter().any(|a| a == "--heads");
+    let no_probes = args.iter().any(|a| a == "--no-probes");
+    let reps: usize = arg(&args, "--time-reps").unwrap_or("3").parse()?;
+    let cpu = CpuBackend::new();
+    let mut all = Vec::new();
+
+    println!(
+        "| workload | len | mode | gamma | density | mean mass | worst head | rows < gamma | min rep row | rel L2 | worst head L2 | needle | select ms | build ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for &len in &lens {
+        for &kind in &kinds {
+            let spec = WorkloadSpec::new(kind, len);
+            let w = generate(&spec);
+            let x = w.input().with_lse(true);
+            let (h, bs) = (spec.num_heads, FlexPrefillConfig::default().block_size);
+            let d = spec.head_dim;
+            let t = Instant::now();
+            let dense = cpu.dense_attention(&x)?;
+            let t_dense = t.elapsed().as_secs_f64();
+            let dense_lse = dense.lse.as_ref().expect("lse requested");
+            let dense_out = dense.out.to_f32_vec();
+            eprintln!("{kind} {len}: dense {t_dense:.1} s");
+            for &mode in &modes {
+                let base = FlexPrefillConfig {
+                    selection: mode,
+                    ..FlexPrefillConfig::default()
+                };
+                // selection time: medians over `reps` runs (the machine is shared)
+                let mut t_stats = Vec::new();
+                let mut stats = Vec::new();
+                for _ in 0..reps.max(1) {
+                    let t = cpu_ms();
+                    stats = cpu.head_statistics(&x, &base)?;
+                    t_stats.push(cpu_ms() - t);
+                }
+                let t_stats = median(&mut t_stats);
+                if no_probes {
+                    stats.iter_mut().for_each(|s| s.probe_block_mass.clear());
+                }
+                for &gamma in &gammas {
+                    let cfg = FlexPrefillConfig { gamma, ..base };
+                    let mut t_build = Vec::new();
+                    let mut built = None;
+                    for _ in 0..reps.max(1) {
+                        let t = cpu_ms();
+                        built = Some(selection::build_index(&x.seqs, x.shape, &cfg, &stats)?);
+                        t_build.push(cpu_ms() - t);
+                    }
+                    let t_build = median(&mut t_build);
+                    let (index, reports) = built.expect("at least one run");
+                    index.validate(cfg.forced)?;
+                    let sparse = cpu.sparse_attention(&x, &index)?;
+                    let lse = sparse.lse.as_ref().expect("lse requested");
+                    let out = sparse.out.to_f32_vec();
+
+                    let mut head_mass = vec![0.0f64; h];
+                    let mut below = 0usize;
+                    let mut rep_min = f64::INFINITY;
+                    let mut err = vec![0.0f64; h];
+                    let mut norm = vec![0.0f64; h];
+                    for i in 0..len {
+                        for hd in 0..h {
+                            let m = ((lse[i * h + hd] - dense_lse[i * h + hd]) as f64).exp();
+                            head_mass[hd] += m / len as f64;
+                            if m < gamma as f64 {
+                                below += 1;
+                            }
+                            if i + bs.min(len) >= len {
+                                rep_min = rep_min.min(m);
+                            }
+                            let o = (i * h + hd) * d;
+                            for e in 0..d {
+                                let (a, b) = (out[o + e] as f64, dense_out[o + e] as f64);
+                                err[hd] += (a - b) * (a - b);
+                                norm[hd] += b * b;
+                            }
+                        }
+                    }
+                    let needle = w.needle_position.and_then(|p| {
+                        let heads: Vec<usize> = (0..h)
+                            .filter(|&hd| kind.head_kind(hd) == WorkloadKind::Needle)
+                            .collect();
+                        (!heads.is_empty()).then(|| {
+                            heads.iter().all(|&hd| {
+                                (w.plan.needle_query_start.max(p + 1)..len).all(|pos| {
+                                    index.row(0, hd, pos / bs).contains(&((p / bs) as u32))
+                                })
+                            })
+                        })
+                    });
+                    if per_head {
+                        for (hd, r) in reports.iter().enumerate() {
+                            eprintln!(
+                                "  {} h{hd} {:?} js {:.3} density {:.3} rep mean {:.3} all-row mean {:.3} L2 {:.3}",
+                                kind.head_kind(hd),
+                                r.pattern,
+                                r.js_distance,
+                                r.density,
+                                r.estimated_mass,
+                                head_mass[hd],
+                                (err[hd] / norm[hd]).sqrt()
+                            );
+                        }
+                    }
+                    let row = Row {
+                        kind: kind.to_string(),
+                        len,
+                        mode: if mode == SelectionMode::Original {
+                            "original"
+                        } else {
+                            "faithful"
+                        },
+                        gamma,
+                        density: index.density(),
+                        mean_mass: head_mass.iter().sum::<f64>() / h as f64,
+                        worst_head_mass: head_mass.iter().copied().fold(f64::INFINITY, f64::min),
+                        rows_below: below as f64 / (len * h) as f64,
+                        rep_min,
+                        rel_l2: (err.iter().sum::<f64>() / norm.iter().sum::<f64>()).sqrt(),
+                        worst_head_l2: err
+                            .iter()
+                            .zip(&norm)
+                            .map(|(e, n)| (e / n).sqrt())
+                            .fold(0.0, f64::max),
+                        needle,
+                        t_select_ms: t_stats + t_build,
+                        t_build_ms: t_build,
+                    };
+                    println!(
+                        "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.1}% | {:.3} | {:.3} | {:.3} | {} | {:.0} | {:.1} |",
+                        row.kind,
+                        row.len,
+                        row.mode,
+                        row.gamma,
+                        row.density,
+                        row.mean_mass,
+                        row.worst_head_mass,
+                        100.0 * row.rows_below,
+                        row.rep_min,
+                        row.rel_l2,
+                        row.worst_head_l2,
+                        row.needle.map_or("-", |b| if b { "yes" } else { "NO" }),
+                        row.t_select_ms,
+                        row.t_build_ms
+                    );
+                    all.push(row);
+                }
+            }
+        }
+    }
+    if let Some(path) = arg(&args, "--csv") {
+        let mut s = String::from(
+            "workload,len,mode,gamma,density,mean_mass,worst_head_mass,rows_below,rep_min,rel_l2,worst_head_l2,needle,select_ms,build_ms\n",
+        );
+        for r in &all {
+            s.push_str(&format!(
+                "{},{},{},{},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{},{:.2},{:.3}\n",
+                r.kind,
+                r.len,
+                r.mode,
+                r.gamma,
+                r.density,
+                r.mean_mass,
+                r.worst_head_mass,
+                r.rows_below,
+                r.rep_min,
+                r.rel_l2,
+                r.worst_head_l2,
+                r.needle.map_or("-".into(), |b| b.to_string()),
+                r.t_select_ms,
+                r.t_build_ms
+            ));
+        }
+        std::fs::write(path, s)?;
+    }
+    if let Some(path) = arg(&args, "--png") {
+        plot::draw(&all, path)?;
+    }
+    Ok(())
+}
