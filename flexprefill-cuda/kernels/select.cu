@@ -150,9 +150,9 @@ FP_DEVICE int next_pow2(int n) {
 }
 
 // Mass in fixed point: floor(x · 2^sc), exact and order independent; negatives and NaN are 0.
-FP_DEVICE uint64_t fixed(float x, int sc) {
+FP_DEVICE uint64_t fixed(float x, double scale) {
     if (!(x > 0.f)) return 0ull;
-    return (uint64_t)__dmul_rn((double)x, ldexp(1.0, sc));
+    return (uint64_t)__dmul_rn((double)x, scale);
 }
 
 // Radix select over 64-bit keys (unique), 8 bits a pass from the top: walks the keys in
@@ -175,6 +175,7 @@ template <typename Items>
 FP_DEVICE uint64_t radix_cut(RadixShared& sh, const Items& items, unsigned n, int mode, uint64_t target_fx,
                              unsigned target_count, int sc, unsigned* taken_count) {
     if (threadIdx.x == 0) { sh.prefix = 0; sh.sum_above = 0; sh.cnt_above = 0; sh.state = 0; }
+    const double scale = ldexp(1.0, sc);  // 2^sc, once (not per item)
     __syncthreads();
     for (int depth = 0; depth < 8; ++depth) {
         for (int b = threadIdx.x; b < 256; b += blockDim.x) { sh.cnt[b] = 0; sh.sum[b] = 0; }
@@ -200,7 +201,7 @@ FP_DEVICE uint64_t radix_cut(RadixShared& sh, const Items& items, unsigned n, in
                 cur = b; cur_n = 0; cur_s = 0;
             }
             ++cur_n;
-            if (mode != 2) cur_s += (unsigned long long)fixed(m, sc);
+            if (mode != 2) cur_s += (unsigned long long)fixed(m, scale);
         }
         if (cur_n) {
             atomicAdd(&sh.cnt[cur], cur_n);
