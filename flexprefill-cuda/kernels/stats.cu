@@ -188,7 +188,16 @@ stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         for (int g = 0; g < MAXG; ++g) {
             if (g >= ng) continue;
             float acc[KT / 8][4];
-            qk_tile(acc, qs, kt, g, warp, lane);
+            if ((unsigned)(g * ROWS + warp * 16) < nrow) {
+                qk_tile(acc, qs, kt, g, warp, lane);
+            } else {
+                // no valid row in this warp (probes: 16 rows at most; short chunks): skip the
+                // tensor-core work, every probability below is masked to 0
+#pragma unroll
+                for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+            }
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const int i = g * ROWS + warp * 16 + (lane / 4) + 8 * r;
@@ -330,7 +339,16 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         for (int g = 0; g < MAXG; ++g) {
             if (g >= ng) continue;
             float acc[KT / 8][4];
-            qk_tile(acc, qs, kt, g, warp, lane);
+            if ((unsigned)(g * ROWS + warp * 16) < nrow) {
+                qk_tile(acc, qs, kt, g, warp, lane);
+            } else {
+                // no valid row in this warp (probes: 16 rows at most; short chunks): skip the
+                // tensor-core work, every probability below is masked to 0
+#pragma unroll
+                for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+            }
             float pv[2][KT / 8][2];
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
