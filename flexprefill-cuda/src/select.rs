@@ -961,7 +961,8 @@ mod tests {
         for arch in [(9, 0), (8, 0)] {
             let key = KernelKey::new(&SELECT, None, 0, 0)
                 .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64);
-            compile_offline(&SELECT, &key, arch).unwrap_or_else(|e| panic!("select sm{arch:?}: {e}"));
+            compile_offline(&SELECT, &key, arch)
+                .unwrap_or_else(|e| panic!("select sm{arch:?}: {e}"));
             for dtype in [DType::BF16, DType::F16] {
                 for d in [64, 128, 256] {
                     let key = KernelKey::new(&crate::stats::STATS, Some(dtype), d, 0)
