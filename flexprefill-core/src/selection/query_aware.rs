@@ -31,11 +31,10 @@ pub fn pooled_block_attention(
     for r in 0..nqb {
         let q = &q_pooled[r * head_dim..(r + 1) * head_dim];
         let d = grid.last_diag(r);
+        dots_f64(q, k_pooled, head_dim, &mut logits[..=d]);
         let mut max = f64::NEG_INFINITY;
-        for (c, l) in logits.iter_mut().enumerate().take(d + 1) {
-            let k = &k_pooled[c * head_dim..(c + 1) * head_dim];
-            let dot: f64 = q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum();
-            let mut x = dot as f32;
+        for l in logits[..=d].iter_mut() {
+            let mut x = *l as f32;
             if bf16_logits {
                 x = bf16::from_f32(x).to_f32();
             }
@@ -48,6 +47,33 @@ pub fn pooled_block_attention(
         }
     }
     map
+}
+
+/// `out[c] = Σ_t q[t]·k[c][t]`, each dot product accumulated in f64 sequentially over `t`
+/// (the order every backend replays). Eight key blocks are in flight at once: the same
+/// arithmetic per dot product, but the adds of different dots overlap instead of waiting on
+/// one another (a sequential f64 sum is latency-bound).
+fn dots_f64(q: &[f32], k_pooled: &[f32], head_dim: usize, out: &mut [f64]) {
+    const W: usize = 8;
+    let n = out.len();
+    let mut c = 0;
+    while c + W <= n {
+        let ks: [&[f32]; W] =
+            std::array::from_fn(|j| &k_pooled[(c + j) * head_dim..(c + j + 1) * head_dim]);
+        let mut acc = [0.0f64; W];
+        for (t, &a) in q.iter().enumerate() {
+            let a = a as f64;
+            for j in 0..W {
+                acc[j] += a * ks[j][t] as f64;
+            }
+        }
+        out[c..c + W].copy_from_slice(&acc);
+        c += W;
+    }
+    for (cc, o) in out.iter_mut().enumerate().skip(c) {
+        let k = &k_pooled[cc * head_dim..(cc + 1) * head_dim];
+        *o = q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum();
+    }
 }
 
 /// The decimal a Python caller wrote for `gamma` (the shortest decimal of the f32, e.g. 0.9),
@@ -232,6 +258,26 @@ mod tests {
         assert_eq!(rows, vec![vec![0], vec![0, 1], vec![0, 1]]);
         let mass = estimated_row_mass(&map3(), 3, &rows);
         assert!(mass.iter().all(|&m| m >= 0.75), "{mass:?}");
+    }
+
+    #[test]
+    fn interleaved_dots_are_the_sequential_ones_bit_for_bit() {
+        let d = 37;
+        let q: Vec<f32> = (0..d)
+            .map(|i| ((i * 7919) % 101) as f32 * 0.013 - 0.6)
+            .collect();
+        let k: Vec<f32> = (0..19 * d)
+            .map(|i| ((i * 104729) % 97) as f32 * 0.021 - 1.0)
+            .collect();
+        let mut out = vec![0.0f64; 19];
+        dots_f64(&q, &k, d, &mut out);
+        for (c, &o) in out.iter().enumerate() {
+            let mut want = 0.0f64;
+            for t in 0..d {
+                want += q[t] as f64 * k[c * d + t] as f64;
+            }
+            assert_eq!(o.to_bits(), want.to_bits(), "block {c}");
+        }
     }
 
     #[test]
