@@ -156,7 +156,8 @@ pub fn extend_lines(
 /// `Original`: the original's top-`n` pooled lines with `budgets` from
 /// [`original_line_budgets`] (query-aware heads call this too, with `n_v = n_s = mb`).
 /// `Faithful`: token lines taken greedily until every representative query holds `gamma`
-/// (see `docs/SELECTION.md`); `budgets` is ignored.
+/// and the probes (if `stats.probe_block_mass` is given) hold it on average (see
+/// `docs/SELECTION.md`); `budgets` is ignored.
 pub fn vertical_slash_index_search(
     stats: &HeadStatistics,
     seq: &Sequence,
@@ -182,7 +183,12 @@ pub fn vertical_slash_index_search(
             rows
         }
         SelectionMode::Faithful => {
-            faithful::vertical_slash(stats, &[], &Grid::new(seq, cfg.block_size), cfg)
+            faithful::vertical_slash(
+                stats,
+                &stats.probe_block_mass,
+                &Grid::new(seq, cfg.block_size),
+                cfg,
+            )
         }
     }
 }
