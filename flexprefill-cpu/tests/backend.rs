@@ -441,3 +441,44 @@ fn bad_inputs_are_typed_errors_not_panics() {
         })
         .is_err());
 }
+
+#[test]
+fn heads_sharing_rows_are_stacked_without_changing_results() {
+    // GQA 4:1; in each group heads 0 and 2 share their rows, 1 and 3 have their own. Stacking
+    // limits from 1 row (no stacking) to everything must agree with the masked oracle.
+    let data = Data::new(101, &[(200, 200), (37, 90)], 8, 2, 16);
+    let x = data.input();
+    let bs = 32;
+    let shared = random_index(7, &x.seqs, 8, bs, 0.5);
+    let own = random_index(8, &x.seqs, 8, bs, 0.5);
+    let heads = x
+        .seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| {
+            let (shared, own) = (&shared, &own);
+            (0..8).map(move |h| {
+                (0..s.num_query_blocks(bs))
+                    .map(|r| match h % 4 {
+                        0 | 2 => shared.row(si, h / 4, r).to_vec(),
+                        _ => own.row(si, h, r).to_vec(),
+                    })
+                    .collect()
+            })
+        })
+        .collect();
+    let index = BlockIndex::from_rows(&x.seqs, 8, bs, heads).unwrap();
+    let want = oracle::masked_attention_f64(&x, &index).unwrap();
+    for stack_rows in [1, 40, 64, 512] {
+        let cpu = CpuBackend::new()
+            .with_tiles(Tiles {
+                stack_rows,
+                ..Tiles::default()
+            })
+            .unwrap();
+        let got = cpu.sparse_attention(&x, &index).unwrap();
+        let err = oracle::relative_l2_error(&out_f32(&got), &want.out);
+        assert!(err <= 1e-5, "stack_rows {stack_rows}: rel L2 {err}");
+        lse_close(got.lse.as_ref().unwrap(), &want.lse, 1e-6);
+    }
+}
