@@ -66,7 +66,7 @@ pub fn dense_causal_flops(seq_len: usize, heads: usize, head_dim: usize) -> f64 
 /// steady state, small enough to stay in the last-level cache on the bench machine.
 pub const SGEMM_N: usize = 1024;
 
-/// Operands for [`sgemm_once`]: `threads` independent `n×n` problems.
+/// `threads` independent `n×n` sgemm problems, run by [`SgemmProblem::run`].
 pub struct SgemmProblem {
     n: usize,
     bufs: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)>,
