@@ -31,8 +31,9 @@ use crate::simd::online_softmax_tile_cm;
 /// Speed-only tiling knobs of the f32 kernel (they never change which keys are attended).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tiles {
-    /// Most keys one `Q·Kᵀ` GEMM covers: consecutive selected blocks are merged up to this.
-    /// Measured on a 2-core Zen 4 at 16k tokens, d 128: 512 beats 128 and 256 and ties 1024.
+    /// Most keys one `Q·Kᵀ` GEMM covers: selected blocks are taken this many keys' worth at a
+    /// time. On the 2-core Zen 4 of docs/PERFORMANCE.md (dense, 4k tokens, d 128) 512 was at
+    /// least as fast as 256 and 1024, within the noise of a shared machine.
     pub chunk_keys: usize,
     /// Query rows per task for [`crate::CpuBackend`]'s dense path (the sparse path uses the
     /// index's block size).
