@@ -324,50 +324,61 @@ pub(crate) fn extend_columns_and_distances(
 /// convention (smallest top set reaching the target). The sets grow with `t`.
 struct QueryAwareCuts {
     grid: Grid,
-    /// Each row's causal key blocks in rank order, with the running mass.
-    orders: Vec<Vec<(u32, f64)>>,
-    /// Flattened: global rank of every causal entry and the running mass over that order.
-    flat: Option<(Vec<Vec<usize>>, Vec<f64>)>,
+    /// Each row's causal key blocks in rank order: (key block, running row mass, rank in the
+    /// flattened order — `Flattened` only).
+    orders: Vec<Vec<(u32, f64, usize)>>,
+    /// `Flattened`: the running mass over the whole map in its rank order.
+    running: Option<Vec<f64>>,
     mb: usize,
 }
 
 impl QueryAwareCuts {
     fn new(map: &[f32], grid: Grid, cut: QueryAwareCut, mb: usize) -> Self {
         let nkb = grid.nkb;
-        let orders: Vec<Vec<(u32, f64)>> = (0..grid.nqb)
-            .map(|r| {
-                let scores = &map[r * nkb..=r * nkb + grid.last_diag(r)];
-                let mut acc = 0.0;
-                super::ranked(scores)
-                    .into_iter()
-                    .map(|c| {
-                        acc += scores[c] as f64;
-                        (c as u32, acc)
+        let (orders, running) = match cut {
+            QueryAwareCut::PerQueryBlock => {
+                let orders = (0..grid.nqb)
+                    .map(|r| {
+                        let scores = &map[r * nkb..=r * nkb + grid.last_diag(r)];
+                        let mut acc = 0.0;
+                        super::ranked(scores)
+                            .into_iter()
+                            .map(|c| {
+                                acc += scores[c] as f64;
+                                (c as u32, acc, 0)
+                            })
+                            .collect()
                     })
-                    .collect()
-            })
-            .collect();
-        let flat = (cut == QueryAwareCut::Flattened).then(|| {
-            let mut ids: Vec<usize> = (0..grid.nqb)
-                .flat_map(|r| r * nkb..=r * nkb + grid.last_diag(r))
-                .collect();
-            ids.sort_unstable_by(|&a, &b| rank_order(map, a, b));
-            let mut rank: Vec<Vec<usize>> = (0..grid.nqb)
-                .map(|r| vec![usize::MAX; grid.last_diag(r) + 1])
-                .collect();
-            let mut acc = 0.0;
-            let mut running = Vec::with_capacity(ids.len());
-            for (g, &id) in ids.iter().enumerate() {
-                rank[id / nkb][id % nkb] = g;
-                acc += map[id] as f64;
-                running.push(acc);
+                    .collect();
+                (orders, None)
             }
-            (rank, running)
-        });
+            QueryAwareCut::Flattened => {
+                // One sort of the whole map; each row's order is its subsequence (ties go to
+                // the lower flat id, i.e. the lower key block within a row, as `ranked`).
+                let mut ids: Vec<usize> = (0..grid.nqb)
+                    .flat_map(|r| r * nkb..=r * nkb + grid.last_diag(r))
+                    .collect();
+                ids.sort_unstable_by(|&a, &b| rank_order(map, a, b));
+                let mut orders: Vec<Vec<(u32, f64, usize)>> = (0..grid.nqb)
+                    .map(|r| Vec::with_capacity(grid.last_diag(r) + 1))
+                    .collect();
+                let mut row_acc = vec![0.0f64; grid.nqb];
+                let mut acc = 0.0;
+                let mut running = Vec::with_capacity(ids.len());
+                for (g, &id) in ids.iter().enumerate() {
+                    let r = id / nkb;
+                    row_acc[r] += map[id] as f64;
+                    orders[r].push(((id % nkb) as u32, row_acc[r], g));
+                    acc += map[id] as f64;
+                    running.push(acc);
+                }
+                (orders, Some(running))
+            }
+        };
         Self {
             grid,
             orders,
-            flat,
+            running,
             mb,
         }
     }
@@ -377,29 +388,26 @@ impl QueryAwareCuts {
     /// reaching `t·nqb` (a prefix of the row's own ranking). Then at least `min(mb, causal)`.
     fn row(&self, r: usize, t: f64) -> Vec<u32> {
         let order = &self.orders[r];
-        let k = match &self.flat {
+        let k = match &self.running {
             None => {
                 let target = t * m_total(order);
-                (order.partition_point(|&(_, m)| m < target) + 1).min(order.len())
+                (order.partition_point(|&(_, m, _)| m < target) + 1).min(order.len())
             }
-            Some((rank, running)) => {
+            Some(running) => {
                 let target = t * self.grid.nqb as f64;
                 let kk = (running.partition_point(|&m| m < target) + 1).min(running.len());
-                order
-                    .iter()
-                    .take_while(|&&(c, _)| rank[r][c as usize] < kk)
-                    .count()
+                order.partition_point(|&(_, _, g)| g < kk)
             }
         };
         order[..k.max(self.mb.min(order.len()))]
             .iter()
-            .map(|&(c, _)| c)
+            .map(|&(c, _, _)| c)
             .collect()
     }
 }
 
-fn m_total(order: &[(u32, f64)]) -> f64 {
-    order.last().map_or(0.0, |&(_, m)| m)
+fn m_total(order: &[(u32, f64, usize)]) -> f64 {
+    order.last().map_or(0.0, |&(_, m, _)| m)
 }
 
 /// Faithful query-aware selection.

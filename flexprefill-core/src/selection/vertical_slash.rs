@@ -182,14 +182,12 @@ pub fn vertical_slash_index_search(
             normalise(&mut rows);
             rows
         }
-        SelectionMode::Faithful => {
-            faithful::vertical_slash(
-                stats,
-                &stats.probe_block_mass,
-                &Grid::new(seq, cfg.block_size),
-                cfg,
-            )
-        }
+        SelectionMode::Faithful => faithful::vertical_slash(
+            stats,
+            &stats.probe_block_mass,
+            &Grid::new(seq, cfg.block_size),
+            cfg,
+        ),
     }
 }
 
