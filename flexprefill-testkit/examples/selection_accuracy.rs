@@ -9,7 +9,8 @@
 //! cargo run --release -p flexprefill-testkit --example selection_accuracy -- \
 //!     [--lens 16384,32768] [--kinds sink_local,stripes,topics,needle,random,mixed] \
 //!     [--gammas 0.8,0.85,0.9,0.95,0.98] [--modes faithful,original] [--heads] \
-//!     [--no-probes] [--time-reps 3] [--csv out.csv] [--png mass_vs_density.png]
+//!     [--no-probes] [--cut flattened|per_query_block] [--time-reps 3] [--csv out.csv] \
+//!     [--png mass_vs_density.png]
 //! # or only draw the picture from earlier CSVs:
 //! cargo run --release -p flexprefill-testkit --example selection_accuracy -- \
 //!     --from-csv a.csv,b.csv --png mass_vs_density.png
@@ -27,7 +28,7 @@
 
 use std::time::Instant;
 
-use flexprefill_core::{selection, Backend, FlexPrefillConfig, SelectionMode};
+use flexprefill_core::{selection, Backend, FlexPrefillConfig, QueryAwareCut, SelectionMode};
 use flexprefill_cpu::CpuBackend;
 use flexprefill_testkit::{generate, WorkloadKind, WorkloadSpec};
 
@@ -161,6 +162,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let per_head = args.iter().any(|a| a == "--heads");
     let no_probes = args.iter().any(|a| a == "--no-probes");
+    let cut = match arg(&args, "--cut").unwrap_or("flattened") {
+        "flattened" => QueryAwareCut::Flattened,
+        "per_query_block" => QueryAwareCut::PerQueryBlock,
+        other => return Err(format!("unknown --cut {other}").into()),
+    };
     let reps: usize = arg(&args, "--time-reps").unwrap_or("3").parse()?;
     let cpu = CpuBackend::new();
     let mut all = Vec::new();
@@ -185,6 +191,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             for &mode in &modes {
                 let base = FlexPrefillConfig {
                     selection: mode,
+                    query_aware_cut: cut,
                     ..FlexPrefillConfig::default()
                 };
                 // selection time: medians over `reps` runs (the machine is shared)

@@ -165,7 +165,12 @@ pub fn draw(rows: &[Row], path: &str) -> Result<(), Box<dyn std::error::Error>> 
             let (gx, _) = map(v, y_min);
             cv.line((gx, oy), (gx, oy + ph), 1.0, GRID, false);
             cv.text(&format!("{v:.1}"), gx, oy + ph + 6.0, 13.0, INK, true);
-            let m = y_min + v * (1.0 - y_min);
+        }
+        // mass ticks on round steps: 0.05 for a narrow range, 0.1 otherwise
+        let step = if 1.0 - y_min > 0.35 { 0.1 } else { 0.05 };
+        let ticks = ((1.0 - y_min) / step).round() as usize;
+        for t in 0..=ticks {
+            let m = 1.0 - (ticks - t) as f64 * step;
             let (_, gy) = map(0.0, m);
             cv.line((ox, gy), (ox + pw, gy), 1.0, GRID, false);
             cv.text(&format!("{m:.2}"), ox - 40.0, gy - 8.0, 13.0, INK, false);
