@@ -48,8 +48,9 @@ pub struct HeadReport {
     pub causal_blocks: usize,
     /// `selected_blocks / causal_blocks`.
     pub density: f64,
-    /// Share of the representative queries' attention inside the chosen blocks, as the
-    /// selection estimated it (exact for vertical-slash, pooled estimate for query-aware).
+    /// Mean share of the representative queries' attention inside the chosen blocks, exact
+    /// (from `HeadStatistics::rep_block_mass`) for either pattern; 1 for dense heads, NaN when
+    /// the backend did not measure the representative block masses (allowed in original mode).
     pub estimated_mass: f32,
 }
 
