@@ -11,6 +11,9 @@
 //!     [--gammas 0.8,0.85,0.9,0.95,0.98] [--modes faithful,original] [--heads] \
 //!     [--no-probes] [--cut flattened|per_query_block] [--time-reps 3] [--csv out.csv] \
 //!     [--png mass_vs_density.png]
+//! # or only time the selection of both modes (no dense/sparse runs):
+//! cargo run --release -p flexprefill-testkit --example selection_accuracy -- \
+//!     --timing-only --lens 16384,32768 --time-reps 9
 //! # or only draw the picture from earlier CSVs:
 //! cargo run --release -p flexprefill-testkit --example selection_accuracy -- \
 //!     --from-csv a.csv,b.csv --png mass_vs_density.png
@@ -72,6 +75,63 @@ fn cpu_ms() -> f64 {
         }
     }
     ns as f64 / 1e6
+}
+
+/// `--timing-only`: selection CPU time of both modes (statistics + index build), without
+/// the dense and sparse runs; the modes alternate inside each repetition so drift in the
+/// machine's load hits both alike. Medians of `reps`.
+fn timing_only(
+    cpu: &CpuBackend,
+    lens: &[usize],
+    kinds: &[WorkloadKind],
+    gammas: &[f32],
+    reps: usize,
+    cut: QueryAwareCut,
+) -> Result<(), Box<dyn std::error::Error>> {
+    println!("| workload | len | gamma | faithful ms | original ms | ratio | faithful build ms | original build ms |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let modes = [SelectionMode::Faithful, SelectionMode::Original];
+    for &len in lens {
+        for &kind in kinds {
+            let w = generate(&WorkloadSpec::new(kind, len));
+            let x = w.input();
+            let cfg = |mode, gamma| FlexPrefillConfig {
+                selection: mode,
+                query_aware_cut: cut,
+                gamma,
+                ..FlexPrefillConfig::default()
+            };
+            let mut stats_ms = [Vec::new(), Vec::new()];
+            let mut stats = [Vec::new(), Vec::new()];
+            for _ in 0..reps {
+                for (m, &mode) in modes.iter().enumerate() {
+                    let t = cpu_ms();
+                    stats[m] = cpu.head_statistics(&x, &cfg(mode, 0.9))?;
+                    stats_ms[m].push(cpu_ms() - t);
+                }
+            }
+            let st = [median(&mut stats_ms[0]), median(&mut stats_ms[1])];
+            for &gamma in gammas {
+                let mut build_ms = [Vec::new(), Vec::new()];
+                for _ in 0..reps {
+                    for (m, &mode) in modes.iter().enumerate() {
+                        let t = cpu_ms();
+                        selection::build_index(&x.seqs, x.shape, &cfg(mode, gamma), &stats[m])?;
+                        build_ms[m].push(cpu_ms() - t);
+                    }
+                }
+                let b = [median(&mut build_ms[0]), median(&mut build_ms[1])];
+                let (f, o) = (st[0] + b[0], st[1] + b[1]);
+                println!(
+                    "| {kind} | {len} | {gamma} | {f:.0} | {o:.0} | {:.2} | {:.1} | {:.1} |",
+                    f / o,
+                    b[0],
+                    b[1]
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Rows of a CSV written by `--csv`.
@@ -169,6 +229,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let reps: usize = arg(&args, "--time-reps").unwrap_or("3").parse()?;
     let cpu = CpuBackend::new();
+    if args.iter().any(|a| a == "--timing-only") {
+        return timing_only(&cpu, &lens, &kinds, &gammas, reps.max(1), cut);
+    }
     let mut all = Vec::new();
 
     println!(
