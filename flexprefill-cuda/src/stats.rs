@@ -2,7 +2,7 @@
 //!
 //! [`launch_stats`] queues, on a caller's stream and without any host synchronisation, the
 //! kernels that compute every (sequence, head)'s [`HeadStatistics`] into device buffers
-//! ([`DeviceStats`]); [`head_statistics`] is the host-facing wrapper the [`Backend`] trait
+//! ([`DeviceStats`]); `head_statistics` is the host-facing wrapper the [`Backend`] trait
 //! uses (upload, launch, download, split per head).
 //!
 //! The representative softmax `A = softmax(Q̂·Kᵀ·e)` (`[H, R, kv_len]`, 1 GiB of f32 at 128k) is
