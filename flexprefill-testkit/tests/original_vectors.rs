@@ -1,6 +1,7 @@
 //! Compatibility mode against the original's real decisions.
 //!
-//! `/work/shared/reference/vectors` (or `$FLEXPREFILL_VECTORS`) holds five cases produced by
+//! `tests/data/original_vectors/` (a copy of the project's reference vectors; `$FLEXPREFILL_VECTORS`
+//! points elsewhere) holds five cases produced by
 //! the authors' code (bytedance/FlexPrefill a24b27b) on an H200: bf16 q/k/v and, per query
 //! head, the sqrt-JS distance the original computed and its selected block ids
 //! `row · nb + col`. We recompute the head statistics with the original's bf16 rounding points
@@ -20,11 +21,19 @@ use flexprefill_core::{
 };
 use flexprefill_cpu::CpuBackend;
 
+/// The vectors ship with the repository, so this test never skips: a missing directory fails.
 fn vectors_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("FLEXPREFILL_VECTORS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/work/shared/reference/vectors"));
-    dir.is_dir().then_some(dir)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/original_vectors")
+        });
+    assert!(
+        dir.is_dir(),
+        "reference vectors not found at {}",
+        dir.display()
+    );
+    Some(dir)
 }
 
 struct Case {
@@ -290,10 +299,7 @@ fn run_case(name: &str) -> Option<(Vec<HeadDiff>, Vec<HeadDiff>)> {
 }
 
 fn assert_exact(name: &str) {
-    let Some(res) = run_case(name) else {
-        eprintln!("reference vectors not found: skipped");
-        return;
-    };
+    let res = run_case(name).expect("vectors_dir fails rather than returning None");
     let (here, cpu) = res;
     for (who, res) in [("in-test statistics", here), ("cpu backend", cpu)] {
         for (h, ours, theirs, js, want_js) in res {
