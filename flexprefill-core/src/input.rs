@@ -83,6 +83,17 @@ pub struct Sequence {
 }
 
 impl Sequence {
+    /// A whole sequence of `len` tokens (every query, no earlier chunk) alone at the start of
+    /// the packed tensors: the single-sequence case that tests and examples spell most often.
+    pub fn whole(len: usize) -> Self {
+        Self {
+            q_start: 0,
+            k_start: 0,
+            q_len: len,
+            kv_len: len,
+        }
+    }
+
     /// Absolute position of query 0 of the chunk (`kv_len - q_len`).
     pub fn query_offset(&self) -> usize {
         self.kv_len - self.q_len
@@ -405,12 +416,7 @@ mod tests {
         assert_eq!(s.query_block_positions(0, 128), (200, 299));
         assert_eq!(s.diagonal_key_blocks(0, 128), 1..=2);
         assert_eq!(s.causal_key_blocks(0, 128), 3);
-        let full = Sequence {
-            q_start: 0,
-            k_start: 0,
-            q_len: 300,
-            kv_len: 300,
-        };
+        let full = Sequence::whole(300);
         assert_eq!(full.total_causal_blocks(128), 1 + 2 + 3);
         assert_eq!(full.diagonal_key_blocks(2, 128), 2..=2);
     }
