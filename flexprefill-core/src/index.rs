@@ -268,12 +268,7 @@ mod tests {
     use super::*;
 
     fn one(len: usize) -> Vec<Sequence> {
-        vec![Sequence {
-            q_start: 0,
-            k_start: 0,
-            q_len: len,
-            kv_len: len,
-        }]
+        vec![Sequence::whole(len)]
     }
 
     #[test]

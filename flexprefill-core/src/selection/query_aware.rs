@@ -168,21 +168,12 @@ fn estimated_row_mass(block_map: &[f32], nkb: usize, rows: &[Vec<u32>]) -> Vec<f
 mod tests {
     use super::*;
 
-    fn seq(n: usize) -> Sequence {
-        Sequence {
-            q_start: 0,
-            k_start: 0,
-            q_len: n,
-            kv_len: n,
-        }
-    }
-
     #[test]
     fn pooled_map_is_block_causal_and_rows_sum_to_one() {
         // 3 blocks of 2 tokens, head_dim 1: q̄ = [0, 1, 2], k̄ = [1, 0, ln 2 / 2]
         let q = [0.0, 1.0, 2.0];
         let k = [1.0, 0.0, 2f32.ln() / 2.0];
-        let m = pooled_block_attention(&q, &k, 1, &seq(6), 2, false);
+        let m = pooled_block_attention(&q, &k, 1, &Sequence::whole(6), 2, false);
         // row 0: only block 0
         assert_eq!(&m[0..3], &[1.0, 0.0, 0.0]);
         // row 1: logits [1, 0] → [e/(e+1), 1/(e+1)]
@@ -200,8 +191,8 @@ mod tests {
         // logit 1.00390625 (= 1 + 2⁻⁸) is not a bf16 value: it rounds (to even) to 1.0
         let q = [0.0, 1.0];
         let k = [1.0 + 1.0 / 256.0, 0.0];
-        let exact = pooled_block_attention(&q, &k, 1, &seq(4), 2, false);
-        let rounded = pooled_block_attention(&q, &k, 1, &seq(4), 2, true);
+        let exact = pooled_block_attention(&q, &k, 1, &Sequence::whole(4), 2, false);
+        let rounded = pooled_block_attention(&q, &k, 1, &Sequence::whole(4), 2, true);
         let e = std::f32::consts::E;
         assert!((rounded[2] - e / (e + 1.0)).abs() < 1e-7);
         assert!(exact[2] > rounded[2]);
@@ -220,7 +211,7 @@ mod tests {
             block_size: 2,
             ..FlexPrefillConfig::original()
         };
-        let rows = query_aware_index_search(&map3(), &seq(6), &cfg);
+        let rows = query_aware_index_search(&map3(), &Sequence::whole(6), &cfg);
         assert_eq!(rows, vec![vec![0], vec![], vec![]]);
         // the paper's rule (faithful) includes the crossing element
         let f = FlexPrefillConfig {
@@ -228,7 +219,7 @@ mod tests {
             ..cfg
         };
         assert_eq!(
-            query_aware_index_search(&map3(), &seq(6), &f),
+            query_aware_index_search(&map3(), &Sequence::whole(6), &f),
             vec![vec![0], vec![0], vec![]]
         );
     }
@@ -241,7 +232,7 @@ mod tests {
             block_size: 2,
             ..FlexPrefillConfig::original()
         };
-        let rows = query_aware_index_search(&map3(), &seq(6), &cfg);
+        let rows = query_aware_index_search(&map3(), &Sequence::whole(6), &cfg);
         // row 2 keeps only 0.5 of its mass although gamma is 0.8
         assert_eq!(rows, vec![vec![0], vec![0], vec![0]]);
     }
@@ -254,7 +245,7 @@ mod tests {
             query_aware_cut: QueryAwareCut::PerQueryBlock,
             ..FlexPrefillConfig::original()
         };
-        let rows = query_aware_index_search(&map3(), &seq(6), &cfg);
+        let rows = query_aware_index_search(&map3(), &Sequence::whole(6), &cfg);
         assert_eq!(rows, vec![vec![0], vec![0, 1], vec![0, 1]]);
         let mass = estimated_row_mass(&map3(), 3, &rows);
         assert!(mass.iter().all(|&m| m >= 0.75), "{mass:?}");

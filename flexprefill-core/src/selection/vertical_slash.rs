@@ -195,15 +195,6 @@ pub fn vertical_slash_index_search(
 mod tests {
     use super::*;
 
-    fn seq(n: usize) -> Sequence {
-        Sequence {
-            q_start: 0,
-            k_start: 0,
-            q_len: n,
-            kv_len: n,
-        }
-    }
-
     #[test]
     fn budgets_use_the_literal_128_and_clamp_min_then_max() {
         // vertical: one token holds everything → K = 1 → 1 // 128 + 1 = 1 block, raised to mb.
@@ -294,7 +285,7 @@ mod tests {
     #[test]
     fn extension_of_columns_and_offsets() {
         // 4 blocks of 16: column 1, offsets 0 and 2.
-        let rows = extend_lines(&[1], &[0, 2], &seq(64), 16);
+        let rows = extend_lines(&[1], &[0, 2], &Sequence::whole(64), 16);
         assert_eq!(rows, vec![vec![0], vec![1], vec![0, 1, 2], vec![1, 3]]);
     }
 
@@ -345,7 +336,7 @@ mod tests {
                 slash: 2
             }
         );
-        let rows = vertical_slash_index_search(&stats, &seq(64), &cfg, b);
+        let rows = vertical_slash_index_search(&stats, &Sequence::whole(64), &cfg, b);
         // columns {0, 2}, offsets {0, 1}
         assert_eq!(
             rows,
