@@ -204,20 +204,23 @@ pub fn select_head(
     let bs = cfg.block_size;
     let grid = Grid::new(seq, bs);
     let (pattern, js) = sparse_pattern_search(stats, bs, cfg);
-    let rows = match (cfg.selection, pattern) {
+    // The pooled block map: what a query-aware head selects from, in both modes.
+    let query_aware_map = (pattern == Pattern::QueryAware).then(|| {
+        pooled_block_attention(
+            &stats.q_pooled,
+            &stats.k_pooled,
+            head_dim,
+            seq,
+            bs,
+            stats.bf16_pooled_logits,
+        )
+    });
+    let rows = match (cfg.selection, &query_aware_map) {
         (SelectionMode::Original, _) => {
             let budgets = original_line_budgets(stats, grid.nkb, pattern, cfg);
             let mut rows = vertical_slash_index_search(stats, seq, cfg, budgets);
-            if pattern == Pattern::QueryAware {
-                let map = pooled_block_attention(
-                    &stats.q_pooled,
-                    &stats.k_pooled,
-                    head_dim,
-                    seq,
-                    bs,
-                    stats.bf16_pooled_logits,
-                );
-                let qa = query_aware_index_search(&map, seq, cfg);
+            if let Some(map) = &query_aware_map {
+                let qa = query_aware_index_search(map, seq, cfg);
                 for (row, extra) in rows.iter_mut().zip(qa) {
                     row.extend(extra);
                 }
@@ -225,18 +228,10 @@ pub fn select_head(
             }
             rows
         }
-        (SelectionMode::Faithful, Pattern::QueryAware) => {
-            let map = pooled_block_attention(
-                &stats.q_pooled,
-                &stats.k_pooled,
-                head_dim,
-                seq,
-                bs,
-                stats.bf16_pooled_logits,
-            );
-            faithful::query_aware(&map, stats, probe_block_mass, &grid, cfg)
+        (SelectionMode::Faithful, Some(map)) => {
+            faithful::query_aware(map, stats, probe_block_mass, &grid, cfg)
         }
-        (SelectionMode::Faithful, _) => {
+        (SelectionMode::Faithful, None) => {
             faithful::vertical_slash(stats, probe_block_mass, &grid, cfg)
         }
     };
