@@ -4,12 +4,13 @@
 //! every representative query ≥ gamma, is `properties::representative_mass_at_least_gamma`.
 
 use flexprefill_core::{
-    selection::probe_queries, AttentionInput, Backend, FlexPrefillConfig, Pattern, SelectionMode,
+    selection::probe_queries, AttentionInput, Backend, FlexPrefillConfig, Pattern,
 };
 use flexprefill_cpu::{oracle, CpuBackend};
 use flexprefill_testkit::strategies as s;
-use flexprefill_testkit::{generate, WorkloadKind, WorkloadSpec};
 use proptest::prelude::*;
+
+mod common;
 
 /// Worst (head, mean probe mass − gamma) over the non-dense heads that have probes; `None`
 /// when no head has probes.
@@ -58,30 +59,14 @@ proptest! {
 /// On every planted kind at 4096 tokens (block 64 and 128, gamma 0.9 and 0.95).
 #[test]
 fn probe_mean_on_planted_workloads() {
-    let spec = WorkloadSpec {
-        kind: WorkloadKind::Mixed,
-        batch: 1,
-        seq_len: 4096,
-        num_heads: 10,
-        num_kv_heads: 5,
-        head_dim: 64,
-        seed: 5,
-    };
-    let w = generate(&spec);
-    for block_size in [64, 128] {
-        for gamma in [0.9, 0.95] {
-            let cfg = FlexPrefillConfig {
-                gamma,
-                block_size,
-                min_budget: 256,
-                selection: SelectionMode::Faithful,
-                ..Default::default()
-            };
-            let (head, margin) = worst_probe_margin(&w.input(), &cfg).expect("probes");
-            assert!(
-                margin >= -TOL,
-                "block {block_size} gamma {gamma} head {head}: {margin:+.6}"
-            );
-        }
+    let (w, cfgs) = common::planted_gamma_grid(5);
+    for cfg in cfgs {
+        let (head, margin) = worst_probe_margin(&w.input(), &cfg).expect("probes");
+        assert!(
+            margin >= -TOL,
+            "block {} gamma {} head {head}: {margin:+.6}",
+            cfg.block_size,
+            cfg.gamma
+        );
     }
 }

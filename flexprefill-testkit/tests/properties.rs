@@ -3,13 +3,15 @@
 //! Case counts are sized for CI (2 cores, test profile): the whole file runs in well under a
 //! minute. Raise them locally with `PROPTEST_CASES=1000 cargo test -p flexprefill-testkit`.
 
-use flexprefill_core::{FlexPrefillConfig, SelectionMode};
+use flexprefill_core::FlexPrefillConfig;
 use flexprefill_cpu::CpuBackend;
 use flexprefill_testkit::properties as p;
 use flexprefill_testkit::strategies::{self as s, CaseSpec, IndexBits};
 use flexprefill_testkit::workload::{generate, WorkloadKind, WorkloadSpec};
 use proptest::prelude::*;
 use proptest::sample::Index;
+
+mod common;
 
 fn cpu() -> CpuBackend {
     CpuBackend::new()
@@ -130,29 +132,11 @@ proptest! {
 /// block 64 and 128, gamma 0.9 and 0.95, every head of every kind, GQA 2).
 #[test]
 fn representative_mass_on_planted_workloads() {
-    let spec = WorkloadSpec {
-        kind: WorkloadKind::Mixed,
-        batch: 1,
-        seq_len: 4096,
-        num_heads: 10,
-        num_kv_heads: 5,
-        head_dim: 64,
-        seed: 3,
-    };
-    let w = generate(&spec);
-    for block_size in [64, 128] {
-        for gamma in [0.9, 0.95] {
-            let cfg = FlexPrefillConfig {
-                gamma,
-                block_size,
-                min_budget: 256,
-                selection: SelectionMode::Faithful,
-                ..Default::default()
-            };
-            p::representative_mass_at_least_gamma(&cpu(), &w.input(), &cfg)
-                .unwrap_or_else(|v| panic!("block {block_size} gamma {gamma}: {v}"));
-            p::forced_blocks_present(&cpu(), &w.input(), &cfg).unwrap();
-        }
+    let (w, cfgs) = common::planted_gamma_grid(3);
+    for cfg in cfgs {
+        p::representative_mass_at_least_gamma(&cpu(), &w.input(), &cfg)
+            .unwrap_or_else(|v| panic!("block {} gamma {}: {v}", cfg.block_size, cfg.gamma));
+        p::forced_blocks_present(&cpu(), &w.input(), &cfg).unwrap();
     }
 }
 
