@@ -184,23 +184,28 @@ fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
+/// The comma-separated values of flag `name` (`default` when it is absent), each parsed.
+fn list<T: std::str::FromStr>(
+    args: &[String],
+    name: &str,
+    default: &str,
+) -> Result<Vec<T>, T::Err> {
+    arg(args, name)
+        .unwrap_or(default)
+        .split(',')
+        .map(str::parse)
+        .collect()
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let lens: Vec<usize> = arg(&args, "--lens")
-        .unwrap_or("16384,32768")
-        .split(',')
-        .map(str::parse)
-        .collect::<Result<_, _>>()?;
-    let kinds: Vec<WorkloadKind> = arg(&args, "--kinds")
-        .unwrap_or("sink_local,stripes,topics,needle,random,mixed")
-        .split(',')
-        .map(str::parse)
-        .collect::<Result<_, _>>()?;
-    let gammas: Vec<f32> = arg(&args, "--gammas")
-        .unwrap_or("0.8,0.85,0.9,0.95,0.98")
-        .split(',')
-        .map(str::parse)
-        .collect::<Result<_, _>>()?;
+    let lens: Vec<usize> = list(&args, "--lens", "16384,32768")?;
+    let kinds: Vec<WorkloadKind> = list(
+        &args,
+        "--kinds",
+        "sink_local,stripes,topics,needle,random,mixed",
+    )?;
+    let gammas: Vec<f32> = list(&args, "--gammas", "0.8,0.85,0.9,0.95,0.98")?;
     let modes: Vec<SelectionMode> = arg(&args, "--modes")
         .unwrap_or("faithful,original")
         .split(',')
