@@ -173,11 +173,9 @@ struct RunArgs {
     outputs: Outputs,
 }
 
+/// `--heads`, `--kv-heads`, `--dim`: the same flags and defaults in `demo` and `synth`.
 #[derive(Debug, Args)]
-struct Shape {
-    /// Tokens per sequence.
-    #[arg(long)]
-    seq: usize,
+struct HeadShape {
     /// Query heads.
     #[arg(long, default_value_t = 8)]
     heads: usize,
@@ -187,6 +185,15 @@ struct Shape {
     /// Head width.
     #[arg(long, default_value_t = 128)]
     dim: usize,
+}
+
+#[derive(Debug, Args)]
+struct Shape {
+    /// Tokens per sequence.
+    #[arg(long)]
+    seq: usize,
+    #[command(flatten)]
+    head_shape: HeadShape,
     /// Sequences.
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -203,15 +210,8 @@ struct DemoArgs {
     /// Tokens per sequence.
     #[arg(long, default_value_t = 16384)]
     seq: usize,
-    /// Query heads.
-    #[arg(long, default_value_t = 8)]
-    heads: usize,
-    /// Key/value heads (GQA).
-    #[arg(long, default_value_t = 2)]
-    kv_heads: usize,
-    /// Head width.
-    #[arg(long, default_value_t = 128)]
-    dim: usize,
+    #[command(flatten)]
+    head_shape: HeadShape,
     /// RNG seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -358,9 +358,9 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
         kind: a.kind.workload(),
         batch: 1,
         seq_len: a.seq,
-        num_heads: a.heads,
-        num_kv_heads: a.kv_heads,
-        head_dim: a.dim,
+        num_heads: a.head_shape.heads,
+        num_kv_heads: a.head_shape.kv_heads,
+        head_dim: a.head_shape.dim,
         seed: a.seed,
     };
     let sp = progress::spinner("generating the planted workload");
@@ -391,9 +391,9 @@ fn cmd_synth(a: SynthArgs) -> Result<()> {
         kind: a.kind.workload(),
         batch: a.shape.batch,
         seq_len: a.shape.seq,
-        num_heads: a.shape.heads,
-        num_kv_heads: a.shape.kv_heads,
-        head_dim: a.shape.dim,
+        num_heads: a.shape.head_shape.heads,
+        num_kv_heads: a.shape.head_shape.kv_heads,
+        head_dim: a.shape.head_shape.dim,
         seed: a.shape.seed,
     };
     let sp = progress::spinner("generating");
