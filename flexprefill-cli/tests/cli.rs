@@ -133,12 +133,17 @@ fn write_st(path: &Path, tensors: &[T]) {
 
 /// A uniform q/k/v file: `[b, n, h, d]` and `[b, n, hkv, d]`.
 fn qkv_file(path: &Path, b: usize, n: usize, h: usize, hkv: usize, d: usize) {
+    qkv_shapes(path, &[b, n, h, d], &[b, n, hkv, d], &[b, n, hkv, d]);
+}
+
+/// f32 tensors q, k, v of any shapes (seeds 1, 2, 3), for the shape errors.
+fn qkv_shapes(path: &Path, q: &[usize], k: &[usize], v: &[usize]) {
     write_st(
         path,
         &[
-            f32_tensor("q", &[b, n, h, d], 1),
-            f32_tensor("k", &[b, n, hkv, d], 2),
-            f32_tensor("v", &[b, n, hkv, d], 3),
+            f32_tensor("q", q, 1),
+            f32_tensor("k", k, 2),
+            f32_tensor("v", v, 3),
         ],
     );
 }
@@ -255,7 +260,8 @@ const SMALL: [&str; 4] = ["--block-size", "16", "--min-budget", "32"];
 fn synth_writes_the_workload_with_its_spec() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("needle.safetensors");
-    let o = ok(&[
+    // Run twice below: the same spec must give the same bytes.
+    let spec = [
         "synth",
         "--kind",
         "needle",
@@ -274,8 +280,8 @@ fn synth_writes_the_workload_with_its_spec() {
         "--dtype",
         "f16",
         "--out",
-        p(&f),
-    ]);
+    ];
+    let o = ok(&[&spec[..], &[p(&f)]].concat());
     assert!(stdout(&o).contains("wrote"), "{}", stdout(&o));
     let (t, meta) = read_st(&f);
     assert_eq!(t["q"].0, Dtype::F16);
@@ -288,27 +294,7 @@ fn synth_writes_the_workload_with_its_spec() {
     assert_eq!(meta["seed"], "7");
     // Same seed, same bytes: reports are reproducible.
     let g = dir.path().join("again.safetensors");
-    ok(&[
-        "synth",
-        "--kind",
-        "needle",
-        "--seq",
-        "256",
-        "--heads",
-        "4",
-        "--kv-heads",
-        "2",
-        "--dim",
-        "32",
-        "--seed",
-        "7",
-        "--batch",
-        "2",
-        "--dtype",
-        "f16",
-        "--out",
-        p(&g),
-    ]);
+    ok(&[&spec[..], &[p(&g)]].concat());
     assert!(
         std::fs::read(&f).unwrap() == std::fs::read(&g).unwrap(),
         "the same spec must give the same bytes"
@@ -820,14 +806,7 @@ fn missing_file() {
 fn wrong_rank() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("x.safetensors");
-    write_st(
-        &f,
-        &[
-            f32_tensor("q", &[64, 32], 1),
-            f32_tensor("k", &[64, 32], 2),
-            f32_tensor("v", &[64, 32], 3),
-        ],
-    );
+    qkv_shapes(&f, &[64, 32], &[64, 32], &[64, 32]);
     fails_with(&["run", "--input", p(&f)], "rank 2");
 }
 
@@ -835,40 +814,19 @@ fn wrong_rank() {
 fn mismatched_shapes() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("kv.safetensors");
-    write_st(
-        &f,
-        &[
-            f32_tensor("q", &[1, 64, 2, 16], 1),
-            f32_tensor("k", &[1, 64, 1, 16], 2),
-            f32_tensor("v", &[1, 63, 1, 16], 3),
-        ],
-    );
+    qkv_shapes(&f, &[1, 64, 2, 16], &[1, 64, 1, 16], &[1, 63, 1, 16]);
     fails_with(
         &["run", "--input", p(&f)],
         "k and v must have the same shape",
     );
     let g = dir.path().join("gqa.safetensors");
-    write_st(
-        &g,
-        &[
-            f32_tensor("q", &[1, 64, 3, 16], 1),
-            f32_tensor("k", &[1, 64, 2, 16], 2),
-            f32_tensor("v", &[1, 64, 2, 16], 3),
-        ],
-    );
+    qkv_shapes(&g, &[1, 64, 3, 16], &[1, 64, 2, 16], &[1, 64, 2, 16]);
     fails_with(
         &["run", "--input", p(&g)],
         "num_heads (3) is not a multiple of num_kv_heads (2)",
     );
     let h = dir.path().join("dim.safetensors");
-    write_st(
-        &h,
-        &[
-            f32_tensor("q", &[1, 64, 2, 16], 1),
-            f32_tensor("k", &[1, 64, 2, 8], 2),
-            f32_tensor("v", &[1, 64, 2, 8], 3),
-        ],
-    );
+    qkv_shapes(&h, &[1, 64, 2, 16], &[1, 64, 2, 8], &[1, 64, 2, 8]);
     fails_with(&["run", "--input", p(&h)], "head_dim differs");
 }
 
