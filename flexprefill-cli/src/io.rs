@@ -382,14 +382,14 @@ mod tests {
         }
     }
 
+    /// `assemble` on q, k, v of these shapes.
+    fn assemble_shapes(q: &[usize], k: &[usize], v: &[usize]) -> Result<Qkv> {
+        assemble(loaded("q", q), loaded("k", k), loaded("v", v))
+    }
+
     #[test]
     fn gqa_and_chunked_shapes_are_accepted() {
-        let x = assemble(
-            loaded("q", &[2, 8, 4, 16]),
-            loaded("k", &[2, 24, 2, 16]),
-            loaded("v", &[2, 24, 2, 16]),
-        )
-        .unwrap();
+        let x = assemble_shapes(&[2, 8, 4, 16], &[2, 24, 2, 16], &[2, 24, 2, 16]).unwrap();
         assert_eq!(
             (
                 x.batch,
@@ -401,43 +401,26 @@ mod tests {
             ),
             (2, 8, 24, 4, 2, 16)
         );
-        let x = assemble(
-            loaded("q", &[8, 4, 16]),
-            loaded("k", &[8, 4, 16]),
-            loaded("v", &[8, 4, 16]),
-        )
-        .unwrap();
+        let x = assemble_shapes(&[8, 4, 16], &[8, 4, 16], &[8, 4, 16]).unwrap();
         assert_eq!(x.batch, 1);
     }
 
     #[test]
     fn shape_errors_name_the_shapes() {
-        let e = assemble(
-            loaded("q", &[1, 8, 4, 16]),
-            loaded("k", &[1, 8, 2, 16]),
-            loaded("v", &[1, 9, 2, 16]),
-        )
-        .unwrap_err()
-        .to_string();
+        let e = assemble_shapes(&[1, 8, 4, 16], &[1, 8, 2, 16], &[1, 9, 2, 16])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("k and v must have the same shape"), "{e}");
-        let e = assemble(
-            loaded("q", &[1, 8, 3, 16]),
-            loaded("k", &[1, 8, 2, 16]),
-            loaded("v", &[1, 8, 2, 16]),
-        )
-        .unwrap_err()
-        .to_string();
+        let e = assemble_shapes(&[1, 8, 3, 16], &[1, 8, 2, 16], &[1, 8, 2, 16])
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("num_heads (3) is not a multiple of num_kv_heads (2)"),
             "{e}"
         );
-        let e = assemble(
-            loaded("q", &[8, 16]),
-            loaded("k", &[8, 16]),
-            loaded("v", &[8, 16]),
-        )
-        .unwrap_err()
-        .to_string();
+        let e = assemble_shapes(&[8, 16], &[8, 16], &[8, 16])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rank 2"), "{e}");
     }
 
