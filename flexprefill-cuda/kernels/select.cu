@@ -150,9 +150,10 @@ FP_DEVICE int next_pow2(int n) {
 }
 
 // Mass in fixed point: floor(x · 2^sc), exact and order independent; negatives and NaN are 0.
-FP_DEVICE uint64_t fixed(float x, double scale) {
-    if (!(x > 0.f)) return 0ull;
-    return (uint64_t)__dmul_rn((double)x, scale);
+// (An f32 mass arrives widened to f64 exactly, so both kinds of items share one rounding.)
+FP_DEVICE uint64_t fixed(double x, double scale) {
+    if (!(x > 0.0)) return 0ull;
+    return (uint64_t)__dmul_rn(x, scale);
 }
 
 // Radix select over 64-bit keys (unique), 8 bits a pass from the top: walks the keys in
@@ -189,7 +190,7 @@ FP_DEVICE uint64_t radix_cut(RadixShared& sh, const Items& items, unsigned n, in
         unsigned cur_n = 0;
         unsigned long long cur_s = 0;
         for (unsigned i = threadIdx.x; i < n; i += blockDim.x) {
-            uint64_t key; float m;
+            uint64_t key; double m;
             if (!items(i, key, m)) continue;
             if (depth > 0 && (key >> (shift + 8)) != pref) continue;
             int b = (int)((key >> shift) & 255);
@@ -233,7 +234,7 @@ FP_DEVICE uint64_t radix_cut(RadixShared& sh, const Items& items, unsigned n, in
             const int sh2 = shift;
             const uint64_t p2 = sh.prefix;
             for (unsigned i = threadIdx.x; i < n; i += blockDim.x) {
-                uint64_t key; float m;
+                uint64_t key; double m;
                 if (!items(i, key, m)) continue;
                 if ((key >> sh2) == p2) sh.prefix = key;  // exactly one writer
             }
@@ -248,6 +249,21 @@ FP_DEVICE uint64_t radix_cut(RadixShared& sh, const Items& items, unsigned n, in
     __syncthreads();
     return r;
 }
+
+// Weighted events over the probe rows (the vertical-slash stop, the query-aware calibration):
+// key (when the event enters the selection; KEY_ALL: never decided by it) and weight (the
+// probes' captured fraction it adds; summed in 2^CAL_SC fixed point).
+#define CAL_SC 58  // the weights sum to at most PROBE_QUERIES ≤ 16 < 2^4
+struct CandItems {
+    const unsigned long long* key;
+    const double* w;
+    FP_DEVICE bool operator()(unsigned i, uint64_t& k, double& m) const {
+        k = key[i];
+        if (k == KEY_ALL) return false;
+        m = w[i];
+        return true;
+    }
+};
 
 // ---- kernel 2: pattern decision ----------------------------------------------------------
 
@@ -312,72 +328,162 @@ sel_decide(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, Sel
 FP_DEVICE uint64_t vkey_of(float v, unsigned j) { return rank_key(v, j); }
 FP_DEVICE uint64_t skey_of(float s, unsigned d) { return rank_key(s, 0x80000000u | d); }
 
+FP_DEVICE uint64_t warp_min_u64(uint64_t x) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const uint64_t y = __shfl_xor_sync(0xffffffffu, x, o);
+        x = y < x ? y : x;
+    }
+    return x;
+}
+// The first line (best key) covering key block c of query block r: its column's best
+// vertical key `vk_c`, or a distance from one of the block's queries into the block. One warp,
+// lanes striding the distances (coalesced); every lane gets the result.
+FP_DEVICE uint64_t first_cover_key(const Geo& g, unsigned r, unsigned c, uint64_t vk_c, const float* sl) {
+    const unsigned bs = g.bs, first = g.first_pos(r), last = g.last_pos(r);
+    const long long lo = (long long)first - (long long)(c * bs + bs - 1);
+    const unsigned dlo = lo > 0 ? (unsigned)lo : 0;
+    uint64_t best = vk_c;
+    for (unsigned dd = dlo + threadIdx.x % 32; dd <= last - c * bs; dd += 32) {
+        const uint64_t k = skey_of(sl[dd], dd);
+        best = k < best ? k : best;
+    }
+    return warp_min_u64(best);
+}
+
+// Per head, before the walk: the best vertical key of every column (vkey_out, a warp per
+// column) and, with probes, each probe's total mass (probe_tot[slot·PROBE_QUERIES + u], core's
+// sequential f64 sum replayed through shuffles). Grid (H, nseq), 512 threads. Faithful
+// vertical-slash heads; the probe totals for faithful query-aware heads too.
+extern "C" __global__ void __launch_bounds__(512)
+sel_fvs_prep(const SeqDesc* __restrict__ seqs, SelParams p, const int* __restrict__ pattern,
+             const float* __restrict__ vertical, const float* __restrict__ probe_block_mass, int probes,
+             unsigned long long* __restrict__ vkey_out, double* __restrict__ probe_tot) {
+    const int h = blockIdx.x, s = blockIdx.y, slot = s * p.num_heads + h;
+    const int pat = pattern[slot];
+    if (p.original || pat == PAT_DENSE) return;
+    const SeqDesc sd = seqs[s];
+    const Geo g = geo(sd, p.block_size);
+    const unsigned bs = g.bs, nkb = g.nkb;
+    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    if (pat == PAT_VS) {
+        const float* v = vertical + (size_t)sd.tok_off * p.num_heads + (size_t)h * g.kv_len;
+        unsigned long long* vk = vkey_out + (size_t)sd.kb_off * p.num_heads + (size_t)h * nkb;
+        for (unsigned c = warp; c < nkb; c += nwarps) {
+            uint64_t best = KEY_ALL;
+            for (unsigned j = c * bs + lane; j < min((c + 1) * bs, g.kv_len); j += 32) {
+                const uint64_t k = vkey_of(v[j], j);
+                best = k < best ? k : best;
+            }
+            best = warp_min_u64(best);
+            if (lane == 0) vk[c] = best;
+        }
+    }
+    const unsigned P = probes ? num_probes(g) : 0;
+    const float* pm = probe_block_mass + (size_t)sd.pad0 * p.num_heads + (size_t)h * P * nkb;
+    for (unsigned u = warp; u < P; u += nwarps) {
+        double acc = 0.0;  // every lane replays the same sequential sum
+        for (unsigned base = 0; base < nkb; base += 32) {
+            const double x = base + lane < nkb ? (double)pm[(size_t)u * nkb + base + lane] : 0.0;
+            const unsigned cnt = min(32u, nkb - base);
+            for (unsigned j = 0; j < cnt; ++j) acc += __shfl_sync(0xffffffffu, x, j);
+        }
+        if (lane == 0) probe_tot[(size_t)slot * PROBE_QUERIES + u] = acc;
+    }
+}
+
+// The probes' events of a faithful vertical-slash head (core's Coverage with probe rows): for
+// each probe block's causal key block, its first covering line's key and the probes' share it
+// adds (Σ_t mass_t[c] / total_t over the block's probes, carried by the block's first slot);
+// forced blocks count from the start (key KEY_NONE, which no line has). A warp per event.
+// Grid (ceil(PROBE_QUERIES·max nkb / 64), H, nseq), 256 threads; ev_key / ev_w
+// [(kb_off·H + h·nkb)·PROBE_QUERIES + t·nkb + c].
+#ifndef EV_PER_CTA
+#define EV_PER_CTA 64  // the host passes select.rs EV_PER_CTA
+#endif
+extern "C" __global__ void __launch_bounds__(256)
+sel_fvs_probe_events(const SeqDesc* __restrict__ seqs, SelParams p, const int* __restrict__ pattern,
+                     const float* __restrict__ slash, const float* __restrict__ probe_block_mass,
+                     const unsigned long long* __restrict__ vkey, const double* __restrict__ probe_tot,
+                     unsigned long long* __restrict__ ev_key, double* __restrict__ ev_w) {
+    const int h = blockIdx.y, s = blockIdx.z, slot = s * p.num_heads + h;
+    if (p.original || pattern[slot] != PAT_VS) return;
+    const SeqDesc sd = seqs[s];
+    const Geo g = geo(sd, p.block_size);
+    const unsigned nkb = g.nkb, P = num_probes(g);
+    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const float* sl = slash + (size_t)sd.tok_off * p.num_heads + (size_t)h * g.kv_len;
+    const float* pm = probe_block_mass + (size_t)sd.pad0 * p.num_heads + (size_t)h * P * nkb;
+    const unsigned long long* vk = vkey + (size_t)sd.kb_off * p.num_heads + (size_t)h * nkb;
+    const double* tot = probe_tot + (size_t)slot * PROBE_QUERIES;
+    const size_t eb = ((size_t)sd.kb_off * p.num_heads + (size_t)h * nkb) * PROBE_QUERIES;
+    const unsigned i0 = blockIdx.x * EV_PER_CTA, i1 = min(i0 + EV_PER_CTA, P * nkb);
+    for (unsigned i = i0 + warp; i < i1; i += blockDim.x / 32) {
+        const unsigned t = i / nkb, c = i % nkb;
+        const unsigned r = probe_block(g, t);
+        uint64_t key = KEY_ALL;
+        double w = 0.0;
+        if ((t == 0 || probe_block(g, t - 1) != r) && c <= g.last_diag(r)) {
+            for (unsigned u = t; u < P && probe_block(g, u) == r; ++u)
+                if (tot[u] > 0.0) w += (double)pm[(size_t)u * nkb + c] / tot[u];
+            key = is_forced(g, p, r, c) ? KEY_NONE : first_cover_key(g, r, c, vk[c], sl);
+        }
+        if (lane == 0) {
+            ev_key[eb + i] = key;
+            ev_w[eb + i] = w;
+        }
+    }
+}
+
 // Faithful vertical-slash stop key (core's faithful::vertical_slash walk, replayed without
-// walking the 2·kv_len token lines): every candidate line's key; for each key block of each
-// representative query block, the first candidate that covers it; those events sorted (they
-// are at most nkb per block) and walked by every representative query in f64, exactly as core
-// adds them; the stop key is the latest of the keys at which each query reaches gamma and each
-// block reaches its minimum budget. Output kstar[s·H + h] and vkey[kb_off·H + h·nkb + c] (the
-// best key of each column). Grid (H, nseq), 512 threads, dynamic smem 12·next_pow2(nkb) bytes.
+// walking the 2·kv_len token lines): for each key block of each representative query block,
+// the first candidate line that covers it; those events sorted (at most nkb per block) and
+// walked by every representative query in f64, exactly as core adds them; the stop key is the
+// latest of the keys at which each query reaches gamma, each block reaches its minimum budget
+// and (with probes) the probes' events reach gamma·P. Output kstar[s·H + h]. Grid (H, nseq),
+// 512 threads, dynamic smem 12·next_pow2(nkb) bytes.
 extern "C" __global__ void __launch_bounds__(512)
 sel_fvs_stop(const SeqDesc* __restrict__ seqs, SelParams p, const int* __restrict__ pattern,
-             const float* __restrict__ vertical, const float* __restrict__ slash, const float* __restrict__ rep_block_mass,
-             const float* __restrict__ probe_block_mass, int probes,
-             unsigned long long* __restrict__ ev_key, double* __restrict__ ev_w,
-             unsigned long long* __restrict__ vkey_out, unsigned long long* __restrict__ kstar) {
+             const float* __restrict__ slash, const float* __restrict__ rep_block_mass, int probes,
+             const unsigned long long* __restrict__ ev_key, const double* __restrict__ ev_w,
+             const unsigned long long* __restrict__ vkey, unsigned long long* __restrict__ kstar) {
     extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ RadixShared rs;
     __shared__ unsigned long long kmax;
     __shared__ unsigned long long kcap;
     const int h = blockIdx.x, s = blockIdx.y;
     if (p.original || pattern[s * p.num_heads + h] != PAT_VS) return;
     const SeqDesc sd = seqs[s];
     const Geo g = geo(sd, p.block_size);
-    const unsigned bs = g.bs, nkb = g.nkb;
-    const float* v = vertical + (size_t)sd.tok_off * p.num_heads + (size_t)h * g.kv_len;
+    const unsigned nkb = g.nkb;
     const float* sl = slash + (size_t)sd.tok_off * p.num_heads + (size_t)h * g.kv_len;
     const float* mass = rep_block_mass + (size_t)sd.rep_off * p.num_heads + (size_t)h * g.rep * nkb;
-    unsigned long long* vk = vkey_out + (size_t)sd.kb_off * p.num_heads + (size_t)h * nkb;
+    const unsigned long long* vk = vkey + (size_t)sd.kb_off * p.num_heads + (size_t)h * nkb;
     const int N = next_pow2(nkb);
     uint64_t* ekey = (uint64_t*)smem;
     uint32_t* ec = (uint32_t*)(ekey + N);
-
-    // Best vertical key of every column.
-    for (unsigned c = threadIdx.x; c < nkb; c += blockDim.x) {
-        uint64_t best = KEY_ALL;
-        for (unsigned j = c * bs; j < min((c + 1) * bs, g.kv_len); ++j) {
-            uint64_t k = vkey_of(v[j], j);
-            best = k < best ? k : best;
-        }
-        vk[c] = best;
-    }
+    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
     if (threadIdx.x == 0) { kmax = KEY_NONE; kcap = KEY_ALL; }
     __syncthreads();
 
     const unsigned r0 = g.rep_block(0), r1 = g.rep_block(g.rep - 1);
     for (unsigned r = r0; r <= r1; ++r) {
-        const unsigned first = g.first_pos(r), last = g.last_pos(r), d = g.last_diag(r);
+        const unsigned d = g.last_diag(r);
         // Events: (first covering key, c) for every non-forced causal key block.
-        for (int c = threadIdx.x; c < N; c += blockDim.x) {
-            uint64_t best = KEY_ALL;
-            if ((unsigned)c <= d && !is_forced(g, p, r, c)) {
-                best = vk[c];
-                const long long lo = (long long)first - (long long)(c * bs + bs - 1);
-                const unsigned dlo = lo > 0 ? (unsigned)lo : 0;
-                const unsigned dhi = last - c * bs;
-                for (unsigned dd = dlo; dd <= dhi; ++dd) {
-                    uint64_t k = skey_of(sl[dd], dd);
-                    best = k < best ? k : best;
-                }
+        for (unsigned c = warp; c < (unsigned)N; c += nwarps) {
+            const bool ev = c <= d && !is_forced(g, p, r, c);
+            const uint64_t best = ev ? first_cover_key(g, r, c, vk[c], sl) : KEY_ALL;
+            if (lane == 0) {
+                ekey[c] = best;
+                ec[c] = c;
             }
-            ekey[c] = ((unsigned)c <= d && !is_forced(g, p, r, c)) ? best : KEY_ALL;
-            ec[c] = c;
         }
         __syncthreads();
         bitonic_sort(ekey, ec, N);
-        unsigned nforced = 0;
-        for (unsigned c = 0; c <= d; ++c) nforced += is_forced(g, p, r, c);
-        unsigned nev = d + 1 - nforced;
-        // Rows of this representative block: the walk of core's RepCoverage, in f64.
+        const unsigned nforced = (p.sink ? 1u : 0u) +
+                                 (p.diagonal ? d + 1 - g.first_diag(r) - (p.sink && g.first_diag(r) == 0 ? 1u : 0u) : 0u);
+        const unsigned nev = d + 1 - nforced;
+        // Rows of this representative block: the walk of core's RepCoverage, in f64. Loads in
+        // batches of 8 (the sums stay sequential) so that each thread keeps several in flight.
         for (unsigned i = threadIdx.x; i < g.rep; i += blockDim.x) {
             if (g.rep_block(i) != r) continue;
             const float* mi = mass + (size_t)i * nkb;
@@ -394,9 +500,17 @@ sel_fvs_stop(const SeqDesc* __restrict__ seqs, SelParams p, const int* __restric
                         if (!(p.sink && c == 0)) cap += (double)mi[c];
                 if (!(cap >= target)) {
                     ki = KEY_ALL;
-                    for (unsigned e = 0; e < nev; ++e) {
-                        cap += (double)mi[ec[e]];
-                        if (cap >= target) { ki = ekey[e]; break; }
+                    bool hit = false;
+                    for (unsigned e0 = 0; e0 < nev && !hit; e0 += 8) {
+                        double x[8];
+#pragma unroll
+                        for (unsigned u = 0; u < 8; ++u) x[u] = e0 + u < nev ? (double)mi[ec[e0 + u]] : 0.0;
+#pragma unroll
+                        for (unsigned u = 0; u < 8; ++u)
+                            if (!hit && e0 + u < nev) {
+                                cap += x[u];
+                                if (cap >= target) { ki = ekey[e0 + u]; hit = true; }
+                            }
                     }
                 }
             }
@@ -418,75 +532,16 @@ sel_fvs_stop(const SeqDesc* __restrict__ seqs, SelParams p, const int* __restric
         }
         __syncthreads();
     }
-    // Probes (core's Coverage with probe rows): the walk also needs the probes' mean captured
-    // fraction ≥ gamma (1e-12 slack). Events of the probes' query blocks with their probe
-    // weights Σ_t mass_t[c] / total_t, then a bisection over the 64-bit key for the first key
-    // at which the weights (forced blocks first) reach the target. Sums: fixed-tree f64 (the
-    // slack absorbs their order).
+    // Probes: the walk also needs the probes' mean captured fraction ≥ gamma (1e-12 slack):
+    // the first event key at which the weights (forced blocks first, key KEY_NONE) reach
+    // gamma·P (events sharing a line key count together: radix_cut's last digit bins them as
+    // one). Weights in 2^CAL_SC fixed point (the slack absorbs the rounding).
     const unsigned P = probes ? num_probes(g) : 0;
     if (P > 0) {
-        __shared__ double red[32];
-        __shared__ double tot_sh[PROBE_QUERIES];
-        const float* pm = probe_block_mass + (size_t)sd.pad0 * p.num_heads + (size_t)h * P * nkb;
-        for (unsigned t = threadIdx.x / 32; t < P; t += blockDim.x / 32) {
-            double a = 0.0;
-            if (threadIdx.x % 32 == 0) {
-                for (unsigned c = 0; c < nkb; ++c) a += (double)pm[(size_t)t * nkb + c];
-                tot_sh[t] = a;
-            }
-        }
-        __syncthreads();
-        // Slots: one per probe (a block may repeat: its events then count once, with the
-        // weights of every probe in it, carried by the block's first slot).
-        unsigned long long* ek = ev_key + ((size_t)sd.kb_off * p.num_heads + (size_t)h * nkb) * PROBE_QUERIES;
-        double* ew = ev_w + ((size_t)sd.kb_off * p.num_heads + (size_t)h * nkb) * PROBE_QUERIES;
-        double forced = 0.0;
-        for (unsigned i = threadIdx.x; i < P * nkb; i += blockDim.x) {
-            const unsigned t = i / nkb, c = i % nkb;
-            const unsigned r = probe_block(g, t);
-            const bool first_slot = t == 0 || probe_block(g, t - 1) != r;
-            uint64_t key = KEY_ALL;
-            double w = 0.0;
-            const unsigned d = g.last_diag(r);
-            if (first_slot && c <= d) {
-                for (unsigned u = t; u < P && probe_block(g, u) == r; ++u)
-                    if (tot_sh[u] > 0.0) w += (double)pm[(size_t)u * nkb + c] / tot_sh[u];
-                if (is_forced(g, p, r, c)) {
-                    forced += w;
-                    w = 0.0;
-                } else {
-                    const unsigned first = g.first_pos(r), last = g.last_pos(r);
-                    key = vk[c];
-                    const long long lo = (long long)first - (long long)(c * bs + bs - 1);
-                    const unsigned dlo = lo > 0 ? (unsigned)lo : 0;
-                    for (unsigned dd = dlo; dd <= last - c * bs; ++dd) {
-                        uint64_t k2 = skey_of(sl[dd], dd);
-                        key = k2 < key ? k2 : key;
-                    }
-                }
-            }
-            ek[i] = key;
-            ew[i] = w;
-        }
-        __syncthreads();
-        const double F = block_sum_f64(forced, red);
+        const size_t eb = ((size_t)sd.kb_off * p.num_heads + (size_t)h * nkb) * PROBE_QUERIES;
         const double target = (double)p.gamma * (double)P - 1e-12;
-        auto frac = [&](uint64_t K) {
-            double a = 0.0;
-            for (unsigned i = threadIdx.x; i < P * nkb; i += blockDim.x)
-                if (ek[i] <= K) a += ew[i];
-            return F + block_sum_f64(a, red);
-        };
-        uint64_t kp = KEY_NONE;
-        if (!(F >= target)) {
-            // largest K with frac(K) < target, bit by bit; the stop key is the next one.
-            uint64_t K = 0;
-            for (int b = 63; b >= 0; --b) {
-                const uint64_t tr = K | (1ull << b);
-                if (frac(tr) < target) K = tr;
-            }
-            kp = K == KEY_ALL ? KEY_ALL : K + 1;
-        }
+        const uint64_t kp = radix_cut(rs, CandItems{ev_key + eb, ev_w + eb}, P * nkb, 1,
+                                      fixed(target, ldexp(1.0, CAL_SC)), 0, CAL_SC, nullptr);
         if (threadIdx.x == 0) atomicMax(&kmax, (unsigned long long)kp);
         __syncthreads();
     }
@@ -546,7 +601,7 @@ sel_fvs_lines(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, 
 // threads. colsel / offsel [kb_off·H + h·nkb + c].
 struct LineItems {
     const float* x;
-    FP_DEVICE bool operator()(unsigned i, uint64_t& key, float& m) const {
+    FP_DEVICE bool operator()(unsigned i, uint64_t& key, double& m) const {
         float v = x[i];
         if (v != v) v = 0.f;  // core maps NaN to 0 before sorting
         key = rank_key(v, i);
@@ -557,10 +612,10 @@ struct LineItems {
 struct PooledItems {
     const float* x;
     int force_first;
-    FP_DEVICE bool operator()(unsigned i, uint64_t& key, float& m) const {
+    FP_DEVICE bool operator()(unsigned i, uint64_t& key, double& m) const {
         float v = (force_first && i == 0) ? F32_INF : x[i];
         key = rank_key(v, i);
-        m = 0.f;
+        m = 0.0;
         return true;
     }
 };
@@ -720,14 +775,18 @@ sel_qa_map(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, con
 
 // Flattened query-aware cut over every causal entry of the map (Algorithm 4): original keeps
 // the entries whose running sum stays ≤ (f32 of gamma_py·nqb) (crossing excluded); faithful
-// the smallest top set with mass ≥ gamma·nqb (crossing included). Ties by flat index r·nkb + c.
-// Grid (H, nseq), 1024 threads. ORs the kept entries into the mask.
+// the smallest top set with mass ≥ t·nqb (crossing included; t = gamma or the calibrated
+// target). Ties by flat index r·nkb + c. The map holds nb²/2 entries per head (524k at 128k),
+// too many for one CTA: a radix select spread over many CTAs, one 8-bit digit per round of
+// two launches (sel_flat_hist: per-CTA histograms of the digit, count and fixed-point mass,
+// added into the head's global histogram with integer atomics, exact in any order; then
+// sel_flat_pick: one CTA per head walks the 256 bins, fixes the digit and clears the bins).
 struct MapItems {
     const float* map;
     Geo g;
     unsigned nkb;
     float inv_nkb;
-    FP_DEVICE bool operator()(unsigned i, uint64_t& key, float& m) const {
+    FP_DEVICE bool operator()(unsigned i, uint64_t& key, double& m) const {
         // r = i / nkb without the integer division (exact after one correction step).
         unsigned r = __float2uint_rz((float)i * inv_nkb);
         if (r * nkb > i) --r;
@@ -735,31 +794,146 @@ struct MapItems {
         const unsigned c = i - r * nkb;
         if (c > g.last_diag(r)) return false;
         m = map[i];
-        key = rank_key(m, i);
+        key = rank_key(map[i], i);
         return true;
     }
 };
 
-extern "C" __global__ void __launch_bounds__(1024)
-sel_qa_flat(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
-            const int* __restrict__ pattern, const float* __restrict__ map, unsigned long long* __restrict__ kcut_out) {
-    __shared__ RadixShared rs;
-    const int h = blockIdx.x, s = blockIdx.y;
-    if (!p.original || p.per_row || pattern[s * p.num_heads + h] != PAT_QA) return;  // faithful: sel_qa_calib
-    const SeqDesc sd = seqs[s];
-    const SelSeq ss = sel[s];
-    const Geo g = geo(sd, p.block_size);
-    const float* mp = map + (size_t)ss.map_off * p.num_heads + (size_t)h * sd.nqb * sd.nkb;
-    // Fixed point so that nqb unit-mass rows cannot overflow 64 bits.
+// Fixed-point scale of a map's masses: nqb unit-mass rows cannot overflow 64 bits.
+FP_DEVICE int map_scale_bits(unsigned nqb) {
     int lg = 0;
-    while ((1u << lg) < sd.nqb + 1) ++lg;
-    const int sc = 62 - lg;
-    double target = p.original ? (double)(float)(p.gamma_py * (double)sd.nqb) : (double)p.gamma * (double)sd.nqb;
-    const uint64_t T = (uint64_t)__dmul_rn(target, ldexp(1.0, sc));
-    const MapItems items{mp, g, sd.nkb, 1.f / (float)sd.nkb};
-    const unsigned total = sd.nqb * sd.nkb;
-    const uint64_t kcut = radix_cut(rs, items, total, p.original ? 0 : 1, T, 0, sc, nullptr);
-    if (threadIdx.x == 0) kcut_out[s * p.num_heads + h] = kcut;
+    while ((1u << lg) < nqb + 1) ++lg;
+    return 62 - lg;
+}
+// The flattened target t·nqb in that fixed point.
+FP_DEVICE uint64_t flat_target(double t, unsigned nqb, int sc) {
+    return (uint64_t)__dmul_rn(t * (double)nqb, ldexp(1.0, sc));
+}
+
+// One head's flattened cut in progress (global memory, slot s·H + h). 48 bytes: the host
+// allocates 6 u64 per slot.
+struct FlatCut {
+    unsigned long long target;     // fixed-point target mass
+    unsigned long long prefix;     // digits fixed so far
+    unsigned long long sum_above;  // fixed-point mass of the keys ranked before the prefix
+    unsigned cnt_above;
+    int state;                     // 0 refining, 1 done, 2 not a flattened query-aware head
+    int mode;                      // radix_cut's mode 0 (original) / 1 (faithful)
+    int sc;                        // fixed-point scale bits
+};
+#ifndef FLAT_CHUNK
+#define FLAT_CHUNK 8192  // map entries per sel_flat_hist CTA (the host passes select.rs FLAT_CHUNK)
+#endif
+
+FP_DEVICE bool flat_qa_head(const SelParams& p, const int* pattern, int slot) {
+    return !p.per_row && pattern[slot] == PAT_QA;
+}
+
+// Starts every head's flattened cut: the original's target (f32 of gamma_py·nqb, mode 0) or
+// the faithful one at t = gamma (mode 1; sel_qa_calib moves it when probes calibrate t).
+// Grid (H, nseq), 32 threads.
+extern "C" __global__ void sel_flat_init(const SeqDesc* __restrict__ seqs, SelParams p,
+                                         const int* __restrict__ pattern, FlatCut* __restrict__ cut) {
+    const int h = blockIdx.x, s = blockIdx.y, slot = s * p.num_heads + h;
+    if (threadIdx.x != 0) return;
+    FlatCut st{};
+    st.state = flat_qa_head(p, pattern, slot) ? 0 : 2;
+    const unsigned nqb = seqs[s].nqb;
+    st.sc = map_scale_bits(nqb);
+    st.mode = p.original ? 0 : 1;
+    st.target = p.original ? (uint64_t)__dmul_rn((double)(float)(p.gamma_py * (double)nqb), ldexp(1.0, st.sc))
+                           : flat_target((double)p.gamma, nqb, st.sc);
+    cut[slot] = st;
+}
+
+// Digit `depth` of every refining head's cut: histogram of FLAT_CHUNK map entries per CTA
+// (only keys under the prefix fixed so far). Grid (chunks, H, nseq), 256 threads.
+extern "C" __global__ void __launch_bounds__(256)
+sel_flat_hist(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
+              const float* __restrict__ map, const FlatCut* __restrict__ cut, int depth,
+              unsigned* __restrict__ hist_cnt, unsigned long long* __restrict__ hist_sum) {
+    __shared__ unsigned cnt[256];
+    __shared__ unsigned long long sum[256];
+    const int h = blockIdx.y, s = blockIdx.z, slot = s * p.num_heads + h;
+    const FlatCut st = cut[slot];
+    if (st.state != 0) return;
+    const SeqDesc sd = seqs[s];
+    const unsigned total = sd.nqb * sd.nkb, i0 = blockIdx.x * FLAT_CHUNK;
+    if (i0 >= total) return;
+    const unsigned i1 = min(i0 + FLAT_CHUNK, total);
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) { cnt[b] = 0; sum[b] = 0; }
+    __syncthreads();
+    const Geo g = geo(sd, p.block_size);
+    const MapItems items{map + (size_t)sel[s].map_off * p.num_heads + (size_t)h * total, g, sd.nkb,
+                         1.f / (float)sd.nkb};
+    const int shift = 56 - 8 * depth;
+    const double scale = ldexp(1.0, st.sc);
+    // Run-length aggregation before the shared atomics (neighbouring entries share digits).
+    int cur = -1;
+    unsigned cur_n = 0;
+    unsigned long long cur_s = 0;
+    for (unsigned i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
+        uint64_t key; double m;
+        if (!items(i, key, m)) continue;
+        if (depth > 0 && (key >> (shift + 8)) != st.prefix) continue;
+        const int b = (int)((key >> shift) & 255);
+        if (b != cur) {
+            if (cur_n) { atomicAdd(&cnt[cur], cur_n); atomicAdd(&sum[cur], cur_s); }
+            cur = b; cur_n = 0; cur_s = 0;
+        }
+        ++cur_n;
+        cur_s += (unsigned long long)fixed(m, scale);
+    }
+    if (cur_n) { atomicAdd(&cnt[cur], cur_n); atomicAdd(&sum[cur], cur_s); }
+    __syncthreads();
+    for (int b = threadIdx.x; b < 256; b += blockDim.x)
+        if (cnt[b]) {
+            atomicAdd(&hist_cnt[(size_t)slot * 256 + b], cnt[b]);
+            atomicAdd(&hist_sum[(size_t)slot * 256 + b], sum[b]);
+        }
+}
+
+// Fixes digit `depth` of every refining head (radix_cut's bin walk) and clears the head's
+// bins for the next digit; a finished head writes its cut key (KEY_ALL: every key taken).
+// Grid (H·nseq), 256 threads.
+extern "C" __global__ void __launch_bounds__(256)
+sel_flat_pick(int depth, FlatCut* __restrict__ cut, unsigned* __restrict__ hist_cnt,
+              unsigned long long* __restrict__ hist_sum, unsigned long long* __restrict__ kcut_out) {
+    __shared__ unsigned cnt[256];
+    __shared__ unsigned long long sum[256];
+    const int slot = blockIdx.x;
+    if (cut[slot].state != 0) return;
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) {
+        const size_t gi = (size_t)slot * 256 + b;
+        cnt[b] = hist_cnt[gi];
+        sum[b] = hist_sum[gi];
+        hist_cnt[gi] = 0;
+        hist_sum[gi] = 0;
+    }
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    FlatCut st = cut[slot];
+    int res = 2;  // every key taken
+    for (int b = 0; b < 256; ++b) {
+        if (cnt[b] == 0) continue;
+        const bool take = st.mode == 0 ? st.sum_above + sum[b] <= st.target : st.sum_above + sum[b] < st.target;
+        if (take) {
+            st.sum_above += sum[b];
+            st.cnt_above += cnt[b];
+        } else {
+            st.prefix = (st.prefix << 8) | (unsigned long long)b;
+            res = depth == 7 ? 1 : 0;
+            break;
+        }
+    }
+    if (res == 2) {
+        st.state = 1;
+        kcut_out[slot] = KEY_ALL;
+    } else {
+        st.state = res;
+        if (res == 1) kcut_out[slot] = st.prefix;
+    }
+    cut[slot] = st;
 }
 
 // Marks the entries the flattened cut keeps (original: key < kcut, crossing excluded;
@@ -897,19 +1071,29 @@ sel_qa_row(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, con
 
 // Each causal row of a faithful query-aware head in rank order with its running mass (f64,
 // summed in that order as core does), into order[map layout] (u32) and run[map layout] (f64).
-// Grid (Σ nqb, H), 256 threads, smem 12·next_pow2(nkb).
+// Per-query-block cuts need every row: grid (Σ nqb, H, 1). The flattened cut only the rows
+// holding probes (the calibration reads their ranks): grid (PROBE_QUERIES, H, nseq), one CTA
+// per probe slot (repeated blocks: the first slot). 256 threads, smem 12·next_pow2(nkb).
 extern "C" __global__ void __launch_bounds__(256)
 sel_qa_sort(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, const unsigned* __restrict__ qb_seq,
             SelParams p, const int* __restrict__ pattern, const float* __restrict__ map,
             unsigned* __restrict__ order, double* __restrict__ run) {
     extern __shared__ __align__(16) unsigned char smem[];
-    const unsigned gb = blockIdx.x;
     const int h = blockIdx.y;
-    const unsigned s = qb_seq[gb];
+    const unsigned s = p.per_row ? qb_seq[blockIdx.x] : blockIdx.z;
     if (p.original || pattern[s * p.num_heads + h] != PAT_QA) return;
     const SeqDesc sd = seqs[s];
     const Geo g = geo(sd, p.block_size);
-    const unsigned r = gb - sd.qb_off, n = g.last_diag(r) + 1;
+    unsigned r;
+    if (p.per_row) {
+        r = blockIdx.x - sd.qb_off;
+    } else {
+        const unsigned u = blockIdx.x;
+        if (u >= num_probes(g)) return;
+        r = probe_block(g, u);
+        if (u > 0 && probe_block(g, u - 1) == r) return;
+    }
+    const unsigned n = g.last_diag(r) + 1;
     const size_t base = (size_t)sel[s].map_off * p.num_heads + ((size_t)h * sd.nqb + r) * sd.nkb;
     const float* sc = map + base;
     const int N = next_pow2(n);
@@ -955,104 +1139,187 @@ FP_DEVICE unsigned own_cut(const double* run, unsigned n, double t, int mb) {
     return max(k, min((unsigned)mb, n));
 }
 
-// Row r's blocks at target t are a prefix of its rank order (core's QueryAwareCuts::row):
-// PerQueryBlock, the own cut above; Flattened, the row's entries of the whole map's smallest
-// top set reaching t·nqb (keys ≤ kcut: a prefix, the row ranks as the map does); then at
-// least min(mb, len). Returns the prefix length.
-FP_DEVICE unsigned row_k(const SelParams& p, const float* map_row, const unsigned* order_row, const double* run_row,
-                         unsigned n, unsigned r, unsigned nkb, double t, uint64_t kcut) {
-    if (p.per_row) return own_cut(run_row, n, t, p.mb);
-    unsigned lo = 0, hi = n;  // first e whose key is past the cut (keys ascend along the order)
-    while (lo < hi) {
-        const unsigned mid = (lo + hi) / 2;
-        const unsigned c = order_row[mid];
-        if (rank_key(map_row[c], r * nkb + c) <= kcut) lo = mid + 1;
-        else hi = mid;
+// Core's bisection for the query-aware target: the smallest t of 16 halvings of [0, 1] whose
+// selection gives the probes gamma (`done` grows with t), 2 (every causal block) when even t = 1
+// misses.
+template <typename Done>
+FP_DEVICE double bisect_target(const Done& done) {
+    double lo = 0.0, hi = 1.0;
+    if (!done(hi)) return 2.0;
+    for (int it = 0; it < 16; ++it) {
+        const double mid = 0.5 * (lo + hi);
+        if (done(mid)) hi = mid;
+        else lo = mid;
     }
-    return max(lo, min((unsigned)p.mb, n));
+    return hi;
 }
 
-// The target t of a faithful query-aware head: gamma, or with probes the smallest t (16-step
-// bisection on [0, 1], as core) whose selection gives the probes a mean captured mass ≥ gamma;
-// and the flattened cut at t (the first key past the smallest top set reaching t·nqb).
-// Grid (H, nseq), 1024 threads. t_out / kcut_out [s·H + h].
+// The target t of a faithful query-aware head (core's query_aware): gamma, or with probes the
+// smallest t of core's 16-step bisection on [0, 1] (2 when even t = 1 misses) whose selection
+// gives the probes a mean captured share ≥ gamma. Instead of one cut of the whole map per
+// bisection step, one pass: the selection grows with t, and a probe row's entry is in it once
+// t passes a threshold of its own (flattened: once the cut reaches the entry's key, i.e. once
+// t·nqb exceeds the map mass ranked before it; per query block: once t·(row total) exceeds the
+// row's running mass before it). Every entry that the target decides is keyed by when it
+// enters and weighted by the probes' share it adds; a radix select over those finds the entry
+// whose arrival first gives the probes gamma, and each bisection step becomes a comparison
+// with it. The target goes to t_out and, flattened, to the head's FlatCut; a flattened head
+// whose answer depends on the map mass ranked before the crossing entry leaves that to
+// sel_calib_before / sel_calib_finish (cal: [kc, mass before, count before, pending] per head,
+// zeroed by the host). Grid (H, nseq), 1024 threads.
+// cand_key / cand_w: PROBE_QUERIES·nkb per head at (kb_off·H + h·nkb)·PROBE_QUERIES.
 extern "C" __global__ void __launch_bounds__(1024)
 sel_qa_calib(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
              const int* __restrict__ pattern, const float* __restrict__ map,
              const unsigned* __restrict__ order, const double* __restrict__ run,
-             const float* __restrict__ probe_block_mass, int probes,
-             double* __restrict__ t_out, unsigned long long* __restrict__ kcut_out) {
+             const float* __restrict__ probe_block_mass, const double* __restrict__ probe_tot, int probes,
+             unsigned long long* __restrict__ cand_key, double* __restrict__ cand_w,
+             double* __restrict__ t_out, FlatCut* __restrict__ cut, unsigned long long* __restrict__ cal) {
     __shared__ RadixShared rs;
     __shared__ double red[32];
     __shared__ double tot_sh[PROBE_QUERIES];
-    const int h = blockIdx.x, s = blockIdx.y;
-    if (p.original || pattern[s * p.num_heads + h] != PAT_QA) return;
+    const int h = blockIdx.x, s = blockIdx.y, slot = s * p.num_heads + h;
+    if (p.original || pattern[slot] != PAT_QA) return;
     const SeqDesc sd = seqs[s];
     const SelSeq ss = sel[s];
     const Geo g = geo(sd, p.block_size);
     const unsigned nkb = sd.nkb;
     const size_t hb = (size_t)ss.map_off * p.num_heads + (size_t)h * sd.nqb * nkb;
     const float* mp = map + hb;
-    int lg = 0;
-    while ((1u << lg) < sd.nqb + 1) ++lg;
-    const int sc = 62 - lg;
-    const MapItems items{mp, g, nkb, 1.f / (float)nkb};
-    const unsigned total = sd.nqb * nkb;
     const bool flat = !p.per_row;
-    auto flat_cut = [&](double t) -> uint64_t {
-        if (!flat) return KEY_NONE;
-        const uint64_t T = (uint64_t)__dmul_rn(t * (double)sd.nqb, ldexp(1.0, sc));
-        return radix_cut(rs, items, total, 1, T, 0, sc, nullptr);
-    };
-    double t = (double)p.gamma;
     const unsigned P = probes ? num_probes(g) : 0;
-    if (P > 0) {
-        const float* pm = probe_block_mass + (size_t)sd.pad0 * p.num_heads + (size_t)h * P * nkb;
-        if (threadIdx.x < P) {
-            double a = 0.0;
-            for (unsigned c = 0; c < nkb; ++c) a += (double)pm[(size_t)threadIdx.x * nkb + c];
-            tot_sh[threadIdx.x] = a;
-        }
-        __syncthreads();
-        const double target = (double)p.gamma * (double)P - 1e-12;
-        // Σ over probe blocks (each once) of Σ_{c in the block's row at t} Σ_probes mass/total.
-        auto probes_done = [&](double tt) {
-            const uint64_t kc = flat_cut(tt);
-            double a = 0.0;
-            for (unsigned i = threadIdx.x; i < P * nkb; i += blockDim.x) {
-                const unsigned u = i / nkb, e = i % nkb;
-                const unsigned r = probe_block(g, u);
-                if (u > 0 && probe_block(g, u - 1) == r) continue;  // the block's first slot
-                const unsigned n = g.last_diag(r) + 1;
-                if (e >= n) continue;
-                const size_t rb = hb + (size_t)r * nkb;
-                const unsigned k = row_k(p, mp + (size_t)r * nkb, order + rb, run + rb, n, r, nkb, tt, kc);
-                const unsigned c = order[rb + e];
-                if (!(e < k || is_forced(g, p, r, c))) continue;
-                for (unsigned v = u; v < P && probe_block(g, v) == r; ++v)
-                    if (tot_sh[v] > 0.0) a += (double)pm[(size_t)v * nkb + c] / tot_sh[v];
-            }
-            return block_sum_f64(a, red) >= target;
-        };
-        double lo = 0.0, hi = 1.0;
-        if (probes_done(hi)) {
-            for (int it = 0; it < 16; ++it) {
-                const double mid = 0.5 * (lo + hi);
-                if (probes_done(mid)) hi = mid;
-                else lo = mid;
-            }
-        }
-        t = hi;
+    if (P == 0) {
+        if (threadIdx.x == 0) t_out[slot] = (double)p.gamma;  // sel_flat_init set the flattened target
+        return;
     }
-    const uint64_t kc = flat_cut(t);
-    if (threadIdx.x == 0) {
-        t_out[s * p.num_heads + h] = t;
-        kcut_out[s * p.num_heads + h] = kc;
+    const float* pm = probe_block_mass + (size_t)sd.pad0 * p.num_heads + (size_t)h * P * nkb;
+    const size_t cb = ((size_t)sd.kb_off * p.num_heads + (size_t)h * nkb) * PROBE_QUERIES;
+    unsigned long long* ck = cand_key + cb;
+    double* cw = cand_w + cb;
+    if (threadIdx.x < P) tot_sh[threadIdx.x] = probe_tot[(size_t)slot * PROBE_QUERIES + threadIdx.x];
+    __syncthreads();
+    // Entries of each probe block's row (its first probe slot), by rank e in the row.
+    const double wscale = ldexp(1.0, CAL_SC);
+    double base = 0.0;  // the probes' share held whatever t is (first min(mb, n) ranks, forced)
+    for (unsigned i = threadIdx.x; i < P * nkb; i += blockDim.x) {
+        const unsigned u = i / nkb, e = i % nkb;
+        uint64_t key = KEY_ALL;
+        const unsigned r = probe_block(g, u);
+        const unsigned n = g.last_diag(r) + 1;
+        if ((u == 0 || probe_block(g, u - 1) != r) && e < n) {
+            const size_t rb = hb + (size_t)r * nkb;
+            const unsigned c = order[rb + e];
+            double w = 0.0;
+            for (unsigned v = u; v < P && probe_block(g, v) == r; ++v)
+                if (tot_sh[v] > 0.0) w += (double)pm[(size_t)v * nkb + c] / tot_sh[v];
+            const unsigned e0 = min((unsigned)p.mb, n);
+            if (e < (flat ? e0 : max(e0, 1u)) || is_forced(g, p, r, c)) {
+                base += w;
+            } else if (flat) {
+                key = rank_key(mp[(size_t)r * nkb + c], r * nkb + c);
+            } else {
+                // smallest j ≤ 2^16 with (j·2^-16)·total > run[e-1] (core: run < t·total)
+                const double tot = run[rb + n - 1], before = run[rb + e - 1];
+                unsigned lo = 0, hi = 65537;
+                while (lo < hi) {
+                    const unsigned mid = (lo + hi) / 2;
+                    if (ldexp((double)mid, -16) * tot > before) hi = mid;
+                    else lo = mid + 1;
+                }
+                if (lo <= 65536) key = ((uint64_t)lo << 32) | i;
+            }
+            cw[i] = w;
+        }
+        ck[i] = key;
+    }
+    const double f0 = block_sum_f64(base, red);  // syncs: the candidate arrays are visible
+    const double target = (double)p.gamma * (double)P - 1e-12;
+    // Which bisection targets succeed: always (the fixed share suffices), never (all of it
+    // misses), or from the crossing entry's threshold on.
+    int always = f0 >= target;
+    uint64_t kc = KEY_ALL;
+    if (!always) kc = radix_cut(rs, CandItems{ck, cw}, P * nkb, 1, fixed(target - f0, wscale), 0, CAL_SC, nullptr);
+    if (threadIdx.x != 0) return;
+    if (!always && kc != KEY_ALL && flat) {
+        // Pending: sel_calib_before measures the map ranked before kc, sel_calib_finish ends.
+        cal[(size_t)slot * 4] = kc;
+        cal[(size_t)slot * 4 + 3] = 1;
+        return;
+    }
+    // Per query block: entry thresholds are targets already.
+    auto probes_done = [&](double t) -> bool {
+        if (always) return true;
+        if (kc == KEY_ALL) return false;
+        return t >= ldexp((double)(kc >> 32), -16);
+    };
+    const double t = bisect_target(probes_done);
+    t_out[slot] = t;
+    if (flat) cut[slot].target = flat_target(t, sd.nqb, map_scale_bits(sd.nqb));
+}
+
+// Flattened calibration, pending heads: the count and fixed-point mass of the map's keys
+// ranked before the crossing entry kc (cal[slot·4 + 1..2], integer atomics). Grid (chunks, H,
+// nseq), 256 threads, FLAT_CHUNK entries per CTA.
+extern "C" __global__ void __launch_bounds__(256)
+sel_calib_before(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
+                 const float* __restrict__ map, unsigned long long* __restrict__ cal) {
+    const int h = blockIdx.y, s = blockIdx.z, slot = s * p.num_heads + h;
+    if (cal[(size_t)slot * 4 + 3] == 0) return;
+    const uint64_t kc = cal[(size_t)slot * 4];
+    const SeqDesc sd = seqs[s];
+    const unsigned total = sd.nqb * sd.nkb, i0 = blockIdx.x * FLAT_CHUNK;
+    if (i0 >= total) return;
+    const unsigned i1 = min(i0 + FLAT_CHUNK, total);
+    const MapItems items{map + (size_t)sel[s].map_off * p.num_heads + (size_t)h * total, geo(sd, p.block_size),
+                         sd.nkb, 1.f / (float)sd.nkb};
+    const double scale = ldexp(1.0, map_scale_bits(sd.nqb));
+    unsigned long long m_before = 0, c_before = 0;
+    for (unsigned i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
+        uint64_t key; double m;
+        if (items(i, key, m) && key < kc) {
+            m_before += fixed(m, scale);
+            ++c_before;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        m_before += __shfl_xor_sync(0xffffffffu, m_before, o);
+        c_before += __shfl_xor_sync(0xffffffffu, c_before, o);
+    }
+    if (threadIdx.x % 32 == 0 && c_before) {
+        atomicAdd(&cal[(size_t)slot * 4 + 1], m_before);
+        atomicAdd(&cal[(size_t)slot * 4 + 2], c_before);
     }
 }
 
-// Faithful query-aware rows at the calibrated target: the row's prefix (row_k), the forced
-// blocks. Grid (Σ nqb, H), 128 threads, smem 4·ceil(nkb/32).
+// Flattened calibration, pending heads: the entry kc is in the cut at t once the cut reaches
+// it, i.e. when nothing ranks before it or the mass before it is under the target t·nqb.
+// Grid (H·nseq), 32 threads.
+extern "C" __global__ void sel_calib_finish(const SeqDesc* __restrict__ seqs, SelParams p,
+                                            const unsigned long long* __restrict__ cal,
+                                            double* __restrict__ t_out, FlatCut* __restrict__ cut) {
+    const int slot = blockIdx.x;
+    if (threadIdx.x != 0 || cal[(size_t)slot * 4 + 3] == 0) return;
+    const unsigned nqb = seqs[slot / p.num_heads].nqb;
+    const int sc = map_scale_bits(nqb);
+    const unsigned long long before = cal[(size_t)slot * 4 + 1], count = cal[(size_t)slot * 4 + 2];
+    const double t = bisect_target([&](double tt) { return count == 0 || before < flat_target(tt, nqb, sc); });
+    t_out[slot] = t;
+    cut[slot].target = flat_target(t, nqb, sc);
+}
+
+// Faithful query-aware rows at the calibrated target. Flattened: the row's keys ≤ kcut (a
+// prefix of its ranking), raised to its top min(mb, n) by a radix top-n over the row when the
+// cut holds fewer; per query block: the row's own cut (order/run). Then the forced blocks.
+// Grid (Σ nqb, H), 128 threads, smem 4·ceil(nkb/32).
+struct RowItems {
+    const float* row;
+    unsigned flat0;
+    FP_DEVICE bool operator()(unsigned i, uint64_t& key, double& m) const {
+        key = rank_key(row[i], flat0 + i);
+        m = 0.0;
+        return true;
+    }
+};
 extern "C" __global__ void __launch_bounds__(128)
 sel_qa_build(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, const unsigned* __restrict__ qb_seq,
              SelParams p, const int* __restrict__ pattern, const float* __restrict__ map,
@@ -1060,6 +1327,8 @@ sel_qa_build(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, c
              const double* __restrict__ t_in, const unsigned long long* __restrict__ kcut,
              unsigned* __restrict__ mask) {
     extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ RadixShared rs;
+    __shared__ unsigned in_cut;
     const unsigned gb = blockIdx.x;
     const int h = blockIdx.y;
     const unsigned s = qb_seq[gb];
@@ -1072,13 +1341,28 @@ sel_qa_build(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, c
     unsigned* bits = (unsigned*)smem;
     unsigned* row = mask + (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
     for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) bits[w] = row[w];
+    if (threadIdx.x == 0) in_cut = 0;
     __syncthreads();
-    const double t = t_in[s * p.num_heads + h];
-    const uint64_t K = kcut[s * p.num_heads + h];
-    const unsigned k = row_k(p, map + rb, order + rb, run + rb, n, r, nkb, t, K);
-    for (unsigned e = threadIdx.x; e < n; e += blockDim.x) {
-        const unsigned c = order[rb + e];
-        if (e < k || is_forced(g, p, r, c)) atomicOr(&bits[c / 32], 1u << (c % 32));
+    if (p.per_row) {
+        const unsigned k = own_cut(run + rb, n, t_in[s * p.num_heads + h], p.mb);
+        for (unsigned e = threadIdx.x; e < n; e += blockDim.x) {
+            const unsigned c = order[rb + e];
+            if (e < k || is_forced(g, p, r, c)) atomicOr(&bits[c / 32], 1u << (c % 32));
+        }
+    } else {
+        const uint64_t K = kcut[s * p.num_heads + h];
+        const float* mr = map + rb;
+        unsigned mine = 0;
+        for (unsigned c = threadIdx.x; c < n; c += blockDim.x) mine += rank_key(mr[c], r * nkb + c) <= K;
+        atomicAdd(&in_cut, mine);
+        __syncthreads();
+        const unsigned e0 = min((unsigned)p.mb, n);
+        // The row's (e0+1)-th key: keys below it are its top e0.
+        const uint64_t K2 = in_cut < e0 ? radix_cut(rs, RowItems{mr, r * nkb}, n, 2, 0, e0, 0, nullptr) : KEY_NONE;
+        for (unsigned c = threadIdx.x; c < n; c += blockDim.x) {
+            const uint64_t key = rank_key(mr[c], r * nkb + c);
+            if (key <= K || key < K2 || is_forced(g, p, r, c)) atomicOr(&bits[c / 32], 1u << (c % 32));
+        }
     }
     __syncthreads();
     for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) row[w] = bits[w];
@@ -1086,14 +1370,14 @@ sel_qa_build(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, c
 
 // Faithful query-aware exact top-up (core's RepCoverage::top_up) of the representative query
 // blocks: each representative query holds gamma of its exact attention, else the heaviest
-// missing causal key blocks (by summed representative mass) are added. One thread per head
-// does the (rare, at most nkb-long) walk after a parallel check. Grid (H, nseq), 256 threads,
-// smem 12·next_pow2(nkb).
+// missing causal key blocks (by summed representative mass) are added. Grid (H, nseq), 256
+// threads, smem 12·next_pow2(nkb) + 16·rep.
 extern "C" __global__ void __launch_bounds__(256)
 sel_qa_topup(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
              const int* __restrict__ pattern, const float* __restrict__ rep_block_mass, unsigned* __restrict__ mask) {
     extern __shared__ __align__(16) unsigned char smem[];
-    __shared__ int short_rows;
+    __shared__ int short_rows;  // rows under gamma, then the blocks the walk takes
+    __shared__ unsigned uncovered;
     const int h = blockIdx.x, s = blockIdx.y;
     if (p.original || pattern[s * p.num_heads + h] != PAT_QA) return;
     const SeqDesc sd = seqs[s];
@@ -1145,19 +1429,38 @@ sel_qa_topup(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, S
         }
         __syncthreads();
         bitonic_sort(key, val, N);
-        if (threadIdx.x == 0) {
-            unsigned* wrow = mk + (size_t)r * ss.words;
-            for (unsigned e = 0; e <= d; ++e) {
-                bool all = true;
-                for (unsigned i = 0; i < g.rep; ++i)
-                    if (g.rep_block(i) == r && !(cap[i] >= tgt[i])) { all = false; break; }
-                const unsigned c = val[e];
-                if (all || (wrow[c / 32] >> (c % 32) & 1u)) break;
-                wrow[c / 32] |= 1u << (c % 32);
-                for (unsigned i = 0; i < g.rep; ++i)
-                    if (g.rep_block(i) == r) cap[i] += (double)mass[(size_t)i * nkb + c];
+        // Core walks the ranking adding one block at a time until every representative query
+        // holds gamma (or an already selected block comes up). Each query's captured mass is
+        // a sequential f64 sum in that order, so each thread replays its own query's sum and
+        // finds after how many blocks it holds; the walk stops at the largest of those.
+        if (threadIdx.x == 0) { short_rows = 0; uncovered = 0; }
+        __syncthreads();
+        for (unsigned c = threadIdx.x; c <= d; c += blockDim.x)
+            if (!(row[c / 32] >> (c % 32) & 1u)) atomicAdd(&uncovered, 1u);
+        __syncthreads();
+        for (unsigned i = threadIdx.x; i < g.rep; i += blockDim.x) {
+            if (g.rep_block(i) != r) continue;
+            // batches of 8 loads in flight; the sum stays sequential
+            double m = cap[i];
+            unsigned e = 0;
+            for (bool hit = m >= tgt[i]; !hit && e < uncovered;) {
+                double x[8];
+#pragma unroll
+                for (unsigned u = 0; u < 8; ++u) x[u] = e + u < uncovered ? (double)mass[(size_t)i * nkb + val[e + u]] : 0.0;
+#pragma unroll
+                for (unsigned u = 0; u < 8; ++u)
+                    if (!hit && e < uncovered) {
+                        m += x[u];
+                        ++e;
+                        hit = m >= tgt[i];
+                    }
             }
+            atomicMax(&short_rows, (int)e);
         }
+        __syncthreads();
+        unsigned* wrow = mk + (size_t)r * ss.words;
+        for (unsigned e = threadIdx.x; e < (unsigned)short_rows; e += blockDim.x)
+            atomicOr(&wrow[val[e] / 32], 1u << (val[e] % 32));
         __syncthreads();
     }
 }

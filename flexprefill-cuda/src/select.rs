@@ -72,6 +72,11 @@ struct SelParams {
 // SAFETY: plain old data (13 i32/f32, one pad, one f64 at offset 56), as the kernel's struct.
 unsafe impl DeviceRepr for SelParams {}
 
+/// Map entries per CTA of the flattened cut's histogram kernel (`sel_flat_hist`).
+const FLAT_CHUNK: u32 = 8192;
+/// Probe events per CTA of `sel_fvs_probe_events` (its `EV_PER_CTA`).
+const EV_PER_CTA: usize = 64;
+
 /// Pattern codes written by `sel_decide`.
 const PAT_QA: i32 = 1;
 const PAT_DENSE: i32 = 2;
@@ -147,7 +152,7 @@ pub fn launch_select<T: StatsElem>(
     let mut sel = Vec::with_capacity(nseq);
     let (mut mask, mut map, mut rows, mut dist, mut causal) =
         (0usize, 0usize, 0usize, 0usize, 0usize);
-    let (mut max_nkb, mut max_rep) = (1usize, 1usize);
+    let (mut max_nkb, mut max_rep, mut max_map) = (1usize, 1usize, 1usize);
     let mut head_row_start = vec![0u32];
     for (si, s) in layout.seqs.iter().enumerate() {
         let (nqb, nkb) = (s.num_query_blocks(bs), s.num_key_blocks(bs));
@@ -173,6 +178,7 @@ pub fn launch_select<T: StatsElem>(
         dist += s.kv_len + 1;
         causal += s.total_causal_blocks(bs);
         max_nkb = max_nkb.max(nkb);
+        max_map = max_map.max(nqb * nkb);
         max_rep = max_rep.max(layout.num_rep(si));
         for _ in 0..h {
             let last = *head_row_start.last().expect("starts with 0");
@@ -238,7 +244,9 @@ pub fn launch_select<T: StatsElem>(
     };
 
     let key = KernelKey::new(&SELECT, None, 0, 0)
-        .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64);
+        .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64)
+        .define("FLAT_CHUNK", FLAT_CHUNK as i64)
+        .define("EV_PER_CTA", EV_PER_CTA as i64);
     let max_smem = dev.info().max_smem_per_block;
     let n2 = max_nkb.next_power_of_two();
     let sort_smem = 12 * n2;
@@ -273,7 +281,8 @@ pub fn launch_select<T: StatsElem>(
     }
     let groups_d = stream.clone_htod(&groups.concat())?;
     let rows_per_i = rows_per as i32;
-    // SAFETY: written by sel_qa_flat for every query-aware head before sel_qa_flat_mark reads it.
+    // SAFETY: written by sel_flat_pick for every flattened query-aware head before
+    // sel_qa_flat_mark / sel_qa_build read it (no other head reads it).
     let mut kcut = unsafe { stream.alloc::<u64>((nseq * h).max(1)) }?;
     // Faithful query-aware rows in rank order with running masses (map layout), the
     // calibrated targets, and the probe events of the vertical-slash stop (PROBE_QUERIES
@@ -293,6 +302,20 @@ pub fn launch_select<T: StatsElem>(
     };
     let mut ev_key = unsafe { stream.alloc::<u64>(ev_len) }?;
     let mut ev_w = unsafe { stream.alloc::<f64>(ev_len) }?;
+    // The query-aware calibration's candidate entries (same layout as the probe events; written
+    // by sel_qa_calib before it reads them), and the flattened cut's state (6 u64 per head,
+    // sel_flat_init) and digit histograms (zeroed here, cleared again by each sel_flat_pick).
+    let cand_len = if faithful_qa && probes { ev_len } else { 1 };
+    let mut cand_key = unsafe { stream.alloc::<u64>(cand_len) }?;
+    let mut cand_w = unsafe { stream.alloc::<f64>(cand_len) }?;
+    let mut flat_cut = unsafe { stream.alloc::<u64>(6 * (nseq * h).max(1)) }?;
+    let mut cal = stream.alloc_zeros::<u64>(4 * (nseq * h).max(1))?;
+    // Each probe's total mass (sel_fvs_prep, for every faithful head with probes).
+    let mut probe_tot =
+        unsafe { stream.alloc::<f64>((nseq * h * selection::PROBE_QUERIES).max(1)) }?;
+    let hist_len = if any_qa { 256 * nseq * h } else { 1 };
+    let mut hist_cnt = stream.alloc_zeros::<u32>(hist_len)?;
+    let mut hist_sum = stream.alloc_zeros::<u64>(hist_len)?;
     let f = |name: &'static str| {
         let dynamic = matches!(
             name,
@@ -338,18 +361,42 @@ pub fn launch_select<T: StatsElem>(
     }
     unsafe {
         stream
-            .launch_builder(&f("sel_fvs_stop")?)
+            .launch_builder(&f("sel_fvs_prep")?)
             .arg(&stats.descs)
             .arg(&p)
             .arg(&pattern)
             .arg(&stats.vertical)
-            .arg(&stats.slash)
-            .arg(&stats.rep_block_mass)
             .arg(&stats.probe_block_mass)
             .arg(&probes_i)
-            .arg(&mut ev_key)
-            .arg(&mut ev_w)
             .arg(&mut vkey)
+            .arg(&mut probe_tot)
+            .launch(lc(grid_heads, 512, 0))?;
+        if probes {
+            let chunks = (selection::PROBE_QUERIES * max_nkb).div_ceil(EV_PER_CTA) as u32;
+            stream
+                .launch_builder(&f("sel_fvs_probe_events")?)
+                .arg(&stats.descs)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&stats.slash)
+                .arg(&stats.probe_block_mass)
+                .arg(&vkey)
+                .arg(&probe_tot)
+                .arg(&mut ev_key)
+                .arg(&mut ev_w)
+                .launch(lc((chunks, h as u32, nseq as u32), 256, 0))?;
+        }
+        stream
+            .launch_builder(&f("sel_fvs_stop")?)
+            .arg(&stats.descs)
+            .arg(&p)
+            .arg(&pattern)
+            .arg(&stats.slash)
+            .arg(&stats.rep_block_mass)
+            .arg(&probes_i)
+            .arg(&ev_key)
+            .arg(&ev_w)
+            .arg(&vkey)
             .arg(&mut kstar)
             .launch(lc(grid_heads, 512, sort_smem))?;
         crate::stats::profile::mark(stream, "sel_fvs_stop");
@@ -407,15 +454,96 @@ pub fn launch_select<T: StatsElem>(
                 .launch(lc((groups.len() as u32, h as u32, 1), 512, map_smem))?;
             crate::stats::profile::mark(stream, "sel_qa_map");
             stream
-                .launch_builder(&f("sel_qa_flat")?)
+                .launch_builder(&f("sel_flat_init")?)
+                .arg(&stats.descs)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&mut flat_cut)
+                .launch(lc(grid_heads, 32, 0))?;
+            crate::stats::profile::mark(stream, "sel_flat_init");
+            // Per-row cuts rank every row; the flattened calibration only the probe rows.
+            let sort_grid = match (cfg.query_aware_cut, probes) {
+                (QueryAwareCut::PerQueryBlock, _) => grid_rows,
+                (QueryAwareCut::Flattened, true) => {
+                    (selection::PROBE_QUERIES as u32, h as u32, nseq as u32)
+                }
+                (QueryAwareCut::Flattened, false) => (0, 0, 0),
+            };
+            if sort_grid.0 > 0 {
+                stream
+                    .launch_builder(&f("sel_qa_sort")?)
+                    .arg(&stats.descs)
+                    .arg(&sel_d)
+                    .arg(&qb_seq_d)
+                    .arg(&p)
+                    .arg(&pattern)
+                    .arg(&mapb)
+                    .arg(&mut order_b)
+                    .arg(&mut run_b)
+                    .launch(lc(sort_grid, 256, sort_smem))?;
+            }
+            crate::stats::profile::mark(stream, "sel_qa_sort");
+            stream
+                .launch_builder(&f("sel_qa_calib")?)
                 .arg(&stats.descs)
                 .arg(&sel_d)
                 .arg(&p)
                 .arg(&pattern)
                 .arg(&mapb)
-                .arg(&mut kcut)
+                .arg(&order_b)
+                .arg(&run_b)
+                .arg(&stats.probe_block_mass)
+                .arg(&probe_tot)
+                .arg(&probes_i)
+                .arg(&mut cand_key)
+                .arg(&mut cand_w)
+                .arg(&mut t_b)
+                .arg(&mut flat_cut)
+                .arg(&mut cal)
                 .launch(lc(grid_heads, 1024, 0))?;
-            crate::stats::profile::mark(stream, "sel_qa_flat");
+            let chunks = (max_map as u32).div_ceil(FLAT_CHUNK);
+            stream
+                .launch_builder(&f("sel_calib_before")?)
+                .arg(&stats.descs)
+                .arg(&sel_d)
+                .arg(&p)
+                .arg(&mapb)
+                .arg(&mut cal)
+                .launch(lc((chunks, h as u32, nseq as u32), 256, 0))?;
+            stream
+                .launch_builder(&f("sel_calib_finish")?)
+                .arg(&stats.descs)
+                .arg(&p)
+                .arg(&cal)
+                .arg(&mut t_b)
+                .arg(&mut flat_cut)
+                .launch(lc(((nseq * h) as u32, 1, 1), 32, 0))?;
+            crate::stats::profile::mark(stream, "sel_qa_calib");
+            // The flattened cut, one 8-bit digit per (histogram, pick) pair of launches.
+            let hist = f("sel_flat_hist")?;
+            let pick = f("sel_flat_pick")?;
+            for depth in 0..8i32 {
+                stream
+                    .launch_builder(&hist)
+                    .arg(&stats.descs)
+                    .arg(&sel_d)
+                    .arg(&p)
+                    .arg(&mapb)
+                    .arg(&flat_cut)
+                    .arg(&depth)
+                    .arg(&mut hist_cnt)
+                    .arg(&mut hist_sum)
+                    .launch(lc((chunks, h as u32, nseq as u32), 256, 0))?;
+                stream
+                    .launch_builder(&pick)
+                    .arg(&depth)
+                    .arg(&mut flat_cut)
+                    .arg(&mut hist_cnt)
+                    .arg(&mut hist_sum)
+                    .arg(&mut kcut)
+                    .launch(lc(((nseq * h) as u32, 1, 1), 256, 0))?;
+            }
+            crate::stats::profile::mark(stream, "sel_flat_cut");
             stream
                 .launch_builder(&f("sel_qa_flat_mark")?)
                 .arg(&stats.descs)
@@ -439,33 +567,6 @@ pub fn launch_select<T: StatsElem>(
                 .arg(&mut maskb)
                 .launch(lc(grid_rows, 256, row_smem))?;
             crate::stats::profile::mark(stream, "sel_qa_row");
-            stream
-                .launch_builder(&f("sel_qa_sort")?)
-                .arg(&stats.descs)
-                .arg(&sel_d)
-                .arg(&qb_seq_d)
-                .arg(&p)
-                .arg(&pattern)
-                .arg(&mapb)
-                .arg(&mut order_b)
-                .arg(&mut run_b)
-                .launch(lc(grid_rows, 256, sort_smem))?;
-            crate::stats::profile::mark(stream, "sel_qa_sort");
-            stream
-                .launch_builder(&f("sel_qa_calib")?)
-                .arg(&stats.descs)
-                .arg(&sel_d)
-                .arg(&p)
-                .arg(&pattern)
-                .arg(&mapb)
-                .arg(&order_b)
-                .arg(&run_b)
-                .arg(&stats.probe_block_mass)
-                .arg(&probes_i)
-                .arg(&mut t_b)
-                .arg(&mut kcut)
-                .launch(lc(grid_heads, 1024, 0))?;
-            crate::stats::profile::mark(stream, "sel_qa_calib");
             stream
                 .launch_builder(&f("sel_qa_build")?)
                 .arg(&stats.descs)
@@ -960,13 +1061,17 @@ mod tests {
         use crate::registry::compile_offline;
         for arch in [(9, 0), (8, 0)] {
             let key = KernelKey::new(&SELECT, None, 0, 0)
-                .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64);
+                .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64)
+                .define("FLAT_CHUNK", FLAT_CHUNK as i64)
+                .define("EV_PER_CTA", EV_PER_CTA as i64);
             compile_offline(&SELECT, &key, arch)
                 .unwrap_or_else(|e| panic!("select sm{arch:?}: {e}"));
             for dtype in [DType::BF16, DType::F16] {
                 for d in [64, 128, 256] {
                     let key = KernelKey::new(&crate::stats::STATS, Some(dtype), d, 0)
-                        .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64);
+                        .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64)
+                        .define("FLAT_CHUNK", FLAT_CHUNK as i64)
+                        .define("EV_PER_CTA", EV_PER_CTA as i64);
                     compile_offline(&crate::stats::STATS, &key, arch)
                         .unwrap_or_else(|e| panic!("stats {dtype} d{d} sm{arch:?}: {e}"));
                 }
