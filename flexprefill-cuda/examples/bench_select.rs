@@ -114,7 +114,15 @@ fn main() -> Res<()> {
     println!("| seq | data | gamma | stats ms | select ms | search+index ms | sparse attn ms | sparse path ms | dense ms | sparse path/dense | whole call ms | whole/dense | density | QA heads |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &n in &sizes {
+        // BENCH_DATA=random|mixed limits the run to one workload (profiling).
+        let only = std::env::var("BENCH_DATA").ok();
         for structured in [false, true] {
+            if only
+                .as_deref()
+                .is_some_and(|o| o != if structured { "mixed" } else { "random" })
+            {
+                continue;
+            }
             let t = std::time::Instant::now();
             let dt = data(n, structured);
             let gen_s = t.elapsed().as_secs_f32();

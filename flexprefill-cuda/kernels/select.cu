@@ -488,6 +488,7 @@ sel_fvs_stop(const SeqDesc* __restrict__ seqs, SelParams p, const int* __restric
             if (g.rep_block(i) != r) continue;
             const float* mi = mass + (size_t)i * nkb;
             double total = 0.0;
+#pragma unroll 8
             for (unsigned c = 0; c < nkb; ++c) total += (double)mi[c];
             const double target = (double)p.gamma * total;
             uint64_t ki = KEY_NONE;
@@ -571,9 +572,16 @@ sel_fvs_lines(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, 
     if (threadIdx.x == 0) { carry = 0; pre[0] = 0; }
     __syncthreads();
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
-    for (unsigned base = 0; base < n; base += blockDim.x) {
-        const unsigned d = base + threadIdx.x;
-        unsigned x = (d < n && skey_of(sl[d], d) <= K) ? 1u : 0u;
+    // LINE_ITEMS consecutive distances per thread, then a block scan of the thread counts.
+    constexpr unsigned LINE_ITEMS = 16;
+    for (unsigned base = 0; base < n; base += blockDim.x * LINE_ITEMS) {
+        const unsigned d0 = base + threadIdx.x * LINE_ITEMS;
+        unsigned bits = 0;
+#pragma unroll
+        for (unsigned u = 0; u < LINE_ITEMS; ++u)
+            if (d0 + u < n && skey_of(sl[d0 + u], d0 + u) <= K) bits |= 1u << u;
+        const unsigned mine = __popc(bits);
+        unsigned x = mine;
         for (int o = 1; o < 32; o <<= 1) {
             unsigned y = __shfl_up_sync(0xffffffffu, x, o);
             if (lane >= o) x += y;
@@ -582,7 +590,10 @@ sel_fvs_lines(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, 
         __syncthreads();
         unsigned off = carry;
         for (int w = 0; w < warp; ++w) off += warp_tot[w];
-        if (d < n) pre[d + 1] = off + x;
+        off += x - mine;
+#pragma unroll
+        for (unsigned u = 0; u < LINE_ITEMS; ++u)
+            if (d0 + u < n) pre[d0 + u + 1] = off + __popc(bits & ((2u << u) - 1u));
         __syncthreads();
         if (threadIdx.x == 0) {
             unsigned t = 0;
@@ -706,12 +717,20 @@ extern "C" __global__ void sel_extend(const SeqDesc* __restrict__ seqs, const Se
 
 // The pooled block map of a query-aware head (core's pooled_block_attention: f64 dot products
 // summed in order, rounded once to f32 (optional bf16), f64 softmax summed in order, each
-// entry rounded once to f32). A CTA takes `rows_per` query-block rows of one head: pooled keys
-// are staged 32 at a time in shared memory (coalesced, reused by every row), each thread
-// computes whole dot products in core's order, then one warp per row does the softmax, its
-// sequential f64 sum replayed through shuffles. Grid (row groups, H), 512 threads, dynamic
-// smem 4·(rows_per·D + 32·(D+1) + rows_per·nkb). groups[i] = (sequence, first row).
+// entry rounded once to f32), in two kernels.
+//
+// sel_qa_map: the logits. A CTA takes `rows_per` (≤ 64) query-block rows of one head and
+// QM_COLS key blocks, a warp 4 rows: pooled queries and 32 pooled keys at a time are staged in
+// shared memory as f64 (a product of two widened f32s is exact, so fused or not the sums are
+// core's); each lane computes 4 whole dot products in core's order for its key (4 rows share
+// each key load) and writes the logits into the map. Grid (row groups, H, ceil(max nkb /
+// QM_COLS)), 512 threads, dynamic smem 8·(rows_per·D + 32·(D+1)). groups[i] = (sequence,
+// first row).
 #define QM_THREADS 512
+#define QM_ROWS_PER_WARP 4
+#ifndef QM_COLS
+#define QM_COLS 256  // the host passes select.rs QM_COLS
+#endif
 extern "C" __global__ void __launch_bounds__(QM_THREADS)
 sel_qa_map(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, const uint2* __restrict__ groups,
            int rows_per, SelParams p, const int* __restrict__ pattern,
@@ -725,52 +744,76 @@ sel_qa_map(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, con
     const Geo g = geo(sd, p.block_size);
     const unsigned D = p.head_dim, nkb = sd.nkb, r0 = grp.y;
     const unsigned rows = min((unsigned)rows_per, sd.nqb - r0);
+    const unsigned cbeg = blockIdx.z * QM_COLS;
+    const unsigned dmax = g.last_diag(r0 + rows - 1);
+    if (cbeg > dmax) return;
+    const unsigned cend = min(cbeg + QM_COLS - 1, dmax);
     const int hk = h / (p.num_heads / p.num_kv_heads);
     const float* qv = q_pooled + ((size_t)sd.qb_off * p.num_heads + (size_t)h * sd.nqb + r0) * D;
     const float* kb = k_pooled + ((size_t)sd.kb_off * p.num_kv_heads + (size_t)hk * nkb) * D;
-    float* qs = (float*)smem;                 // [rows_per][D]
-    float* ks = qs + rows_per * D;            // [32][D + 1]
-    float* lg = ks + 32 * (D + 1);            // [rows_per][nkb] logits (f32 is exact: core rounds to f32)
-    for (unsigned i = threadIdx.x; i < rows * D; i += blockDim.x) qs[i] = qv[i];
-    const unsigned dmax = g.last_diag(r0 + rows - 1);
-    const unsigned rl = threadIdx.x / 32, cl = threadIdx.x % 32;
-    for (unsigned c0 = 0; c0 <= dmax; c0 += 32) {
+    float* out = map + (size_t)sel[s].map_off * p.num_heads + ((size_t)h * sd.nqb + r0) * nkb;
+    double* qs = (double*)smem;      // [rows_per][D] (rows past `rows` zeroed)
+    double* ks = qs + rows_per * D;  // [32][D + 1]
+    for (unsigned i = threadIdx.x; i < rows_per * D; i += blockDim.x) qs[i] = i < rows * D ? (double)qv[i] : 0.0;
+    const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const unsigned rw = warp * QM_ROWS_PER_WARP;  // this warp's first row
+    for (unsigned c0 = cbeg; c0 <= cend; c0 += 32) {
         __syncthreads();
         for (unsigned i = threadIdx.x; i < 32 * D; i += blockDim.x) {
             const unsigned c = c0 + i / D, t = i % D;
-            ks[(i / D) * (D + 1) + t] = c < nkb ? kb[(size_t)c * D + t] : 0.f;
+            ks[(i / D) * (D + 1) + t] = c < nkb ? (double)kb[(size_t)c * D + t] : 0.0;
         }
         __syncthreads();
-        for (unsigned row = rl; row < rows; row += QM_THREADS / 32) {
-            const unsigned c = c0 + cl;
-            if (c > g.last_diag(r0 + row)) continue;
-            double dot = 0.0;
-            const float* a = qs + row * D;
-            const float* b = ks + cl * (D + 1);
-            for (unsigned t = 0; t < D; ++t) dot += (double)a[t] * (double)b[t];
-            float x = (float)dot;
-            if (p.bf16_logits) x = bf16_to_float(float_to_bf16(x));
-            lg[row * nkb + c] = x;
+        if (rw >= rows || c0 > g.last_diag(r0 + min(rw + QM_ROWS_PER_WARP, rows) - 1)) continue;
+        const unsigned c = c0 + lane;
+        const double* a = qs + rw * D;
+        const double* b = ks + lane * (D + 1);
+        double dot[QM_ROWS_PER_WARP] = {0.0, 0.0, 0.0, 0.0};
+#pragma unroll 4
+        for (unsigned t = 0; t < D; ++t) {
+            const double bt = b[t];
+#pragma unroll
+            for (int k = 0; k < QM_ROWS_PER_WARP; ++k) dot[k] += a[k * D + t] * bt;
+        }
+#pragma unroll
+        for (int k = 0; k < QM_ROWS_PER_WARP; ++k) {
+            const unsigned row = rw + k;
+            if (row < rows && c <= g.last_diag(r0 + row)) {
+                float x = (float)dot[k];
+                if (p.bf16_logits) x = bf16_to_float(float_to_bf16(x));
+                out[(size_t)row * nkb + c] = x;
+            }
         }
     }
-    __syncthreads();
-    const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (unsigned row = warp; row < rows; row += QM_THREADS / 32) {
-        const unsigned r = r0 + row, d = g.last_diag(r);
-        const float* l = lg + row * nkb;
-        float mf = -F32_INF;
-        for (unsigned c = lane; c <= d; c += 32) mf = fmaxf(mf, l[c]);
-        mf = warp_max(mf);
-        const double m = (double)mf;
-        double total = 0.0;  // every lane replays the same sequential sum
-        for (unsigned base = 0; base <= d; base += 32) {
-            const unsigned c = base + lane;
-            const double e = c <= d ? exp((double)l[c] - m) : 0.0;
-            for (int j = 0; j < 32; ++j) total += __shfl_sync(0xffffffffu, e, j);
-        }
-        float* out = map + (size_t)sel[s].map_off * p.num_heads + ((size_t)h * sd.nqb + r) * nkb;
-        for (unsigned c = lane; c < nkb; c += 32) out[c] = c <= d ? (float)(exp((double)l[c] - m) / total) : 0.f;
+}
+
+// sel_qa_softmax: each causal row of the map from logits to probabilities in place, one warp
+// per row (its sequential f64 sum replayed through shuffles); entries past the diagonal 0.
+// Grid (ceil(Σ nqb / 8), H), 256 threads.
+extern "C" __global__ void __launch_bounds__(256)
+sel_qa_softmax(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, const unsigned* __restrict__ qb_seq,
+               unsigned total_qb, SelParams p, const int* __restrict__ pattern, float* __restrict__ map) {
+    const unsigned gb = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int h = blockIdx.y;
+    if (gb >= total_qb) return;
+    const unsigned s = qb_seq[gb];
+    if (pattern[s * p.num_heads + h] != PAT_QA) return;
+    const SeqDesc sd = seqs[s];
+    const Geo g = geo(sd, p.block_size);
+    const unsigned r = gb - sd.qb_off, d = g.last_diag(r), nkb = sd.nkb;
+    float* l = map + (size_t)sel[s].map_off * p.num_heads + ((size_t)h * sd.nqb + r) * nkb;
+    float mf = -F32_INF;
+    for (unsigned c = lane; c <= d; c += 32) mf = fmaxf(mf, l[c]);
+    mf = warp_max(mf);
+    const double m = (double)mf;
+    double total = 0.0;  // every lane replays the same sequential sum
+    for (unsigned base = 0; base <= d; base += 32) {
+        const unsigned c = base + lane;
+        const double e = c <= d ? exp((double)l[c] - m) : 0.0;
+        const unsigned cnt = min(32u, d + 1 - base);
+        for (unsigned j = 0; j < cnt; ++j) total += __shfl_sync(0xffffffffu, e, j);
     }
+    for (unsigned c = lane; c < nkb; c += 32) l[c] = c <= d ? (float)(exp((double)l[c] - m) / total) : 0.f;
 }
 
 // Flattened query-aware cut over every causal entry of the map (Algorithm 4): original keeps
@@ -1400,7 +1443,9 @@ sel_qa_topup(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, S
         for (unsigned i = threadIdx.x; i < g.rep; i += blockDim.x) {
             if (g.rep_block(i) != r) continue;
             double t = 0.0, c2 = 0.0;
+#pragma unroll 8
             for (unsigned c = 0; c < nkb; ++c) t += (double)mass[(size_t)i * nkb + c];
+#pragma unroll 8
             for (unsigned c = 0; c <= d; ++c)
                 if (row[c / 32] >> (c % 32) & 1u) c2 += (double)mass[(size_t)i * nkb + c];
             cap[i] = c2;
@@ -1418,6 +1463,7 @@ sel_qa_topup(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, S
                     sc = -F32_INF;
                 } else {
                     double a = 0.0;
+#pragma unroll 8
                     for (unsigned i = 0; i < g.rep; ++i)
                         if (g.rep_block(i) == r) a += (double)mass[(size_t)i * nkb + c];
                     sc = (float)a;

@@ -247,6 +247,8 @@ pub fn nvrtc_options(key: &KernelKey, arch: (i32, i32), include_paths: &[String]
         format!("--gpu-architecture={}", arch_name(arch)),
         "--std=c++17".into(),
         "--ptxas-options=-v".into(),
+        // line tables for profilers (ncu source view); no effect on the code
+        "-lineinfo".into(),
         format!("-DKEY_ARCH={}", ma * 10 + mi),
         format!("-DKEY_HEAD_DIM={}", key.head_dim),
         format!("-DKEY_BLOCK_SIZE={}", key.block_size),

@@ -74,6 +74,8 @@ unsafe impl DeviceRepr for SelParams {}
 
 /// Map entries per CTA of the flattened cut's histogram kernel (`sel_flat_hist`).
 const FLAT_CHUNK: u32 = 8192;
+/// Key blocks per CTA of the pooled-map logits (`sel_qa_map`'s `QM_COLS`).
+const QM_COLS: usize = 256;
 /// Probe events per CTA of `sel_fvs_probe_events` (its `EV_PER_CTA`).
 const EV_PER_CTA: usize = 64;
 
@@ -246,7 +248,8 @@ pub fn launch_select<T: StatsElem>(
     let key = KernelKey::new(&SELECT, None, 0, 0)
         .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64)
         .define("FLAT_CHUNK", FLAT_CHUNK as i64)
-        .define("EV_PER_CTA", EV_PER_CTA as i64);
+        .define("EV_PER_CTA", EV_PER_CTA as i64)
+        .define("QM_COLS", QM_COLS as i64);
     let max_smem = dev.info().max_smem_per_block;
     let n2 = max_nkb.next_power_of_two();
     let sort_smem = 12 * n2;
@@ -268,11 +271,12 @@ pub fn launch_select<T: StatsElem>(
             message: format!("{max_nkb} key blocks per sequence need {topup_smem} bytes of shared memory to rank (device: {dyn_limit}); use a larger block_size"),
         });
     }
-    // Query-aware map: row groups of one sequence, as many rows as shared memory holds (≤ 16).
     let d = layout.shape.head_dim;
-    let map_fixed = 4 * (32 * (d + 1));
-    let rows_per = ((dyn_limit.saturating_sub(map_fixed)) / (4 * (d + max_nkb))).clamp(1, 16);
-    let map_smem = map_fixed + 4 * rows_per * (d + max_nkb);
+    // Query-aware map: row groups of one sequence, up to 64 rows (4 per warp) as shared
+    // memory allows.
+    let map_fixed = 8 * (32 * (d + 1));
+    let rows_per = ((dyn_limit.saturating_sub(map_fixed)) / (8 * d) / 4 * 4).clamp(4, 64);
+    let map_smem = map_fixed + rows_per * 8 * d;
     let mut groups: Vec<[u32; 2]> = Vec::new();
     for (si, s) in layout.seqs.iter().enumerate() {
         for r0 in (0..s.num_query_blocks(bs)).step_by(rows_per) {
@@ -280,6 +284,7 @@ pub fn launch_select<T: StatsElem>(
         }
     }
     let groups_d = stream.clone_htod(&groups.concat())?;
+    let qb_all_u = qb_all as u32;
     let rows_per_i = rows_per as i32;
     // SAFETY: written by sel_flat_pick for every flattened query-aware head before
     // sel_qa_flat_mark / sel_qa_build read it (no other head reads it).
@@ -371,10 +376,13 @@ pub fn launch_select<T: StatsElem>(
             .arg(&mut vkey)
             .arg(&mut probe_tot)
             .launch(lc(grid_heads, 512, 0))?;
+        crate::stats::profile::mark(stream, "sel_fvs_prep");
+        // The vertical-slash heads' chain runs beside the query-aware one (each uses a few
+        // CTAs per head); both join before the mask is written.
+        let side = stream.fork()?;
         if probes {
             let chunks = (selection::PROBE_QUERIES * max_nkb).div_ceil(EV_PER_CTA) as u32;
-            stream
-                .launch_builder(&f("sel_fvs_probe_events")?)
+            side.launch_builder(&f("sel_fvs_probe_events")?)
                 .arg(&stats.descs)
                 .arg(&p)
                 .arg(&pattern)
@@ -386,8 +394,7 @@ pub fn launch_select<T: StatsElem>(
                 .arg(&mut ev_w)
                 .launch(lc((chunks, h as u32, nseq as u32), 256, 0))?;
         }
-        stream
-            .launch_builder(&f("sel_fvs_stop")?)
+        side.launch_builder(&f("sel_fvs_stop")?)
             .arg(&stats.descs)
             .arg(&p)
             .arg(&pattern)
@@ -399,9 +406,7 @@ pub fn launch_select<T: StatsElem>(
             .arg(&vkey)
             .arg(&mut kstar)
             .launch(lc(grid_heads, 512, sort_smem))?;
-        crate::stats::profile::mark(stream, "sel_fvs_stop");
-        stream
-            .launch_builder(&f("sel_fvs_lines")?)
+        side.launch_builder(&f("sel_fvs_lines")?)
             .arg(&stats.descs)
             .arg(&sel_d)
             .arg(&p)
@@ -412,9 +417,7 @@ pub fn launch_select<T: StatsElem>(
             .arg(&mut colsel)
             .arg(&mut dist_prefix)
             .launch(lc(grid_heads, 1024, 0))?;
-        crate::stats::profile::mark(stream, "sel_fvs_lines");
-        stream
-            .launch_builder(&f("sel_ovs")?)
+        side.launch_builder(&f("sel_ovs")?)
             .arg(&stats.descs)
             .arg(&p)
             .arg(&pattern)
@@ -425,20 +428,6 @@ pub fn launch_select<T: StatsElem>(
             .arg(&mut colsel)
             .arg(&mut offsel)
             .launch(lc(grid_heads, 1024, 0))?;
-        crate::stats::profile::mark(stream, "sel_ovs");
-        stream
-            .launch_builder(&f("sel_extend")?)
-            .arg(&stats.descs)
-            .arg(&sel_d)
-            .arg(&qb_seq_d)
-            .arg(&p)
-            .arg(&pattern)
-            .arg(&colsel)
-            .arg(&offsel)
-            .arg(&dist_prefix)
-            .arg(&mut maskb)
-            .launch(lc(grid_rows, 64, 0))?;
-        crate::stats::profile::mark(stream, "sel_extend");
         if any_qa {
             stream
                 .launch_builder(&f("sel_qa_map")?)
@@ -451,7 +440,25 @@ pub fn launch_select<T: StatsElem>(
                 .arg(&stats.q_pooled)
                 .arg(&stats.k_pooled)
                 .arg(&mut mapb)
-                .launch(lc((groups.len() as u32, h as u32, 1), 512, map_smem))?;
+                .launch(lc(
+                    (
+                        groups.len() as u32,
+                        h as u32,
+                        max_nkb.div_ceil(QM_COLS) as u32,
+                    ),
+                    512,
+                    map_smem,
+                ))?;
+            stream
+                .launch_builder(&f("sel_qa_softmax")?)
+                .arg(&stats.descs)
+                .arg(&sel_d)
+                .arg(&qb_seq_d)
+                .arg(&qb_all_u)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&mut mapb)
+                .launch(lc((qb_all.div_ceil(8) as u32, h as u32, 1), 256, 0))?;
             crate::stats::profile::mark(stream, "sel_qa_map");
             stream
                 .launch_builder(&f("sel_flat_init")?)
@@ -501,6 +508,7 @@ pub fn launch_select<T: StatsElem>(
                 .arg(&mut flat_cut)
                 .arg(&mut cal)
                 .launch(lc(grid_heads, 1024, 0))?;
+            crate::stats::profile::mark(stream, "sel_qa_calib");
             let chunks = (max_map as u32).div_ceil(FLAT_CHUNK);
             stream
                 .launch_builder(&f("sel_calib_before")?)
@@ -510,6 +518,7 @@ pub fn launch_select<T: StatsElem>(
                 .arg(&mapb)
                 .arg(&mut cal)
                 .launch(lc((chunks, h as u32, nseq as u32), 256, 0))?;
+            crate::stats::profile::mark(stream, "sel_calib_before");
             stream
                 .launch_builder(&f("sel_calib_finish")?)
                 .arg(&stats.descs)
@@ -518,7 +527,7 @@ pub fn launch_select<T: StatsElem>(
                 .arg(&mut t_b)
                 .arg(&mut flat_cut)
                 .launch(lc(((nseq * h) as u32, 1, 1), 32, 0))?;
-            crate::stats::profile::mark(stream, "sel_qa_calib");
+            crate::stats::profile::mark(stream, "sel_calib_finish");
             // The flattened cut, one 8-bit digit per (histogram, pick) pair of launches.
             let hist = f("sel_flat_hist")?;
             let pick = f("sel_flat_pick")?;
@@ -534,6 +543,7 @@ pub fn launch_select<T: StatsElem>(
                     .arg(&mut hist_cnt)
                     .arg(&mut hist_sum)
                     .launch(lc((chunks, h as u32, nseq as u32), 256, 0))?;
+                crate::stats::profile::mark(stream, "flat_hist");
                 stream
                     .launch_builder(&pick)
                     .arg(&depth)
@@ -542,8 +552,25 @@ pub fn launch_select<T: StatsElem>(
                     .arg(&mut hist_sum)
                     .arg(&mut kcut)
                     .launch(lc(((nseq * h) as u32, 1, 1), 256, 0))?;
+                crate::stats::profile::mark(stream, "flat_pick");
             }
-            crate::stats::profile::mark(stream, "sel_flat_cut");
+        }
+        stream.join(&side)?;
+        crate::stats::profile::mark(stream, "sel_vs_join");
+        stream
+            .launch_builder(&f("sel_extend")?)
+            .arg(&stats.descs)
+            .arg(&sel_d)
+            .arg(&qb_seq_d)
+            .arg(&p)
+            .arg(&pattern)
+            .arg(&colsel)
+            .arg(&offsel)
+            .arg(&dist_prefix)
+            .arg(&mut maskb)
+            .launch(lc(grid_rows, 64, 0))?;
+        crate::stats::profile::mark(stream, "sel_extend");
+        if any_qa {
             stream
                 .launch_builder(&f("sel_qa_flat_mark")?)
                 .arg(&stats.descs)
@@ -1063,7 +1090,8 @@ mod tests {
             let key = KernelKey::new(&SELECT, None, 0, 0)
                 .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64)
                 .define("FLAT_CHUNK", FLAT_CHUNK as i64)
-                .define("EV_PER_CTA", EV_PER_CTA as i64);
+                .define("EV_PER_CTA", EV_PER_CTA as i64)
+                .define("QM_COLS", QM_COLS as i64);
             compile_offline(&SELECT, &key, arch)
                 .unwrap_or_else(|e| panic!("select sm{arch:?}: {e}"));
             for dtype in [DType::BF16, DType::F16] {
@@ -1071,7 +1099,8 @@ mod tests {
                     let key = KernelKey::new(&crate::stats::STATS, Some(dtype), d, 0)
                         .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64)
                         .define("FLAT_CHUNK", FLAT_CHUNK as i64)
-                        .define("EV_PER_CTA", EV_PER_CTA as i64);
+                        .define("EV_PER_CTA", EV_PER_CTA as i64)
+                        .define("QM_COLS", QM_COLS as i64);
                     compile_offline(&crate::stats::STATS, &key, arch)
                         .unwrap_or_else(|e| panic!("stats {dtype} d{d} sm{arch:?}: {e}"));
                 }
