@@ -268,14 +268,15 @@ struct CandItems {
 // ---- kernel 2: pattern decision ----------------------------------------------------------
 
 // Pools the lines to blocks (core's pool_vertical / pool_slash: f64 per block, rounded once),
-// then sqrt-JS(estimate, pooled vertical) against tau. Grid (H, nseq), 256 threads.
-// pattern/js: [s·H + h]; vpool/spool: [kb_off·H + h·nkb + c].
-extern "C" __global__ void __launch_bounds__(256)
+// then sqrt-JS(estimate, pooled vertical) against tau. Grid (H, nseq), 1024 threads (a key
+// block each at 128k: the pooling sums are sequential per block, so threads are the only
+// parallelism). pattern/js: [s·H + h]; vpool/spool: [kb_off·H + h·nkb + c].
+extern "C" __global__ void __launch_bounds__(1024)
 sel_decide(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
            const float* __restrict__ vertical, const float* __restrict__ slash, const float* __restrict__ estimate,
            float* __restrict__ vpool, float* __restrict__ spool, int* __restrict__ pattern, float* __restrict__ js) {
-    __shared__ double red[8];
-    __shared__ float redf[8];
+    __shared__ double red[32];
+    __shared__ float redf[32];
     const int h = blockIdx.x, s = blockIdx.y;
     const SeqDesc sd = seqs[s];
     const unsigned bs = p.block_size, nkb = sd.nkb, n = sd.kv_len;
@@ -289,12 +290,14 @@ sel_decide(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, Sel
     float klf = 0.f;   // original: f32, NaN on 0·ln 0
     for (unsigned c = threadIdx.x; c < nkb; c += blockDim.x) {
         double a = 0.0;
+#pragma unroll 8
         for (unsigned j = c * bs; j < min((c + 1) * bs, n); ++j) a += (double)v[j];
         const float V = (float)a;
         vp[c] = V;
         const unsigned lo = c * bs > pad ? c * bs - pad : 0;
         const unsigned hi = min((c + 1) * bs - pad, n);
         double b = 0.0;
+#pragma unroll 8
         for (unsigned d = lo; d < hi; ++d) b += (double)sl[d];
         sp[c] = (float)b;
         const float x = est[c], y = V;

@@ -356,7 +356,7 @@ pub fn launch_select<T: StatsElem>(
             .arg(&mut spool)
             .arg(&mut pattern)
             .arg(&mut js)
-            .launch(lc(grid_heads, 256, 0))?;
+            .launch(lc(grid_heads, 1024, 0))?;
         crate::stats::profile::mark(stream, "sel_decide");
     }
     if let Some(q) = q {
