@@ -167,24 +167,43 @@ FP_DEVICE void load_rows(elem_t* qs, const elem_t* __restrict__ q, const SeqDesc
     }
 }
 
-// Scaled base-2 logit of one accumulator element.
-FP_DEVICE float logit2(float acc, float scale_log2, int round_logits) {
-    // round_logits: the original rounds the (pre-scaled) logits to bf16 before the f32 softmax.
-    return round_logits ? round_bf16(acc) * scale_log2 : acc * scale_log2;
+// Emulating the original (selection mode Original on bf16 inputs): Q̂ is pre-scaled and
+// rounded to the input dtype, and the logits are rounded to bf16 before the f32 softmax.
+// A compile-time switch (the host's kernel key), so neither path carries the other's code.
+#ifndef STATS_EMULATE
+#define STATS_EMULATE 0
+#endif
+
+// The logit of one accumulator element before its base-2 scale (applied by the FFMA that
+// also subtracts the row max / lse: exp2(raw·s - m·s)).
+FP_DEVICE float raw_logit(float acc) {
+#if STATS_EMULATE
+    return round_bf16(acc);
+#else
+    return acc;
+#endif
+}
+
+// Whether every row of the warp's 16 sees every key of the tile (no mask needed): the rows
+// are representative rows i0..i0+15 < nrow, row i sees keys 0..=kv_len - nrow + i.
+FP_DEVICE bool tile_unmasked(const SeqDesc& sd, unsigned nrow, int i0, unsigned j0) {
+    return (unsigned)(i0 + 15) < nrow && (int)j0 + KT - 1 <= (int)(sd.kv_len - nrow) + i0;
 }
 
 // Row-state layout of row_ml / lse2: `rs` rows per (split or sequence, head); representative
 // rows 0..rp, then (when the faithful mode measures probes) the PQ probe rows rp..rp+PQ.
+// Per-row-group state (ng <= MAXG = 2 groups) lives in two register sets swapped after each
+// group, so the group loop is not unrolled (one copy of its body).
 
 // Pass 1: per (sequence, head, key split) the running row max and sum of exp2 over the split,
-// for the representative rows and (probes = 1) the probe rows.
-// Grid (num_heads, total_splits); out row_ml[(split_global * H + h) * rs + i] = (m, l).
+// for the representative rows and (probes = 1) the probe rows. Keys in a 3-stage cp.async
+// ring (one barrier per tile). Grid (num_heads, total_splits);
+// out row_ml[(split_global * H + h) * rs + i] = (m, l), m in base-2 logit units.
 extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
 stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             const SeqDesc* __restrict__ seqs, const uint2* __restrict__ work,
             int num_heads, int num_kv_heads, int split_keys, int rp, int rs,
-            float scale, float scale_log2, int round_q, int round_logits,
-            int probes, int block_size, float2* __restrict__ row_ml) {
+            float scale, float scale_log2, int probes, int block_size, float2* __restrict__ row_ml) {
     extern __shared__ __align__(16) unsigned char smem[];
     const int h = blockIdx.x;
     const uint2 wk = work[blockIdx.y];
@@ -197,82 +216,103 @@ stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     elem_t* qs = (elem_t*)smem;
     elem_t* qp = qs + ng * ROWS * DPAD;
     elem_t* ks = qp + (probes ? PQ * DPAD : 0);
-    float2* pml = (float2*)(ks + 2 * KT * DPAD);  // [NWARPS][PQ] probe (m, l) per warp
+    float2* pml = (float2*)(ks + 3 * KT * DPAD);  // [NWARPS][PQ] probe (m, l) per warp
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int q4 = lane % 4, g4 = lane / 4;
     const unsigned J0 = sp * split_keys;
     const unsigned J1 = min(J0 + split_keys, sd.kv_len);
+    const float sl = scale_log2;
 
-    load_rows(qs, q, sd, h, num_heads, ng * ROWS, round_q, scale, 0, block_size);
-    if (np) load_rows(qp, q, sd, h, num_heads, PQ, round_q, scale, 1, block_size);
+    load_rows(qs, q, sd, h, num_heads, ng * ROWS, STATS_EMULATE, scale, 0, block_size);
+    if (np) load_rows(qp, q, sd, h, num_heads, PQ, STATS_EMULATE, scale, 1, block_size);
     load_k_tile(ks, k, sd, J0, hk, num_kv_heads);
     cp_async_commit();
+    if (J0 + KT < J1) {
+        load_k_tile(ks + KT * DPAD, k, sd, J0 + KT, hk, num_kv_heads);
+        cp_async_commit();
+    }
 
-    float m_run[MAXG][2], l_run[MAXG][2];
-    int rlast[MAXG][2];
-#pragma unroll
-    for (int g = 0; g < MAXG; ++g)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            m_run[g][r] = (-F32_INF);
-            l_run[g][r] = 0.f;
-            rlast[g][r] = last_key(sd, 0, block_size, g * ROWS + warp * 16 + (lane / 4) + 8 * r);
-        }
+    // Running (max of raw logits, sum of exp2) of this thread's two rows: group in flight
+    // (m0, l0) and the other group (m1, l1).
+    float m0[2] = {(-F32_INF), (-F32_INF)}, l0[2] = {0.f, 0.f};
+    float m1[2] = {(-F32_INF), (-F32_INF)}, l1[2] = {0.f, 0.f};
     // Probe rows: this thread's two rows (lane/4, lane/4 + 8) over the warp's 8 keys per tile.
     float pm[2] = {(-F32_INF), (-F32_INF)}, pl[2] = {0.f, 0.f};
     int plast[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) plast[r] = np ? last_key(sd, 1, block_size, (lane / 4) + 8 * r) : -1;
+    for (int r = 0; r < 2; ++r) plast[r] = np ? last_key(sd, 1, block_size, g4 + 8 * r) : -1;
     const int pmax = np ? last_key(sd, 1, block_size, np - 1) : -1;  // the last probe sees most
 
     int buf = 0;
-    for (unsigned j0 = J0; j0 < J1; j0 += KT, buf ^= 1) {
+    for (unsigned j0 = J0; j0 < J1; j0 += KT, buf = (buf == 2 ? 0 : buf + 1)) {
         if (j0 + KT < J1) {
-            load_k_tile(ks + (buf ^ 1) * KT * DPAD, k, sd, j0 + KT, hk, num_kv_heads);
-            cp_async_commit();
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
-        __syncthreads();
+        __syncthreads();  // tile j0 is in; every warp is done with the tile before it
+        if (j0 + 2 * KT < J1) {
+            const int nb = buf == 0 ? 2 : buf - 1;  // (buf + 2) % 3: the previous tile's slot
+            load_k_tile(ks + nb * KT * DPAD, k, sd, j0 + 2 * KT, hk, num_kv_heads);
+            cp_async_commit();
+        }
         const elem_t* kt = ks + buf * KT * DPAD;
-#pragma unroll
-        for (int g = 0; g < MAXG; ++g) {
-            if (g >= ng) continue;
+#pragma unroll 1
+        for (int g = 0; g < ng; ++g) {
+            const int i0 = g * ROWS + warp * 16;
             float acc[KT / 8][4];
-            if ((unsigned)(g * ROWS + warp * 16) < nrow) {
+            if ((unsigned)i0 < nrow) {
                 qk_tile(acc, qs, kt, g, warp, lane);
             } else {
                 // no valid row in this warp (short chunks): skip the tensor-core work, every
-                // probability below is masked to 0
+                // logit below is masked
 #pragma unroll
                 for (int nt = 0; nt < KT / 8; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
             }
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                // column c = nt*8 + e of this thread is valid iff c <= lim
-                const int lim = rlast[g][r] - (int)j0 - 2 * (lane % 4);
-                float x[KT / 8][2];
-                float tmax = (-F32_INF);
+            if (tile_unmasked(sd, nrow, i0, j0)) {
 #pragma unroll
                 for (int nt = 0; nt < KT / 8; ++nt)
 #pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        x[nt][e] = (nt * 8 + e <= lim) ? logit2(acc[nt][2 * r + e], scale_log2, round_logits) : (-F32_INF);
-                        tmax = fmaxf(tmax, x[nt][e]);
-                    }
+                    for (int e = 0; e < 4; ++e) acc[nt][e] = raw_logit(acc[nt][e]);
+            } else {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    // column c = nt*8 + e of this thread is visible iff c <= lim
+                    const int i = i0 + g4 + 8 * r;
+                    const int lim = ((unsigned)i < nrow ? (int)(sd.kv_len - nrow) + i : -1) - (int)j0 - 2 * q4;
+#pragma unroll
+                    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            acc[nt][2 * r + e] = (nt * 8 + e <= lim) ? raw_logit(acc[nt][2 * r + e]) : (-F32_INF);
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float tmax = (-F32_INF);
+#pragma unroll
+                for (int nt = 0; nt < KT / 8; ++nt) tmax = fmaxf(tmax, fmaxf(acc[nt][2 * r], acc[nt][2 * r + 1]));
                 tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, 1));
                 tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, 2));
-                const float m_new = fmaxf(m_run[g][r], tmax);
+                const float m_new = fmaxf(m0[r], tmax);
                 if (m_new != (-F32_INF)) {
+                    const float ms = m_new * sl;
                     float sum = 0.f;
 #pragma unroll
                     for (int nt = 0; nt < KT / 8; ++nt)
 #pragma unroll
-                        for (int e = 0; e < 2; ++e) sum += fast_exp2(x[nt][e] - m_new);
-                    l_run[g][r] = l_run[g][r] * fast_exp2(m_run[g][r] - m_new) + sum;
-                    m_run[g][r] = m_new;
+                        for (int e = 0; e < 2; ++e) sum += fast_exp2(fmaf(acc[nt][2 * r + e], sl, -ms));
+                    l0[r] = l0[r] * fast_exp2((m0[r] - m_new) * sl) + sum;
+                    m0[r] = m_new;
+                }
+            }
+            if (ng == 2) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    float t = m0[r]; m0[r] = m1[r]; m1[r] = t;
+                    t = l0[r]; l0[r] = l1[r]; l1[r] = t;
                 }
             }
         }
@@ -281,35 +321,38 @@ stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             probe_tile(pa, qp, kt, warp, lane);
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const int lim = plast[r] - ((int)j0 + warp * 8 + 2 * (lane % 4));
-                const float x0 = (0 <= lim) ? logit2(pa[2 * r], scale_log2, round_logits) : (-F32_INF);
-                const float x1 = (1 <= lim) ? logit2(pa[2 * r + 1], scale_log2, round_logits) : (-F32_INF);
+                const int lim = plast[r] - ((int)j0 + warp * 8 + 2 * q4);
+                const float x0 = (0 <= lim) ? raw_logit(pa[2 * r]) : (-F32_INF);
+                const float x1 = (1 <= lim) ? raw_logit(pa[2 * r + 1]) : (-F32_INF);
                 const float m_new = fmaxf(pm[r], fmaxf(x0, x1));
                 if (m_new != (-F32_INF)) {
-                    pl[r] = pl[r] * fast_exp2(pm[r] - m_new) + (fast_exp2(x0 - m_new) + fast_exp2(x1 - m_new));
+                    const float ms = m_new * sl;
+                    pl[r] = pl[r] * fast_exp2((pm[r] - m_new) * sl) +
+                            (fast_exp2(fmaf(x0, sl, -ms)) + fast_exp2(fmaf(x1, sl, -ms)));
                     pm[r] = m_new;
                 }
             }
         }
-        __syncthreads();  // the tile is overwritten by the next prefetch
     }
 #pragma unroll
     for (int g = 0; g < MAXG; ++g) {
         if (g >= ng) continue;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float l = l_run[g][r];
+            float l = g == 0 ? l0[r] : l1[r];
+            const float m = (g == 0 ? m0[r] : m1[r]) * sl;
             l += __shfl_xor_sync(0xffffffff, l, 1);
             l += __shfl_xor_sync(0xffffffff, l, 2);
-            const int i = g * ROWS + warp * 16 + (lane / 4) + 8 * r;
-            if (lane % 4 == 0 && i < rp)
-                row_ml[((size_t)(sd.split_off + sp) * num_heads + h) * rs + i] = make_float2(m_run[g][r], l);
+            const int i = g * ROWS + warp * 16 + g4 + 8 * r;
+            if (q4 == 0 && i < rp)
+                row_ml[((size_t)(sd.split_off + sp) * num_heads + h) * rs + i] = make_float2(m, l);
         }
     }
     if (probes) {
         // Probe rows: (m, l) over the quad's keys (fixed xor tree), then over the 8 warps in order.
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
+            pm[r] *= sl;  // base-2 units from here on
 #pragma unroll
             for (int o = 1; o <= 2; o <<= 1) {
                 const float om = __shfl_xor_sync(0xffffffff, pm[r], o);
@@ -318,7 +361,7 @@ stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                 pl[r] = (nm == (-F32_INF)) ? 0.f : pl[r] * fast_exp2(pm[r] - nm) + ol * fast_exp2(om - nm);
                 pm[r] = nm;
             }
-            if (lane % 4 == 0) pml[warp * PQ + (lane / 4) + 8 * r] = make_float2(pm[r], pl[r]);
+            if (q4 == 0) pml[warp * PQ + g4 + 8 * r] = make_float2(pm[r], pl[r]);
         }
         __syncthreads();
         if (threadIdx.x < PQ) {
@@ -372,8 +415,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
 stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             const SeqDesc* __restrict__ seqs, const uint2* __restrict__ work,
             int num_heads, int num_kv_heads, int split_keys, int rp, int rs, int block_size,
-            float scale, float scale_log2, int round_q, int round_logits,
-            const float* __restrict__ lse2, int sl_stride,
+            float scale, float scale_log2, const float* __restrict__ lse2, int sl_stride,
             float* __restrict__ vertical, float* __restrict__ rep_block_mass,
             float* __restrict__ slash_part, int probes, float* __restrict__ probe_block_mass) {
     extern __shared__ __align__(16) unsigned char smem[];
@@ -402,10 +444,11 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
 
     for (int i = threadIdx.x; i < sl_stride; i += NTHREADS) slash_acc[i] = 0.f;
     for (int i = threadIdx.x; i < PQ * nbs; i += NTHREADS) pacc[i] = 0.f;
-    load_rows(qs, q, sd, h, num_heads, ng * ROWS, round_q, scale, 0, block_size);
-    if (np) load_rows(qp, q, sd, h, num_heads, PQ, round_q, scale, 1, block_size);
+    load_rows(qs, q, sd, h, num_heads, ng * ROWS, STATS_EMULATE, scale, 0, block_size);
+    if (np) load_rows(qp, q, sd, h, num_heads, PQ, STATS_EMULATE, scale, 1, block_size);
     load_k_tile(ks, k, sd, J0, hk, num_kv_heads);
     cp_async_commit();
+    const float sl = scale_log2;
 
     // This thread's representative rows' lse (re-read per tile: L1 hits, fewer live registers).
     const float* lse_rows = lse2 + ((size_t)wk.x * num_heads + h) * rs + warp * 16 + (lane / 4);
@@ -417,10 +460,9 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         plast[r] = np ? last_key(sd, 1, block_size, (lane / 4) + 8 * r) : -1;
     }
     const int pmax = np ? last_key(sd, 1, block_size, np - 1) : -1;
-    // Running block mass of the two rows this thread reduces (blocks >= KT span several tiles).
-    float bm_run[MAXG][2];
-#pragma unroll
-    for (int g = 0; g < MAXG; ++g) bm_run[g][0] = bm_run[g][1] = 0.f;
+    // Running block mass of the two rows this thread reduces (blocks >= KT span several
+    // tiles): group in flight (bm0) and the other group (bm1), swapped after each group.
+    float bm0[2] = {0.f, 0.f}, bm1[2] = {0.f, 0.f};
 
     float* vert_out = vertical + (size_t)sd.tok_off * num_heads + (size_t)h * sd.kv_len;
     float* rbm_out = rep_block_mass + (size_t)sd.rep_off * num_heads + (size_t)h * sd.rep * sd.nkb;
@@ -449,8 +491,8 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
                     const int lim = plast[r] - ((int)j0 + warp * 8 + 2 * q4);
-                    const float p0 = (0 <= lim) ? fast_exp2(logit2(pa[2 * r], scale_log2, round_logits) - plse[r]) : 0.f;
-                    const float p1 = (1 <= lim) ? fast_exp2(logit2(pa[2 * r + 1], scale_log2, round_logits) - plse[r]) : 0.f;
+                    const float p0 = (0 <= lim) ? fast_exp2(fmaf(raw_logit(pa[2 * r]), sl, -plse[r])) : 0.f;
+                    const float p1 = (1 <= lim) ? fast_exp2(fmaf(raw_logit(pa[2 * r + 1]), sl, -plse[r])) : 0.f;
                     s[r] = p0 + p1;
                 }
             }
@@ -463,11 +505,11 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             }
         }
         float vsum = 0.f;  // column sum, threads < KT
-#pragma unroll
-        for (int g = 0; g < MAXG; ++g) {
-            if (g >= ng) continue;
+#pragma unroll 1
+        for (int g = 0; g < ng; ++g) {
+            const int i0 = g * ROWS + warp * 16;
             float acc[KT / 8][4];
-            if ((unsigned)(g * ROWS + warp * 16) < nrow) {
+            if ((unsigned)i0 < nrow) {
                 qk_tile(acc, qs, kt, g, warp, lane);
             } else {
                 // no valid row in this warp (short chunks): skip the tensor-core work, every
@@ -477,14 +519,31 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
             }
-            int lim[2];
-            float row_lse[2];
+            // Probabilities in place of the logits: p = exp2(raw·s - lse).
+            if (tile_unmasked(sd, nrow, i0, j0)) {
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int i = g * ROWS + warp * 16 + g4 + 8 * r;
-                // rep row i sees keys 0..=kv_len - rep + i
-                lim[r] = ((unsigned)i < nrow ? (int)(sd.kv_len - nrow) + i : -1) - (int)j0 - 2 * q4;
-                row_lse[r] = (unsigned)i < nrow ? lse_rows[g * ROWS + 8 * r] : F32_INF;
+                for (int r = 0; r < 2; ++r) {
+                    const float lse = lse_rows[g * ROWS + 8 * r];
+#pragma unroll
+                    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            acc[nt][2 * r + e] = fast_exp2(fmaf(raw_logit(acc[nt][2 * r + e]), sl, -lse));
+                }
+            } else {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int i = i0 + g4 + 8 * r;
+                    // rep row i sees keys 0..=kv_len - rep + i
+                    const int lim = ((unsigned)i < nrow ? (int)(sd.kv_len - nrow) + i : -1) - (int)j0 - 2 * q4;
+                    const float lse = (unsigned)i < nrow ? lse_rows[g * ROWS + 8 * r] : F32_INF;
+#pragma unroll
+                    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            acc[nt][2 * r + e] = (nt * 8 + e <= lim)
+                                ? fast_exp2(fmaf(raw_logit(acc[nt][2 * r + e]), sl, -lse)) : 0.f;
+                }
             }
             float cs[2][2];       // this thread's two rows summed, per column of the quarter
             float segsum[2] = {0.f, 0.f};
@@ -496,8 +555,7 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                 for (int r = 0; r < 2; ++r) {
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const float p = (nt * 8 + e <= lim[r])
-                            ? fast_exp2(logit2(acc[nt][2 * r + e], scale_log2, round_logits) - row_lse[r]) : 0.f;
+                        const float p = acc[nt][2 * r + e];
                         pv[r][e] = p;
                         segsum[r] += p;
                     }
@@ -512,7 +570,7 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                                                                 : true;
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
-                        const int i = g * ROWS + warp * 16 + g4 + 8 * r;
+                        const int i = i0 + g4 + 8 * r;
                         float t = segsum[r];
                         t += __shfl_xor_sync(0xffffffff, t, 1);
                         t += __shfl_xor_sync(0xffffffff, t, 2);
@@ -522,10 +580,10 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                             if (block_size <= KT) {
                                 if (q4 == 0 && (unsigned)i < nrow) rbm_out[(size_t)i * sd.nkb + c] = t;
                             } else {
-                                bm_run[g][r] += t;
+                                bm0[r] += t;
                                 if (block_ends) {
-                                    if (q4 == 0 && (unsigned)i < nrow) rbm_out[(size_t)i * sd.nkb + c] = bm_run[g][r];
-                                    bm_run[g][r] = 0.f;
+                                    if (q4 == 0 && (unsigned)i < nrow) rbm_out[(size_t)i * sd.nkb + c] = bm0[r];
+                                    bm0[r] = 0.f;
                                 }
                             }
                         }
@@ -601,6 +659,14 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                 if (L >= 0 && L < sl_stride) slash_acc[L] += s;
             }
             if (g + 1 < ng) __syncthreads();  // wcol / dpart are rewritten by the next group
+            if (ng == 2) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const float t = bm0[r];
+                    bm0[r] = bm1[r];
+                    bm1[r] = t;
+                }
+            }
         }
         if (threadIdx.x < KT && j0 + threadIdx.x < sd.kv_len) vert_out[j0 + threadIdx.x] = vsum * inv_r;
         if (np) {

@@ -82,8 +82,9 @@ pub static STATS: KernelFamily = KernelFamily {
 
 /// Keys per split of pass 1/2: a multiple of every block size (≤ 256) and of the 64-key tile,
 /// and ≥ the largest representative block, so each slash entry gets at most two split
-/// partials. 512 keys: 256 CTAs per head at 128k, enough to fill 132 SMs several times.
-const SPLIT_KEYS: usize = 512;
+/// partials. 1024 keys: 128 CTAs per head at 128k (4096 in all, ~16 waves on 132 SMs), each
+/// loading its Q̂ rows once for 16 key tiles.
+const SPLIT_KEYS: usize = 1024;
 /// Rows per row group (8 warps × 16 rows), tile of keys, threads, warps: must match stats.cu.
 const ROWS: usize = 128;
 const KT: usize = 64;
@@ -322,7 +323,9 @@ impl StatsLayout {
     fn pass_smem(&self, pass2: bool) -> usize {
         let d = self.shape.head_dim;
         let probe_rows = if self.measures_probes() { PQ } else { 0 };
-        let elems = (self.rp + probe_rows + 2 * KT) * (d + 8);
+        // key tiles: a 3-stage ring in pass 1, double-buffered in pass 2
+        let stages = if pass2 { 2 } else { 3 };
+        let elems = (self.rp + probe_rows + stages * KT) * (d + 8);
         let mut bytes = elems * 2;
         if pass2 {
             let blocks_per_split = SPLIT_KEYS / self.block_size;
@@ -394,11 +397,15 @@ pub fn estimation_scale(
     (e, original && dtype == DType::BF16)
 }
 
-fn key(dtype: DType, head_dim: usize) -> KernelKey {
-    KernelKey::new(&STATS, Some(dtype), head_dim, 0).define(
-        "PROBE_QUERIES",
-        flexprefill_core::selection::PROBE_QUERIES as i64,
-    )
+/// The statistics module for `dtype`, `head_dim` and the rounding mode (`emulate`: the
+/// original's bf16 rounding points, compiled in or out).
+fn key(dtype: DType, head_dim: usize, emulate: bool) -> KernelKey {
+    KernelKey::new(&STATS, Some(dtype), head_dim, 0)
+        .define(
+            "PROBE_QUERIES",
+            flexprefill_core::selection::PROBE_QUERIES as i64,
+        )
+        .define("STATS_EMULATE", emulate as i64)
 }
 
 fn check_head_dim(d: usize) -> Result<()> {
@@ -444,7 +451,7 @@ pub fn launch_stats<T: StatsElem>(
     let total_q = layout.seqs.last().map_or(0, |s| s.q_start + s.q_len);
     need("q", q.len(), total_q * h * d)?;
     need("k", k.len(), layout.total_tok * hkv * d)?;
-    let kkey = key(T::DTYPE, d);
+    let kkey = key(T::DTYPE, d, emulate);
     let smem1 = layout.pass_smem(false);
     let smem2 = layout.pass_smem(true);
     let max_smem = dev.info().max_smem_per_block;
@@ -503,7 +510,6 @@ pub fn launch_stats<T: StatsElem>(
         layout.rp as i32,
         layout.block_size as i32,
     );
-    let (round_q, round_logits) = (emulate as i32, emulate as i32);
     // With round_q, Q̂ already carries the scale: the logits only change base.
     let scale_log2 = if emulate {
         std::f32::consts::LOG2_E
@@ -533,8 +539,6 @@ pub fn launch_stats<T: StatsElem>(
             .arg(&rs_i)
             .arg(&scale)
             .arg(&scale_log2)
-            .arg(&round_q)
-            .arg(&round_logits)
             .arg(&probes_i)
             .arg(&bs_i)
             .arg(&mut row_ml)
@@ -571,8 +575,6 @@ pub fn launch_stats<T: StatsElem>(
             .arg(&bs_i)
             .arg(&scale)
             .arg(&scale_log2)
-            .arg(&round_q)
-            .arg(&round_logits)
             .arg(&lse2)
             .arg(&sl_i)
             .arg(&mut vertical)
@@ -661,7 +663,12 @@ pub fn launch_pool_q<T: StatsElem>(
     qa_flag: Option<&CudaSlice<i32>>,
 ) -> Result<()> {
     let l = &stats.layout;
-    let f = dev.function(&STATS, &key(T::DTYPE, l.shape.head_dim), "stats_pool_q", 0)?;
+    let f = dev.function(
+        &STATS,
+        &key(T::DTYPE, l.shape.head_dim, stats.emulate),
+        "stats_pool_q",
+        0,
+    )?;
     let h_i = l.shape.num_heads as i32;
     let bs_i = l.block_size as i32;
     let emu_i = stats.emulate as i32;
@@ -986,6 +993,13 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[ignore = "scratch"]
+    fn scratch_dump_cubin() {
+        let (cubin, _) = crate::registry::compile_offline(&STATS, &key(DType::BF16, 128, false), (9, 0)).unwrap();
+        std::fs::write("/tmp/s_stats.cubin", cubin).unwrap();
+    }
+
+    #[test]
     #[ignore = "needs NVRTC (libnvrtc.so)"]
     fn stats_kernels_compile_without_spills() {
         use crate::registry::compile_offline;
@@ -993,7 +1007,7 @@ pub(crate) mod tests {
         for arch in [(9, 0), (8, 0)] {
             for dtype in [DType::BF16, DType::F16] {
                 for d in [64, 96, 128, 256] {
-                    let (_, log) = compile_offline(&STATS, &key(dtype, d), arch)
+                    let (_, log) = compile_offline(&STATS, &key(dtype, d, false), arch)
                         .unwrap_or_else(|e| panic!("stats {dtype} d{d} sm{arch:?}: {e}"));
                     if arch == (9, 0) && dtype == DType::BF16 {
                         println!("sm90 {dtype} d{d}\n{log}");
