@@ -402,6 +402,53 @@ extern "C" __global__ void stats_merge(const SeqDesc* __restrict__ seqs, const f
     }
 }
 
+// The cross-warp step of pass 2 for one tile (keys j0..j0+KT), run by every thread of the CTA
+// once all warps have written the tile's partials (set `wc` / `dpt` per row group, `pwt`):
+// column sums (threads < KT, warps in order) into the vertical line, diagonal sums (threads
+// KT..KT+KT+ROWS-2, warps in order) into the split's slash accumulator, probe block partials
+// (threads < PQ · blocks per tile) into the split's probe block masses.
+FP_DEVICE void pass2_combine(const SeqDesc& sd, int ng, unsigned j0, unsigned J0, unsigned J1,
+                             int block_size, int nbs, int sl_stride, unsigned np, float inv_r,
+                             const float* wc, const float* dpt, const float* pwt,
+                             float* slash_acc, float* pacc, float* vert_out) {
+    const int t = threadIdx.x;
+    float vs = 0.f;
+    for (int g = 0; g < ng; ++g) {
+        const float* wcg = wc + g * NWARPS * KT;
+        const float* dpg = dpt + g * NWARPS * DPITCH;
+        if (t < KT) {
+            float s = 0.f;
+#pragma unroll
+            for (int w = 0; w < NWARPS; ++w) s += wcg[w * KT + t];
+            vs += s;
+        } else if (t < KT + KT + ROWS - 1) {
+            // Diagonal e = ii - jj of the group's tile (e in [-(KT-1), ROWS-1]): warp w
+            // holds it at d' = e - 16w + 63 when that is in [0, NDIAG).
+            const int e = t - KT - (KT - 1);
+            float s = 0.f;
+#pragma unroll
+            for (int w = 0; w < NWARPS; ++w) {
+                const int d = e - 16 * w + 63;
+                if (d >= 0 && d < NDIAG) s += dpg[w * DPITCH + d];
+            }
+            const int L = (int)(J1 - 1 - j0) + g * ROWS + e;
+            if (L >= 0 && L < sl_stride) slash_acc[L] += s;
+        }
+    }
+    if (t < KT && j0 + t < sd.kv_len) vert_out[j0 + t] = vs * inv_r;
+    if (np) {
+        // Probe block masses: the warps of each block in order, then the tiles in order.
+        const int nbt = block_size >= KT ? 1 : KT / block_size;  // blocks in a tile
+        const int wpb = NWARPS / nbt;                            // warps per block
+        if (t < PQ * nbt) {
+            const int row = t % PQ, b = t / PQ;
+            float s = 0.f;
+            for (int w = b * wpb; w < (b + 1) * wpb; ++w) s += pwt[w * PQ + row];
+            pacc[row * nbs + (int)(j0 - J0) / block_size + b] += s;
+        }
+    }
+}
+
 // Pass 2: probabilities tile by tile; vertical (exclusive per split), rep_block_mass (whole
 // blocks per split: split_keys is a multiple of the block size), per-split slash partials
 // slash_part[(split_global * H + h) * sl_stride + L], L = δ - δ_min(split), and (probes = 1)
@@ -410,7 +457,9 @@ extern "C" __global__ void stats_merge(const SeqDesc* __restrict__ seqs, const f
 // Per tile, each warp reduces its own 16 x 64 probabilities: column sums by a halving xor
 // butterfly in registers, diagonal sums over 16 x 16 quarter strips in shared memory (16 loads
 // per lane and quarter, carried between quarters by a shuffle); the 8 warps' partials are then
-// summed in warp order by one thread per column / diagonal. Every sum has a fixed order.
+// summed in warp order by one thread per column / diagonal, one tile late: the partials are
+// double-buffered, so the barrier that starts tile t also publishes tile t-1's partials and a
+// tile costs one barrier. Every sum has a fixed order.
 extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
 stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             const SeqDesc* __restrict__ seqs, const uint2* __restrict__ work,
@@ -432,11 +481,11 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     elem_t* qp = qs + ng * ROWS * DPAD;
     elem_t* ks = qp + (probes ? PQ * DPAD : 0);
     float* strips = (float*)(ks + 2 * KT * DPAD);  // [NWARPS][16 * PP]
-    float* wcol = strips + NWARPS * 16 * PP;        // [NWARPS][KT] per-warp column sums
-    float* dpart = wcol + NWARPS * KT;              // [NWARPS][DPITCH] per-warp diagonal sums
-    float* slash_acc = dpart + NWARPS * DPITCH;     // sl_stride floats
-    float* pw = slash_acc + sl_stride;              // [NWARPS][PQ] probe block partials
-    float* pacc = pw + NWARPS * PQ;                 // [PQ][nbs] probe block masses of the split
+    float* wcol = strips + NWARPS * 16 * PP;        // [2][ng][NWARPS][KT] per-warp column sums
+    float* dpart = wcol + 2 * ng * NWARPS * KT;     // [2][ng][NWARPS][DPITCH] per-warp diagonal sums
+    float* slash_acc = dpart + 2 * ng * NWARPS * DPITCH;  // sl_stride floats
+    float* pw = slash_acc + sl_stride;              // [2][NWARPS][PQ] probe block partials
+    float* pacc = pw + 2 * NWARPS * PQ;             // [PQ][nbs] probe block masses of the split
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const unsigned J0 = sp * split_keys;
     const unsigned J1 = min(J0 + split_keys, sd.kv_len);
@@ -468,20 +517,23 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     float* rbm_out = rep_block_mass + (size_t)sd.rep_off * num_heads + (size_t)h * sd.rep * sd.nkb;
     const int seg = block_size < KT ? block_size : KT;  // columns per block segment in a tile
     float* strip = strips + warp * 16 * PP;
-    float* dp = dpart + warp * DPITCH;
     const int q4 = lane % 4, g4 = lane / 4;
 
     int buf = 0;
     for (unsigned j0 = J0; j0 < J1; j0 += KT, buf ^= 1) {
+        cp_async_wait<0>();
+        __syncthreads();  // tile j0 is in; every warp is done with tile j0 - KT (partials published)
         if (j0 + KT < J1) {
             load_k_tile(ks + (buf ^ 1) * KT * DPAD, k, sd, j0 + KT, hk, num_kv_heads);
             cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
         }
-        __syncthreads();
+        if (j0 > J0)
+            pass2_combine(sd, ng, j0 - KT, J0, J1, block_size, nbs, sl_stride, np, inv_r,
+                          wcol + (buf ^ 1) * ng * NWARPS * KT, dpart + (buf ^ 1) * ng * NWARPS * DPITCH,
+                          pw + (buf ^ 1) * NWARPS * PQ, slash_acc, pacc, vert_out);
         const elem_t* kt = ks + buf * KT * DPAD;
+        float* wc = wcol + buf * ng * NWARPS * KT;       // this tile's partials (set = buf)
+        float* dpt = dpart + buf * ng * NWARPS * DPITCH;
         if (np) {
             // Probe rows: this warp's 8 keys (one block: block_size >= 16), summed per row.
             float s[2] = {0.f, 0.f};
@@ -501,13 +553,13 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                 float t = s[r];
                 t += __shfl_xor_sync(0xffffffff, t, 1);
                 t += __shfl_xor_sync(0xffffffff, t, 2);
-                if (q4 == 0) pw[warp * PQ + g4 + 8 * r] = t;
+                if (q4 == 0) pw[buf * NWARPS * PQ + warp * PQ + g4 + 8 * r] = t;
             }
         }
-        float vsum = 0.f;  // column sum, threads < KT
 #pragma unroll 1
         for (int g = 0; g < ng; ++g) {
             const int i0 = g * ROWS + warp * 16;
+            float* dp = dpt + (g * NWARPS + warp) * DPITCH;
             float acc[KT / 8][4];
             if ((unsigned)i0 < nrow) {
                 qk_tile(acc, qs, kt, g, warp, lane);
@@ -633,32 +685,11 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                     if ((lane & 4) == 0) {
                         // v index 2·bit16 + bit8: n-tile 2kq + bit16, element bit8
                         const int col = (2 * kq + ((lane >> 4) & 1)) * 8 + 2 * q4 + ((lane >> 3) & 1);
-                        wcol[warp * KT + col] = v[0];
+                        wc[(g * NWARPS + warp) * KT + col] = v[0];
                     }
                     __syncwarp();
                 }
             }
-            __syncthreads();
-            const int t = threadIdx.x;
-            if (t < KT) {
-                float s = 0.f;
-#pragma unroll
-                for (int w = 0; w < NWARPS; ++w) s += wcol[w * KT + t];
-                vsum += s;
-            } else if (t < KT + KT + ROWS - 1) {
-                // Diagonal e = ii - jj of the group's tile (e in [-(KT-1), ROWS-1]): warp w
-                // holds it at d' = e - 16w + 63 when that is in [0, NDIAG).
-                const int e = t - KT - (KT - 1);
-                float s = 0.f;
-#pragma unroll
-                for (int w = 0; w < NWARPS; ++w) {
-                    const int d = e - 16 * w + 63;
-                    if (d >= 0 && d < NDIAG) s += dpart[w * DPITCH + d];
-                }
-                const int L = (int)(J1 - 1 - j0) + g * ROWS + e;
-                if (L >= 0 && L < sl_stride) slash_acc[L] += s;
-            }
-            if (g + 1 < ng) __syncthreads();  // wcol / dpart are rewritten by the next group
             if (ng == 2) {
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
@@ -668,19 +699,16 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                 }
             }
         }
-        if (threadIdx.x < KT && j0 + threadIdx.x < sd.kv_len) vert_out[j0 + threadIdx.x] = vsum * inv_r;
-        if (np) {
-            // Probe block masses: the warps of each block in order, then the tiles in order.
-            const int nbt = block_size >= KT ? 1 : KT / block_size;  // blocks in a tile
-            const int wpb = NWARPS / nbt;                            // warps per block
-            const int t = threadIdx.x;
-            if (t < PQ * nbt) {
-                const int row = t % PQ, b = t / PQ;
-                float s = 0.f;
-                for (int w = b * wpb; w < (b + 1) * wpb; ++w) s += pw[w * PQ + row];
-                pacc[row * nbs + (int)(j0 - J0) / block_size + b] += s;
-            }
-        }
+    }
+    // The last tile's partials.
+    __syncthreads();
+    {
+        const unsigned nt_tiles = (J1 - J0 + KT - 1) / KT;
+        const unsigned jl = J0 + (nt_tiles - 1) * KT;
+        const int lb = (nt_tiles - 1) & 1;  // its partial set
+        pass2_combine(sd, ng, jl, J0, J1, block_size, nbs, sl_stride, np, inv_r,
+                      wcol + lb * ng * NWARPS * KT, dpart + lb * ng * NWARPS * DPITCH,
+                      pw + lb * NWARPS * PQ, slash_acc, pacc, vert_out);
     }
     __syncthreads();  // slash_acc and pacc are complete
     float* out = slash_part + ((size_t)(sd.split_off + sp) * num_heads + h) * sl_stride;
