@@ -1016,8 +1016,8 @@ pub(crate) mod tests {
                         println!("sm90 {dtype} d{d}\n{log}");
                     }
                     // ptxas: "N bytes stack frame, S bytes spill stores, L bytes spill loads".
-                    // None at head_dim 128 on Hopper (the tuned shape); a few registers'
-                    // worth elsewhere.
+                    // None at head_dim 128 on Hopper (the tuned shape); at most 32 bytes (a few registers)
+                    // elsewhere.
                     for line in log.lines().filter(|l| l.contains("spill stores")) {
                         let stores: usize = line
                             .split(',')
@@ -1025,7 +1025,7 @@ pub(crate) mod tests {
                             .and_then(|f| f.split_whitespace().next())
                             .and_then(|n| n.parse().ok())
                             .unwrap_or(usize::MAX);
-                        let limit = if d == 128 && arch == (9, 0) { 0 } else { 16 };
+                        let limit = if d == 128 && arch == (9, 0) { 0 } else { 32 };
                         if stores > limit {
                             spills.push(format!("stats {dtype} d{d} sm{arch:?}: {line}"));
                         }
