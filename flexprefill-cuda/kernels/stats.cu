@@ -33,9 +33,8 @@ FP_DEVICE float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
 #define DPAD (HEAD_DIM + 8)  // +16 bytes per row: ldmatrix rows hit distinct banks
 #define MAXG 2               // row groups (R <= 256)
 #define PQ 16                // probe rows: one m16 tile, shared by the warps (8 keys each)
-#define PP 41                // pitch (floats) of a warp's skewed 16 x 16 probability quarter
-                             // strip: element (row, col) at row*PP + col - row + 15, so each
-                             // diagonal is a column (reads conflict-free, stores 2-way)
+#define PP 24                // pitch (floats) of a warp's 16 x 16 probability quarter strip:
+                             // float2 stores and diagonal reads are conflict-free
 #define NDIAG 79             // diagonals of a warp's 16 x 64 strip: row - col in [-63, 15]
 #define DPITCH 80
 
@@ -519,12 +518,6 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const int seg = block_size < KT ? block_size : KT;  // columns per block segment in a tile
     float* strip = strips + warp * 16 * PP;
     const int q4 = lane % 4, g4 = lane / 4;
-    // The skewed strip's cells outside the band col - row + 15 in [15 - row, 30 - row] are
-    // never written: zero them once, so a diagonal is a plain sum of 16 column cells.
-    for (int i = lane; i < 16 * PP; i += 32) strip[i] = 0.f;
-    // This lane's diagonal row - col = lane - 15 is column 30 - lane (lane 31: an all-zero
-    // column).
-    const float* dcol = strip + (lane < 31 ? 30 - lane : 31);
 
     int buf = 0;
     for (unsigned j0 = J0; j0 < J1; j0 += KT, buf ^= 1) {
@@ -618,12 +611,7 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                         pv[r][e] = p;
                         segsum[r] += p;
                     }
-                    {
-                        const int row = g4 + 8 * r;
-                        float* cell = strip + row * PP + (nt & 1) * 8 + 2 * q4 - row + 15;
-                        cell[0] = pv[r][0];
-                        cell[1] = pv[r][1];
-                    }
+                    *(float2*)&strip[(g4 + 8 * r) * PP + (nt & 1) * 8 + 2 * q4] = make_float2(pv[r][0], pv[r][1]);
                 }
                 cs[nt & 1][0] = pv[0][0] + pv[1][0];
                 cs[nt & 1][1] = pv[0][1] + pv[1][1];
@@ -660,8 +648,11 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                     const int kq = nt / 2;
                     __syncwarp();
                     float s = 0.f;
-#pragma unroll
-                    for (int rr = 0; rr < 16; ++rr) s += dcol[rr * PP];
+#pragma unroll 4
+                    for (int rr = 0; rr < 16; ++rr) {
+                        const int c = rr + 15 - lane;
+                        if (c >= 0 && c < 16) s += strip[rr * PP + c];
+                    }
                     if (kq == 0) {
                         dacc = s;
                     } else {

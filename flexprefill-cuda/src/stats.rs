@@ -414,7 +414,7 @@ fn key(dtype: DType, head_dim: usize, emulate: bool) -> KernelKey {
 fn check_head_dim(d: usize) -> Result<()> {
     // The tiles step through head_dim in 16-wide mma slices (rows padded by 8 elements stay
     // bank-conflict-free for any multiple of 16); 256 bounds the shared memory.
-    if d % 16 == 0 && (16..=256).contains(&d) {
+    if d.is_multiple_of(16) && (16..=256).contains(&d) {
         Ok(())
     } else {
         Err(CudaError::Unsupported {
@@ -996,13 +996,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    #[ignore = "scratch"]
-    fn scratch_dump_cubin() {
-        let (cubin, _) = crate::registry::compile_offline(&STATS, &key(DType::BF16, 128, false), (9, 0)).unwrap();
-        std::fs::write("/tmp/s_stats.cubin", cubin).unwrap();
-    }
-
-    #[test]
     #[ignore = "needs NVRTC (libnvrtc.so)"]
     fn stats_kernels_compile_without_spills_at_d128() {
         use crate::registry::compile_offline;
@@ -1016,8 +1009,8 @@ pub(crate) mod tests {
                         println!("sm90 {dtype} d{d}\n{log}");
                     }
                     // ptxas: "N bytes stack frame, S bytes spill stores, L bytes spill loads".
-                    // None at head_dim 128 on Hopper (the tuned shape); at most 32 bytes (a few registers)
-                    // elsewhere.
+                    // None at head_dim 128 on Hopper (the tuned shape); at most 16 bytes (a
+                    // few registers) elsewhere.
                     for line in log.lines().filter(|l| l.contains("spill stores")) {
                         let stores: usize = line
                             .split(',')
@@ -1025,7 +1018,7 @@ pub(crate) mod tests {
                             .and_then(|f| f.split_whitespace().next())
                             .and_then(|n| n.parse().ok())
                             .unwrap_or(usize::MAX);
-                        let limit = if d == 128 && arch == (9, 0) { 0 } else { 32 };
+                        let limit = if d == 128 && arch == (9, 0) { 0 } else { 16 };
                         if stores > limit {
                             spills.push(format!("stats {dtype} d{d} sm{arch:?}: {line}"));
                         }
