@@ -31,8 +31,12 @@ FP_DEVICE float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
 #define NWARPS 8
 #define NTHREADS (NWARPS * 32)
 #define DPAD (HEAD_DIM + 8)  // +16 bytes per row: ldmatrix rows hit distinct banks
-#define PPAD (KT + 1)        // f32 P tile pitch: row-wise reads conflict-free
 #define MAXG 2               // row groups (R <= 256)
+#define PQ 16                // probe rows: one m16 tile, shared by the warps (8 keys each)
+#define PP 24                // pitch (floats) of a warp's 16 x 16 probability quarter strip:
+                             // float2 stores and diagonal reads are conflict-free
+#define NDIAG 79             // diagonals of a warp's 16 x 64 strip: row - col in [-63, 15]
+#define DPITCH 80
 
 static_assert(HEAD_DIM % 16 == 0, "head_dim must be a multiple of 16");
 
@@ -47,16 +51,19 @@ struct SeqDesc {
     unsigned rep_off;    // Σ rep · nkb of earlier sequences (× H)
     unsigned split_off;  // Σ key splits of earlier sequences
     unsigned nsplit;     // key splits of this sequence
-    unsigned pad0, pad1, pad2;
+    unsigned pad0;       // Σ probes · nkb of earlier sequences (× H)
+    unsigned pad1, pad2;
 };
 
 // The query rows a pass works on. Representative rows (probe = 0): the last `rep` queries of
-// the chunk. Probe rows (probe = 1): core's `probe_queries`, at most 32 single queries spread
-// over the chunk before the representative block, k-th at (2k+1)·m/(2p) with m = q_len - rep,
-// p = min(32, ceil(m / bs)). Both bottom-right causal: row i sees keys 0..=pos(i).
+// the chunk. Probe rows (probe = 1): core's `probe_queries`, at most PROBE_QUERIES single
+// queries spread over the chunk before the representative block, k-th at (2k+1)·m/(2p) with
+// m = q_len - rep, p = min(PROBE_QUERIES, ceil(m / bs)). Both bottom-right causal: row i sees
+// keys 0..=pos(i).
 #ifndef PROBE_QUERIES
 #define PROBE_QUERIES 16  // the host passes core's selection::PROBE_QUERIES
 #endif
+static_assert(PROBE_QUERIES <= PQ, "the probe rows fill one m16 tile");
 FP_DEVICE unsigned num_probes(const SeqDesc& sd, int bs) {
     const unsigned m = sd.q_len - sd.rep;
     return min((unsigned)PROBE_QUERIES, (m + bs - 1) / bs);
@@ -69,8 +76,10 @@ FP_DEVICE unsigned row_query(const SeqDesc& sd, int probe, int bs, unsigned i) {
     if (p == 0) return 0;
     return (unsigned)((2ull * i + 1ull) * m / (2ull * p));
 }
-FP_DEVICE long long row_pos(const SeqDesc& sd, int probe, int bs, unsigned i) {
-    return (long long)(sd.kv_len - sd.q_len) + row_query(sd, probe, bs, i);
+// The last key row i sees (kv_len < 2^31: the host checks), -1 for a padding row.
+FP_DEVICE int last_key(const SeqDesc& sd, int probe, int bs, unsigned i) {
+    if (i >= row_count(sd, probe, bs)) return -1;
+    return (int)(sd.kv_len - sd.q_len) + (int)row_query(sd, probe, bs, i);
 }
 
 // Loads a KT x HEAD_DIM key tile (keys j0.., kv head hk) into shared, zero-filling keys >= kv_len.
@@ -111,15 +120,39 @@ FP_DEVICE void qk_tile(float (&acc)[KT / 8][4], const elem_t* qs, const elem_t* 
     }
 }
 
-// Loads Q̂ (the last R queries of the chunk, head h) into shared, rows R..ng*ROWS zeroed.
-// With round_q, Q̂ is pre-multiplied by `scale` and rounded to the input dtype (the original's
-// Q̂s = bf16(Q̂/√D)).
-FP_DEVICE void load_q_hat(elem_t* qs, const elem_t* __restrict__ q, const SeqDesc& sd,
-                                           int h, int num_heads, int ng, int round_q, float scale,
-                                           int probe, int bs) {
+// Two 8x8 b16 matrices; lanes 0-15 give the row addresses.
+FP_DEVICE void ldmatrix_x2(uint32_t (&r)[2], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(addr));
+}
+
+// The probe rows' logits against this warp's 8 keys of the tile (keys 8w..8w+7): one m16n8
+// C fragment, acc[2r + e] = S[probe lane/4 + 8r][key 8w + 2(lane%4) + e]. The probe rows ride
+// along the representative passes: the key tile is loaded once for both.
+FP_DEVICE void probe_tile(float (&acc)[4], const elem_t* qp, const elem_t* ks, int warp, int lane) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[e] = 0.f;
+    const elem_t* qrow = qp + (lane % 16) * DPAD + (lane / 16) * 8;
+    const elem_t* krow = ks + (warp * 8 + (lane & 7)) * DPAD + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+        uint32_t a[4], b[2];
+        ldmatrix_x4(a, smem_u32(qrow + kk * 16));
+        ldmatrix_x2(b, smem_u32(krow + kk * 16));
+        Elem::mma(acc, a, b[0], b[1]);
+    }
+}
+
+// Loads `npad` query rows (representative or probe rows, head h) into shared, rows past the
+// row count zeroed. With round_q, the rows are pre-multiplied by `scale` and rounded to the
+// input dtype (the original's Q̂s = bf16(Q̂/√D)).
+FP_DEVICE void load_rows(elem_t* qs, const elem_t* __restrict__ q, const SeqDesc& sd,
+                                          int h, int num_heads, int npad, int round_q, float scale,
+                                          int probe, int bs) {
     constexpr int CHUNKS = HEAD_DIM / 8;
     const unsigned nrow = row_count(sd, probe, bs);
-    for (int c = threadIdx.x; c < ng * ROWS * CHUNKS; c += NTHREADS) {
+    for (int c = threadIdx.x; c < npad * CHUNKS; c += NTHREADS) {
         int r = c / CHUNKS, col = (c % CHUNKS) * 8;
         bool valid = (unsigned)r < nrow;
         const unsigned tok = sd.q_start + row_query(sd, probe, bs, valid ? r : 0);
@@ -134,300 +167,559 @@ FP_DEVICE void load_q_hat(elem_t* qs, const elem_t* __restrict__ q, const SeqDes
     }
 }
 
-// Scaled base-2 logit of one accumulator element.
-FP_DEVICE float logit2(float acc, float scale_log2, int round_logits) {
-    // round_logits: the original rounds the (pre-scaled) logits to bf16 before the f32 softmax.
-    return round_logits ? round_bf16(acc) * scale_log2 : acc * scale_log2;
+// Emulating the original (selection mode Original on bf16 inputs): Q̂ is pre-scaled and
+// rounded to the input dtype, and the logits are rounded to bf16 before the f32 softmax.
+// A compile-time switch (the host's kernel key), so neither path carries the other's code.
+#ifndef STATS_EMULATE
+#define STATS_EMULATE 0
+#endif
+
+// The logit of one accumulator element before its base-2 scale (applied by the FFMA that
+// also subtracts the row max / lse: exp2(raw·s - m·s)).
+FP_DEVICE float raw_logit(float acc) {
+#if STATS_EMULATE
+    return round_bf16(acc);
+#else
+    return acc;
+#endif
 }
 
-// Pass 1: per (sequence, head, key split) the running row max and sum of exp2 over the split.
-// Grid (num_heads, total_splits); out row_ml[(split_global * H + h) * rp + i] = (m, l).
+// Whether every row of the warp's 16 sees every key of the tile (no mask needed): the rows
+// are representative rows i0..i0+15 < nrow, row i sees keys 0..=kv_len - nrow + i.
+FP_DEVICE bool tile_unmasked(const SeqDesc& sd, unsigned nrow, int i0, unsigned j0) {
+    return (unsigned)(i0 + 15) < nrow && (int)j0 + KT - 1 <= (int)(sd.kv_len - nrow) + i0;
+}
+
+// Row-state layout of row_ml / lse2: `rs` rows per (split or sequence, head); representative
+// rows 0..rp, then (when the faithful mode measures probes) the PQ probe rows rp..rp+PQ.
+// Per-row-group state (ng <= MAXG = 2 groups) lives in two register sets swapped after each
+// group, so the group loop is not unrolled (one copy of its body).
+
+// Pass 1: per (sequence, head, key split) the running row max and sum of exp2 over the split,
+// for the representative rows and (probes = 1) the probe rows. Keys in a 3-stage cp.async
+// ring (one barrier per tile). Grid (num_heads, total_splits);
+// out row_ml[(split_global * H + h) * rs + i] = (m, l), m in base-2 logit units.
 extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
 stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             const SeqDesc* __restrict__ seqs, const uint2* __restrict__ work,
-            int num_heads, int num_kv_heads, int split_keys, int rp,
-            float scale, float scale_log2, int round_q, int round_logits,
-            int probe, int block_size, float2* __restrict__ row_ml) {
+            int num_heads, int num_kv_heads, int split_keys, int rp, int rs,
+            float scale, float scale_log2, int probes, int block_size, float2* __restrict__ row_ml) {
     extern __shared__ __align__(16) unsigned char smem[];
     const int h = blockIdx.x;
     const uint2 wk = work[blockIdx.y];
     const SeqDesc sd = seqs[wk.x];
     const unsigned sp = wk.y;
     const int hk = h / (num_heads / num_kv_heads);
-    const unsigned nrow = row_count(sd, probe, block_size);
-    if (nrow == 0) return;  // a chunk with no probe rows
+    const unsigned nrow = sd.rep;
     const int ng = (nrow + ROWS - 1) / ROWS;
+    const unsigned np = probes ? num_probes(sd, block_size) : 0;
     elem_t* qs = (elem_t*)smem;
-    elem_t* ks = qs + ng * ROWS * DPAD;
+    elem_t* qp = qs + ng * ROWS * DPAD;
+    elem_t* ks = qp + (probes ? PQ * DPAD : 0);
+    float2* pml = (float2*)(ks + 3 * KT * DPAD);  // [NWARPS][PQ] probe (m, l) per warp
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int q4 = lane % 4, g4 = lane / 4;
     const unsigned J0 = sp * split_keys;
     const unsigned J1 = min(J0 + split_keys, sd.kv_len);
+    const float sl = scale_log2;
 
-    load_q_hat(qs, q, sd, h, num_heads, ng, round_q, scale, probe, block_size);
+    load_rows(qs, q, sd, h, num_heads, ng * ROWS, STATS_EMULATE, scale, 0, block_size);
+    if (np) load_rows(qp, q, sd, h, num_heads, PQ, STATS_EMULATE, scale, 1, block_size);
     load_k_tile(ks, k, sd, J0, hk, num_kv_heads);
     cp_async_commit();
+    if (J0 + KT < J1) {
+        load_k_tile(ks + KT * DPAD, k, sd, J0 + KT, hk, num_kv_heads);
+        cp_async_commit();
+    }
 
-    float m_run[MAXG][2], l_run[MAXG][2];
+    // Running (max of raw logits, sum of exp2) of this thread's two rows: group in flight
+    // (m0, l0) and the other group (m1, l1).
+    float m0[2] = {(-F32_INF), (-F32_INF)}, l0[2] = {0.f, 0.f};
+    float m1[2] = {(-F32_INF), (-F32_INF)}, l1[2] = {0.f, 0.f};
+    // Probe rows: this thread's two rows (lane/4, lane/4 + 8) over the warp's 8 keys per tile.
+    float pm[2] = {(-F32_INF), (-F32_INF)}, pl[2] = {0.f, 0.f};
+    int plast[2];
 #pragma unroll
-    for (int g = 0; g < MAXG; ++g)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) { m_run[g][r] = (-F32_INF); l_run[g][r] = 0.f; }
+    for (int r = 0; r < 2; ++r) plast[r] = np ? last_key(sd, 1, block_size, g4 + 8 * r) : -1;
+    const int pmax = np ? last_key(sd, 1, block_size, np - 1) : -1;  // the last probe sees most
 
     int buf = 0;
-    for (unsigned j0 = J0; j0 < J1; j0 += KT, buf ^= 1) {
+    for (unsigned j0 = J0; j0 < J1; j0 += KT, buf = (buf == 2 ? 0 : buf + 1)) {
         if (j0 + KT < J1) {
-            load_k_tile(ks + (buf ^ 1) * KT * DPAD, k, sd, j0 + KT, hk, num_kv_heads);
-            cp_async_commit();
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
-        __syncthreads();
+        __syncthreads();  // tile j0 is in; every warp is done with the tile before it
+        if (j0 + 2 * KT < J1) {
+            const int nb = buf == 0 ? 2 : buf - 1;  // (buf + 2) % 3: the previous tile's slot
+            load_k_tile(ks + nb * KT * DPAD, k, sd, j0 + 2 * KT, hk, num_kv_heads);
+            cp_async_commit();
+        }
         const elem_t* kt = ks + buf * KT * DPAD;
-#pragma unroll
-        for (int g = 0; g < MAXG; ++g) {
-            if (g >= ng) continue;
+#pragma unroll 1
+        for (int g = 0; g < ng; ++g) {
+            const int i0 = g * ROWS + warp * 16;
             float acc[KT / 8][4];
-            if ((unsigned)(g * ROWS + warp * 16) < nrow) {
+            if ((unsigned)i0 < nrow) {
                 qk_tile(acc, qs, kt, g, warp, lane);
             } else {
-                // no valid row in this warp (probes: 16 rows at most; short chunks): skip the
-                // tensor-core work, every probability below is masked to 0
+                // no valid row in this warp (short chunks): skip the tensor-core work, every
+                // logit below is masked
 #pragma unroll
                 for (int nt = 0; nt < KT / 8; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
             }
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int i = g * ROWS + warp * 16 + (lane / 4) + 8 * r;
-                const long long last_key = (unsigned)i < nrow ? row_pos(sd, probe, block_size, i) : -1;
-                float x[KT / 8][2];
-                float tmax = (-F32_INF);
+            if (tile_unmasked(sd, nrow, i0, j0)) {
 #pragma unroll
                 for (int nt = 0; nt < KT / 8; ++nt)
 #pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        long long j = (long long)j0 + nt * 8 + 2 * (lane % 4) + e;
-                        bool valid = (unsigned)i < nrow && j <= last_key && j < sd.kv_len;
-                        x[nt][e] = valid ? logit2(acc[nt][2 * r + e], scale_log2, round_logits) : (-F32_INF);
-                        tmax = fmaxf(tmax, x[nt][e]);
-                    }
+                    for (int e = 0; e < 4; ++e) acc[nt][e] = raw_logit(acc[nt][e]);
+            } else {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    // column c = nt*8 + e of this thread is visible iff c <= lim
+                    const int i = i0 + g4 + 8 * r;
+                    const int lim = ((unsigned)i < nrow ? (int)(sd.kv_len - nrow) + i : -1) - (int)j0 - 2 * q4;
+#pragma unroll
+                    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            acc[nt][2 * r + e] = (nt * 8 + e <= lim) ? raw_logit(acc[nt][2 * r + e]) : (-F32_INF);
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float tmax = (-F32_INF);
+#pragma unroll
+                for (int nt = 0; nt < KT / 8; ++nt) tmax = fmaxf(tmax, fmaxf(acc[nt][2 * r], acc[nt][2 * r + 1]));
                 tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, 1));
                 tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, 2));
-                const float m_new = fmaxf(m_run[g][r], tmax);
+                const float m_new = fmaxf(m0[r], tmax);
                 if (m_new != (-F32_INF)) {
+                    const float ms = m_new * sl;
                     float sum = 0.f;
 #pragma unroll
                     for (int nt = 0; nt < KT / 8; ++nt)
 #pragma unroll
-                        for (int e = 0; e < 2; ++e) sum += exp2f(x[nt][e] - m_new);
-                    l_run[g][r] = l_run[g][r] * exp2f(m_run[g][r] - m_new) + sum;
-                    m_run[g][r] = m_new;
+                        for (int e = 0; e < 2; ++e) sum += fast_exp2(fmaf(acc[nt][2 * r + e], sl, -ms));
+                    l0[r] = l0[r] * fast_exp2((m0[r] - m_new) * sl) + sum;
+                    m0[r] = m_new;
+                }
+            }
+            if (ng == 2) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    float t = m0[r]; m0[r] = m1[r]; m1[r] = t;
+                    t = l0[r]; l0[r] = l1[r]; l1[r] = t;
                 }
             }
         }
-        __syncthreads();  // the tile is overwritten by the next prefetch
+        if (np && (int)j0 + warp * 8 <= pmax) {
+            float pa[4];
+            probe_tile(pa, qp, kt, warp, lane);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int lim = plast[r] - ((int)j0 + warp * 8 + 2 * q4);
+                const float x0 = (0 <= lim) ? raw_logit(pa[2 * r]) : (-F32_INF);
+                const float x1 = (1 <= lim) ? raw_logit(pa[2 * r + 1]) : (-F32_INF);
+                const float m_new = fmaxf(pm[r], fmaxf(x0, x1));
+                if (m_new != (-F32_INF)) {
+                    const float ms = m_new * sl;
+                    pl[r] = pl[r] * fast_exp2((pm[r] - m_new) * sl) +
+                            (fast_exp2(fmaf(x0, sl, -ms)) + fast_exp2(fmaf(x1, sl, -ms)));
+                    pm[r] = m_new;
+                }
+            }
+        }
     }
 #pragma unroll
     for (int g = 0; g < MAXG; ++g) {
         if (g >= ng) continue;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float l = l_run[g][r];
+            float l = g == 0 ? l0[r] : l1[r];
+            const float m = (g == 0 ? m0[r] : m1[r]) * sl;
             l += __shfl_xor_sync(0xffffffff, l, 1);
             l += __shfl_xor_sync(0xffffffff, l, 2);
-            const int i = g * ROWS + warp * 16 + (lane / 4) + 8 * r;
-            if (lane % 4 == 0 && i < rp)
-                row_ml[((size_t)(sd.split_off + sp) * num_heads + h) * rp + i] = make_float2(m_run[g][r], l);
+            const int i = g * ROWS + warp * 16 + g4 + 8 * r;
+            if (q4 == 0 && i < rp)
+                row_ml[((size_t)(sd.split_off + sp) * num_heads + h) * rs + i] = make_float2(m, l);
+        }
+    }
+    if (probes) {
+        // Probe rows: (m, l) over the quad's keys (fixed xor tree), then over the 8 warps in order.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            pm[r] *= sl;  // base-2 units from here on
+#pragma unroll
+            for (int o = 1; o <= 2; o <<= 1) {
+                const float om = __shfl_xor_sync(0xffffffff, pm[r], o);
+                const float ol = __shfl_xor_sync(0xffffffff, pl[r], o);
+                const float nm = fmaxf(pm[r], om);
+                pl[r] = (nm == (-F32_INF)) ? 0.f : pl[r] * fast_exp2(pm[r] - nm) + ol * fast_exp2(om - nm);
+                pm[r] = nm;
+            }
+            if (q4 == 0) pml[warp * PQ + g4 + 8 * r] = make_float2(pm[r], pl[r]);
+        }
+        __syncthreads();
+        if (threadIdx.x < PQ) {
+            float m = (-F32_INF), l = 0.f;
+            for (int w = 0; w < NWARPS; ++w) {
+                const float2 v = pml[w * PQ + threadIdx.x];
+                const float nm = fmaxf(m, v.x);
+                l = (nm == (-F32_INF)) ? 0.f : l * fast_exp2(m - nm) + v.y * fast_exp2(v.x - nm);
+                m = nm;
+            }
+            row_ml[((size_t)(sd.split_off + sp) * num_heads + h) * rs + rp + threadIdx.x] = make_float2(m, l);
         }
     }
 }
 
-// Merges the per-split (max, sum) of every representative row, splits in ascending order:
-// lse2[(seq * H + h) * rp + i] = log2 Σ_j exp2(logit2_ij). Grid (num_heads, num_seqs), 256 threads.
+// Merges the per-split (max, sum) of every row (representative and probe rows), splits in
+// ascending order: lse2[(seq * H + h) * rs + i] = log2 Σ_j exp2(logit2_ij).
+// Grid (num_heads, num_seqs), 256 threads.
 extern "C" __global__ void stats_merge(const SeqDesc* __restrict__ seqs, const float2* __restrict__ row_ml,
-                                       int num_heads, int rp, float* __restrict__ lse2) {
+                                       int num_heads, int rs, float* __restrict__ lse2) {
     // One warp per row; lanes stride the splits, then fixed xor trees (deterministic).
     const int h = blockIdx.x, s = blockIdx.y;
     const SeqDesc sd = seqs[s];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
-    for (int i = warp; i < rp; i += nw) {
+    for (int i = warp; i < rs; i += nw) {
         float m = (-F32_INF);
         for (unsigned sp = lane; sp < sd.nsplit; sp += 32)
-            m = fmaxf(m, row_ml[((size_t)(sd.split_off + sp) * num_heads + h) * rp + i].x);
+            m = fmaxf(m, row_ml[((size_t)(sd.split_off + sp) * num_heads + h) * rs + i].x);
         m = warp_max(m);
         float l = 0.f;
         if (m != (-F32_INF))
             for (unsigned sp = lane; sp < sd.nsplit; sp += 32) {
-                float2 ml = row_ml[((size_t)(sd.split_off + sp) * num_heads + h) * rp + i];
+                float2 ml = row_ml[((size_t)(sd.split_off + sp) * num_heads + h) * rs + i];
                 if (ml.x != (-F32_INF)) l += ml.y * exp2f(ml.x - m);
             }
         l = warp_sum(l);
-        if (lane == 0) lse2[((size_t)s * num_heads + h) * rp + i] = (m == (-F32_INF)) ? F32_INF : m + log2f(l);
+        if (lane == 0) lse2[((size_t)s * num_heads + h) * rs + i] = (m == (-F32_INF)) ? F32_INF : m + log2f(l);
+    }
+}
+
+// The cross-warp step of pass 2 for one tile (keys j0..j0+KT), run by every thread of the CTA
+// once all warps have written the tile's partials (set `wc` / `dpt` per row group, `pwt`):
+// column sums (threads < KT, warps in order) into the vertical line, diagonal sums (threads
+// KT..KT+KT+ROWS-2, warps in order) into the split's slash accumulator, probe block partials
+// (threads < PQ · blocks per tile) into the split's probe block masses.
+FP_DEVICE void pass2_combine(const SeqDesc& sd, int ng, unsigned j0, unsigned J0, unsigned J1,
+                             int block_size, int nbs, int sl_stride, unsigned np, float inv_r,
+                             const float* wc, const float* dpt, const float* pwt,
+                             float* slash_acc, float* pacc, float* vert_out) {
+    const int t = threadIdx.x;
+    float vs = 0.f;
+    for (int g = 0; g < ng; ++g) {
+        const float* wcg = wc + g * NWARPS * KT;
+        const float* dpg = dpt + g * NWARPS * DPITCH;
+        if (t < KT) {
+            float s = 0.f;
+#pragma unroll
+            for (int w = 0; w < NWARPS; ++w) s += wcg[w * KT + t];
+            vs += s;
+        } else if (t < KT + KT + ROWS - 1) {
+            // Diagonal e = ii - jj of the group's tile (e in [-(KT-1), ROWS-1]): warp w
+            // holds it at d' = e - 16w + 63 when that is in [0, NDIAG).
+            const int e = t - KT - (KT - 1);
+            float s = 0.f;
+#pragma unroll
+            for (int w = 0; w < NWARPS; ++w) {
+                const int d = e - 16 * w + 63;
+                if (d >= 0 && d < NDIAG) s += dpg[w * DPITCH + d];
+            }
+            const int L = (int)(J1 - 1 - j0) + g * ROWS + e;
+            if (L >= 0 && L < sl_stride) slash_acc[L] += s;
+        }
+    }
+    if (t < KT && j0 + t < sd.kv_len) vert_out[j0 + t] = vs * inv_r;
+    if (np) {
+        // Probe block masses: the warps of each block in order, then the tiles in order.
+        const int nbt = block_size >= KT ? 1 : KT / block_size;  // blocks in a tile
+        const int wpb = NWARPS / nbt;                            // warps per block
+        if (t < PQ * nbt) {
+            const int row = t % PQ, b = t / PQ;
+            float s = 0.f;
+            for (int w = b * wpb; w < (b + 1) * wpb; ++w) s += pwt[w * PQ + row];
+            pacc[row * nbs + (int)(j0 - J0) / block_size + b] += s;
+        }
     }
 }
 
 // Pass 2: probabilities tile by tile; vertical (exclusive per split), rep_block_mass (whole
-// blocks per split: split_keys is a multiple of the block size) and per-split slash partials
-// slash_part[(split_global * H + h) * sl_stride + L], L = δ - δ_min(split).
+// blocks per split: split_keys is a multiple of the block size), per-split slash partials
+// slash_part[(split_global * H + h) * sl_stride + L], L = δ - δ_min(split), and (probes = 1)
+// the probe rows' block masses.
+//
+// Per tile, each warp reduces its own 16 x 64 probabilities: column sums by a halving xor
+// butterfly in registers, diagonal sums over 16 x 16 quarter strips in shared memory (16 loads
+// per lane and quarter, carried between quarters by a shuffle); the 8 warps' partials are then
+// summed in warp order by one thread per column / diagonal, one tile late: the partials are
+// double-buffered, so the barrier that starts tile t also publishes tile t-1's partials and a
+// tile costs one barrier. Every sum has a fixed order.
 extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
 stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             const SeqDesc* __restrict__ seqs, const uint2* __restrict__ work,
-            int num_heads, int num_kv_heads, int split_keys, int rp, int block_size,
-            float scale, float scale_log2, int round_q, int round_logits,
-            const float* __restrict__ lse2, int sl_stride,
+            int num_heads, int num_kv_heads, int split_keys, int rp, int rs, int block_size,
+            float scale, float scale_log2, const float* __restrict__ lse2, int sl_stride,
             float* __restrict__ vertical, float* __restrict__ rep_block_mass,
-            float* __restrict__ slash_part, int probe) {
+            float* __restrict__ slash_part, int probes, float* __restrict__ probe_block_mass) {
     extern __shared__ __align__(16) unsigned char smem[];
     const int h = blockIdx.x;
     const uint2 wk = work[blockIdx.y];
     const SeqDesc sd = seqs[wk.x];
     const unsigned sp = wk.y;
     const int hk = h / (num_heads / num_kv_heads);
-    // Probe rows (probe = 1) only need their block masses, written to rep_block_mass at the
-    // probe layout (pad0 = Σ probes·nkb of earlier sequences); no lines.
-    const unsigned nrow = row_count(sd, probe, block_size);
-    if (nrow == 0) return;  // a chunk with no probe rows
+    const unsigned nrow = sd.rep;
     const int ng = (nrow + ROWS - 1) / ROWS;
+    const unsigned np = probes ? num_probes(sd, block_size) : 0;
+    const int nbs = split_keys / block_size;  // blocks per split
     elem_t* qs = (elem_t*)smem;
-    elem_t* ks = qs + ng * ROWS * DPAD;
-    float* ps = (float*)(ks + 2 * KT * DPAD);
-    float* wcol = ps + ROWS * PPAD;       // [NWARPS][KT] per-warp column sums
-    float* slash_acc = wcol + NWARPS * KT; // sl_stride floats
+    elem_t* qp = qs + ng * ROWS * DPAD;
+    elem_t* ks = qp + (probes ? PQ * DPAD : 0);
+    float* strips = (float*)(ks + 2 * KT * DPAD);  // [NWARPS][16 * PP]
+    float* wcol = strips + NWARPS * 16 * PP;        // [2][ng][NWARPS][KT] per-warp column sums
+    float* dpart = wcol + 2 * ng * NWARPS * KT;     // [2][ng][NWARPS][DPITCH] per-warp diagonal sums
+    float* slash_acc = dpart + 2 * ng * NWARPS * DPITCH;  // sl_stride floats
+    float* pw = slash_acc + sl_stride;              // [2][NWARPS][PQ] probe block partials
+    float* pacc = pw + 2 * NWARPS * PQ;             // [PQ][nbs] probe block masses of the split
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const unsigned J0 = sp * split_keys;
     const unsigned J1 = min(J0 + split_keys, sd.kv_len);
     const float inv_r = 1.f / (float)sd.rep;
 
     for (int i = threadIdx.x; i < sl_stride; i += NTHREADS) slash_acc[i] = 0.f;
-    load_q_hat(qs, q, sd, h, num_heads, ng, round_q, scale, probe, block_size);
+    for (int i = threadIdx.x; i < PQ * nbs; i += NTHREADS) pacc[i] = 0.f;
+    load_rows(qs, q, sd, h, num_heads, ng * ROWS, STATS_EMULATE, scale, 0, block_size);
+    if (np) load_rows(qp, q, sd, h, num_heads, PQ, STATS_EMULATE, scale, 1, block_size);
     load_k_tile(ks, k, sd, J0, hk, num_kv_heads);
     cp_async_commit();
+    const float sl = scale_log2;
 
-    float row_lse[MAXG][2];
+    // This thread's representative rows' lse (re-read per tile: L1 hits, fewer live registers).
+    const float* lse_rows = lse2 + ((size_t)wk.x * num_heads + h) * rs + warp * 16 + (lane / 4);
+    float plse[2];
+    int plast[2];
 #pragma unroll
-    for (int g = 0; g < MAXG; ++g)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int i = g * ROWS + warp * 16 + (lane / 4) + 8 * r;
-            row_lse[g][r] = (i < rp && g < ng) ? lse2[((size_t)wk.x * num_heads + h) * rp + i] : F32_INF;
-        }
-    // Running block mass of the two rows this thread reduces (blocks >= KT span several tiles).
-    float bm_run[MAXG][2];
-#pragma unroll
-    for (int g = 0; g < MAXG; ++g) bm_run[g][0] = bm_run[g][1] = 0.f;
+    for (int r = 0; r < 2; ++r) {
+        plse[r] = np ? lse2[((size_t)wk.x * num_heads + h) * rs + rp + (lane / 4) + 8 * r] : F32_INF;
+        plast[r] = np ? last_key(sd, 1, block_size, (lane / 4) + 8 * r) : -1;
+    }
+    const int pmax = np ? last_key(sd, 1, block_size, np - 1) : -1;
+    // Running block mass of the two rows this thread reduces (blocks >= KT span several
+    // tiles): group in flight (bm0) and the other group (bm1), swapped after each group.
+    float bm0[2] = {0.f, 0.f}, bm1[2] = {0.f, 0.f};
 
     float* vert_out = vertical + (size_t)sd.tok_off * num_heads + (size_t)h * sd.kv_len;
-    float* rbm_out = probe ? rep_block_mass + (size_t)sd.pad0 * num_heads + (size_t)h * nrow * sd.nkb
-                           : rep_block_mass + (size_t)sd.rep_off * num_heads + (size_t)h * sd.rep * sd.nkb;
+    float* rbm_out = rep_block_mass + (size_t)sd.rep_off * num_heads + (size_t)h * sd.rep * sd.nkb;
     const int seg = block_size < KT ? block_size : KT;  // columns per block segment in a tile
+    float* strip = strips + warp * 16 * PP;
+    const int q4 = lane % 4, g4 = lane / 4;
 
     int buf = 0;
     for (unsigned j0 = J0; j0 < J1; j0 += KT, buf ^= 1) {
+        cp_async_wait<0>();
+        __syncthreads();  // tile j0 is in; every warp is done with tile j0 - KT (partials published)
         if (j0 + KT < J1) {
             load_k_tile(ks + (buf ^ 1) * KT * DPAD, k, sd, j0 + KT, hk, num_kv_heads);
             cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
         }
-        __syncthreads();
+        if (j0 > J0)
+            pass2_combine(sd, ng, j0 - KT, J0, J1, block_size, nbs, sl_stride, np, inv_r,
+                          wcol + (buf ^ 1) * ng * NWARPS * KT, dpart + (buf ^ 1) * ng * NWARPS * DPITCH,
+                          pw + (buf ^ 1) * NWARPS * PQ, slash_acc, pacc, vert_out);
         const elem_t* kt = ks + buf * KT * DPAD;
-        float vsum = 0.f;  // column sum, threads < KT
+        float* wc = wcol + buf * ng * NWARPS * KT;       // this tile's partials (set = buf)
+        float* dpt = dpart + buf * ng * NWARPS * DPITCH;
+        if (np) {
+            // Probe rows: this warp's 8 keys (one block: block_size >= 16), summed per row.
+            float s[2] = {0.f, 0.f};
+            if ((int)j0 + warp * 8 <= pmax) {
+                float pa[4];
+                probe_tile(pa, qp, kt, warp, lane);
 #pragma unroll
-        for (int g = 0; g < MAXG; ++g) {
-            if (g >= ng) continue;
+                for (int r = 0; r < 2; ++r) {
+                    const int lim = plast[r] - ((int)j0 + warp * 8 + 2 * q4);
+                    const float p0 = (0 <= lim) ? fast_exp2(fmaf(raw_logit(pa[2 * r]), sl, -plse[r])) : 0.f;
+                    const float p1 = (1 <= lim) ? fast_exp2(fmaf(raw_logit(pa[2 * r + 1]), sl, -plse[r])) : 0.f;
+                    s[r] = p0 + p1;
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float t = s[r];
+                t += __shfl_xor_sync(0xffffffff, t, 1);
+                t += __shfl_xor_sync(0xffffffff, t, 2);
+                if (q4 == 0) pw[buf * NWARPS * PQ + warp * PQ + g4 + 8 * r] = t;
+            }
+        }
+#pragma unroll 1
+        for (int g = 0; g < ng; ++g) {
+            const int i0 = g * ROWS + warp * 16;
+            float* dp = dpt + (g * NWARPS + warp) * DPITCH;
             float acc[KT / 8][4];
-            if ((unsigned)(g * ROWS + warp * 16) < nrow) {
+            if ((unsigned)i0 < nrow) {
                 qk_tile(acc, qs, kt, g, warp, lane);
             } else {
-                // no valid row in this warp (probes: 16 rows at most; short chunks): skip the
-                // tensor-core work, every probability below is masked to 0
+                // no valid row in this warp (short chunks): skip the tensor-core work, every
+                // probability below is masked to 0
 #pragma unroll
                 for (int nt = 0; nt < KT / 8; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
             }
-            float pv[2][KT / 8][2];
+            // Probabilities in place of the logits: p = exp2(raw·s - lse).
+            if (tile_unmasked(sd, nrow, i0, j0)) {
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int ii = warp * 16 + (lane / 4) + 8 * r;
-                const int i = g * ROWS + ii;
-                const long long last_key = (unsigned)i < nrow ? row_pos(sd, probe, block_size, i) : -1;
-                float segsum = 0.f;
+                for (int r = 0; r < 2; ++r) {
+                    const float lse = lse_rows[g * ROWS + 8 * r];
 #pragma unroll
-                for (int nt = 0; nt < KT / 8; ++nt) {
+                    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            acc[nt][2 * r + e] = fast_exp2(fmaf(raw_logit(acc[nt][2 * r + e]), sl, -lse));
+                }
+            } else {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int i = i0 + g4 + 8 * r;
+                    // rep row i sees keys 0..=kv_len - rep + i
+                    const int lim = ((unsigned)i < nrow ? (int)(sd.kv_len - nrow) + i : -1) - (int)j0 - 2 * q4;
+                    const float lse = (unsigned)i < nrow ? lse_rows[g * ROWS + 8 * r] : F32_INF;
+#pragma unroll
+                    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            acc[nt][2 * r + e] = (nt * 8 + e <= lim)
+                                ? fast_exp2(fmaf(raw_logit(acc[nt][2 * r + e]), sl, -lse)) : 0.f;
+                }
+            }
+            float cs[2][2];       // this thread's two rows summed, per column of the quarter
+            float segsum[2] = {0.f, 0.f};
+            float dacc = 0.f;     // diagonal sum carried between quarter strips
+#pragma unroll
+            for (int nt = 0; nt < KT / 8; ++nt) {
+                float pv[2][2];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const int jj = nt * 8 + 2 * (lane % 4) + e;
-                        long long j = (long long)j0 + jj;
-                        bool valid = (unsigned)i < nrow && j <= last_key && j < sd.kv_len;
-                        float p = valid ? exp2f(logit2(acc[nt][2 * r + e], scale_log2, round_logits) - row_lse[g][r]) : 0.f;
-                        ps[ii * PPAD + jj] = p;
-                        pv[r][nt][e] = p;
-                        segsum += p;
+                        const float p = acc[nt][2 * r + e];
+                        pv[r][e] = p;
+                        segsum[r] += p;
                     }
-                    // End of a block segment inside the tile: reduce the quad, emit or carry.
-                    if (((nt + 1) * 8) % seg == 0) {
-                        float t = segsum;
+                    *(float2*)&strip[(g4 + 8 * r) * PP + (nt & 1) * 8 + 2 * q4] = make_float2(pv[r][0], pv[r][1]);
+                }
+                cs[nt & 1][0] = pv[0][0] + pv[1][0];
+                cs[nt & 1][1] = pv[0][1] + pv[1][1];
+                // End of a block segment inside the tile: reduce the quad, emit or carry.
+                if (((nt + 1) * 8) % seg == 0) {
+                    const unsigned seg_first = j0 + (nt + 1) * 8 - seg;
+                    const bool block_ends = ((nt + 1) * 8 == KT) ? ((j0 + KT) % block_size == 0 || j0 + KT >= sd.kv_len)
+                                                                : true;
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const int i = i0 + g4 + 8 * r;
+                        float t = segsum[r];
                         t += __shfl_xor_sync(0xffffffff, t, 1);
                         t += __shfl_xor_sync(0xffffffff, t, 2);
-                        segsum = 0.f;
-                        const unsigned seg_first = j0 + (nt + 1) * 8 - seg;
+                        segsum[r] = 0.f;
                         if (seg_first < sd.kv_len) {
                             const unsigned c = seg_first / block_size;
-                            const bool block_ends = ((nt + 1) * 8 == KT) ? ((j0 + KT) % block_size == 0 || j0 + KT >= sd.kv_len)
-                                                                        : true;
                             if (block_size <= KT) {
-                                if (lane % 4 == 0 && (unsigned)i < nrow) rbm_out[(size_t)i * sd.nkb + c] = t;
+                                if (q4 == 0 && (unsigned)i < nrow) rbm_out[(size_t)i * sd.nkb + c] = t;
                             } else {
-                                bm_run[g][r] += t;
+                                bm0[r] += t;
                                 if (block_ends) {
-                                    if (lane % 4 == 0 && (unsigned)i < nrow) rbm_out[(size_t)i * sd.nkb + c] = bm_run[g][r];
-                                    bm_run[g][r] = 0.f;
+                                    if (q4 == 0 && (unsigned)i < nrow) rbm_out[(size_t)i * sd.nkb + c] = bm0[r];
+                                    bm0[r] = 0.f;
                                 }
                             }
                         }
                     }
                 }
-            }
-            // Column sums over the warp's 16 rows from the registers (fixed xor tree).
+                if (nt & 1) {
+                    // Quarter strip kq = nt/2 (columns 16kq..16kq+15) is in shared: lane x < 31
+                    // sums its diagonal row - col = x - 15 - 16kq, i.e. local index
+                    // d' = row - col + 63 = x + 48 - 16kq, rows in ascending order.
+                    const int kq = nt / 2;
+                    __syncwarp();
+                    float s = 0.f;
+#pragma unroll 4
+                    for (int rr = 0; rr < 16; ++rr) {
+                        const int c = rr + 15 - lane;
+                        if (c >= 0 && c < 16) s += strip[rr * PP + c];
+                    }
+                    if (kq == 0) {
+                        dacc = s;
+                    } else {
+                        // lane x - 16 held diagonal d' = x + 48 - 16kq in the previous quarter
+                        const float carried = __shfl_up_sync(0xffffffff, dacc, 16);
+                        dacc = (lane >= 16 ? carried : 0.f) + s;
+                    }
+                    if (kq < KT / 16 - 1) {
+                        // diagonals the next quarter does not reach are complete
+                        if (lane >= 15 && lane < 31) dp[lane + 48 - 16 * kq] = dacc;
+                    } else if (lane < 31) {
+                        dp[lane] = dacc;
+                    }
+                    // Column sums of the quarter over the warp's 16 rows: halving xor butterfly
+                    // over the row lanes (4 -> 2 -> 1 values per lane, then a plain xor sum).
+                    float v[4] = {cs[0][0], cs[0][1], cs[1][0], cs[1][1]};
 #pragma unroll
-            for (int nt = 0; nt < KT / 8; ++nt)
+                    for (int m = 16, hh = 2; m >= 8; m >>= 1, hh >>= 1) {
+                        const bool up = (lane & m) != 0;
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    float c = pv[0][nt][e] + pv[1][nt][e];
-                    c += __shfl_xor_sync(0xffffffff, c, 4);
-                    c += __shfl_xor_sync(0xffffffff, c, 8);
-                    c += __shfl_xor_sync(0xffffffff, c, 16);
-                    if (lane < 4) wcol[warp * KT + nt * 8 + 2 * lane + e] = c;
+                        for (int kk = 0; kk < 2; ++kk) {
+                            if (kk < hh) {
+                                const float send = up ? v[kk] : v[kk + hh];
+                                const float keep = up ? v[kk + hh] : v[kk];
+                                v[kk] = keep + __shfl_xor_sync(0xffffffff, send, m);
+                            }
+                        }
+                    }
+                    v[0] += __shfl_xor_sync(0xffffffff, v[0], 4);
+                    if ((lane & 4) == 0) {
+                        // v index 2·bit16 + bit8: n-tile 2kq + bit16, element bit8
+                        const int col = (2 * kq + ((lane >> 4) & 1)) * 8 + 2 * q4 + ((lane >> 3) & 1);
+                        wc[(g * NWARPS + warp) * KT + col] = v[0];
+                    }
+                    __syncwarp();
                 }
-            __syncthreads();
-            const int t = threadIdx.x;
-            if (probe) {
-                // block masses only
-            } else if (t < KT) {
-                float s = 0.f;
-                for (int w = 0; w < NWARPS; ++w) s += wcol[w * KT + t];
-                vsum += s;
-            } else if (t < KT + KT + ROWS - 1) {
-                // Diagonal e = ii - jj of the tile (e in [-(KT-1), ROWS-1]).
-                const int e = t - KT - (KT - 1);
-                const int lo = e > 0 ? e : 0;
-                const int hi = (KT - 1 + e) < (ROWS - 1) ? (KT - 1 + e) : (ROWS - 1);
-                float s = 0.f;
-                for (int ii = lo; ii <= hi; ++ii) s += ps[ii * PPAD + (ii - e)];
-                const int L = (int)(J1 - 1 - j0) + g * ROWS + e;
-                if (L >= 0 && L < sl_stride) slash_acc[L] += s;
             }
-            __syncthreads();
+            if (ng == 2) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const float t = bm0[r];
+                    bm0[r] = bm1[r];
+                    bm1[r] = t;
+                }
+            }
         }
-        if (!probe && threadIdx.x < KT && j0 + threadIdx.x < sd.kv_len) vert_out[j0 + threadIdx.x] = vsum * inv_r;
     }
-    if (probe) return;
+    // The last tile's partials.
+    __syncthreads();
+    {
+        const unsigned nt_tiles = (J1 - J0 + KT - 1) / KT;
+        const unsigned jl = J0 + (nt_tiles - 1) * KT;
+        const int lb = (nt_tiles - 1) & 1;  // its partial set
+        pass2_combine(sd, ng, jl, J0, J1, block_size, nbs, sl_stride, np, inv_r,
+                      wcol + lb * ng * NWARPS * KT, dpart + lb * ng * NWARPS * DPITCH,
+                      pw + lb * NWARPS * PQ, slash_acc, pacc, vert_out);
+    }
+    __syncthreads();  // slash_acc and pacc are complete
     float* out = slash_part + ((size_t)(sd.split_off + sp) * num_heads + h) * sl_stride;
     for (int i = threadIdx.x; i < sl_stride; i += NTHREADS) out[i] = slash_acc[i] * inv_r;
+    if (np) {
+        float* pbm_out = probe_block_mass + (size_t)sd.pad0 * num_heads + (size_t)h * np * sd.nkb;
+        for (int i = threadIdx.x; i < PQ * nbs; i += NTHREADS) {
+            const unsigned row = i / nbs, c = J0 / block_size + i % nbs;
+            if (row < np && c < sd.nkb) pbm_out[(size_t)row * sd.nkb + c] = pacc[i];
+        }
+    }
 }
 
 // Sums the (at most two) split partials of every slash entry, splits in ascending order.

@@ -82,12 +82,23 @@ pub static STATS: KernelFamily = KernelFamily {
 
 /// Keys per split of pass 1/2: a multiple of every block size (≤ 256) and of the 64-key tile,
 /// and ≥ the largest representative block, so each slash entry gets at most two split
-/// partials. 512 keys: 256 CTAs per head at 128k, enough to fill 132 SMs several times.
-const SPLIT_KEYS: usize = 512;
-/// Rows per row group (8 warps × 16 rows), tile of keys, threads: must match stats.cu.
+/// partials. 1024 keys: 128 CTAs per head at 128k (4096 in all, ~16 waves on 132 SMs), each
+/// loading its Q̂ rows once for 16 key tiles.
+const SPLIT_KEYS: usize = 1024;
+/// Rows per row group (8 warps × 16 rows), tile of keys, threads, warps: must match stats.cu.
 const ROWS: usize = 128;
 const KT: usize = 64;
 const NTHREADS: u32 = 256;
+const NWARPS: usize = 8;
+/// Probe rows (one m16 tile riding along the representative passes), the pitch of a warp's
+/// probability quarter strip and of its diagonal partials: must match stats.cu.
+const PQ: usize = 16;
+const PP: usize = 24;
+const DPITCH: usize = 80;
+const _: () = assert!(
+    flexprefill_core::selection::PROBE_QUERIES <= PQ,
+    "the probe rows must fit one m16 tile of the statistics kernels"
+);
 
 /// One sequence as the kernels see it. Must match `SeqDesc` in `kernels/stats.cu`.
 #[repr(C)]
@@ -164,6 +175,13 @@ impl StatsLayout {
         let mut probe_off = 0usize;
         let mut max_rep = 1;
         for (si, s) in seqs.iter().enumerate() {
+            // The kernels index keys with i32 (masks in 32-bit arithmetic).
+            if i32::try_from(s.kv_len).is_err() {
+                return Err(CudaError::Unsupported {
+                    op: "head_statistics",
+                    message: format!("kv_len {} exceeds 2^31 - 1", s.kv_len),
+                });
+            }
             let rep = block_size.min(s.q_len);
             let nkb = s.num_key_blocks(block_size);
             let nqb = s.num_query_blocks(block_size);
@@ -292,12 +310,37 @@ impl StatsLayout {
         self.descs[seq].rep as usize
     }
 
+    /// Rows of the row-state buffers (`row_ml`, `lse2`) per (split or sequence, head): the
+    /// padded representative rows, then the probe rows when they are measured.
+    fn row_stride(&self) -> usize {
+        self.rp + if self.measures_probes() { PQ } else { 0 }
+    }
+
+    fn measures_probes(&self) -> bool {
+        self.probes && self.total_probe > 0
+    }
+
     fn pass_smem(&self, pass2: bool) -> usize {
         let d = self.shape.head_dim;
-        let elems = (self.rp + 2 * KT) * (d + 8);
+        let probe_rows = if self.measures_probes() { PQ } else { 0 };
+        // key tiles: a 3-stage ring in pass 1, double-buffered in pass 2
+        let stages = if pass2 { 2 } else { 3 };
+        let elems = (self.rp + probe_rows + stages * KT) * (d + 8);
         let mut bytes = elems * 2;
         if pass2 {
-            bytes += (ROWS * (KT + 1) + 8 * KT + self.sl_stride) * 4;
+            // per-warp strips, then the double-buffered per-group column / diagonal partials,
+            // the slash accumulator, the double-buffered probe partials, the probe block masses
+            let blocks_per_split = SPLIT_KEYS / self.block_size;
+            let groups = self.rp / ROWS;
+            bytes += (NWARPS * 16 * PP
+                + 2 * groups * NWARPS * KT
+                + 2 * groups * NWARPS * DPITCH
+                + self.sl_stride
+                + 2 * NWARPS * PQ
+                + PQ * blocks_per_split)
+                * 4;
+        } else {
+            bytes += NWARPS * PQ * 8;
         }
         bytes
     }
@@ -357,20 +400,26 @@ pub fn estimation_scale(
     (e, original && dtype == DType::BF16)
 }
 
-fn key(dtype: DType, head_dim: usize) -> KernelKey {
-    KernelKey::new(&STATS, Some(dtype), head_dim, 0).define(
-        "PROBE_QUERIES",
-        flexprefill_core::selection::PROBE_QUERIES as i64,
-    )
+/// The statistics module for `dtype`, `head_dim` and the rounding mode (`emulate`: the
+/// original's bf16 rounding points, compiled in or out).
+fn key(dtype: DType, head_dim: usize, emulate: bool) -> KernelKey {
+    KernelKey::new(&STATS, Some(dtype), head_dim, 0)
+        .define(
+            "PROBE_QUERIES",
+            flexprefill_core::selection::PROBE_QUERIES as i64,
+        )
+        .define("STATS_EMULATE", emulate as i64)
 }
 
 fn check_head_dim(d: usize) -> Result<()> {
-    if matches!(d, 64 | 128 | 256) {
+    // The tiles step through head_dim in 16-wide mma slices (rows padded by 8 elements stay
+    // bank-conflict-free for any multiple of 16); 256 bounds the shared memory.
+    if d.is_multiple_of(16) && (16..=256).contains(&d) {
         Ok(())
     } else {
         Err(CudaError::Unsupported {
             op: "head_statistics",
-            message: format!("head_dim {d} (supported: 64, 128, 256)"),
+            message: format!("head_dim {d} (supported: multiples of 16 up to 256)"),
         })
     }
 }
@@ -405,7 +454,7 @@ pub fn launch_stats<T: StatsElem>(
     let total_q = layout.seqs.last().map_or(0, |s| s.q_start + s.q_len);
     need("q", q.len(), total_q * h * d)?;
     need("k", k.len(), layout.total_tok * hkv * d)?;
-    let kkey = key(T::DTYPE, d);
+    let kkey = key(T::DTYPE, d, emulate);
     let smem1 = layout.pass_smem(false);
     let smem2 = layout.pass_smem(true);
     let max_smem = dev.info().max_smem_per_block;
@@ -439,8 +488,11 @@ pub fn launch_stats<T: StatsElem>(
         // (checked by the poisoned-buffer tests).
         Ok(unsafe { stream.alloc::<f32>(n.max(1)) }?)
     };
-    let mut row_ml = unsafe { stream.alloc::<[f32; 2]>((total_splits * h * layout.rp).max(1)) }?;
-    let mut lse2 = alloc(nseq * h * layout.rp)?;
+    let rs = layout.row_stride();
+    // SAFETY: pass 1 writes the state of every row a later pass reads (the merge also combines
+    // the padding rows of shorter sequences, into lse2 entries no pass reads).
+    let mut row_ml = unsafe { stream.alloc::<[f32; 2]>((total_splits * h * rs).max(1)) }?;
+    let mut lse2 = alloc(nseq * h * rs)?;
     let mut slash_part = alloc(total_splits * h * layout.sl_stride)?;
     let mut vertical = alloc(layout.total_tok * h)?;
     let mut slash = alloc(layout.total_tok * h)?;
@@ -461,7 +513,6 @@ pub fn launch_stats<T: StatsElem>(
         layout.rp as i32,
         layout.block_size as i32,
     );
-    let (round_q, round_logits) = (emulate as i32, emulate as i32);
     // With round_q, Q̂ already carries the scale: the logits only change base.
     let scale_log2 = if emulate {
         std::f32::consts::LOG2_E
@@ -470,6 +521,9 @@ pub fn launch_stats<T: StatsElem>(
     };
     let sl_i = layout.sl_stride as i32;
     let emu_i = emulate as i32;
+    let rs_i = rs as i32;
+    // The probe rows ride along the representative passes (the key tiles are loaded once).
+    let probes_i = layout.measures_probes() as i32;
     let grid_pass = (h as u32, total_splits as u32, 1);
     profile::mark(stream, "start");
     // SAFETY (all launches): argument lists match the kernels' signatures in stats.cu; every
@@ -485,11 +539,10 @@ pub fn launch_stats<T: StatsElem>(
             .arg(&hkv_i)
             .arg(&split_i)
             .arg(&rp_i)
+            .arg(&rs_i)
             .arg(&scale)
             .arg(&scale_log2)
-            .arg(&round_q)
-            .arg(&round_logits)
-            .arg(&0i32)
+            .arg(&probes_i)
             .arg(&bs_i)
             .arg(&mut row_ml)
             .launch(LaunchConfig {
@@ -503,7 +556,7 @@ pub fn launch_stats<T: StatsElem>(
             .arg(&descs)
             .arg(&row_ml)
             .arg(&h_i)
-            .arg(&rp_i)
+            .arg(&rs_i)
             .arg(&mut lse2)
             .launch(LaunchConfig {
                 grid_dim: (h as u32, nseq as u32, 1),
@@ -521,88 +574,23 @@ pub fn launch_stats<T: StatsElem>(
             .arg(&hkv_i)
             .arg(&split_i)
             .arg(&rp_i)
+            .arg(&rs_i)
             .arg(&bs_i)
             .arg(&scale)
             .arg(&scale_log2)
-            .arg(&round_q)
-            .arg(&round_logits)
             .arg(&lse2)
             .arg(&sl_i)
             .arg(&mut vertical)
             .arg(&mut rep_block_mass)
             .arg(&mut slash_part)
-            .arg(&0i32)
+            .arg(&probes_i)
+            .arg(&mut probe_block_mass)
             .launch(LaunchConfig {
                 grid_dim: grid_pass,
                 block_dim: (NTHREADS, 1, 1),
                 shared_mem_bytes: smem2 as u32,
             })?;
         profile::mark(stream, "stats_pass2");
-        if layout.probes && layout.total_probe > 0 {
-            // The probe rows: same passes, one row group, block masses only.
-            let rp_p = ROWS as i32;
-            stream
-                .launch_builder(&f_pass1)
-                .arg(q)
-                .arg(k)
-                .arg(&descs)
-                .arg(&work)
-                .arg(&h_i)
-                .arg(&hkv_i)
-                .arg(&split_i)
-                .arg(&rp_p)
-                .arg(&scale)
-                .arg(&scale_log2)
-                .arg(&round_q)
-                .arg(&round_logits)
-                .arg(&1i32)
-                .arg(&bs_i)
-                .arg(&mut row_ml)
-                .launch(LaunchConfig {
-                    grid_dim: grid_pass,
-                    block_dim: (NTHREADS, 1, 1),
-                    shared_mem_bytes: smem1 as u32,
-                })?;
-            stream
-                .launch_builder(&f_merge)
-                .arg(&descs)
-                .arg(&row_ml)
-                .arg(&h_i)
-                .arg(&rp_p)
-                .arg(&mut lse2)
-                .launch(LaunchConfig {
-                    grid_dim: (h as u32, nseq as u32, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                })?;
-            stream
-                .launch_builder(&f_pass2)
-                .arg(q)
-                .arg(k)
-                .arg(&descs)
-                .arg(&work)
-                .arg(&h_i)
-                .arg(&hkv_i)
-                .arg(&split_i)
-                .arg(&rp_p)
-                .arg(&bs_i)
-                .arg(&scale)
-                .arg(&scale_log2)
-                .arg(&round_q)
-                .arg(&round_logits)
-                .arg(&lse2)
-                .arg(&sl_i)
-                .arg(&mut vertical)
-                .arg(&mut probe_block_mass)
-                .arg(&mut slash_part)
-                .arg(&1i32)
-                .launch(LaunchConfig {
-                    grid_dim: grid_pass,
-                    block_dim: (NTHREADS, 1, 1),
-                    shared_mem_bytes: smem2 as u32,
-                })?;
-            profile::mark(stream, "stats_probes");
-        }
         let max_kv = layout.seqs.iter().map(|s| s.kv_len).max().unwrap_or(1);
         stream
             .launch_builder(&f_final)
@@ -678,7 +666,12 @@ pub fn launch_pool_q<T: StatsElem>(
     qa_flag: Option<&CudaSlice<i32>>,
 ) -> Result<()> {
     let l = &stats.layout;
-    let f = dev.function(&STATS, &key(T::DTYPE, l.shape.head_dim), "stats_pool_q", 0)?;
+    let f = dev.function(
+        &STATS,
+        &key(T::DTYPE, l.shape.head_dim, stats.emulate),
+        "stats_pool_q",
+        0,
+    )?;
     let h_i = l.shape.num_heads as i32;
     let bs_i = l.block_size as i32;
     let emu_i = stats.emulate as i32;
@@ -1003,6 +996,40 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[ignore = "needs NVRTC (libnvrtc.so)"]
+    fn stats_kernels_compile_without_spills_at_d128() {
+        use crate::registry::compile_offline;
+        let mut spills = Vec::new();
+        for arch in [(9, 0), (8, 0)] {
+            for dtype in [DType::BF16, DType::F16] {
+                for d in [64, 96, 128, 256] {
+                    let (_, log) = compile_offline(&STATS, &key(dtype, d, false), arch)
+                        .unwrap_or_else(|e| panic!("stats {dtype} d{d} sm{arch:?}: {e}"));
+                    if arch == (9, 0) && dtype == DType::BF16 {
+                        println!("sm90 {dtype} d{d}\n{log}");
+                    }
+                    // ptxas: "N bytes stack frame, S bytes spill stores, L bytes spill loads".
+                    // None at head_dim 128 on Hopper (the tuned shape); at most 16 bytes (a
+                    // few registers) elsewhere.
+                    for line in log.lines().filter(|l| l.contains("spill stores")) {
+                        let stores: usize = line
+                            .split(',')
+                            .find(|f| f.contains("spill stores"))
+                            .and_then(|f| f.split_whitespace().next())
+                            .and_then(|n| n.parse().ok())
+                            .unwrap_or(usize::MAX);
+                        let limit = if d == 128 && arch == (9, 0) { 0 } else { 16 };
+                        if stores > limit {
+                            spills.push(format!("stats {dtype} d{d} sm{arch:?}: {line}"));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(spills.is_empty(), "spills:\n{}", spills.join("\n"));
+    }
+
+    #[test]
     #[ignore = "needs an NVIDIA GPU"]
     fn statistics_match_the_cpu_oracle() {
         let dev = device();
@@ -1049,6 +1076,15 @@ pub(crate) mod tests {
                 workload(WorkloadKind::Mixed, 1800, 4, 2, 128, seed + 5).to_dtype(DType::BF16),
                 FlexPrefillConfig {
                     block_size: 256,
+                    ..faithful
+                },
+                2e-3,
+            ),
+            (
+                "topics 1400 bf16 d96 bs32",
+                workload(WorkloadKind::Topics, 1400, 4, 2, 96, seed + 10).to_dtype(DType::BF16),
+                FlexPrefillConfig {
+                    block_size: 32,
                     ..faithful
                 },
                 2e-3,
