@@ -72,6 +72,17 @@ struct SelParams {
 // SAFETY: plain old data (13 i32/f32, one pad, one f64 at offset 56), as the kernel's struct.
 unsafe impl DeviceRepr for SelParams {}
 
+/// Queues `kernel` on `stream` with the arguments in order (a `launch_builder` chain, written
+/// once). Expands to the unsafe launch: use it inside the `unsafe` blocks below.
+macro_rules! launch {
+    ($stream:expr, $kernel:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
+        let kernel = &$kernel;
+        let mut b = $stream.launch_builder(kernel);
+        $( b.arg($arg); )*
+        b.launch($cfg)
+    }};
+}
+
 /// Map entries per CTA of the flattened cut's histogram kernel (`sel_flat_hist`).
 const FLAT_CHUNK: u32 = 8192;
 /// Key blocks per CTA of the pooled-map logits (`sel_qa_map`'s `QM_COLS`).
@@ -344,19 +355,9 @@ pub fn launch_select<T: StatsElem>(
     // SAFETY (all launches): argument lists match the kernels in select.cu; buffers are sized
     // by the plan above for every index the kernels compute.
     unsafe {
-        stream
-            .launch_builder(&f("sel_decide")?)
-            .arg(&stats.descs)
-            .arg(&sel_d)
-            .arg(&p)
-            .arg(&stats.vertical)
-            .arg(&stats.slash)
-            .arg(&stats.estimate)
-            .arg(&mut vpool)
-            .arg(&mut spool)
-            .arg(&mut pattern)
-            .arg(&mut js)
-            .launch(lc(grid_heads, 1024, 0))?;
+        launch!(stream, f("sel_decide")?, lc(grid_heads, 1024, 0);
+            &stats.descs, &sel_d, &p, &stats.vertical, &stats.slash, &stats.estimate, &mut vpool,
+            &mut spool, &mut pattern, &mut js)?;
         crate::stats::profile::mark(stream, "sel_decide");
     }
     if let Some(q) = q {
@@ -365,108 +366,44 @@ pub fn launch_select<T: StatsElem>(
         }
     }
     unsafe {
-        stream
-            .launch_builder(&f("sel_fvs_prep")?)
-            .arg(&stats.descs)
-            .arg(&p)
-            .arg(&pattern)
-            .arg(&stats.vertical)
-            .arg(&stats.probe_block_mass)
-            .arg(&probes_i)
-            .arg(&mut vkey)
-            .arg(&mut probe_tot)
-            .launch(lc(grid_heads, 512, 0))?;
+        launch!(stream, f("sel_fvs_prep")?, lc(grid_heads, 512, 0);
+            &stats.descs, &p, &pattern, &stats.vertical, &stats.probe_block_mass, &probes_i,
+            &mut vkey, &mut probe_tot)?;
         crate::stats::profile::mark(stream, "sel_fvs_prep");
         // The vertical-slash heads' chain runs beside the query-aware one (each uses a few
         // CTAs per head); both join before the mask is written.
         let side = stream.fork()?;
         if probes {
             let chunks = (selection::PROBE_QUERIES * max_nkb).div_ceil(EV_PER_CTA) as u32;
-            side.launch_builder(&f("sel_fvs_probe_events")?)
-                .arg(&stats.descs)
-                .arg(&p)
-                .arg(&pattern)
-                .arg(&stats.slash)
-                .arg(&stats.probe_block_mass)
-                .arg(&vkey)
-                .arg(&probe_tot)
-                .arg(&mut ev_key)
-                .arg(&mut ev_w)
-                .launch(lc((chunks, h as u32, nseq as u32), 256, 0))?;
+            let grid = (chunks, h as u32, nseq as u32);
+            launch!(side, f("sel_fvs_probe_events")?, lc(grid, 256, 0);
+                &stats.descs, &p, &pattern, &stats.slash, &stats.probe_block_mass, &vkey,
+                &probe_tot, &mut ev_key, &mut ev_w)?;
         }
-        side.launch_builder(&f("sel_fvs_stop")?)
-            .arg(&stats.descs)
-            .arg(&p)
-            .arg(&pattern)
-            .arg(&stats.slash)
-            .arg(&stats.rep_block_mass)
-            .arg(&probes_i)
-            .arg(&ev_key)
-            .arg(&ev_w)
-            .arg(&vkey)
-            .arg(&mut kstar)
-            .launch(lc(grid_heads, 512, sort_smem))?;
-        side.launch_builder(&f("sel_fvs_lines")?)
-            .arg(&stats.descs)
-            .arg(&sel_d)
-            .arg(&p)
-            .arg(&pattern)
-            .arg(&stats.slash)
-            .arg(&vkey)
-            .arg(&kstar)
-            .arg(&mut colsel)
-            .arg(&mut dist_prefix)
-            .launch(lc(grid_heads, 1024, 0))?;
-        side.launch_builder(&f("sel_ovs")?)
-            .arg(&stats.descs)
-            .arg(&p)
-            .arg(&pattern)
-            .arg(&stats.vertical)
-            .arg(&stats.slash)
-            .arg(&vpool)
-            .arg(&spool)
-            .arg(&mut colsel)
-            .arg(&mut offsel)
-            .launch(lc(grid_heads, 1024, 0))?;
+        launch!(side, f("sel_fvs_stop")?, lc(grid_heads, 512, sort_smem);
+            &stats.descs, &p, &pattern, &stats.slash, &stats.rep_block_mass, &probes_i, &ev_key,
+            &ev_w, &vkey, &mut kstar)?;
+        launch!(side, f("sel_fvs_lines")?, lc(grid_heads, 1024, 0);
+            &stats.descs, &sel_d, &p, &pattern, &stats.slash, &vkey, &kstar, &mut colsel,
+            &mut dist_prefix)?;
+        launch!(side, f("sel_ovs")?, lc(grid_heads, 1024, 0);
+            &stats.descs, &p, &pattern, &stats.vertical, &stats.slash, &vpool, &spool, &mut colsel,
+            &mut offsel)?;
         if any_qa {
-            stream
-                .launch_builder(&f("sel_qa_map")?)
-                .arg(&stats.descs)
-                .arg(&sel_d)
-                .arg(&groups_d)
-                .arg(&rows_per_i)
-                .arg(&p)
-                .arg(&pattern)
-                .arg(&stats.q_pooled)
-                .arg(&stats.k_pooled)
-                .arg(&mut mapb)
-                .launch(lc(
-                    (
-                        groups.len() as u32,
-                        h as u32,
-                        max_nkb.div_ceil(QM_COLS) as u32,
-                    ),
-                    512,
-                    map_smem,
-                ))?;
-            stream
-                .launch_builder(&f("sel_qa_softmax")?)
-                .arg(&stats.descs)
-                .arg(&sel_d)
-                .arg(&qb_seq_d)
-                .arg(&qb_all_u)
-                .arg(&p)
-                .arg(&pattern)
-                .arg(&mut mapb)
-                .launch(lc((qb_all.div_ceil(8) as u32, h as u32, 1), 256, 0))?;
+            let map_grid = (
+                groups.len() as u32,
+                h as u32,
+                max_nkb.div_ceil(QM_COLS) as u32,
+            );
+            launch!(stream, f("sel_qa_map")?, lc(map_grid, 512, map_smem);
+                &stats.descs, &sel_d, &groups_d, &rows_per_i, &p, &pattern, &stats.q_pooled,
+                &stats.k_pooled, &mut mapb)?;
+            let softmax_grid = (qb_all.div_ceil(8) as u32, h as u32, 1);
+            launch!(stream, f("sel_qa_softmax")?, lc(softmax_grid, 256, 0);
+                &stats.descs, &sel_d, &qb_seq_d, &qb_all_u, &p, &pattern, &mut mapb)?;
             crate::stats::profile::mark(stream, "sel_qa_map");
-            stream
-                .launch_builder(&f("sel_flat_init")?)
-                .arg(&stats.descs)
-                .arg(&p)
-                .arg(&pattern)
-                .arg(&mut flat_cut)
-                .launch(lc(grid_heads, 32, 0))?;
+            launch!(stream, f("sel_flat_init")?, lc(grid_heads, 32, 0);
+                &stats.descs, &p, &pattern, &mut flat_cut)?;
             crate::stats::profile::mark(stream, "sel_flat_init");
             // Per-row cuts rank every row; the flattened calibration only the probe rows.
             let sort_grid = match (cfg.query_aware_cut, probes) {
@@ -477,177 +414,66 @@ pub fn launch_select<T: StatsElem>(
                 (QueryAwareCut::Flattened, false) => (0, 0, 0),
             };
             if sort_grid.0 > 0 {
-                stream
-                    .launch_builder(&f("sel_qa_sort")?)
-                    .arg(&stats.descs)
-                    .arg(&sel_d)
-                    .arg(&qb_seq_d)
-                    .arg(&p)
-                    .arg(&pattern)
-                    .arg(&mapb)
-                    .arg(&mut order_b)
-                    .arg(&mut run_b)
-                    .launch(lc(sort_grid, 256, sort_smem))?;
+                launch!(stream, f("sel_qa_sort")?, lc(sort_grid, 256, sort_smem);
+                    &stats.descs, &sel_d, &qb_seq_d, &p, &pattern, &mapb, &mut order_b,
+                    &mut run_b)?;
             }
             crate::stats::profile::mark(stream, "sel_qa_sort");
-            stream
-                .launch_builder(&f("sel_qa_calib")?)
-                .arg(&stats.descs)
-                .arg(&sel_d)
-                .arg(&p)
-                .arg(&pattern)
-                .arg(&mapb)
-                .arg(&order_b)
-                .arg(&run_b)
-                .arg(&stats.probe_block_mass)
-                .arg(&probe_tot)
-                .arg(&probes_i)
-                .arg(&mut cand_key)
-                .arg(&mut cand_w)
-                .arg(&mut t_b)
-                .arg(&mut flat_cut)
-                .arg(&mut cal)
-                .launch(lc(grid_heads, 1024, 0))?;
+            launch!(stream, f("sel_qa_calib")?, lc(grid_heads, 1024, 0);
+                &stats.descs, &sel_d, &p, &pattern, &mapb, &order_b, &run_b,
+                &stats.probe_block_mass, &probe_tot, &probes_i, &mut cand_key, &mut cand_w,
+                &mut t_b, &mut flat_cut, &mut cal)?;
             crate::stats::profile::mark(stream, "sel_qa_calib");
             let chunks = (max_map as u32).div_ceil(FLAT_CHUNK);
-            stream
-                .launch_builder(&f("sel_calib_before")?)
-                .arg(&stats.descs)
-                .arg(&sel_d)
-                .arg(&p)
-                .arg(&mapb)
-                .arg(&mut cal)
-                .launch(lc((chunks, h as u32, nseq as u32), 256, 0))?;
+            launch!(stream, f("sel_calib_before")?, lc((chunks, h as u32, nseq as u32), 256, 0);
+                &stats.descs, &sel_d, &p, &mapb, &mut cal)?;
             crate::stats::profile::mark(stream, "sel_calib_before");
-            stream
-                .launch_builder(&f("sel_calib_finish")?)
-                .arg(&stats.descs)
-                .arg(&p)
-                .arg(&cal)
-                .arg(&mut t_b)
-                .arg(&mut flat_cut)
-                .launch(lc(((nseq * h) as u32, 1, 1), 32, 0))?;
+            launch!(stream, f("sel_calib_finish")?, lc(((nseq * h) as u32, 1, 1), 32, 0);
+                &stats.descs, &p, &cal, &mut t_b, &mut flat_cut)?;
             crate::stats::profile::mark(stream, "sel_calib_finish");
             // The flattened cut, one 8-bit digit per (histogram, pick) pair of launches.
             let hist = f("sel_flat_hist")?;
             let pick = f("sel_flat_pick")?;
             for depth in 0..8i32 {
-                stream
-                    .launch_builder(&hist)
-                    .arg(&stats.descs)
-                    .arg(&sel_d)
-                    .arg(&p)
-                    .arg(&mapb)
-                    .arg(&flat_cut)
-                    .arg(&depth)
-                    .arg(&mut hist_cnt)
-                    .arg(&mut hist_sum)
-                    .launch(lc((chunks, h as u32, nseq as u32), 256, 0))?;
+                launch!(stream, hist, lc((chunks, h as u32, nseq as u32), 256, 0);
+                    &stats.descs, &sel_d, &p, &mapb, &flat_cut, &depth, &mut hist_cnt,
+                    &mut hist_sum)?;
                 crate::stats::profile::mark(stream, "flat_hist");
-                stream
-                    .launch_builder(&pick)
-                    .arg(&depth)
-                    .arg(&mut flat_cut)
-                    .arg(&mut hist_cnt)
-                    .arg(&mut hist_sum)
-                    .arg(&mut kcut)
-                    .launch(lc(((nseq * h) as u32, 1, 1), 256, 0))?;
+                launch!(stream, pick, lc(((nseq * h) as u32, 1, 1), 256, 0);
+                    &depth, &mut flat_cut, &mut hist_cnt, &mut hist_sum, &mut kcut)?;
                 crate::stats::profile::mark(stream, "flat_pick");
             }
         }
         stream.join(&side)?;
         crate::stats::profile::mark(stream, "sel_vs_join");
-        stream
-            .launch_builder(&f("sel_extend")?)
-            .arg(&stats.descs)
-            .arg(&sel_d)
-            .arg(&qb_seq_d)
-            .arg(&p)
-            .arg(&pattern)
-            .arg(&colsel)
-            .arg(&offsel)
-            .arg(&dist_prefix)
-            .arg(&mut maskb)
-            .launch(lc(grid_rows, 64, 0))?;
+        launch!(stream, f("sel_extend")?, lc(grid_rows, 64, 0);
+            &stats.descs, &sel_d, &qb_seq_d, &p, &pattern, &colsel, &offsel, &dist_prefix,
+            &mut maskb)?;
         crate::stats::profile::mark(stream, "sel_extend");
         if any_qa {
-            stream
-                .launch_builder(&f("sel_qa_flat_mark")?)
-                .arg(&stats.descs)
-                .arg(&sel_d)
-                .arg(&qb_seq_d)
-                .arg(&p)
-                .arg(&pattern)
-                .arg(&mapb)
-                .arg(&kcut)
-                .arg(&mut maskb)
-                .launch(lc(grid_rows, 64, 0))?;
+            launch!(stream, f("sel_qa_flat_mark")?, lc(grid_rows, 64, 0);
+                &stats.descs, &sel_d, &qb_seq_d, &p, &pattern, &mapb, &kcut, &mut maskb)?;
             crate::stats::profile::mark(stream, "sel_qa_flat_mark");
-            stream
-                .launch_builder(&f("sel_qa_row")?)
-                .arg(&stats.descs)
-                .arg(&sel_d)
-                .arg(&qb_seq_d)
-                .arg(&p)
-                .arg(&pattern)
-                .arg(&mapb)
-                .arg(&mut maskb)
-                .launch(lc(grid_rows, 256, row_smem))?;
+            launch!(stream, f("sel_qa_row")?, lc(grid_rows, 256, row_smem);
+                &stats.descs, &sel_d, &qb_seq_d, &p, &pattern, &mapb, &mut maskb)?;
             crate::stats::profile::mark(stream, "sel_qa_row");
-            stream
-                .launch_builder(&f("sel_qa_build")?)
-                .arg(&stats.descs)
-                .arg(&sel_d)
-                .arg(&qb_seq_d)
-                .arg(&p)
-                .arg(&pattern)
-                .arg(&mapb)
-                .arg(&order_b)
-                .arg(&run_b)
-                .arg(&t_b)
-                .arg(&kcut)
-                .arg(&mut maskb)
-                .launch(lc(grid_rows, 128, 4 * max_nkb.div_ceil(32)))?;
+            launch!(stream, f("sel_qa_build")?, lc(grid_rows, 128, 4 * max_nkb.div_ceil(32));
+                &stats.descs, &sel_d, &qb_seq_d, &p, &pattern, &mapb, &order_b, &run_b, &t_b,
+                &kcut, &mut maskb)?;
             crate::stats::profile::mark(stream, "sel_qa_build");
-            stream
-                .launch_builder(&f("sel_qa_topup")?)
-                .arg(&stats.descs)
-                .arg(&sel_d)
-                .arg(&p)
-                .arg(&pattern)
-                .arg(&stats.rep_block_mass)
-                .arg(&mut maskb)
-                .launch(lc(grid_heads, 256, topup_smem))?;
+            launch!(stream, f("sel_qa_topup")?, lc(grid_heads, 256, topup_smem);
+                &stats.descs, &sel_d, &p, &pattern, &stats.rep_block_mass, &mut maskb)?;
             crate::stats::profile::mark(stream, "sel_qa_topup");
         }
-        stream
-            .launch_builder(&f("sel_count")?)
-            .arg(&stats.descs)
-            .arg(&sel_d)
-            .arg(&qb_seq_d)
-            .arg(&p)
-            .arg(&maskb)
-            .arg(&mut counts)
-            .launch(lc(grid_rows, 32, 0))?;
+        launch!(stream, f("sel_count")?, lc(grid_rows, 32, 0);
+            &stats.descs, &sel_d, &qb_seq_d, &p, &maskb, &mut counts)?;
         crate::stats::profile::mark(stream, "sel_count");
         let rows_u = total_rows as u32;
-        stream
-            .launch_builder(&f("sel_scan")?)
-            .arg(&counts)
-            .arg(&rows_u)
-            .arg(&mut offsets)
-            .launch(lc((1, 1, 1), 1024, 0))?;
+        launch!(stream, f("sel_scan")?, lc((1, 1, 1), 1024, 0);
+            &counts, &rows_u, &mut offsets)?;
         crate::stats::profile::mark(stream, "sel_scan");
-        stream
-            .launch_builder(&f("sel_write")?)
-            .arg(&stats.descs)
-            .arg(&sel_d)
-            .arg(&qb_seq_d)
-            .arg(&p)
-            .arg(&maskb)
-            .arg(&offsets)
-            .arg(&mut cols)
-            .launch(lc(grid_rows, 32, 0))?;
+        launch!(stream, f("sel_write")?, lc(grid_rows, 32, 0);
+            &stats.descs, &sel_d, &qb_seq_d, &p, &maskb, &offsets, &mut cols)?;
         crate::stats::profile::mark(stream, "sel_write");
     }
     Ok(DeviceSelection {
