@@ -1445,12 +1445,22 @@ sel_qa_topup(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, S
         __syncthreads();
         for (unsigned i = threadIdx.x; i < g.rep; i += blockDim.x) {
             if (g.rep_block(i) != r) continue;
+            // One pass over the row: 16 loads in flight (unconditional, so they can be), the
+            // total and the captured mass each summed sequentially in key-block order.
+            const float* mi = mass + (size_t)i * nkb;
             double t = 0.0, c2 = 0.0;
-#pragma unroll 8
-            for (unsigned c = 0; c < nkb; ++c) t += (double)mass[(size_t)i * nkb + c];
-#pragma unroll 8
-            for (unsigned c = 0; c <= d; ++c)
-                if (row[c / 32] >> (c % 32) & 1u) c2 += (double)mass[(size_t)i * nkb + c];
+            for (unsigned c0 = 0; c0 < nkb; c0 += 16) {
+                float x[16];
+#pragma unroll
+                for (unsigned u = 0; u < 16; ++u) x[u] = c0 + u < nkb ? mi[c0 + u] : 0.f;
+                const unsigned bits = c0 <= d ? row[c0 / 32] >> (c0 % 32) : 0u;  // 16 | 32: one word
+#pragma unroll
+                for (unsigned u = 0; u < 16; ++u) {
+                    if (c0 + u >= nkb) break;
+                    t += (double)x[u];
+                    if (c0 + u <= d && (bits >> u & 1u)) c2 += (double)x[u];
+                }
+            }
             cap[i] = c2;
             tgt[i] = (double)p.gamma * t;
             if (!(c2 >= tgt[i])) atomicAdd(&short_rows, 1);
@@ -1458,6 +1468,10 @@ sel_qa_topup(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, S
         __syncthreads();
         if (short_rows == 0) continue;
         // Score the uncovered causal blocks by their summed representative mass.
+        unsigned ri0 = 0;
+        while (ri0 < g.rep && g.rep_block(ri0) != r) ++ri0;
+        unsigned ri1 = ri0;
+        while (ri1 < g.rep && g.rep_block(ri1) == r) ++ri1;
         for (int c = threadIdx.x; c < N; c += blockDim.x) {
             uint64_t k = KEY_ALL;
             if ((unsigned)c <= d) {
@@ -1465,10 +1479,16 @@ sel_qa_topup(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, S
                 if (row[c / 32] >> (c % 32) & 1u) {
                     sc = -F32_INF;
                 } else {
+                    // the block's representative rows are contiguous: [i0, i1)
                     double a = 0.0;
-#pragma unroll 8
-                    for (unsigned i = 0; i < g.rep; ++i)
-                        if (g.rep_block(i) == r) a += (double)mass[(size_t)i * nkb + c];
+                    for (unsigned i = ri0; i < ri1; i += 16) {
+                        float x[16];
+#pragma unroll
+                        for (unsigned u = 0; u < 16; ++u) x[u] = i + u < ri1 ? mass[(size_t)(i + u) * nkb + c] : 0.f;
+#pragma unroll
+                        for (unsigned u = 0; u < 16; ++u)
+                            if (i + u < ri1) a += (double)x[u];
+                    }
                     sc = (float)a;
                 }
                 k = rank_key(sc, c);

@@ -366,13 +366,13 @@ pub fn launch_select<T: StatsElem>(
         }
     }
     unsafe {
-        launch!(stream, f("sel_fvs_prep")?, lc(grid_heads, 512, 0);
+        // The vertical-slash heads' chain (and the prep it shares with the calibration: column
+        // keys, probe totals) runs beside the query-aware one (each uses a few CTAs per head);
+        // cudarc's event tracking orders the shared buffers, both join before the mask.
+        let side = stream.fork()?;
+        launch!(side, f("sel_fvs_prep")?, lc(grid_heads, 512, 0);
             &stats.descs, &p, &pattern, &stats.vertical, &stats.probe_block_mass, &probes_i,
             &mut vkey, &mut probe_tot)?;
-        crate::stats::profile::mark(stream, "sel_fvs_prep");
-        // The vertical-slash heads' chain runs beside the query-aware one (each uses a few
-        // CTAs per head); both join before the mask is written.
-        let side = stream.fork()?;
         if probes {
             let chunks = (selection::PROBE_QUERIES * max_nkb).div_ceil(EV_PER_CTA) as u32;
             let grid = (chunks, h as u32, nseq as u32);
