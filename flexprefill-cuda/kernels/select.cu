@@ -233,6 +233,7 @@ FP_DEVICE uint64_t radix_cut(RadixShared& sh, const Items& items, unsigned n, in
             // One key left in the crossing bin: find it.
             const int sh2 = shift;
             const uint64_t p2 = sh.prefix;
+            __syncthreads();  // every thread holds the prefix before its one writer replaces it
             for (unsigned i = threadIdx.x; i < n; i += blockDim.x) {
                 uint64_t key; double m;
                 if (!items(i, key, m)) continue;
@@ -1466,7 +1467,9 @@ sel_qa_topup(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, S
             if (!(c2 >= tgt[i])) atomicAdd(&short_rows, 1);
         }
         __syncthreads();
-        if (short_rows == 0) continue;
+        const bool all_hold = short_rows == 0;
+        __syncthreads();  // every thread has read short_rows before thread 0 resets it
+        if (all_hold) continue;
         // Score the uncovered causal blocks by their summed representative mass.
         unsigned ri0 = 0;
         while (ri0 < g.rep && g.rep_block(ri0) != r) ++ri0;
