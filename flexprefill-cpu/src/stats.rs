@@ -108,12 +108,26 @@ pub(crate) fn head_statistics(
                 }
             }
 
-            // A = softmax(Q̂s·Kᵀ) with the causal limit, in place over the logits.
+            // A = softmax(Q̂s·Kᵀ) with the causal limit, in place over the logits. The faithful
+            // mode's probe queries (same scale, no emulation there) ride in the same GEMM as
+            // extra rows below the representative ones: one pass over K instead of two.
             let n = s.kv_len;
             let k_all = &k[x.kv_offset(s.k_start, kvh)..];
             let k_t = View::new(k_all, kv_rs, 1).t();
-            let positions: Vec<usize> = (first_pos..s.kv_len).collect();
-            let a = causal_softmax_rows(&qh, &positions, k_t, n, d, emulate);
+            let mut positions: Vec<usize> = (first_pos..s.kv_len).collect();
+            let probes = if original {
+                Vec::new()
+            } else {
+                probe_queries(s, bs)
+            };
+            let mut rows_q = qh.clone();
+            for &qi in &probes {
+                let src = &q[x.q_offset(s.q_start + qi, head)..][..d];
+                rows_q.extend(src.iter().map(|&v| v * e));
+                positions.push(s.query_offset() + qi);
+            }
+            let a = causal_softmax_rows(&rows_q, &positions, k_t, n, d, emulate);
+            let (a, a_probe) = a.split_at(nrep * n);
             let mut vertical = vec![0.0f32; n];
             let mut slash = vec![0.0f32; n];
             let mut rep_block_mass = vec![0.0f32; nrep * nkb];
@@ -130,28 +144,15 @@ pub(crate) fn head_statistics(
                     .for_each(|(acc, &p)| *acc += p);
                 block_sums_into(live, bs, &mut rep_block_mass[i * nkb..(i + 1) * nkb]);
             }
-            drop(a);
-
             // The probe queries' exact block mass (faithful mode only: the original ignores
             // it), with the same scale and causal limit as the representative rows.
-            let mut probe_block_mass = Vec::new();
-            if !original {
-                let probes = probe_queries(s, bs);
-                let mut qp = vec![0.0f32; probes.len() * d];
-                for (row, &qi) in qp.chunks_exact_mut(d).zip(&probes) {
-                    let src = &q[x.q_offset(s.q_start + qi, head)..][..d];
-                    row.iter_mut().zip(src).for_each(|(o, &v)| *o = v * e);
-                }
-                let pos: Vec<usize> = probes.iter().map(|&qi| s.query_offset() + qi).collect();
-                let p = causal_softmax_rows(&qp, &pos, k_t, n, d, false);
-                probe_block_mass = vec![0.0f32; probes.len() * nkb];
-                for ((row, out), &pi) in p
-                    .chunks_exact(n)
-                    .zip(probe_block_mass.chunks_exact_mut(nkb))
-                    .zip(&pos)
-                {
-                    block_sums_into(&row[..=pi], bs, out);
-                }
+            let mut probe_block_mass = vec![0.0f32; probes.len() * nkb];
+            for ((row, out), &pi) in a_probe
+                .chunks_exact(n)
+                .zip(probe_block_mass.chunks_exact_mut(nkb))
+                .zip(&positions[nrep..])
+            {
+                block_sums_into(&row[..=pi], bs, out);
             }
             let inv_rep = 1.0 / nrep as f32;
             vertical.iter_mut().for_each(|v| *v *= inv_rep);
