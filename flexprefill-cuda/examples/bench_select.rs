@@ -16,17 +16,11 @@ use flexprefill_cuda::stats::{estimation_scale, launch_stats, StatsLayout};
 use flexprefill_cuda::CudaBackend;
 use flexprefill_testkit::workload::{generate, WorkloadKind, WorkloadSpec};
 
+mod common;
+use common::{median, Res, H, HKV};
+
 const REPS: usize = 10;
-const H: usize = 32;
-const HKV: usize = 8;
 const D: usize = 128;
-
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
-
-fn median(mut v: Vec<f32>) -> f32 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// Gaussian-ish bf16 noise from a hash, filled on every core.
 fn random_bf16(len: usize, seed: u64) -> Vec<bf16> {

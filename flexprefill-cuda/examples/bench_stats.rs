@@ -11,16 +11,10 @@ use flexprefill_core::{bf16, AttentionShape, DType, FlexPrefillConfig, Selection
 use flexprefill_cuda::stats::{estimation_scale, launch_stats, profile, StatsLayout};
 use flexprefill_cuda::CudaBackend;
 
+mod common;
+use common::{median, Res, H, HKV};
+
 const REPS: usize = 20;
-const H: usize = 32;
-const HKV: usize = 8;
-
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
-
-fn median(mut v: Vec<f32>) -> f32 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// Uniform bf16 noise in [-2, 2) from a xorshift (the cost does not depend on the data).
 fn noise(len: usize, seed: u64) -> Vec<bf16> {
