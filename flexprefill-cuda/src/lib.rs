@@ -10,7 +10,7 @@
 //! long prefills; use `flexprefill-cpu` as the exact oracle and fallback. Attention takes bf16
 //! and f16 (f32 host inputs are rounded to bf16), head_dim any multiple of 16 up to 256, blocks
 //! 16–256, GQA, ragged batches, chunked prefill and LSE output; on an H200 the dense kernel runs
-//! at 436–443 TFLOP/s (1.26–1.38× PyTorch SDPA's flash backend) and the block-sparse one at
+//! at 436–457 TFLOP/s (1.26–1.39× PyTorch SDPA's flash backend) and the block-sparse one at
 //! 380–401 TFLOP/s on the blocks it computes (`docs/PERFORMANCE.md`).
 //!
 //! ```no_run
@@ -35,6 +35,41 @@
 //! - the device-resident API: [`CudaBackend::attention_device`] over [`CudaSlice`]s
 //!   (`cudarc::driver::CudaSlice`) on a stream you give, with [`DeviceSeqs`] and
 //!   [`DeviceBlockIndex`] already on the GPU; nothing synchronises with the host.
+//!   [`select::flex_prefill_device`] is the whole FlexPrefill call on that API: statistics,
+//!   pattern decision, selection, index build and block-sparse attention, all queued on the
+//!   stream (at 128k on an H200: 113 ms, 3.8× SDPA's flash backend, `docs/PERFORMANCE.md`).
+//!
+//! An engine's prefill step, with q/k/v already on the GPU (token-major, packed sequences as
+//! in [`flexprefill_core::AttentionInput::packed`]):
+//!
+//! ```no_run
+//! use flexprefill_core::{bf16, AttentionShape, FlexPrefillConfig, Sequence};
+//! use flexprefill_cuda::cudarc::driver::CudaSlice;
+//! use flexprefill_cuda::{select, AttentionArgs, CudaBackend, DeviceSeqs};
+//!
+//! let gpu = CudaBackend::new()?;
+//! let stream = gpu.stream().clone(); // or any stream of the same context
+//! let shape = AttentionShape::new(32, 8, 128)?;
+//! // Two prompts of a ragged batch; the second is a chunk: its 1024 queries see 3072 keys.
+//! let seqs = [
+//!     Sequence { q_start: 0, k_start: 0, q_len: 40_000, kv_len: 40_000 },
+//!     Sequence { q_start: 40_000, k_start: 40_000, q_len: 1024, kv_len: 3072 },
+//! ];
+//! let (tq, tk) = (41_024, 43_072);
+//! let q: CudaSlice<bf16> = stream.alloc_zeros(tq * 32 * 128)?; // your activations
+//! let k: CudaSlice<bf16> = stream.alloc_zeros(tk * 8 * 128)?;
+//! let v: CudaSlice<bf16> = stream.alloc_zeros(tk * 8 * 128)?;
+//! let mut out: CudaSlice<bf16> = stream.alloc_zeros(tq * 32 * 128)?;
+//! let mut lse: CudaSlice<f32> = stream.alloc_zeros(tq * 32)?; // for merging chunks
+//! let dseqs = DeviceSeqs::new(&stream, &seqs)?;
+//! let args = AttentionArgs { q: &q, k: &k, v: &v, shape, seqs: &dseqs, softmax_scale: None };
+//! let run = select::flex_prefill_device(
+//!     &gpu, &stream, &args, &FlexPrefillConfig::default(), &mut out, Some(&mut lse),
+//! )?;
+//! // Nothing has waited for the GPU yet; `run.dense_reason` says when sparsity could not pay
+//! // off and the dense kernel ran instead, `run.selection` holds the index and the decisions.
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 //!
 //! [`CudaSlice`]: cudarc::driver::CudaSlice
 
