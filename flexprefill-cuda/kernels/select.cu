@@ -1013,12 +1013,11 @@ extern "C" __global__ void sel_qa_flat_mark(const SeqDesc* __restrict__ seqs, co
     }
 }
 
-// Per query block (Appendix F.4, both modes) and the faithful per-row raise, one row per CTA:
-// sorts the row's causal entries by rank (bitonic, shared memory) and replays core's f64 sums
-// in that order. per_row: keep the smallest top set with row mass ≥ gamma (core's
-// cumulative_mass_cut). Faithful: then raise the row to mass ≥ gamma and ≥ min(mb, causal)
-// blocks, and add the forced blocks. Grid (Σ nqb, H), 256 threads, smem 16·next_pow2(nkb) +
-// 4·ceil(nkb/32).
+// The original mode's per-query-block cut (Appendix F.4; the faithful mode's rows are built by
+// sel_qa_build), one row per CTA: sorts the row's causal entries by rank (bitonic, shared
+// memory) and keeps the smallest top set with row mass ≥ gamma (core's cumulative_mass_cut),
+// replaying core's f64 sums in that order. Grid (Σ nqb, H), 256 threads, smem
+// 16·next_pow2(nkb) + 4·ceil(nkb/32).
 extern "C" __global__ void __launch_bounds__(256)
 sel_qa_row(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, const unsigned* __restrict__ qb_seq,
            SelParams p, const int* __restrict__ pattern, const float* __restrict__ map, unsigned* __restrict__ mask) {
@@ -1047,68 +1046,20 @@ sel_qa_row(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, con
     }
     for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) bits[w] = row[w];
     __syncthreads();
-    if (!p.per_row && !p.original) {
-        // Faithful flattened: most rows already hold gamma and the budget after the cut. Warp
-        // 0 replays core's ascending f64 sum through shuffles; those rows skip the sort.
-        __shared__ int done;
-        if (threadIdx.x < 32) {
-            double m = 0.0;
-            unsigned len = 0;
-            for (unsigned base = 0; base < n; base += 32) {
-                const unsigned c = base + threadIdx.x;
-                const bool on = c < n && (bits[c / 32] >> (c % 32) & 1u);
-                const double v = on ? (double)scs[c] : 0.0;
-                len += __popc(__ballot_sync(0xffffffffu, on));
-                for (int j = 0; j < 32; ++j) {
-                    const double x = __shfl_sync(0xffffffffu, v, j);
-                    if (__shfl_sync(0xffffffffu, (int)on, j)) m += x;
-                }
-            }
-            if (threadIdx.x == 0) done = m >= (double)p.gamma && len >= min((unsigned)p.mb, n);
-        }
-        __syncthreads();
-        if (done) {
-            for (unsigned c = threadIdx.x; c < n; c += blockDim.x)
-                if (is_forced(g, p, r, c)) atomicOr(&bits[c / 32], 1u << (c % 32));
-            __syncthreads();
-            for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) row[w] = bits[w];
-            return;
-        }
-    }
     bitonic_sort(key, val, N);
-    // The sequential replays below read shared memory only.
+    // cumulative_mass_cut, replayed from shared memory: total of max(s, 0) in index order,
+    // the running sum in rank order, ≥.
     if (threadIdx.x == 0) {
-        if (p.per_row) {
-            // cumulative_mass_cut: total of max(s, 0) in index order, acc in rank order, ≥.
-            double tot = 0.0;
-            for (unsigned c = 0; c < n; ++c) tot += (double)fmaxf(scs[c], 0.f);
-            const double target = (double)p.gamma * tot;
-            double acc = 0.0;
-            unsigned k = n;
-            for (unsigned e = 0; e < n; ++e) {
-                acc += (double)fmaxf(scs[val[e]], 0.f);
-                if (acc >= target) { k = e + 1; break; }
-            }
-            for (unsigned e = 0; e < k; ++e) bits[val[e] / 32] |= 1u << (val[e] % 32);
+        double tot = 0.0;
+        for (unsigned c = 0; c < n; ++c) tot += (double)fmaxf(scs[c], 0.f);
+        const double target = (double)p.gamma * tot;
+        double acc = 0.0;
+        unsigned k = n;
+        for (unsigned e = 0; e < n; ++e) {
+            acc += (double)fmaxf(scs[val[e]], 0.f);
+            if (acc >= target) { k = e + 1; break; }
         }
-        if (!p.original) {
-            // faithful raise: mass of the row as cut (ascending c), then top up in rank order.
-            double m = 0.0;
-            unsigned len = 0;
-            for (unsigned c = 0; c < n; ++c)
-                if (bits[c / 32] >> (c % 32) & 1u) { m += (double)scs[c]; ++len; }
-            const unsigned want = min((unsigned)p.mb, n);
-            for (unsigned e = 0; e < n && !(m >= (double)p.gamma && len >= want); ++e) {
-                const unsigned c = val[e];
-                if (!(bits[c / 32] >> (c % 32) & 1u)) {
-                    bits[c / 32] |= 1u << (c % 32);
-                    m += (double)scs[c];
-                    ++len;
-                }
-            }
-            for (unsigned c = 0; c < n; ++c)
-                if (is_forced(g, p, r, c)) bits[c / 32] |= 1u << (c % 32);
-        }
+        for (unsigned e = 0; e < k; ++e) bits[val[e] / 32] |= 1u << (val[e] % 32);
     }
     __syncthreads();
     for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) row[w] = bits[w];
