@@ -2,16 +2,16 @@
 # The lead's last device call of a session: the GPU tests, the whole-call bench and the SDPA
 # peers in ONE call. Executables (built on a Rust machine, copied into .gpu/): cuda_lib_tests
 # (lib unit tests: statistics and selection), gpu_attention (attention + testkit agreement
-# harness), bench_select. Logs go to $OUT.
+# harness), bench_select. Logs go to $OUT. BENCH_SIZES=8192,...,262144 adds 256k (about +2 min).
 set -u
 OUT=${OUT:-/tmp/final}; mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 s=$(date +%s)
 timeout 110 .gpu/cuda_lib_tests --include-ignored --test-threads 1 > "$OUT/lib_tests.log" 2>&1; r1=$?
 t1=$(( $(date +%s) - s ))
-FLEXPREFILL_PROFILE=1 timeout 150 .gpu/bench_select ${BENCH_SIZES:-8192,32768,131072} > "$OUT/bench.log" 2>&1; r3=$?
+FLEXPREFILL_PROFILE=1 timeout 220 .gpu/bench_select ${BENCH_SIZES:-8192,32768,65536,131072} > "$OUT/bench.log" 2>&1; r3=$?
 t3=$(( $(date +%s) - s ))
-timeout 70 python3 benches/sdpa.py --seqs ${BENCH_SIZES:-8192,32768,131072} > "$OUT/sdpa.log" 2>&1; r4=$?
+timeout 90 python3 benches/sdpa.py --seqs ${BENCH_SIZES:-8192,32768,65536,131072} > "$OUT/sdpa.log" 2>&1; r4=$?
 t4=$(( $(date +%s) - s ))
 timeout 130 .gpu/gpu_attention --include-ignored --test-threads 2 > "$OUT/gpu_attention.log" 2>&1; r2=$?
 t2=$(( $(date +%s) - s ))
