@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, PushKernelArg};
 use flexprefill_core::{
     selection, AttentionInput, BlockIndex, FlexPrefillConfig, HeadReport, HeadStatistics, Pattern,
     QueryAwareCut, SelectionMode, SparsityReport, TensorRef,
@@ -71,17 +71,6 @@ struct SelParams {
 }
 // SAFETY: plain old data (13 i32/f32, one pad, one f64 at offset 56), as the kernel's struct.
 unsafe impl DeviceRepr for SelParams {}
-
-/// Queues `kernel` on `stream` with the arguments in order (a `launch_builder` chain, written
-/// once). Expands to the unsafe launch: use it inside the `unsafe` blocks below.
-macro_rules! launch {
-    ($stream:expr, $kernel:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
-        let kernel = &$kernel;
-        let mut b = $stream.launch_builder(kernel);
-        $( b.arg($arg); )*
-        b.launch($cfg)
-    }};
-}
 
 /// Map entries per CTA of the flattened cut's histogram kernel (`sel_flat_hist`).
 const FLAT_CHUNK: u32 = 8192;
@@ -346,11 +335,7 @@ pub fn launch_select<T: StatsElem>(
     };
     let grid_heads = (h as u32, nseq as u32, 1);
     let grid_rows = (qb_all as u32, h as u32, 1);
-    let lc = |grid: (u32, u32, u32), threads: u32, smem: usize| LaunchConfig {
-        grid_dim: grid,
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
+    let lc = crate::launch_cfg;
 
     // SAFETY (all launches): argument lists match the kernels in select.cu; buffers are sized
     // by the plan above for every index the kernels compute.

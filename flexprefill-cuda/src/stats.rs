@@ -529,113 +529,29 @@ pub fn launch_stats<T: StatsElem>(
     // SAFETY (all launches): argument lists match the kernels' signatures in stats.cu; every
     // buffer is sized by StatsLayout for the indices the kernels compute.
     unsafe {
-        stream
-            .launch_builder(&f_pass1)
-            .arg(q)
-            .arg(k)
-            .arg(&descs)
-            .arg(&work)
-            .arg(&h_i)
-            .arg(&hkv_i)
-            .arg(&split_i)
-            .arg(&rp_i)
-            .arg(&rs_i)
-            .arg(&scale)
-            .arg(&scale_log2)
-            .arg(&probes_i)
-            .arg(&bs_i)
-            .arg(&mut row_ml)
-            .launch(LaunchConfig {
-                grid_dim: grid_pass,
-                block_dim: (NTHREADS, 1, 1),
-                shared_mem_bytes: smem1 as u32,
-            })?;
+        launch!(stream, f_pass1, crate::launch_cfg(grid_pass, NTHREADS, smem1);
+            q, k, &descs, &work, &h_i, &hkv_i, &split_i, &rp_i, &rs_i, &scale, &scale_log2,
+            &probes_i, &bs_i, &mut row_ml)?;
         profile::mark(stream, "stats_pass1");
-        stream
-            .launch_builder(&f_merge)
-            .arg(&descs)
-            .arg(&row_ml)
-            .arg(&h_i)
-            .arg(&rs_i)
-            .arg(&mut lse2)
-            .launch(LaunchConfig {
-                grid_dim: (h as u32, nseq as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            })?;
+        launch!(stream, f_merge, crate::launch_cfg((h as u32, nseq as u32, 1), 256, 0);
+            &descs, &row_ml, &h_i, &rs_i, &mut lse2)?;
         profile::mark(stream, "stats_merge");
-        stream
-            .launch_builder(&f_pass2)
-            .arg(q)
-            .arg(k)
-            .arg(&descs)
-            .arg(&work)
-            .arg(&h_i)
-            .arg(&hkv_i)
-            .arg(&split_i)
-            .arg(&rp_i)
-            .arg(&rs_i)
-            .arg(&bs_i)
-            .arg(&scale)
-            .arg(&scale_log2)
-            .arg(&lse2)
-            .arg(&sl_i)
-            .arg(&mut vertical)
-            .arg(&mut rep_block_mass)
-            .arg(&mut slash_part)
-            .arg(&probes_i)
-            .arg(&mut probe_block_mass)
-            .launch(LaunchConfig {
-                grid_dim: grid_pass,
-                block_dim: (NTHREADS, 1, 1),
-                shared_mem_bytes: smem2 as u32,
-            })?;
+        launch!(stream, f_pass2, crate::launch_cfg(grid_pass, NTHREADS, smem2);
+            q, k, &descs, &work, &h_i, &hkv_i, &split_i, &rp_i, &rs_i, &bs_i, &scale, &scale_log2,
+            &lse2, &sl_i, &mut vertical, &mut rep_block_mass, &mut slash_part, &probes_i,
+            &mut probe_block_mass)?;
         profile::mark(stream, "stats_pass2");
         let max_kv = layout.seqs.iter().map(|s| s.kv_len).max().unwrap_or(1);
-        stream
-            .launch_builder(&f_final)
-            .arg(&descs)
-            .arg(&slash_part)
-            .arg(&h_i)
-            .arg(&split_i)
-            .arg(&sl_i)
-            .arg(&mut slash)
-            .launch(LaunchConfig {
-                grid_dim: (max_kv.div_ceil(256) as u32, h as u32, nseq as u32),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            })?;
+        let grid_final = (max_kv.div_ceil(256) as u32, h as u32, nseq as u32);
+        launch!(stream, f_final, crate::launch_cfg(grid_final, 256, 0);
+            &descs, &slash_part, &h_i, &split_i, &sl_i, &mut slash)?;
         profile::mark(stream, "stats_slash_finalize");
-        stream
-            .launch_builder(&f_pool_k)
-            .arg(k)
-            .arg(&descs)
-            .arg(&kb_seq)
-            .arg(&hkv_i)
-            .arg(&bs_i)
-            .arg(&emu_i)
-            .arg(&mut k_pooled)
-            .launch(LaunchConfig {
-                grid_dim: (layout.total_kb as u32, hkv as u32, 1),
-                block_dim: (d.min(256) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            })?;
+        let grid_pool = (layout.total_kb as u32, hkv as u32, 1);
+        launch!(stream, f_pool_k, crate::launch_cfg(grid_pool, d.min(256) as u32, 0);
+            k, &descs, &kb_seq, &hkv_i, &bs_i, &emu_i, &mut k_pooled)?;
         profile::mark(stream, "stats_pool_k");
-        stream
-            .launch_builder(&f_est)
-            .arg(q)
-            .arg(&descs)
-            .arg(&k_pooled)
-            .arg(&h_i)
-            .arg(&hkv_i)
-            .arg(&scale)
-            .arg(&emu_i)
-            .arg(&mut estimate)
-            .launch(LaunchConfig {
-                grid_dim: (h as u32, nseq as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            })?;
+        launch!(stream, f_est, crate::launch_cfg((h as u32, nseq as u32, 1), 256, 0);
+            q, &descs, &k_pooled, &h_i, &hkv_i, &scale, &emu_i, &mut estimate)?;
         profile::mark(stream, "stats_estimate");
     }
     Ok(DeviceStats {
