@@ -833,37 +833,34 @@ fn mismatched_shapes() {
 #[test]
 fn unsupported_dtype() {
     let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("x.safetensors");
-    let n = 64 * 2 * 16;
-    write_st(
-        &f,
-        &[
-            T {
-                name: "q",
-                dtype: Dtype::F64,
-                shape: vec![1, 64, 2, 16],
-                data: vec![0u8; n * 8],
-            },
-            f32_tensor("k", &[1, 64, 2, 16], 2),
-            f32_tensor("v", &[1, 64, 2, 16], 3),
-        ],
+    // q of shape [1, 64, 2, 16] stored as `dtype` (zeros, `width` bytes each), k and v as f32.
+    let with_q = |file: &str, dtype: Dtype, width: usize| {
+        let f = dir.path().join(file);
+        let shape = [1, 64, 2, 16];
+        let q = T {
+            name: "q",
+            dtype,
+            shape: shape.to_vec(),
+            data: vec![0u8; shape.iter().product::<usize>() * width],
+        };
+        write_st(
+            &f,
+            &[q, f32_tensor("k", &shape, 2), f32_tensor("v", &shape, 3)],
+        );
+        f
+    };
+    fails_with(
+        &["run", "--input", p(&with_q("x.safetensors", Dtype::F64, 8))],
+        "dtype F64",
     );
-    fails_with(&["run", "--input", p(&f)], "dtype F64");
-    let g = dir.path().join("mixed.safetensors");
-    write_st(
-        &g,
+    fails_with(
         &[
-            T {
-                name: "q",
-                dtype: Dtype::F16,
-                shape: vec![1, 64, 2, 16],
-                data: vec![0u8; n * 2],
-            },
-            f32_tensor("k", &[1, 64, 2, 16], 2),
-            f32_tensor("v", &[1, 64, 2, 16], 3),
+            "run",
+            "--input",
+            p(&with_q("mixed.safetensors", Dtype::F16, 2)),
         ],
+        "must share a dtype",
     );
-    fails_with(&["run", "--input", p(&g)], "must share a dtype");
 }
 
 #[test]
