@@ -62,6 +62,17 @@ FP_DEVICE void swg_m64n64(float (&d)[KT / 8][4], uint64_t da, uint64_t db, int s
         : "l"(da), "l"(db), "r"(scale_d));
 }
 
+// D = A·Bᵀ (the first k-step: the accumulators are written, never read). Write-only operands, so
+// the compiler does not materialise the previous values into the accumulator registers (a
+// non-wgmma definition inside the async window, which ptxas answers by serializing).
+FP_DEVICE void swg_m64n64_first(float (&d)[KT / 8][4], uint64_t da, uint64_t db) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." SWG_T "." SWG_T " "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, 0, 1, 1, 0, 0;\n"
+        : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]), "=f"(d[1][2]), "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]), "=f"(d[3][0]), "=f"(d[3][1]), "=f"(d[3][2]), "=f"(d[3][3]), "=f"(d[4][0]), "=f"(d[4][1]), "=f"(d[4][2]), "=f"(d[4][3]), "=f"(d[5][0]), "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]), "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]), "=f"(d[7][0]), "=f"(d[7][1]), "=f"(d[7][2]), "=f"(d[7][3])
+        : "l"(da), "l"(db));
+}
+
 // Byte offset of element column `col` (a multiple of 8) of row `r` in a [rows][D] tile stored
 // as 128B-swizzled atoms.
 FP_DEVICE uint32_t swz_off(int r, int col, int rows) {
@@ -102,7 +113,10 @@ FP_DEVICE void swg_issue_qk(float (&acc)[KT / 8][4], uint32_t sq, int rq, int ro
         const uint32_t koff = (kk & 3) * 32;  // 16 elements = 32 bytes into the 128-byte row
         const uint64_t da = swg_desc(sq + (kk >> 2) * rq * 128 + row0 * 128 + koff, 16, 1024);
         const uint64_t db = swg_desc(kst + (kk >> 2) * KT * 128 + koff, 16, 1024);
-        swg_m64n64(acc, da, db, kk > 0 ? 1 : 0);
+        if (kk == 0)
+            swg_m64n64_first(acc, da, db);
+        else
+            swg_m64n64(acc, da, db, 1);
     }
     swg_commit();
 }
@@ -231,10 +245,9 @@ stats_pass1_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
 #endif
     for (int ti = 0; ti < ntiles; ++ti) {
         const unsigned j0 = J0 + ti * KT;
-        // Tile ti landed (and ti+1 with STATS_OVERLAP); every warp is done with tile ti-1, whose slot
-        // (ti+2) % 3 takes tile ti+2.
-        // One cp.async group is committed per tile (empty past the end): with the overlap the
-        // early issue needs tile ti+1, else tile ti is enough.
+        // One cp.async group is committed per tile (empty past the end). After the barrier:
+        // tile ti is in (and tile ti+1, which the overlap's early issue reads), and every warp
+        // is done with tile ti-1, whose slot (ti+2) % 3 takes tile ti+2.
 #if STATS_OVERLAP
         cp_async_wait<0>();
 #else
@@ -452,10 +465,10 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     for (int ti = 0; ti < ntiles; ++ti) {
         const unsigned j0 = J0 + ti * KT;
         const int buf = ti & 1;  // partial set of this tile
-        // Tile ti landed (and ti+1 with STATS_OVERLAP); every warp is done with tile ti-1 (its partials are
-        // published, its key slot (ti+2) % 3 takes tile ti+2).
-        // One cp.async group is committed per tile (empty past the end): with the overlap the
-        // early issue needs tile ti+1, else tile ti is enough.
+        // One cp.async group is committed per tile (empty past the end). After the barrier:
+        // tile ti is in (and tile ti+1, which the overlap's early issue reads), and every warp
+        // is done with tile ti-1 (its partials are published, its key slot (ti+2) % 3 takes
+        // tile ti+2).
 #if STATS_OVERLAP
         cp_async_wait<0>();
 #else

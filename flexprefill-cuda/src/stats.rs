@@ -618,7 +618,7 @@ pub fn launch_stats<T: StatsElem>(
                 block_dim: (NTHREADS, 1, 1),
                 shared_mem_bytes: smem1 as u32,
             })?;
-        profile::mark(stream, "stats_pass1");
+        profile::mark(stream, name1);
         stream
             .launch_builder(&f_merge)
             .arg(&descs)
@@ -658,7 +658,7 @@ pub fn launch_stats<T: StatsElem>(
                 block_dim: (NTHREADS, 1, 1),
                 shared_mem_bytes: smem2 as u32,
             })?;
-        profile::mark(stream, "stats_pass2");
+        profile::mark(stream, name2);
         let max_kv = layout.seqs.iter().map(|s| s.kv_len).max().unwrap_or(1);
         stream
             .launch_builder(&f_final)
