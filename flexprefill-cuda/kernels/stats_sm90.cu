@@ -13,14 +13,17 @@
 //    16w..16w+15 of the row group, and the wgmma accumulator layout per warp is the mma.sync
 //    m16n8 C layout (acc[nt][e]: row lane/4 + 8(e/2), column 8nt + 2(lane%4) + e%2), so the
 //    masking, softmax and reductions below are stats.cu's, unchanged, in the same order.
-//  - Key tiles in a 3-stage cp.async ring, two tiles ahead: the barrier that starts tile t
-//    also makes tile t+1 visible, for STATS_OVERLAP.
-//  - STATS_OVERLAP (default 0, experimental): the next work unit's Q̂·Kᵀ (next row group, or
-//    the next tile's first group) is issued before the current unit is reduced, so the tensor
-//    cores would run under the exponentials and reductions. ptxas (CUDA 13) reports it
-//    "serialized" (C7518: the reductions branch per warp while the accumulators are in flight)
-//    and it needs 1 CTA per SM (~160 registers). Without it (default): issue, wait, reduce;
-//    two CTAs per SM (<= 128 registers) overlap one CTA's wgmma with the other's reductions.
+//  - Key tiles by cp.async: pass 1 a 3-stage ring loaded two tiles ahead, pass 2 (whose
+//    shared memory is the larger) double-buffered, one tile ahead, so both fit two CTAs per SM.
+//  - Work unit = (key tile, row group of 128 rows). Default: per unit issue, wait, reduce;
+//    two CTAs (four warpgroups) per SM overlap one warpgroup's wgmma with another's
+//    reductions. STATS_OVERLAP=1 (host: FLEXPREFILL_STATS_OVERLAP=1): iteration u issues unit
+//    u, reduces unit u-1 (its logits copied out of the accumulators) while the tensor cores
+//    run, then waits, so no wgmma is in flight across a loop edge or a branch (ptxas would
+//    serialize it otherwise); past the last unit the last unit is issued again and discarded.
+//    The probe rows of a tile are then done when the tile starts, and pass 2 combines a tile's
+//    cross-warp partials two tiles later (three partial sets). Both variants fit 128
+//    registers without spills (two CTAs per SM).
 //  - Every warpgroup issues every unit, rows past R included (Q̂'s padding rows are zero and
 //    their logits masked below): no wgmma under a thread-dependent branch.
 //  - The probe rows (16, one m16 tile) stay on mma.sync; their key fragments are read with
@@ -34,12 +37,12 @@
 #ifndef STATS_OVERLAP
 #define STATS_OVERLAP 0
 #endif
-// CTAs per SM the register allocation must allow (the overlap keeps a second accumulator set
-// live: 1 CTA of 8 warps, up to 255 registers; without it 2 CTAs fit in 128 registers).
+// CTAs per SM the register allocation must allow (two: 128 registers, no spill in either
+// variant at head_dim 64/128).
 #ifndef STATS_MINB
-#define STATS_MINB (STATS_OVERLAP ? 1 : 2)
+#define STATS_MINB 2
 #endif
-#define KSTAGES 3
+#define KSTAGES 3  // pass 1's key ring
 #define KTB (KT * HEAD_DIM * 2)  // bytes of one swizzled key tile
 
 static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "the wgmma statistics take head_dim 64 or 128");
@@ -235,24 +238,114 @@ stats_pass1_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const int pmax = np ? last_key(sd, 1, block_size, np - 1) : -1;  // the last probe sees most
 
 #if STATS_OVERLAP
-    // The first unit (tile 0, group 0), issued once tiles 0 and 1 and Q̂ are visible.
-    float nxt[KT / 8][4];
-    swg_zero(nxt);
-    cp_async_wait<0>();
-    swg_fence_proxy_async();
-    __syncthreads();
-    swg_issue_qk(nxt, sq, rq, wg * 64, sk);
-#endif
+    // Work unit u = (tile u / ng, row group u % ng). Iteration u issues unit u's Q̂·Kᵀ, then
+    // reduces unit u-1 (its logits in `prev`) while the tensor cores run, then waits: no wgmma
+    // is in flight across the loop's back edge (ptxas would serialize). The probe rows of a
+    // tile are done when the tile starts (their key slot is reloaded two tiles later).
+    const int nunits = ntiles * ng;
+    float prev[KT / 8][4];
+    swg_zero(prev);
+#pragma unroll 1
+    for (int u = 0; u <= nunits; ++u) {
+        float cur[KT / 8][4];
+        // The unit issued: u, or past the end the last one again (discarded), so that every
+        // iteration is issue, reduce, wait with no branch around the wgmma.
+        const int ui = u < nunits ? u : nunits - 1;
+        const int ti = ng == 1 ? ui : ui >> 1, gi = ui - ti * ng;
+        {
+            if (u < nunits && gi == 0) {
+                const unsigned j0 = J0 + ti * KT;
+                // One cp.async group per tile (empty past the end): tile ti is in after the
+                // barrier, and every warp is done with tile ti-1, whose slot takes tile ti+2.
+                cp_async_wait<1>();
+                swg_fence_proxy_async();
+                __syncthreads();
+                if (ti + 2 < ntiles) load_k_tile_sw(sk + ((ti + 2) % KSTAGES) * KTB, k, sd, j0 + 2 * KT, hk, num_kv_heads);
+                cp_async_commit();
+                const uint32_t kst = sk + (ti % KSTAGES) * KTB;
+                if (np && (int)j0 + warp * 8 <= pmax) {
+                    float pa[4];
+                    probe_tile_sw(pa, qp, kst, warp, lane);
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const int lim = plast[r] - ((int)j0 + warp * 8 + 2 * q4);
+                        const float x0 = (0 <= lim) ? raw_logit(pa[2 * r]) : (-F32_INF);
+                        const float x1 = (1 <= lim) ? raw_logit(pa[2 * r + 1]) : (-F32_INF);
+                        const float m_new = fmaxf(pm[r], fmaxf(x0, x1));
+                        if (m_new != (-F32_INF)) {
+                            const float ms = m_new * sl;
+                            pl[r] = pl[r] * fast_exp2((pm[r] - m_new) * sl) +
+                                    (fast_exp2(fmaf(x0, sl, -ms)) + fast_exp2(fmaf(x1, sl, -ms)));
+                            pm[r] = m_new;
+                        }
+                    }
+                }
+            }
+            swg_issue_qk(cur, sq, rq, gi * ROWS + wg * 64, sk + (ti % KSTAGES) * KTB);
+        }
+        if (u > 0) {
+            const int tp = ng == 1 ? u - 1 : (u - 1) >> 1, g = (u - 1) - tp * ng;
+            const unsigned j0 = J0 + tp * KT;
+            const int i0 = g * ROWS + warp * 16;
+            float(&acc)[KT / 8][4] = prev;
+            if (tile_unmasked(sd, nrow, i0, j0)) {
+#pragma unroll
+                for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[nt][e] = raw_logit(acc[nt][e]);
+            } else {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    // column c = nt*8 + e of this thread is visible iff c <= lim
+                    const int i = i0 + g4 + 8 * r;
+                    const int lim = ((unsigned)i < nrow ? (int)(sd.kv_len - nrow) + i : -1) - (int)j0 - 2 * q4;
+#pragma unroll
+                    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            acc[nt][2 * r + e] = (nt * 8 + e <= lim) ? raw_logit(acc[nt][2 * r + e]) : (-F32_INF);
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float tmax = (-F32_INF);
+#pragma unroll
+                for (int nt = 0; nt < KT / 8; ++nt) tmax = fmaxf(tmax, fmaxf(acc[nt][2 * r], acc[nt][2 * r + 1]));
+                tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, 1));
+                tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, 2));
+                const float m_new = fmaxf(m0[r], tmax);
+                if (m_new != (-F32_INF)) {
+                    const float ms = m_new * sl;
+                    float sum = 0.f;
+#pragma unroll
+                    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) sum += fast_exp2(fmaf(acc[nt][2 * r + e], sl, -ms));
+                    l0[r] = l0[r] * fast_exp2((m0[r] - m_new) * sl) + sum;
+                    m0[r] = m_new;
+                }
+            }
+            if (ng == 2) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    float t = m0[r]; m0[r] = m1[r]; m1[r] = t;
+                    t = l0[r]; l0[r] = l1[r]; l1[r] = t;
+                }
+            }
+        }
+        swg_wait0();
+        swg_fence_regs(cur);
+#pragma unroll
+        for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) prev[nt][e] = cur[nt][e];
+    }
+#else
     for (int ti = 0; ti < ntiles; ++ti) {
         const unsigned j0 = J0 + ti * KT;
-        // One cp.async group is committed per tile (empty past the end). After the barrier:
-        // tile ti is in (and tile ti+1, which the overlap's early issue reads), and every warp
-        // is done with tile ti-1, whose slot (ti+2) % 3 takes tile ti+2.
-#if STATS_OVERLAP
-        cp_async_wait<0>();
-#else
+        // One cp.async group per tile (empty past the end): tile ti is in after the barrier,
+        // and every warp is done with tile ti-1, whose slot (ti+2) % 3 takes tile ti+2.
         cp_async_wait<1>();
-#endif
         swg_fence_proxy_async();
         __syncthreads();
         if (ti + 2 < ntiles) load_k_tile_sw(sk + ((ti + 2) % KSTAGES) * KTB, k, sd, j0 + 2 * KT, hk, num_kv_heads);
@@ -262,23 +355,9 @@ stats_pass1_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         for (int g = 0; g < ng; ++g) {
             const int i0 = g * ROWS + warp * 16;
             float acc[KT / 8][4];
-#if STATS_OVERLAP
-            swg_wait0();
-            swg_fence_regs(nxt);
-#pragma unroll
-            for (int nt = 0; nt < KT / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[nt][e] = nxt[nt][e];
-            {
-                int tn, gn;
-                if (next_unit(ti, g, ng, ntiles, tn, gn))
-                    swg_issue_qk(nxt, sq, rq, gn * ROWS + wg * 64, sk + (tn % KSTAGES) * KTB);
-            }
-#else
             swg_issue_qk(acc, sq, rq, g * ROWS + wg * 64, kst);
             swg_wait0();
             swg_fence_regs(acc);
-#endif
             if (tile_unmasked(sd, nrow, i0, j0)) {
 #pragma unroll
                 for (int nt = 0; nt < KT / 8; ++nt)
@@ -342,6 +421,7 @@ stats_pass1_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             }
         }
     }
+#endif
 #pragma unroll
     for (int g = 0; g < MAXG; ++g) {
         if (g >= ng) continue;
@@ -386,7 +466,12 @@ stats_pass1_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
 }
 
 // Pass 2 (stats_pass2's outputs and order) with Q̂·Kᵀ on wgmma. Same arguments and grid. The
-// per-tile partials are double-buffered by tile parity, as in stats_pass2.
+// per-tile partials are double-buffered by tile parity as in stats_pass2 (triple-buffered with
+// STATS_OVERLAP: a tile's partials are combined two tiles later).
+#define NSETS (STATS_OVERLAP ? 3 : 2)
+// Key tiles of pass 2: double-buffered, loaded one tile ahead (its shared memory is the larger:
+// two CTAs per SM need the third slot's 16 KiB).
+#define K2STAGES 2
 extern "C" __global__ void __launch_bounds__(NTHREADS, STATS_MINB)
 stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                  const SeqDesc* __restrict__ seqs, const uint2* __restrict__ work,
@@ -408,14 +493,14 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const int rq = ng * ROWS;  // rows of the swizzled Q̂ tile
     const unsigned np = probes ? num_probes(sd, block_size) : 0;
     const int nbs = split_keys / block_size;  // blocks per split
-    const uint32_t sk = sq + rq * HEAD_DIM * 2;  // KSTAGES swizzled key tiles
-    elem_t* qp = (elem_t*)(gq + rq * HEAD_DIM * 2 + KSTAGES * KTB);
+    const uint32_t sk = sq + rq * HEAD_DIM * 2;  // K2STAGES swizzled key tiles
+    elem_t* qp = (elem_t*)(gq + rq * HEAD_DIM * 2 + K2STAGES * KTB);
     float* strips = (float*)(qp + (probes ? PQ * DPAD : 0));  // [NWARPS][16 * PP]
-    float* wcol = strips + NWARPS * 16 * PP;        // [2][ng][NWARPS][KT] per-warp column sums
-    float* dpart = wcol + 2 * ng * NWARPS * KT;     // [2][ng][NWARPS][DPITCH] per-warp diagonal sums
-    float* slash_acc = dpart + 2 * ng * NWARPS * DPITCH;  // sl_stride floats
-    float* pw = slash_acc + sl_stride;              // [2][NWARPS][PQ] probe block partials
-    float* pacc = pw + 2 * NWARPS * PQ;             // [PQ][nbs] probe block masses of the split
+    float* wcol = strips + NWARPS * 16 * PP;          // [NSETS][ng][NWARPS][KT] per-warp column sums
+    float* dpart = wcol + NSETS * ng * NWARPS * KT;   // [NSETS][ng][NWARPS][DPITCH] per-warp diagonal sums
+    float* slash_acc = dpart + NSETS * ng * NWARPS * DPITCH;  // sl_stride floats
+    float* pw = slash_acc + sl_stride;                // [NSETS][NWARPS][PQ] probe block partials
+    float* pacc = pw + NSETS * NWARPS * PQ;           // [PQ][nbs] probe block masses of the split
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int wg = warp / 4;  // warpgroup: rows 64wg..64wg+63 of each row group
     const unsigned J0 = sp * split_keys;
@@ -428,8 +513,6 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     load_rows_sw(sq, gq, q, sd, h, num_heads, rq, STATS_EMULATE, scale, block_size);
     if (np) load_rows(qp, q, sd, h, num_heads, PQ, STATS_EMULATE, scale, 1, block_size);
     load_k_tile_sw(sk, k, sd, J0, hk, num_kv_heads);
-    cp_async_commit();
-    if (ntiles > 1) load_k_tile_sw(sk + KTB, k, sd, J0 + KT, hk, num_kv_heads);
     cp_async_commit();
     const float sl = scale_log2;
 
@@ -454,35 +537,235 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const int q4 = lane % 4, g4 = lane / 4;
 
 #if STATS_OVERLAP
-    // The first unit (tile 0, group 0), issued once tiles 0 and 1 and Q̂ are visible.
-    float nxt[KT / 8][4];
-    swg_zero(nxt);
-    cp_async_wait<0>();
-    swg_fence_proxy_async();
-    __syncthreads();
-    swg_issue_qk(nxt, sq, rq, wg * 64, sk);
-#endif
+    // Work units as in stats_pass1_sm90: iteration u issues unit u, reduces unit u-1, waits.
+    // Tile t's probe partials are written when it starts, its last unit is reduced after the
+    // barrier of tile t+1, so its partials (set t % 3) are combined after the barrier of tile
+    // t+2; the last two tiles' after the loop.
+    const int nunits = ntiles * ng;
+    float prev[KT / 8][4];
+    swg_zero(prev);
+#pragma unroll 1
+    for (int u = 0; u <= nunits; ++u) {
+        float cur[KT / 8][4];
+        // The unit issued: u, or past the end the last one again (discarded), so that every
+        // iteration is issue, reduce, wait with no branch around the wgmma.
+        const int ui = u < nunits ? u : nunits - 1;
+        const int ti = ng == 1 ? ui : ui >> 1, gi = ui - ti * ng;
+        {
+            if (u < nunits && gi == 0) {
+                const unsigned j0 = J0 + ti * KT;
+                const int buf = ti % NSETS;  // this tile's probe partial set
+                // Tile ti is in after the barrier, and every warp is done with tile ti-1 (its
+                // units were waited for, its probe rows done), whose slot takes tile ti+1.
+                cp_async_wait<0>();
+                swg_fence_proxy_async();
+                __syncthreads();
+                if (ti + 1 < ntiles) {
+                    load_k_tile_sw(sk + ((ti + 1) % K2STAGES) * KTB, k, sd, j0 + KT, hk, num_kv_heads);
+                    cp_async_commit();
+                }
+                if (ti >= 2) {
+                    const int cb = (ti - 2) % NSETS;
+                    pass2_combine(sd, ng, j0 - 2 * KT, J0, J1, block_size, nbs, sl_stride, np, inv_r,
+                                  wcol + cb * ng * NWARPS * KT, dpart + cb * ng * NWARPS * DPITCH,
+                                  pw + cb * NWARPS * PQ, slash_acc, pacc, vert_out);
+                }
+                const uint32_t kst = sk + (ti % K2STAGES) * KTB;
+                if (np) {
+                    // Probe rows: this warp's 8 keys (one block: block_size >= 16), summed per row.
+                    float s[2] = {0.f, 0.f};
+                    if ((int)j0 + warp * 8 <= pmax) {
+                        float pa[4];
+                        probe_tile_sw(pa, qp, kst, warp, lane);
+#pragma unroll
+                        for (int r = 0; r < 2; ++r) {
+                            const int lim = plast[r] - ((int)j0 + warp * 8 + 2 * q4);
+                            const float p0 = (0 <= lim) ? fast_exp2(fmaf(raw_logit(pa[2 * r]), sl, -plse[r])) : 0.f;
+                            const float p1 = (1 <= lim) ? fast_exp2(fmaf(raw_logit(pa[2 * r + 1]), sl, -plse[r])) : 0.f;
+                            s[r] = p0 + p1;
+                        }
+                    }
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        float t = s[r];
+                        t += __shfl_xor_sync(0xffffffff, t, 1);
+                        t += __shfl_xor_sync(0xffffffff, t, 2);
+                        if (q4 == 0) pw[buf * NWARPS * PQ + warp * PQ + g4 + 8 * r] = t;
+                    }
+                }
+            }
+            swg_issue_qk(cur, sq, rq, gi * ROWS + wg * 64, sk + (ti % K2STAGES) * KTB);
+        }
+        if (u > 0) {
+            const int tp = ng == 1 ? u - 1 : (u - 1) >> 1, g = (u - 1) - tp * ng;
+            const unsigned j0 = J0 + tp * KT;
+            float* wc = wcol + (tp % NSETS) * ng * NWARPS * KT;  // tile tp's partials
+            float* dpt = dpart + (tp % NSETS) * ng * NWARPS * DPITCH;
+            const int i0 = g * ROWS + warp * 16;
+            float* dp = dpt + (g * NWARPS + warp) * DPITCH;
+            float(&acc)[KT / 8][4] = prev;
+            // Probabilities in place of the logits: p = exp2(raw·s - lse).
+            if (tile_unmasked(sd, nrow, i0, j0)) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const float lse = lse_rows[g * ROWS + 8 * r];
+#pragma unroll
+                    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            acc[nt][2 * r + e] = fast_exp2(fmaf(raw_logit(acc[nt][2 * r + e]), sl, -lse));
+                }
+            } else {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int i = i0 + g4 + 8 * r;
+                    // rep row i sees keys 0..=kv_len - rep + i
+                    const int lim = ((unsigned)i < nrow ? (int)(sd.kv_len - nrow) + i : -1) - (int)j0 - 2 * q4;
+                    const float lse = (unsigned)i < nrow ? lse_rows[g * ROWS + 8 * r] : F32_INF;
+#pragma unroll
+                    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            acc[nt][2 * r + e] = (nt * 8 + e <= lim)
+                                ? fast_exp2(fmaf(raw_logit(acc[nt][2 * r + e]), sl, -lse)) : 0.f;
+                }
+            }
+            float cs[2][2];       // this thread's two rows summed, per column of the quarter
+            float segsum[2] = {0.f, 0.f};
+            float dacc = 0.f;     // diagonal sum carried between quarter strips
+#pragma unroll
+            for (int nt = 0; nt < KT / 8; ++nt) {
+                float pv[2][2];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float p = acc[nt][2 * r + e];
+                        pv[r][e] = p;
+                        segsum[r] += p;
+                    }
+                    *(float2*)&strip[(g4 + 8 * r) * PP + (nt & 1) * 8 + 2 * q4] = make_float2(pv[r][0], pv[r][1]);
+                }
+                cs[nt & 1][0] = pv[0][0] + pv[1][0];
+                cs[nt & 1][1] = pv[0][1] + pv[1][1];
+                // End of a block segment inside the tile: reduce the quad, emit or carry.
+                if (((nt + 1) * 8) % seg == 0) {
+                    const unsigned seg_first = j0 + (nt + 1) * 8 - seg;
+                    const bool block_ends = ((nt + 1) * 8 == KT) ? ((j0 + KT) % block_size == 0 || j0 + KT >= sd.kv_len)
+                                                                : true;
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const int i = i0 + g4 + 8 * r;
+                        float t = segsum[r];
+                        t += __shfl_xor_sync(0xffffffff, t, 1);
+                        t += __shfl_xor_sync(0xffffffff, t, 2);
+                        segsum[r] = 0.f;
+                        if (seg_first < sd.kv_len) {
+                            const unsigned c = seg_first / block_size;
+                            if (block_size <= KT) {
+                                if (q4 == 0 && (unsigned)i < nrow) rbm_out[(size_t)i * sd.nkb + c] = t;
+                            } else {
+                                bm0[r] += t;
+                                if (block_ends) {
+                                    if (q4 == 0 && (unsigned)i < nrow) rbm_out[(size_t)i * sd.nkb + c] = bm0[r];
+                                    bm0[r] = 0.f;
+                                }
+                            }
+                        }
+                    }
+                }
+                if (nt & 1) {
+                    // Quarter strip kq = nt/2 (columns 16kq..16kq+15) is in shared: lane x < 31
+                    // sums its diagonal row - col = x - 15 - 16kq, i.e. local index
+                    // d' = row - col + 63 = x + 48 - 16kq, rows in ascending order.
+                    const int kq = nt / 2;
+                    __syncwarp();
+                    float s = 0.f;
+#pragma unroll 4
+                    for (int rr = 0; rr < 16; ++rr) {
+                        const int c = rr + 15 - lane;
+                        if (c >= 0 && c < 16) s += strip[rr * PP + c];
+                    }
+                    if (kq == 0) {
+                        dacc = s;
+                    } else {
+                        // lane x - 16 held diagonal d' = x + 48 - 16kq in the previous quarter
+                        const float carried = __shfl_up_sync(0xffffffff, dacc, 16);
+                        dacc = (lane >= 16 ? carried : 0.f) + s;
+                    }
+                    if (kq < KT / 16 - 1) {
+                        // diagonals the next quarter does not reach are complete
+                        if (lane >= 15 && lane < 31) dp[lane + 48 - 16 * kq] = dacc;
+                    } else if (lane < 31) {
+                        dp[lane] = dacc;
+                    }
+                    // Column sums of the quarter over the warp's 16 rows: halving xor butterfly
+                    // over the row lanes (4 -> 2 -> 1 values per lane, then a plain xor sum).
+                    float v[4] = {cs[0][0], cs[0][1], cs[1][0], cs[1][1]};
+#pragma unroll
+                    for (int m = 16, hh = 2; m >= 8; m >>= 1, hh >>= 1) {
+                        const bool up = (lane & m) != 0;
+#pragma unroll
+                        for (int kk = 0; kk < 2; ++kk) {
+                            if (kk < hh) {
+                                const float send = up ? v[kk] : v[kk + hh];
+                                const float keep = up ? v[kk + hh] : v[kk];
+                                v[kk] = keep + __shfl_xor_sync(0xffffffff, send, m);
+                            }
+                        }
+                    }
+                    v[0] += __shfl_xor_sync(0xffffffff, v[0], 4);
+                    if ((lane & 4) == 0) {
+                        // v index 2·bit16 + bit8: n-tile 2kq + bit16, element bit8
+                        const int col = (2 * kq + ((lane >> 4) & 1)) * 8 + 2 * q4 + ((lane >> 3) & 1);
+                        wc[(g * NWARPS + warp) * KT + col] = v[0];
+                    }
+                    __syncwarp();
+                }
+            }
+            if (ng == 2) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const float t = bm0[r];
+                    bm0[r] = bm1[r];
+                    bm1[r] = t;
+                }
+            }
+        }
+        swg_wait0();
+        swg_fence_regs(cur);
+#pragma unroll
+        for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) prev[nt][e] = cur[nt][e];
+    }
+    // The last two tiles' partials, in tile order (a barrier before each: slash_acc and pacc
+    // entries are shared between tiles).
+    for (int t = ntiles >= 2 ? ntiles - 2 : 0; t < ntiles; ++t) {
+        __syncthreads();
+        const int cb = t % NSETS;
+        pass2_combine(sd, ng, J0 + t * KT, J0, J1, block_size, nbs, sl_stride, np, inv_r,
+                      wcol + cb * ng * NWARPS * KT, dpart + cb * ng * NWARPS * DPITCH,
+                      pw + cb * NWARPS * PQ, slash_acc, pacc, vert_out);
+    }
+#else
     for (int ti = 0; ti < ntiles; ++ti) {
         const unsigned j0 = J0 + ti * KT;
         const int buf = ti & 1;  // partial set of this tile
-        // One cp.async group is committed per tile (empty past the end). After the barrier:
-        // tile ti is in (and tile ti+1, which the overlap's early issue reads), and every warp
-        // is done with tile ti-1 (its partials are published, its key slot (ti+2) % 3 takes
-        // tile ti+2).
-#if STATS_OVERLAP
+        // Tile ti is in after the barrier, and every warp is done with tile ti-1 (its partials
+        // are published, its key slot takes tile ti+1).
         cp_async_wait<0>();
-#else
-        cp_async_wait<1>();
-#endif
         swg_fence_proxy_async();
         __syncthreads();
-        if (ti + 2 < ntiles) load_k_tile_sw(sk + ((ti + 2) % KSTAGES) * KTB, k, sd, j0 + 2 * KT, hk, num_kv_heads);
-        cp_async_commit();
+        if (ti + 1 < ntiles) {
+            load_k_tile_sw(sk + ((ti + 1) % K2STAGES) * KTB, k, sd, j0 + KT, hk, num_kv_heads);
+            cp_async_commit();
+        }
         if (ti > 0)
             pass2_combine(sd, ng, j0 - KT, J0, J1, block_size, nbs, sl_stride, np, inv_r,
                           wcol + (buf ^ 1) * ng * NWARPS * KT, dpart + (buf ^ 1) * ng * NWARPS * DPITCH,
                           pw + (buf ^ 1) * NWARPS * PQ, slash_acc, pacc, vert_out);
-        const uint32_t kst = sk + (ti % KSTAGES) * KTB;
+        const uint32_t kst = sk + (ti % K2STAGES) * KTB;
         float* wc = wcol + buf * ng * NWARPS * KT;       // this tile's partials (set = buf)
         float* dpt = dpart + buf * ng * NWARPS * DPITCH;
         if (np) {
@@ -512,23 +795,9 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             const int i0 = g * ROWS + warp * 16;
             float* dp = dpt + (g * NWARPS + warp) * DPITCH;
             float acc[KT / 8][4];
-#if STATS_OVERLAP
-            swg_wait0();
-            swg_fence_regs(nxt);
-#pragma unroll
-            for (int nt = 0; nt < KT / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[nt][e] = nxt[nt][e];
-            {
-                int tn, gn;
-                if (next_unit(ti, g, ng, ntiles, tn, gn))
-                    swg_issue_qk(nxt, sq, rq, gn * ROWS + wg * 64, sk + (tn % KSTAGES) * KTB);
-            }
-#else
             swg_issue_qk(acc, sq, rq, g * ROWS + wg * 64, kst);
             swg_wait0();
             swg_fence_regs(acc);
-#endif
             // Probabilities in place of the logits: p = exp2(raw·s - lse).
             if (tile_unmasked(sd, nrow, i0, j0)) {
 #pragma unroll
@@ -668,6 +937,7 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                       wcol + lb * ng * NWARPS * KT, dpart + lb * ng * NWARPS * DPITCH,
                       pw + lb * NWARPS * PQ, slash_acc, pacc, vert_out);
     }
+#endif
     __syncthreads();  // slash_acc and pacc are complete
     float* out = slash_part + ((size_t)(sd.split_off + sp) * num_heads + h) * sl_stride;
     for (int i = threadIdx.x; i < sl_stride; i += NTHREADS) out[i] = slash_acc[i] * inv_r;
