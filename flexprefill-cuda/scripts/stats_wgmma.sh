@@ -36,7 +36,7 @@ timeout 80 "$G/cuda_lib_tests" --include-ignored --test-threads 1 stats:: select
   > "$OUT/tests.log" 2>&1
 rt=$?
 echo "=== tests (default path = wgmma on sm_90) rc=$rt ($(( $(date +%s) - s ))s)"
-grep -E "^test |worst line L1|panicked|FAILED|differ|assert" "$OUT/tests.log" | head -40
+grep -E "^test .* \.\.\. |worst line L1|panicked|differ|assert" "$OUT/tests.log" | head -40
 grep -E "^test result" "$OUT/tests.log"
 if [ $rt -ne 0 ]; then
   FLEXPREFILL_STATS_MMA=1 timeout 40 "$G/cuda_lib_tests" --include-ignored --test-threads 1 \
@@ -49,7 +49,7 @@ fi
 FLEXPREFILL_STATS_OVERLAP=1 timeout 60 "$G/cuda_lib_tests" --include-ignored --test-threads 1 \
   stats:: select:: --skip compile > "$OUT/tests_overlap.log" 2>&1
 echo "=== tests with FLEXPREFILL_STATS_OVERLAP=1 rc=$? ($(( $(date +%s) - s ))s)"
-grep -E "^test |worst line L1|panicked" "$OUT/tests_overlap.log" | head -30
+grep -E "^test .* \.\.\. |worst line L1|panicked" "$OUT/tests_overlap.log" | head -30
 grep -E "^test result" "$OUT/tests_overlap.log"
 
 # 2. speed: default (wgmma), mma.sync, wgmma with the issue-ahead
