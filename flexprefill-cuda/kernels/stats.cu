@@ -173,6 +173,11 @@ FP_DEVICE void load_rows(elem_t* qs, const elem_t* __restrict__ q, const SeqDesc
 #ifndef STATS_EMULATE
 #define STATS_EMULATE 0
 #endif
+// 1: the module carries the Hopper passes (stats_sm90.cu, appended) instead of stats_pass1 /
+// stats_pass2; everything else is shared.
+#ifndef STATS_WGMMA
+#define STATS_WGMMA 0
+#endif
 
 // The logit of one accumulator element before its base-2 scale (applied by the FFMA that
 // also subtracts the row max / lse: exp2(raw·s - m·s)).
@@ -199,6 +204,7 @@ FP_DEVICE bool tile_unmasked(const SeqDesc& sd, unsigned nrow, int i0, unsigned 
 // for the representative rows and (probes = 1) the probe rows. Keys in a 3-stage cp.async
 // ring (one barrier per tile). Grid (num_heads, total_splits);
 // out row_ml[(split_global * H + h) * rs + i] = (m, l), m in base-2 logit units.
+#if !STATS_WGMMA
 extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
 stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             const SeqDesc* __restrict__ seqs, const uint2* __restrict__ work,
@@ -376,6 +382,7 @@ stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         }
     }
 }
+#endif  // !STATS_WGMMA
 
 // Merges the per-split (max, sum) of every row (representative and probe rows), splits in
 // ascending order: lse2[(seq * H + h) * rs + i] = log2 Σ_j exp2(logit2_ij).
@@ -460,6 +467,7 @@ FP_DEVICE void pass2_combine(const SeqDesc& sd, int ng, unsigned j0, unsigned J0
 // summed in warp order by one thread per column / diagonal, one tile late: the partials are
 // double-buffered, so the barrier that starts tile t also publishes tile t-1's partials and a
 // tile costs one barrier. Every sum has a fixed order.
+#if !STATS_WGMMA
 extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
 stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             const SeqDesc* __restrict__ seqs, const uint2* __restrict__ work,
@@ -721,6 +729,7 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         }
     }
 }
+#endif  // !STATS_WGMMA
 
 // Sums the (at most two) split partials of every slash entry, splits in ascending order.
 // Grid (ceil(max_kv / 256), num_heads, num_seqs).

@@ -74,11 +74,60 @@ pub mod profile {
 }
 pub use profile::take as profile_take;
 
-/// The statistics kernel family.
+/// The statistics kernel family: `kernels/stats.cu` with `kernels/stats_sm90.cu` appended (the
+/// Hopper passes, compiled in only with `STATS_WGMMA=1`: one module holds both passes' variant
+/// and the shared merge, finalize, pooling and estimate kernels).
 pub static STATS: KernelFamily = KernelFamily {
     name: "stats",
-    source: include_str!("../kernels/stats.cu"),
+    source: concat!(
+        include_str!("../kernels/stats.cu"),
+        "\n",
+        include_str!("../kernels/stats_sm90.cu")
+    ),
 };
+
+/// Which implementation of the two representative-attention passes runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum PassPath {
+    /// `stats_pass1` / `stats_pass2`: mma.sync m16n8k16 (compute capability 8.0 and newer).
+    Mma,
+    /// `stats_pass1_sm90` / `stats_pass2_sm90`: wgmma m64n64k16 (sm_90a, head_dim 64 or 128);
+    /// `overlap` issues the next unit's Q̂·Kᵀ before the current one is reduced.
+    Wgmma { overlap: bool },
+}
+
+impl PassPath {
+    /// The path for a device of compute capability `arch` and `head_dim`: wgmma on Hopper for
+    /// head_dim 64 and 128 unless `FLEXPREFILL_STATS_MMA=1` (A/B against the mma.sync passes);
+    /// `FLEXPREFILL_STATS_OVERLAP=1` turns on the wgmma path's issue-ahead (experimental: see
+    /// `kernels/stats_sm90.cu`).
+    fn choose(arch: (i32, i32), head_dim: usize) -> Self {
+        let env_is = |name: &str, v: &str| std::env::var(name).is_ok_and(|x| x.trim() == v);
+        if arch == (9, 0)
+            && (head_dim == 64 || head_dim == 128)
+            && !env_is("FLEXPREFILL_STATS_MMA", "1")
+        {
+            PassPath::Wgmma {
+                overlap: env_is("FLEXPREFILL_STATS_OVERLAP", "1"),
+            }
+        } else {
+            PassPath::Mma
+        }
+    }
+
+    fn wgmma(self) -> bool {
+        matches!(self, PassPath::Wgmma { .. })
+    }
+
+    /// Kernel names of pass 1 and pass 2.
+    fn names(self) -> (&'static str, &'static str) {
+        if self.wgmma() {
+            ("stats_pass1_sm90", "stats_pass2_sm90")
+        } else {
+            ("stats_pass1", "stats_pass2")
+        }
+    }
+}
 
 /// Keys per split of pass 1/2: a multiple of every block size (≤ 256) and of the 64-key tile,
 /// and ≥ the largest representative block, so each slash entry gets at most two split
@@ -95,6 +144,10 @@ const NWARPS: usize = 8;
 const PQ: usize = 16;
 const PP: usize = 24;
 const DPITCH: usize = 80;
+/// Key-tile ring of the wgmma pass 1 (stats_sm90.cu's KSTAGES; pass 2 double-buffers) and the
+/// slack that lets the kernels align their swizzled tiles to 1024 bytes.
+const WG_STAGES: usize = 3;
+const WG_ALIGN: usize = 1024;
 const _: () = assert!(
     flexprefill_core::selection::PROBE_QUERIES <= PQ,
     "the probe rows must fit one m16 tile of the statistics kernels"
@@ -320,23 +373,36 @@ impl StatsLayout {
         self.probes && self.total_probe > 0
     }
 
-    fn pass_smem(&self, pass2: bool) -> usize {
+    fn pass_smem(&self, pass2: bool, path: PassPath) -> usize {
         let d = self.shape.head_dim;
         let probe_rows = if self.measures_probes() { PQ } else { 0 };
-        // key tiles: a 3-stage ring in pass 1, double-buffered in pass 2
-        let stages = if pass2 { 2 } else { 3 };
-        let elems = (self.rp + probe_rows + stages * KT) * (d + 8);
-        let mut bytes = elems * 2;
+        // partial sets of pass 2 (per-tile cross-warp partials): 3 with the wgmma overlap
+        let sets = if path == (PassPath::Wgmma { overlap: true }) {
+            3
+        } else {
+            2
+        };
+        let mut bytes = if path.wgmma() {
+            // swizzled Q̂ and swizzled key tiles (no row padding: a 3-stage ring in pass 1,
+            // double-buffered in pass 2), aligned to 1024 bytes; the probe rows padded as in
+            // the mma.sync passes
+            let stages = if pass2 { 2 } else { WG_STAGES };
+            WG_ALIGN + (self.rp + stages * KT) * d * 2 + probe_rows * (d + 8) * 2
+        } else {
+            // key tiles: a 3-stage ring in pass 1, double-buffered in pass 2
+            let stages = if pass2 { 2 } else { 3 };
+            (self.rp + probe_rows + stages * KT) * (d + 8) * 2
+        };
         if pass2 {
             // per-warp strips, then the double-buffered per-group column / diagonal partials,
             // the slash accumulator, the double-buffered probe partials, the probe block masses
             let blocks_per_split = SPLIT_KEYS / self.block_size;
             let groups = self.rp / ROWS;
             bytes += (NWARPS * 16 * PP
-                + 2 * groups * NWARPS * KT
-                + 2 * groups * NWARPS * DPITCH
+                + sets * groups * NWARPS * KT
+                + sets * groups * NWARPS * DPITCH
                 + self.sl_stride
-                + 2 * NWARPS * PQ
+                + sets * NWARPS * PQ
                 + PQ * blocks_per_split)
                 * 4;
         } else {
@@ -373,6 +439,8 @@ pub struct DeviceStats {
     pub emulate: bool,
     dtype: DType,
     qb_seq: CudaSlice<u32>,
+    /// The passes' implementation (selects the module `launch_pool_q` reuses).
+    path: PassPath,
 }
 
 /// Element types the statistics kernels read.
@@ -402,13 +470,19 @@ pub fn estimation_scale(
 
 /// The statistics module for `dtype`, `head_dim` and the rounding mode (`emulate`: the
 /// original's bf16 rounding points, compiled in or out).
-fn key(dtype: DType, head_dim: usize, emulate: bool) -> KernelKey {
-    KernelKey::new(&STATS, Some(dtype), head_dim, 0)
+fn key(dtype: DType, head_dim: usize, emulate: bool, path: PassPath) -> KernelKey {
+    let k = KernelKey::new(&STATS, Some(dtype), head_dim, 0)
         .define(
             "PROBE_QUERIES",
             flexprefill_core::selection::PROBE_QUERIES as i64,
         )
-        .define("STATS_EMULATE", emulate as i64)
+        .define("STATS_EMULATE", emulate as i64);
+    match path {
+        PassPath::Mma => k,
+        PassPath::Wgmma { overlap } => k
+            .define("STATS_WGMMA", 1)
+            .define("STATS_OVERLAP", overlap as i64),
+    }
 }
 
 fn check_head_dim(d: usize) -> Result<()> {
@@ -454,9 +528,10 @@ pub fn launch_stats<T: StatsElem>(
     let total_q = layout.seqs.last().map_or(0, |s| s.q_start + s.q_len);
     need("q", q.len(), total_q * h * d)?;
     need("k", k.len(), layout.total_tok * hkv * d)?;
-    let kkey = key(T::DTYPE, d, emulate);
-    let smem1 = layout.pass_smem(false);
-    let smem2 = layout.pass_smem(true);
+    let path = PassPath::choose(dev.info().compute_capability, d);
+    let kkey = key(T::DTYPE, d, emulate, path);
+    let smem1 = layout.pass_smem(false, path);
+    let smem2 = layout.pass_smem(true, path);
     let max_smem = dev.info().max_smem_per_block;
     if smem2 > max_smem {
         return Err(CudaError::Unsupported {
@@ -466,9 +541,10 @@ pub fn launch_stats<T: StatsElem>(
     }
     // The registry raises a function's dynamic-smem limit once, at first use: ask for the
     // device maximum so a later launch with a larger block size is not refused.
-    let f_pass1 = dev.function(&STATS, &kkey, "stats_pass1", max_smem)?;
+    let (name1, name2) = path.names();
+    let f_pass1 = dev.function(&STATS, &kkey, name1, max_smem)?;
     let f_merge = dev.function(&STATS, &kkey, "stats_merge", 0)?;
-    let f_pass2 = dev.function(&STATS, &kkey, "stats_pass2", max_smem)?;
+    let f_pass2 = dev.function(&STATS, &kkey, name2, max_smem)?;
     let f_final = dev.function(&STATS, &kkey, "stats_slash_finalize", 0)?;
     let f_pool_k = dev.function(&STATS, &kkey, "stats_pool_k", 0)?;
     let f_est = dev.function(&STATS, &kkey, "stats_estimate", 0)?;
@@ -532,7 +608,7 @@ pub fn launch_stats<T: StatsElem>(
         launch!(stream, f_pass1, crate::launch_cfg(grid_pass, NTHREADS, smem1);
             q, k, &descs, &work, &h_i, &hkv_i, &split_i, &rp_i, &rs_i, &scale, &scale_log2,
             &probes_i, &bs_i, &mut row_ml)?;
-        profile::mark(stream, "stats_pass1");
+        profile::mark(stream, name1);
         launch!(stream, f_merge, crate::launch_cfg((h as u32, nseq as u32, 1), 256, 0);
             &descs, &row_ml, &h_i, &rs_i, &mut lse2)?;
         profile::mark(stream, "stats_merge");
@@ -540,7 +616,7 @@ pub fn launch_stats<T: StatsElem>(
             q, k, &descs, &work, &h_i, &hkv_i, &split_i, &rp_i, &rs_i, &bs_i, &scale, &scale_log2,
             &lse2, &sl_i, &mut vertical, &mut rep_block_mass, &mut slash_part, &probes_i,
             &mut probe_block_mass)?;
-        profile::mark(stream, "stats_pass2");
+        profile::mark(stream, name2);
         let max_kv = layout.seqs.iter().map(|s| s.kv_len).max().unwrap_or(1);
         let grid_final = (max_kv.div_ceil(256) as u32, h as u32, nseq as u32);
         launch!(stream, f_final, crate::launch_cfg(grid_final, 256, 0);
@@ -568,6 +644,7 @@ pub fn launch_stats<T: StatsElem>(
         emulate,
         dtype: T::DTYPE,
         qb_seq,
+        path,
     })
 }
 
@@ -584,7 +661,7 @@ pub fn launch_pool_q<T: StatsElem>(
     let l = &stats.layout;
     let f = dev.function(
         &STATS,
-        &key(T::DTYPE, l.shape.head_dim, stats.emulate),
+        &key(T::DTYPE, l.shape.head_dim, stats.emulate, stats.path),
         "stats_pool_q",
         0,
     )?;
@@ -651,6 +728,7 @@ impl DeviceStats {
             scale: 0.0,
             emulate,
             dtype: DType::BF16,
+            path: PassPath::Mma,
             layout,
         })
     }
@@ -919,8 +997,9 @@ pub(crate) mod tests {
         for arch in [(9, 0), (8, 0)] {
             for dtype in [DType::BF16, DType::F16] {
                 for d in [64, 96, 128, 256] {
-                    let (_, log) = compile_offline(&STATS, &key(dtype, d, false), arch)
-                        .unwrap_or_else(|e| panic!("stats {dtype} d{d} sm{arch:?}: {e}"));
+                    let (_, log) =
+                        compile_offline(&STATS, &key(dtype, d, false, PassPath::Mma), arch)
+                            .unwrap_or_else(|e| panic!("stats {dtype} d{d} sm{arch:?}: {e}"));
                     if arch == (9, 0) && dtype == DType::BF16 {
                         println!("sm90 {dtype} d{d}\n{log}");
                     }
@@ -943,6 +1022,105 @@ pub(crate) mod tests {
             }
         }
         assert!(spills.is_empty(), "spills:\n{}", spills.join("\n"));
+    }
+
+    /// (function, spill-store bytes) of every function in a `ptxas -v` log.
+    fn spills_per_function(log: &str) -> Vec<(String, usize)> {
+        let mut out = Vec::new();
+        let mut current = None;
+        for line in log.lines() {
+            if let Some(i) = line.find("Function properties for ") {
+                current = Some(
+                    line[i + "Function properties for ".len()..]
+                        .trim()
+                        .to_string(),
+                );
+            } else if line.contains("spill stores") {
+                let stores = line
+                    .split(',')
+                    .find(|f| f.contains("spill stores"))
+                    .and_then(|f| f.split_whitespace().next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(usize::MAX);
+                out.push((current.take().unwrap_or_default(), stores));
+            }
+        }
+        out
+    }
+
+    #[test]
+    #[ignore = "needs NVRTC (libnvrtc.so)"]
+    fn wgmma_passes_compile_for_hopper_without_spills() {
+        use crate::registry::compile_offline;
+        for dtype in [DType::BF16, DType::F16] {
+            for d in [64, 128] {
+                for (emulate, overlap) in
+                    [(false, false), (true, false), (false, true), (true, true)]
+                {
+                    let path = PassPath::Wgmma { overlap };
+                    let (_, log) = compile_offline(&STATS, &key(dtype, d, emulate, path), (9, 0))
+                        .unwrap_or_else(|e| panic!("stats wgmma {dtype} d{d} {path:?}: {e}"));
+                    let passes: Vec<_> = spills_per_function(&log)
+                        .into_iter()
+                        .filter(|(f, _)| f.ends_with("_sm90"))
+                        .collect();
+                    assert_eq!(passes.len(), 2, "both wgmma passes compiled: {log}");
+                    for (f, stores) in passes {
+                        assert_eq!(stores, 0, "{f} {dtype} d{d} {path:?} spills: {log}");
+                    }
+                    // ptxas must not serialize the wgmma (C7514/C7518) nor inject waits (C7517).
+                    assert!(
+                        !log.contains("serialized") && !log.contains("is injected"),
+                        "{dtype} d{d} {path:?}: {log}"
+                    );
+                    let regs: Vec<&str> = log.lines().filter(|l| l.contains("registers")).collect();
+                    println!("sm90a wgmma {dtype} d{d} emulate {emulate} {path:?}: {regs:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn wgmma_path_only_on_hopper_at_head_dim_64_and_128() {
+        // The env switches are read at launch; this test only covers the arch/head_dim rule
+        // when neither is set (CI sets none).
+        if std::env::var_os("FLEXPREFILL_STATS_MMA").is_some()
+            || std::env::var_os("FLEXPREFILL_STATS_OVERLAP").is_some()
+        {
+            return;
+        }
+        let wg = PassPath::Wgmma { overlap: false };
+        assert_eq!(PassPath::choose((9, 0), 128), wg);
+        assert_eq!(PassPath::choose((9, 0), 64), wg);
+        assert_eq!(PassPath::choose((9, 0), 96), PassPath::Mma);
+        assert_eq!(PassPath::choose((8, 0), 128), PassPath::Mma);
+        assert_eq!(PassPath::choose((10, 0), 128), PassPath::Mma);
+        assert_eq!(wg.names(), ("stats_pass1_sm90", "stats_pass2_sm90"));
+        assert_eq!(PassPath::Mma.names(), ("stats_pass1", "stats_pass2"));
+        // The wgmma layout fits the device limit at the largest representative block.
+        let seqs = [Sequence {
+            q_start: 0,
+            k_start: 0,
+            q_len: 4096,
+            kv_len: 4096,
+        }];
+        for bs in [16, 64, 128, 256] {
+            let l = StatsLayout::new(
+                &seqs,
+                AttentionShape::new(32, 8, 128).expect("valid shape"),
+                bs,
+            )
+            .expect("layout")
+            .with_probes(true);
+            for path in [wg, PassPath::Wgmma { overlap: true }] {
+                let (p1, p2) = (l.pass_smem(false, path), l.pass_smem(true, path));
+                assert!(p1.max(p2) <= 227 * 1024, "bs {bs} {path:?}");
+                // Block 128 (the tuned shape): two CTAs per SM (228 KiB, 1 KiB reserved per CTA).
+                if bs == 128 {
+                    assert!(2 * (p1.max(p2) + 1024) <= 228 * 1024, "{path:?}: {p1} {p2}");
+                }
+            }
+        }
     }
 
     #[test]
