@@ -983,6 +983,73 @@ sel_flat_pick(int depth, FlatCut* __restrict__ cut, unsigned* __restrict__ hist_
     cut[slot] = st;
 }
 
+// The cut's last digits on a short list: after FLAT_FULL_DIGITS digits over the whole map,
+// only the keys under the fixed prefix can still cross, usually a few thousand of 524k.
+// sel_flat_compact appends their map indices to the head's list (warp-aggregated atomics; the
+// order does not matter, every sum below is an integer), sel_flat_finish runs radix_cut over
+// them with the mass already taken subtracted from the target.
+#ifndef FLAT_FULL_DIGITS
+#define FLAT_FULL_DIGITS 2  // the host passes select.rs FLAT_FULL_DIGITS
+#endif
+// Grid (chunks, H, nseq), 256 threads; list [map_off·H + h·nqb·nkb + j], list_len [slot].
+extern "C" __global__ void __launch_bounds__(256)
+sel_flat_compact(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
+                 const float* __restrict__ map, const FlatCut* __restrict__ cut,
+                 unsigned* __restrict__ list, unsigned* __restrict__ list_len) {
+    const int h = blockIdx.y, s = blockIdx.z, slot = s * p.num_heads + h;
+    const FlatCut st = cut[slot];
+    if (st.state != 0) return;
+    const SeqDesc sd = seqs[s];
+    const unsigned total = sd.nqb * sd.nkb, i0 = blockIdx.x * FLAT_CHUNK;
+    if (i0 >= total) return;
+    const unsigned i1 = min(i0 + FLAT_CHUNK, total);
+    const size_t hb = (size_t)sel[s].map_off * p.num_heads + (size_t)h * total;
+    const MapItems items{map + hb, geo(sd, p.block_size), sd.nkb, 1.f / (float)sd.nkb};
+    const int shift = 64 - 8 * FLAT_FULL_DIGITS;
+    const unsigned lane = threadIdx.x % 32;
+    // Every thread runs the same number of rounds (the bound is on the round's base), so the
+    // ballots see whole warps.
+    for (unsigned i = i0 + threadIdx.x; i - threadIdx.x < i1; i += blockDim.x) {
+        uint64_t key; double m;
+        const bool keep = i < i1 && items(i, key, m) && (key >> shift) == st.prefix;
+        const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+        if (ballot == 0) continue;
+        unsigned base = 0;
+        if (lane == 0) base = atomicAdd(&list_len[slot], (unsigned)__popc(ballot));
+        base = __shfl_sync(0xffffffffu, base, 0);
+        if (keep) list[hb + base + __popc(ballot & ((1u << lane) - 1u))] = i;
+    }
+}
+
+struct ListItems {
+    const float* map;
+    const unsigned* list;
+    FP_DEVICE bool operator()(unsigned j, uint64_t& key, double& m) const {
+        const unsigned i = list[j];
+        m = map[i];
+        key = rank_key(map[i], i);
+        return true;
+    }
+};
+
+// Grid (H, nseq), 1024 threads. Writes kcut for every head still refining.
+extern "C" __global__ void __launch_bounds__(1024)
+sel_flat_finish(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
+                const float* __restrict__ map, const FlatCut* __restrict__ cut,
+                const unsigned* __restrict__ list, const unsigned* __restrict__ list_len,
+                unsigned long long* __restrict__ kcut_out) {
+    __shared__ RadixShared rs;
+    const int h = blockIdx.x, s = blockIdx.y, slot = s * p.num_heads + h;
+    const FlatCut st = cut[slot];
+    if (st.state != 0) return;
+    const SeqDesc sd = seqs[s];
+    const size_t hb = (size_t)sel[s].map_off * p.num_heads + (size_t)h * sd.nqb * sd.nkb;
+    // The keys ranked before the prefix are taken (sum_above ≤ target in mode 0, < in mode 1).
+    const uint64_t k = radix_cut(rs, ListItems{map + hb, list + hb}, list_len[slot], st.mode,
+                                 st.target - st.sum_above, 0, st.sc, nullptr);
+    if (threadIdx.x == 0) kcut_out[slot] = k;
+}
+
 // Marks the entries the flattened cut keeps (original: key < kcut, crossing excluded;
 // faithful: key ≤ kcut) into the mask, one thread per mask word (no atomics).
 // Grid (Σ nqb, H), 64 threads.

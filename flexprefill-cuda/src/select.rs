@@ -76,6 +76,9 @@ unsafe impl DeviceRepr for SelParams {}
 const FLAT_CHUNK: u32 = 8192;
 /// Key blocks per CTA of the pooled-map logits (`sel_qa_map`'s `QM_COLS`).
 const QM_COLS: usize = 256;
+/// Digits of the flattened cut taken over the whole map before the rest runs on the keys
+/// under the fixed prefix (`sel_flat_compact` / `sel_flat_finish`; their `FLAT_FULL_DIGITS`).
+const FLAT_FULL_DIGITS: usize = 2;
 /// Probe events per CTA of `sel_fvs_probe_events` (its `EV_PER_CTA`).
 const EV_PER_CTA: usize = 64;
 
@@ -249,7 +252,8 @@ pub fn launch_select<T: StatsElem>(
         .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64)
         .define("FLAT_CHUNK", FLAT_CHUNK as i64)
         .define("EV_PER_CTA", EV_PER_CTA as i64)
-        .define("QM_COLS", QM_COLS as i64);
+        .define("QM_COLS", QM_COLS as i64)
+        .define("FLAT_FULL_DIGITS", FLAT_FULL_DIGITS as i64);
     let max_smem = dev.info().max_smem_per_block;
     let n2 = max_nkb.next_power_of_two();
     let sort_smem = 12 * n2;
@@ -321,6 +325,10 @@ pub fn launch_select<T: StatsElem>(
     let hist_len = if any_qa { 256 * nseq * h } else { 1 };
     let mut hist_cnt = stream.alloc_zeros::<u32>(hist_len)?;
     let mut hist_sum = stream.alloc_zeros::<u64>(hist_len)?;
+    // The flattened cut's candidate list (map layout, written by sel_flat_compact up to
+    // flat_len, read only that far) and its lengths (zeroed here).
+    let mut flat_list = unsafe { stream.alloc::<u32>(if any_qa { (map * h).max(1) } else { 1 }) }?;
+    let mut flat_len = stream.alloc_zeros::<u32>((nseq * h).max(1))?;
     let f = |name: &'static str| {
         let dynamic = matches!(
             name,
@@ -419,7 +427,7 @@ pub fn launch_select<T: StatsElem>(
             // The flattened cut, one 8-bit digit per (histogram, pick) pair of launches.
             let hist = f("sel_flat_hist")?;
             let pick = f("sel_flat_pick")?;
-            for depth in 0..8i32 {
+            for depth in 0..FLAT_FULL_DIGITS as i32 {
                 launch!(stream, hist, lc((chunks, h as u32, nseq as u32), 256, 0);
                     &stats.descs, &sel_d, &p, &mapb, &flat_cut, &depth, &mut hist_cnt,
                     &mut hist_sum)?;
@@ -428,6 +436,12 @@ pub fn launch_select<T: StatsElem>(
                     &depth, &mut flat_cut, &mut hist_cnt, &mut hist_sum, &mut kcut)?;
                 crate::stats::profile::mark(stream, "flat_pick");
             }
+            // The remaining digits over the keys under the prefix only.
+            launch!(stream, f("sel_flat_compact")?, lc((chunks, h as u32, nseq as u32), 256, 0);
+                &stats.descs, &sel_d, &p, &mapb, &flat_cut, &mut flat_list, &mut flat_len)?;
+            launch!(stream, f("sel_flat_finish")?, lc(grid_heads, 1024, 0);
+                &stats.descs, &sel_d, &p, &mapb, &flat_cut, &flat_list, &flat_len, &mut kcut)?;
+            crate::stats::profile::mark(stream, "flat_finish");
         }
         stream.join(&side)?;
         crate::stats::profile::mark(stream, "sel_vs_join");
@@ -902,7 +916,8 @@ mod tests {
                 .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64)
                 .define("FLAT_CHUNK", FLAT_CHUNK as i64)
                 .define("EV_PER_CTA", EV_PER_CTA as i64)
-                .define("QM_COLS", QM_COLS as i64);
+                .define("QM_COLS", QM_COLS as i64)
+                .define("FLAT_FULL_DIGITS", FLAT_FULL_DIGITS as i64);
             compile_offline(&SELECT, &key, arch)
                 .unwrap_or_else(|e| panic!("select sm{arch:?}: {e}"));
             for dtype in [DType::BF16, DType::F16] {
@@ -911,7 +926,8 @@ mod tests {
                         .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64)
                         .define("FLAT_CHUNK", FLAT_CHUNK as i64)
                         .define("EV_PER_CTA", EV_PER_CTA as i64)
-                        .define("QM_COLS", QM_COLS as i64);
+                        .define("QM_COLS", QM_COLS as i64)
+                        .define("FLAT_FULL_DIGITS", FLAT_FULL_DIGITS as i64);
                     compile_offline(&crate::stats::STATS, &key, arch)
                         .unwrap_or_else(|e| panic!("stats {dtype} d{d} sm{arch:?}: {e}"));
                 }
