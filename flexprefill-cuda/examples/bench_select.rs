@@ -167,6 +167,9 @@ fn main() -> Res<()> {
                 );
                 let (mut ts, mut tsel, mut tatt, mut twhole) =
                     (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                // Host time spent queueing the search (layout upload, allocations, launches):
+                // when it exceeds the device time, the device waits on the host.
+                let mut thost = Vec::new();
                 let mut last = None;
                 for rep in 0..REPS + 2 {
                     let ctx = stream.context();
@@ -175,11 +178,13 @@ fn main() -> Res<()> {
                         .map(|_| ctx.new_event(fl))
                         .collect::<Result<_, _>>()?;
                     e[0].record(&stream)?;
+                    let host = std::time::Instant::now();
                     let mut st =
                         launch_stats(&dev, &stream, &q, &k, layout.clone(), scale, emulate)?;
                     e[1].record(&stream)?;
                     let sel = launch_select(&dev, &stream, Some(&q), &mut st, &cfg)?;
                     e[2].record(&stream)?;
+                    let host_ms = host.elapsed().as_secs_f64() * 1e3;
                     be.attention_device(&stream, &args, Some(&sel.index), None, &mut out, None)?;
                     e[3].record(&stream)?;
                     e[3].synchronize()?;
@@ -188,6 +193,7 @@ fn main() -> Res<()> {
                         tsel.push(e[1].elapsed_ms(&e[2])?);
                         tatt.push(e[2].elapsed_ms(&e[3])?);
                         twhole.push(e[0].elapsed_ms(&e[3])?);
+                        thost.push(host_ms as f32);
                     }
                     last = Some((sel, st));
                 }
@@ -218,6 +224,17 @@ fn main() -> Res<()> {
                         prof.iter().map(|(n, ms)| format!("{n} {ms:.3}")).collect();
                     eprintln!("profile {n} {}: {}", dt.name, line.join(", "));
                 }
+                // BENCH_NCU=1: one search (statistics + selection) between cuProfilerStart/Stop,
+                // for `ncu --profile-from-start off` (per-kernel durations without the overlap).
+                if std::env::var_os("BENCH_NCU").is_some() && gamma == 0.9 {
+                    stream.synchronize()?;
+                    cudarc::driver::profiler_start()?;
+                    let mut st =
+                        launch_stats(&dev, &stream, &q, &k, layout.clone(), scale, emulate)?;
+                    let _sel = launch_select(&dev, &stream, Some(&q), &mut st, &cfg)?;
+                    stream.synchronize()?;
+                    cudarc::driver::profiler_stop()?;
+                }
                 let (sel, _st) = last.expect("ran");
                 let offs = stream.clone_dtoh(&sel.index.row_offsets)?;
                 let pat = stream.clone_dtoh(&sel.pattern)?;
@@ -226,6 +243,11 @@ fn main() -> Res<()> {
                 let density = offs[sel.rows] as f64 / causal as f64;
                 let qa = pat.iter().filter(|&&p| p == 1).count();
                 let (a, b, c, w) = (median(ts), median(tsel), median(tatt), median(twhole));
+                eprintln!(
+                    "host {n} {} gamma {gamma}: queueing the search took {:.3} ms on the host",
+                    dt.name,
+                    median(thost)
+                );
                 println!(
                     "| {n} | {} | {gamma} | {a:.3} | {b:.3} | {:.3} | {c:.3} | {w:.3} | {dense:.3} | {:.2} | {whole_call:.3}{} | {:.2} | {density:.3} | {qa}/{H} |",
                     dt.name,
