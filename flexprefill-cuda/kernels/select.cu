@@ -268,40 +268,72 @@ struct CandItems {
 
 // ---- kernel 2: pattern decision ----------------------------------------------------------
 
-// Pools the lines to blocks (core's pool_vertical / pool_slash: f64 per block, rounded once),
-// then sqrt-JS(estimate, pooled vertical) against tau. Grid (H, nseq), 1024 threads (a key
-// block each at 128k: the pooling sums are sequential per block, so threads are the only
-// parallelism). pattern/js: [s·H + h]; vpool/spool: [kb_off·H + h·nkb + c].
+// Pools the lines to blocks (core's pool_vertical / pool_slash: f64 per block, summed
+// sequentially and rounded once). A thread per block reading its own line segment straight
+// from global memory made every warp load 32 scattered sectors; here a CTA stages 32 blocks'
+// segments through shared memory with coalesced loads (stride bs + 1, odd: the per-block
+// sequential reads hit 32 distinct banks), then warp 0 sums the vertical segments and warp 1
+// the slash ones, in the same order as core. Grid (ceil(max nkb / 32), H, nseq), 256 threads,
+// dynamic smem 2·32·(bs + 1) floats. vpool/spool: [kb_off·H + h·nkb + c].
+extern "C" __global__ void __launch_bounds__(256)
+sel_pool_lines(const SeqDesc* __restrict__ seqs, SelParams p, const float* __restrict__ vertical,
+               const float* __restrict__ slash, float* __restrict__ vpool, float* __restrict__ spool) {
+    extern __shared__ float lines[];  // [2][32][bs + 1]: vertical, then slash
+    const int h = blockIdx.y, s = blockIdx.z;
+    const SeqDesc sd = seqs[s];
+    const unsigned bs = p.block_size, nkb = sd.nkb, n = sd.kv_len, c0 = blockIdx.x * 32;
+    if (c0 >= nkb) return;
+    const float* v = vertical + (size_t)sd.tok_off * p.num_heads + (size_t)h * n;
+    const float* sl = slash + (size_t)sd.tok_off * p.num_heads + (size_t)h * n;
+    // Block c's slash segment is distances [c·bs - pad, (c + 1)·bs - pad) clipped to [0, n).
+    const long long pad = (long long)nkb * bs - n;
+    const unsigned stride = bs + 1;
+    float* vs = lines;
+    float* ss = lines + 32 * stride;
+    for (unsigned i = threadIdx.x; i < 32 * bs; i += blockDim.x) {
+        const unsigned c = i / bs, j = i % bs;
+        const long long tok = (long long)(c0 + c) * bs + j;
+        vs[c * stride + j] = tok < n ? v[tok] : 0.f;
+        const long long dist = tok - pad;
+        ss[c * stride + j] = dist >= 0 && dist < n ? sl[dist] : 0.f;
+    }
+    __syncthreads();
+    const unsigned warp = threadIdx.x / 32, c = c0 + threadIdx.x % 32;
+    if (warp > 1 || c >= nkb) return;
+    const long long base = (long long)c * bs;
+    long long lo, hi;
+    if (warp == 0) {
+        lo = base;
+        hi = min(base + bs, (long long)n);
+    } else {
+        lo = max(base - pad, 0ll);
+        hi = min(base + bs - pad, (long long)n);
+    }
+    const float* seg = (warp == 0 ? vs : ss) + (c - c0) * stride;
+    const long long off = warp == 0 ? base : base - pad;  // token of the segment's slot 0
+    double a = 0.0;
+    for (long long t = lo; t < hi; ++t) a += (double)seg[t - off];
+    float* out = (warp == 0 ? vpool : spool) + (size_t)sd.kb_off * p.num_heads + (size_t)h * nkb;
+    out[c] = (float)a;
+}
+
+// sqrt-JS(estimate, pooled vertical) against tau, per head. Grid (H, nseq), 1024 threads.
+// pattern/js: [s·H + h].
 extern "C" __global__ void __launch_bounds__(1024)
 sel_decide(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
-           const float* __restrict__ vertical, const float* __restrict__ slash, const float* __restrict__ estimate,
-           float* __restrict__ vpool, float* __restrict__ spool, int* __restrict__ pattern, float* __restrict__ js) {
+           const float* __restrict__ estimate, const float* __restrict__ vpool, int* __restrict__ pattern,
+           float* __restrict__ js) {
     __shared__ double red[32];
     __shared__ float redf[32];
     const int h = blockIdx.x, s = blockIdx.y;
     const SeqDesc sd = seqs[s];
-    const unsigned bs = p.block_size, nkb = sd.nkb, n = sd.kv_len;
-    const float* v = vertical + (size_t)sd.tok_off * p.num_heads + (size_t)h * n;
-    const float* sl = slash + (size_t)sd.tok_off * p.num_heads + (size_t)h * n;
+    const unsigned nkb = sd.nkb;
     const float* est = estimate + (size_t)sd.kb_off * p.num_heads + (size_t)h * nkb;
-    float* vp = vpool + (size_t)sd.kb_off * p.num_heads + (size_t)h * nkb;
-    float* sp = spool + (size_t)sd.kb_off * p.num_heads + (size_t)h * nkb;
-    const unsigned pad = nkb * bs - n;
+    const float* vp = vpool + (size_t)sd.kb_off * p.num_heads + (size_t)h * nkb;
     double kl = 0.0;   // faithful: f64, xlogy
     float klf = 0.f;   // original: f32, NaN on 0·ln 0
     for (unsigned c = threadIdx.x; c < nkb; c += blockDim.x) {
-        double a = 0.0;
-#pragma unroll 8
-        for (unsigned j = c * bs; j < min((c + 1) * bs, n); ++j) a += (double)v[j];
-        const float V = (float)a;
-        vp[c] = V;
-        const unsigned lo = c * bs > pad ? c * bs - pad : 0;
-        const unsigned hi = min((c + 1) * bs - pad, n);
-        double b = 0.0;
-#pragma unroll 8
-        for (unsigned d = lo; d < hi; ++d) b += (double)sl[d];
-        sp[c] = (float)b;
-        const float x = est[c], y = V;
+        const float x = est[c], y = vp[c];
         const double xd = x, yd = y, m = 0.5 * (xd + yd);
         if (xd > 0.0) kl += 0.5 * xd * log(xd / m);
         if (yd > 0.0) kl += 0.5 * yd * log(yd / m);
@@ -675,7 +707,8 @@ sel_ovs(const SeqDesc* __restrict__ seqs, SelParams p, const int* __restrict__ p
 // vertical-slash heads selected columns and distances; original heads (vertical-slash, and the
 // mb lines of query-aware heads) selected columns and offsets; forced blocks everywhere except
 // faithful query-aware heads (their kernels add them after the per-row raise). Grid
-// (Σ nqb, H), 64 threads (one per mask word).
+// (Σ nqb, H), 256 threads: a warp per mask word, a lane per key block (the word is the warp's
+// ballot), so the per-block loads of a word are in flight together.
 extern "C" __global__ void sel_extend(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
                                       const unsigned* __restrict__ qb_seq, SelParams p, const int* __restrict__ pattern,
                                       const unsigned char* __restrict__ colsel, const unsigned char* __restrict__ offsel,
@@ -693,12 +726,11 @@ extern "C" __global__ void sel_extend(const SeqDesc* __restrict__ seqs, const Se
     const size_t bo = (size_t)sd.kb_off * p.num_heads + (size_t)h * sd.nkb;
     const unsigned* pre = dist_prefix + (size_t)ss.dist_off * p.num_heads + (size_t)h * (sd.kv_len + 1);
     unsigned* row = mask + (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
-    for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) {
-        unsigned bits = 0;
-        for (unsigned b = 0; b < 32; ++b) {
-            const unsigned c = w * 32 + b;
-            if (c > d) break;
-            bool on;
+    const unsigned lane = threadIdx.x % 32;
+    for (unsigned w = threadIdx.x / 32; w < ss.words; w += blockDim.x / 32) {
+        const unsigned c = w * 32 + lane;
+        bool on = false;
+        if (c <= d) {
             if (pat == PAT_DENSE) {
                 on = true;
             } else if (!p.original && pat == PAT_QA) {
@@ -711,9 +743,9 @@ extern "C" __global__ void sel_extend(const SeqDesc* __restrict__ seqs, const Se
             } else {
                 on = colsel[bo + c] || offsel[bo + d - c] || is_forced(g, p, r, c);
             }
-            bits |= (unsigned)on << b;
         }
-        row[w] = bits;
+        const unsigned bits = __ballot_sync(0xffffffffu, on);
+        if (lane == 0) row[w] = bits;
     }
 }
 

@@ -756,8 +756,32 @@ extern "C" __global__ void stats_slash_finalize(const SeqDesc* __restrict__ seqs
     slash[(size_t)sd.tok_off * num_heads + (size_t)h * sd.kv_len + d] = acc;
 }
 
+// Adds 4 consecutive elements (one 8-byte load) to acc, column by column.
+FP_DEVICE void add4(float acc[4], uint2 u) {
+    elem_t e[4];
+    memcpy(e, &u, sizeof(u));
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[j] += to_f32(e[j]);
+}
+// Column sums of `rows` rows of 4 consecutive columns (p: the first row's first column, row
+// stride `stride` elements), each column summed in row order in f32. The pooling kernels
+// are bandwidth-bound: 8-byte loads, 16 rows in flight per thread, instead of a 2-byte load
+// per thread and row.
+FP_DEVICE void sum_rows4(const elem_t* __restrict__ p, size_t stride, unsigned rows, float acc[4]) {
+    unsigned i = 0;
+    for (; i + 16 <= rows; i += 16) {
+        uint2 u[16];
+#pragma unroll
+        for (int j = 0; j < 16; ++j) u[j] = __ldg(reinterpret_cast<const uint2*>(p + (size_t)(i + j) * stride));
+#pragma unroll
+        for (int j = 0; j < 16; ++j) add4(acc, u[j]);
+    }
+    for (; i < rows; ++i) add4(acc, __ldg(reinterpret_cast<const uint2*>(p + (size_t)i * stride)));
+}
+
 // Mean of K over each key block, per kv head: k_pooled[((kb_off · Hkv) + hk · nkb + c) · D + d].
-// Rows summed in order in f32, divided by the real row count. Grid (Σ nkb, num_kv_heads), D threads.
+// Rows summed in order in f32, divided by the real row count. Grid (Σ nkb, num_kv_heads),
+// D/4 threads (4 columns each).
 extern "C" __global__ void stats_pool_k(const elem_t* __restrict__ k, const SeqDesc* __restrict__ seqs,
                                         const unsigned* __restrict__ kb_seq, int num_kv_heads, int block_size,
                                         int emulate, float* __restrict__ k_pooled) {
@@ -767,20 +791,22 @@ extern "C" __global__ void stats_pool_k(const elem_t* __restrict__ k, const SeqD
     const unsigned c = gb - sd.kb_off;
     const unsigned first = c * block_size;
     const unsigned last = min(first + block_size, sd.kv_len);
-    for (int d = threadIdx.x; d < HEAD_DIM; d += blockDim.x) {
-        float acc = 0.f;
-#pragma unroll 8
-        for (unsigned j = first; j < last; ++j)
-            acc += to_f32(k[((size_t)(sd.k_start + j) * num_kv_heads + hk) * HEAD_DIM + d]);
-        const float m = acc / (float)(last - first);
-        k_pooled[(((size_t)sd.kb_off * num_kv_heads) + (size_t)hk * sd.nkb + c) * HEAD_DIM + d] =
-            emulate ? round_bf16(m) : m;
+    for (int d = 4 * threadIdx.x; d < HEAD_DIM; d += 4 * blockDim.x) {
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        sum_rows4(k + ((size_t)(sd.k_start + first) * num_kv_heads + hk) * HEAD_DIM + d,
+                  (size_t)num_kv_heads * HEAD_DIM, last - first, acc);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float m = acc[j] / (float)(last - first);
+            k_pooled[(((size_t)sd.kb_off * num_kv_heads) + (size_t)hk * sd.nkb + c) * HEAD_DIM + d + j] =
+                emulate ? round_bf16(m) : m;
+        }
     }
 }
 
 // Mean of q over each query block (blocks start at the chunk's first query), times `scale`:
 // q_pooled[((qb_off · H) + h · nqb + r) · D + d]. Heads whose flag is 0 (not query-aware) are
-// skipped when `qa_flag` is given. Grid (Σ nqb, num_heads), D threads.
+// skipped when `qa_flag` is given. Grid (Σ nqb, num_heads), D/4 threads (4 columns each).
 extern "C" __global__ void stats_pool_q(const elem_t* __restrict__ q, const SeqDesc* __restrict__ seqs,
                                         const unsigned* __restrict__ qb_seq, int num_heads, int block_size,
                                         float scale, int emulate, const int* __restrict__ qa_flag,
@@ -793,23 +819,25 @@ extern "C" __global__ void stats_pool_q(const elem_t* __restrict__ q, const SeqD
     const unsigned r = gb - sd.qb_off;
     const unsigned first = r * block_size;
     const unsigned last = min(first + block_size, sd.q_len);
-    for (int d = threadIdx.x; d < HEAD_DIM; d += blockDim.x) {
-        float acc = 0.f;
-#pragma unroll 8
-        for (unsigned i = first; i < last; ++i)
-            acc += to_f32(q[((size_t)(sd.q_start + i) * num_heads + h) * HEAD_DIM + d]);
-        const unsigned count = last - first;
-        float m;
-        if (emulate) {
-            // The original: bf16 mean over the zero-padded block, a partial block rescaled by
-            // bs/count in bf16, then times 1/√D (`scale`) in bf16.
-            m = round_bf16(acc * (1.f / (float)block_size));
-            if (count < (unsigned)block_size) m = round_bf16(m * (float)block_size * (1.f / (float)count));
-            m = round_bf16(m * scale);
-        } else {
-            m = acc / (float)count * scale;
+    const unsigned count = last - first;
+    for (int d = 4 * threadIdx.x; d < HEAD_DIM; d += 4 * blockDim.x) {
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        sum_rows4(q + ((size_t)(sd.q_start + first) * num_heads + h) * HEAD_DIM + d,
+                  (size_t)num_heads * HEAD_DIM, count, acc);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            float m;
+            if (emulate) {
+                // The original: bf16 mean over the zero-padded block, a partial block rescaled by
+                // bs/count in bf16, then times 1/√D (`scale`) in bf16.
+                m = round_bf16(acc[j] * (1.f / (float)block_size));
+                if (count < (unsigned)block_size) m = round_bf16(m * (float)block_size * (1.f / (float)count));
+                m = round_bf16(m * scale);
+            } else {
+                m = acc[j] / (float)count * scale;
+            }
+            q_pooled[(((size_t)sd.qb_off * num_heads) + (size_t)h * sd.nqb + r) * HEAD_DIM + d + j] = m;
         }
-        q_pooled[(((size_t)sd.qb_off * num_heads) + (size_t)h * sd.nqb + r) * HEAD_DIM + d] = m;
     }
 }
 
@@ -837,6 +865,8 @@ FP_DEVICE float block_sum(float v, float* red) {
 // q̄ = mean of the representative rows of Q̂·e. Emulate: the original's bf16 rounding of Q̂s,
 // q̄ and the logits. Grid (num_heads, num_seqs), 256 threads.
 // estimate[(kb_off · H) + h · nkb + c].
+// Pooled keys per staged tile of stats_estimate (≤ 33 KiB of static shared memory).
+#define EST_TILE (HEAD_DIM <= 128 ? 64 : 32)
 extern "C" __global__ void __launch_bounds__(256)
 stats_estimate(const elem_t* __restrict__ q, const SeqDesc* __restrict__ seqs, const float* __restrict__ k_pooled,
                int num_heads, int num_kv_heads, float scale, int emulate, float* __restrict__ estimate) {
@@ -859,13 +889,27 @@ stats_estimate(const elem_t* __restrict__ q, const SeqDesc* __restrict__ seqs, c
     __syncthreads();
     const float* kb = k_pooled + ((size_t)sd.kb_off * num_kv_heads + (size_t)hk * sd.nkb) * HEAD_DIM;
     float* out = estimate + (size_t)sd.kb_off * num_heads + (size_t)h * sd.nkb;
+    // Pooled keys staged EST_TILE at a time with coalesced loads (a thread per key block
+    // reading its own row made every warp load 32 scattered sectors); row stride D + 1 keeps
+    // the per-block dot products (sequential over d) on distinct banks.
+    __shared__ float ks[EST_TILE * (HEAD_DIM + 1)];
     float m = -F32_INF;
-    for (unsigned c = threadIdx.x; c < sd.nkb; c += blockDim.x) {
-        float dot = 0.f;
-        for (int d = 0; d < HEAD_DIM; ++d) dot += qbar[d] * kb[(size_t)c * HEAD_DIM + d];
-        if (emulate) dot = round_bf16(dot);
-        out[c] = dot;
-        m = fmaxf(m, dot);
+    for (unsigned c0 = 0; c0 < sd.nkb; c0 += EST_TILE) {
+        __syncthreads();
+        for (unsigned i = threadIdx.x; i < EST_TILE * HEAD_DIM; i += blockDim.x) {
+            const unsigned c = c0 + i / HEAD_DIM;
+            ks[(i / HEAD_DIM) * (HEAD_DIM + 1) + i % HEAD_DIM] = c < sd.nkb ? kb[(size_t)c0 * HEAD_DIM + i] : 0.f;
+        }
+        __syncthreads();
+        const unsigned c = c0 + threadIdx.x;
+        if (threadIdx.x < EST_TILE && c < sd.nkb) {
+            const float* kr = ks + threadIdx.x * (HEAD_DIM + 1);
+            float dot = 0.f;
+            for (int d = 0; d < HEAD_DIM; ++d) dot += qbar[d] * kr[d];
+            if (emulate) dot = round_bf16(dot);
+            out[c] = dot;
+            m = fmaxf(m, dot);
+        }
     }
     m = block_max(m, red);
     float s = 0.f;

@@ -333,6 +333,7 @@ pub fn launch_select<T: StatsElem>(
         let dynamic = matches!(
             name,
             "sel_fvs_stop"
+                | "sel_pool_lines"
                 | "sel_qa_map"
                 | "sel_qa_row"
                 | "sel_qa_topup"
@@ -348,9 +349,11 @@ pub fn launch_select<T: StatsElem>(
     // SAFETY (all launches): argument lists match the kernels in select.cu; buffers are sized
     // by the plan above for every index the kernels compute.
     unsafe {
+        let pool_grid = (max_nkb.div_ceil(32) as u32, h as u32, nseq as u32);
+        launch!(stream, f("sel_pool_lines")?, lc(pool_grid, 256, 2 * 32 * (bs + 1) * 4);
+            &stats.descs, &p, &stats.vertical, &stats.slash, &mut vpool, &mut spool)?;
         launch!(stream, f("sel_decide")?, lc(grid_heads, 1024, 0);
-            &stats.descs, &sel_d, &p, &stats.vertical, &stats.slash, &stats.estimate, &mut vpool,
-            &mut spool, &mut pattern, &mut js)?;
+            &stats.descs, &sel_d, &p, &stats.estimate, &vpool, &mut pattern, &mut js)?;
         crate::stats::profile::mark(stream, "sel_decide");
     }
     if let Some(q) = q {
@@ -445,7 +448,7 @@ pub fn launch_select<T: StatsElem>(
         }
         stream.join(&side)?;
         crate::stats::profile::mark(stream, "sel_vs_join");
-        launch!(stream, f("sel_extend")?, lc(grid_rows, 64, 0);
+        launch!(stream, f("sel_extend")?, lc(grid_rows, 256, 0);
             &stats.descs, &sel_d, &qb_seq_d, &p, &pattern, &colsel, &offsel, &dist_prefix,
             &mut maskb)?;
         crate::stats::profile::mark(stream, "sel_extend");

@@ -623,7 +623,7 @@ pub fn launch_stats<T: StatsElem>(
             &descs, &slash_part, &h_i, &split_i, &sl_i, &mut slash)?;
         profile::mark(stream, "stats_slash_finalize");
         let grid_pool = (layout.total_kb as u32, hkv as u32, 1);
-        launch!(stream, f_pool_k, crate::launch_cfg(grid_pool, d.min(256) as u32, 0);
+        launch!(stream, f_pool_k, crate::launch_cfg(grid_pool, (d / 4) as u32, 0);
             k, &descs, &kb_seq, &hkv_i, &bs_i, &emu_i, &mut k_pooled)?;
         profile::mark(stream, "stats_pool_k");
         launch!(stream, f_est, crate::launch_cfg((h as u32, nseq as u32, 1), 256, 0);
@@ -671,7 +671,7 @@ pub fn launch_pool_q<T: StatsElem>(
     let grid = (l.total_qb as u32, l.shape.num_heads as u32, 1);
     let cfg = LaunchConfig {
         grid_dim: grid,
-        block_dim: (l.shape.head_dim.min(256) as u32, 1, 1),
+        block_dim: ((l.shape.head_dim / 4) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     if l.total_qb == 0 {
