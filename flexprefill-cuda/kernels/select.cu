@@ -592,7 +592,8 @@ extern "C" __global__ void __launch_bounds__(1024)
 sel_fvs_lines(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
               const int* __restrict__ pattern, const float* __restrict__ slash,
               const unsigned long long* __restrict__ vkey, const unsigned long long* __restrict__ kstar,
-              unsigned char* __restrict__ colsel, unsigned* __restrict__ dist_prefix) {
+              unsigned char* __restrict__ colsel, unsigned* __restrict__ dist_prefix,
+              unsigned char* __restrict__ diag_hit) {
     __shared__ unsigned warp_tot[32];
     __shared__ unsigned carry;
     const int h = blockIdx.x, s = blockIdx.y;
@@ -637,6 +638,22 @@ sel_fvs_lines(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, 
             carry += t;
         }
         __syncthreads();
+    }
+    // The distance test of a full query block r against key block c depends on r - c only:
+    // with u = first_pos(r) - c·bs the block's distances are [max(u - bs + 1, 0), u + bs - 1].
+    // Tabulated per m = r - c + K0 (K0 = ceil((kv_len - q_len) / bs) makes the diagonal
+    // block's m ≥ 0), sel_extend reads it with coalesced loads instead of two scattered
+    // prefix loads per block. Only the last query block can be partial: sel_extend tests it
+    // directly. The prefix writes above are visible after the loop's last barrier.
+    const Geo g = geo(sd, p.block_size);
+    const long long bs = g.bs, f0 = (long long)(n - sd.q_len);
+    const long long k0 = (f0 + bs - 1) / bs;
+    unsigned char* dh = diag_hit + ((size_t)sd.kb_off + s) * p.num_heads + (size_t)h * (nkb + 1);
+    for (unsigned m = threadIdx.x; m <= nkb; m += blockDim.x) {
+        const long long u = f0 + ((long long)m - k0) * bs;
+        const long long lo = u - bs + 1 > 0 ? u - bs + 1 : 0;
+        const long long hi = min(u + bs - 1, (long long)n - 1);
+        dh[m] = u >= 1 - bs && hi >= lo && pre[hi + 1] > pre[lo];
     }
 }
 
@@ -712,7 +729,8 @@ sel_ovs(const SeqDesc* __restrict__ seqs, SelParams p, const int* __restrict__ p
 extern "C" __global__ void sel_extend(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
                                       const unsigned* __restrict__ qb_seq, SelParams p, const int* __restrict__ pattern,
                                       const unsigned char* __restrict__ colsel, const unsigned char* __restrict__ offsel,
-                                      const unsigned* __restrict__ dist_prefix, unsigned* __restrict__ mask) {
+                                      const unsigned* __restrict__ dist_prefix,
+                                      const unsigned char* __restrict__ diag_hit, unsigned* __restrict__ mask) {
     const unsigned gb = blockIdx.x;
     const int h = blockIdx.y;
     const unsigned s = qb_seq[gb];
@@ -726,6 +744,10 @@ extern "C" __global__ void sel_extend(const SeqDesc* __restrict__ seqs, const Se
     const size_t bo = (size_t)sd.kb_off * p.num_heads + (size_t)h * sd.nkb;
     const unsigned* pre = dist_prefix + (size_t)ss.dist_off * p.num_heads + (size_t)h * (sd.kv_len + 1);
     unsigned* row = mask + (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
+    // sel_fvs_lines' table of the distance test for full query blocks (index r - c + K0).
+    const bool full = last - first == bs - 1;
+    const unsigned k0 = (sd.kv_len - sd.q_len + bs - 1) / bs;
+    const unsigned char* dh = diag_hit + ((size_t)sd.kb_off + s) * p.num_heads + (size_t)h * (sd.nkb + 1);
     const unsigned lane = threadIdx.x % 32;
     for (unsigned w = threadIdx.x / 32; w < ss.words; w += blockDim.x / 32) {
         const unsigned c = w * 32 + lane;
@@ -736,10 +758,16 @@ extern "C" __global__ void sel_extend(const SeqDesc* __restrict__ seqs, const Se
             } else if (!p.original && pat == PAT_QA) {
                 on = false;
             } else if (!p.original) {
-                const long long lo = (long long)first - (long long)(c * bs + bs - 1);
-                const unsigned dlo = lo > 0 ? (unsigned)lo : 0;
-                const unsigned dhi = last - c * bs;
-                on = colsel[bo + c] || pre[dhi + 1] > pre[dlo] || is_forced(g, p, r, c);
+                bool hit;
+                if (full) {
+                    hit = dh[r + k0 - c];
+                } else {
+                    const long long lo = (long long)first - (long long)(c * bs + bs - 1);
+                    const unsigned dlo = lo > 0 ? (unsigned)lo : 0;
+                    const unsigned dhi = last - c * bs;
+                    hit = pre[dhi + 1] > pre[dlo];
+                }
+                on = colsel[bo + c] || hit || is_forced(g, p, r, c);
             } else {
                 on = colsel[bo + c] || offsel[bo + d - c] || is_forced(g, p, r, c);
             }

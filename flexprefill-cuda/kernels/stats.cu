@@ -861,56 +861,76 @@ FP_DEVICE float block_sum(float v, float* red) {
     return s;
 }
 
-// The pooled estimate ā = softmax(q̄ · K̄ᵀ) over key blocks, no causal mask, with
-// q̄ = mean of the representative rows of Q̂·e. Emulate: the original's bf16 rounding of Q̂s,
-// q̄ and the logits. Grid (num_heads, num_seqs), 256 threads.
-// estimate[(kb_off · H) + h · nkb + c].
-// Pooled keys per staged tile of stats_estimate (≤ 33 KiB of static shared memory).
+// Pooled keys per CTA of stats_estimate_logits (≤ 33 KiB of static shared memory).
 #define EST_TILE (HEAD_DIM <= 128 ? 64 : 32)
+// The logits q̄·K̄ᵀ of EST_TILE key blocks per CTA (the softmax follows in stats_estimate).
+// Each CTA forms q̄ itself (16 rows' loads in flight per thread; the sum stays sequential) and
+// stages its pooled keys with coalesced loads, row stride D + 1 so that the per-block dot
+// products (sequential over d) hit distinct banks. Grid (ceil(max nkb / EST_TILE), H, nseq),
+// 256 threads.
 extern "C" __global__ void __launch_bounds__(256)
-stats_estimate(const elem_t* __restrict__ q, const SeqDesc* __restrict__ seqs, const float* __restrict__ k_pooled,
-               int num_heads, int num_kv_heads, float scale, int emulate, float* __restrict__ estimate) {
+stats_estimate_logits(const elem_t* __restrict__ q, const SeqDesc* __restrict__ seqs,
+                      const float* __restrict__ k_pooled, int num_heads, int num_kv_heads, float scale, int emulate,
+                      float* __restrict__ estimate) {
     __shared__ float qbar[HEAD_DIM];
-    __shared__ float red[32];
-    const int h = blockIdx.x;
-    const SeqDesc sd = seqs[blockIdx.y];
+    __shared__ float ks[EST_TILE * (HEAD_DIM + 1)];
+    const int h = blockIdx.y;
+    const SeqDesc sd = seqs[blockIdx.z];
+    const unsigned c0 = blockIdx.x * EST_TILE;
+    if (c0 >= sd.nkb) return;
     const int hk = h / (num_heads / num_kv_heads);
     const unsigned first = sd.q_start + sd.q_len - sd.rep;
     const float inv_rep = 1.f / (float)sd.rep;
     for (int d = threadIdx.x; d < HEAD_DIM; d += blockDim.x) {
+        const elem_t* col = q + ((size_t)first * num_heads + h) * HEAD_DIM + d;
+        const size_t stride = (size_t)num_heads * HEAD_DIM;
         float acc = 0.f;
-        for (unsigned i = 0; i < sd.rep; ++i) {
-            float x = to_f32(q[((size_t)(first + i) * num_heads + h) * HEAD_DIM + d]) * scale;
-            acc += emulate ? round_bf16(x) : x;
+        unsigned i = 0;
+        for (; i + 16 <= sd.rep; i += 16) {
+            elem_t x[16];
+#pragma unroll
+            for (int j = 0; j < 16; ++j) x[j] = col[(size_t)(i + j) * stride];
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+                const float v = to_f32(x[j]) * scale;
+                acc += emulate ? round_bf16(v) : v;
+            }
+        }
+        for (; i < sd.rep; ++i) {
+            const float v = to_f32(col[(size_t)i * stride]) * scale;
+            acc += emulate ? round_bf16(v) : v;
         }
         acc *= inv_rep;
         qbar[d] = emulate ? round_bf16(acc) : acc;
     }
-    __syncthreads();
     const float* kb = k_pooled + ((size_t)sd.kb_off * num_kv_heads + (size_t)hk * sd.nkb) * HEAD_DIM;
-    float* out = estimate + (size_t)sd.kb_off * num_heads + (size_t)h * sd.nkb;
-    // Pooled keys staged EST_TILE at a time with coalesced loads (a thread per key block
-    // reading its own row made every warp load 32 scattered sectors); row stride D + 1 keeps
-    // the per-block dot products (sequential over d) on distinct banks.
-    __shared__ float ks[EST_TILE * (HEAD_DIM + 1)];
-    float m = -F32_INF;
-    for (unsigned c0 = 0; c0 < sd.nkb; c0 += EST_TILE) {
-        __syncthreads();
-        for (unsigned i = threadIdx.x; i < EST_TILE * HEAD_DIM; i += blockDim.x) {
-            const unsigned c = c0 + i / HEAD_DIM;
-            ks[(i / HEAD_DIM) * (HEAD_DIM + 1) + i % HEAD_DIM] = c < sd.nkb ? kb[(size_t)c0 * HEAD_DIM + i] : 0.f;
-        }
-        __syncthreads();
-        const unsigned c = c0 + threadIdx.x;
-        if (threadIdx.x < EST_TILE && c < sd.nkb) {
-            const float* kr = ks + threadIdx.x * (HEAD_DIM + 1);
-            float dot = 0.f;
-            for (int d = 0; d < HEAD_DIM; ++d) dot += qbar[d] * kr[d];
-            if (emulate) dot = round_bf16(dot);
-            out[c] = dot;
-            m = fmaxf(m, dot);
-        }
+    for (unsigned i = threadIdx.x; i < EST_TILE * HEAD_DIM; i += blockDim.x) {
+        const unsigned c = c0 + i / HEAD_DIM;
+        ks[(i / HEAD_DIM) * (HEAD_DIM + 1) + i % HEAD_DIM] = c < sd.nkb ? kb[(size_t)c0 * HEAD_DIM + i] : 0.f;
     }
+    __syncthreads();
+    const unsigned c = c0 + threadIdx.x;
+    if (threadIdx.x < EST_TILE && c < sd.nkb) {
+        const float* kr = ks + threadIdx.x * (HEAD_DIM + 1);
+        float dot = 0.f;
+        for (int d = 0; d < HEAD_DIM; ++d) dot += qbar[d] * kr[d];
+        if (emulate) dot = round_bf16(dot);
+        estimate[(size_t)sd.kb_off * num_heads + (size_t)h * sd.nkb + c] = dot;
+    }
+}
+
+// The pooled estimate ā = softmax(q̄ · K̄ᵀ) over key blocks, no causal mask, with
+// q̄ = mean of the representative rows of Q̂·e (logits from stats_estimate_logits). Emulate:
+// the original's bf16 rounding of Q̂s, q̄ and the logits. Grid (num_heads, num_seqs), 256
+// threads. estimate[(kb_off · H) + h · nkb + c].
+extern "C" __global__ void __launch_bounds__(256)
+stats_estimate(const SeqDesc* __restrict__ seqs, int num_heads, float* __restrict__ estimate) {
+    __shared__ float red[32];
+    const int h = blockIdx.x;
+    const SeqDesc sd = seqs[blockIdx.y];
+    float* out = estimate + (size_t)sd.kb_off * num_heads + (size_t)h * sd.nkb;
+    float m = -F32_INF;
+    for (unsigned c = threadIdx.x; c < sd.nkb; c += blockDim.x) m = fmaxf(m, out[c]);
     m = block_max(m, red);
     float s = 0.f;
     for (unsigned c = threadIdx.x; c < sd.nkb; c += blockDim.x) {

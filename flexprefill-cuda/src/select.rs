@@ -329,6 +329,11 @@ pub fn launch_select<T: StatsElem>(
     // flat_len, read only that far) and its lengths (zeroed here).
     let mut flat_list = unsafe { stream.alloc::<u32>(if any_qa { (map * h).max(1) } else { 1 }) }?;
     let mut flat_len = stream.alloc_zeros::<u32>((nseq * h).max(1))?;
+    // sel_fvs_lines' distance test per (r - c) for sel_extend: nkb + 1 entries per (sequence,
+    // head). SAFETY: written by sel_fvs_lines for every faithful vertical-slash head, the only
+    // heads whose extension reads it.
+    let mut diag_hit =
+        unsafe { stream.alloc::<u8>(((layout.total_key_blocks() + nseq) * h).max(1)) }?;
     let f = |name: &'static str| {
         let dynamic = matches!(
             name,
@@ -381,7 +386,7 @@ pub fn launch_select<T: StatsElem>(
             &ev_w, &vkey, &mut kstar)?;
         launch!(side, f("sel_fvs_lines")?, lc(grid_heads, 1024, 0);
             &stats.descs, &sel_d, &p, &pattern, &stats.slash, &vkey, &kstar, &mut colsel,
-            &mut dist_prefix)?;
+            &mut dist_prefix, &mut diag_hit)?;
         launch!(side, f("sel_ovs")?, lc(grid_heads, 1024, 0);
             &stats.descs, &p, &pattern, &stats.vertical, &stats.slash, &vpool, &spool, &mut colsel,
             &mut offsel)?;
@@ -450,7 +455,7 @@ pub fn launch_select<T: StatsElem>(
         crate::stats::profile::mark(stream, "sel_vs_join");
         launch!(stream, f("sel_extend")?, lc(grid_rows, 256, 0);
             &stats.descs, &sel_d, &qb_seq_d, &p, &pattern, &colsel, &offsel, &dist_prefix,
-            &mut maskb)?;
+            &diag_hit, &mut maskb)?;
         crate::stats::profile::mark(stream, "sel_extend");
         if any_qa {
             launch!(stream, f("sel_qa_flat_mark")?, lc(grid_rows, 64, 0);

@@ -547,6 +547,7 @@ pub fn launch_stats<T: StatsElem>(
     let f_pass2 = dev.function(&STATS, &kkey, name2, max_smem)?;
     let f_final = dev.function(&STATS, &kkey, "stats_slash_finalize", 0)?;
     let f_pool_k = dev.function(&STATS, &kkey, "stats_pool_k", 0)?;
+    let f_est_logits = dev.function(&STATS, &kkey, "stats_estimate_logits", 0)?;
     let f_est = dev.function(&STATS, &kkey, "stats_estimate", 0)?;
 
     let nseq = layout.seqs.len();
@@ -626,8 +627,19 @@ pub fn launch_stats<T: StatsElem>(
         launch!(stream, f_pool_k, crate::launch_cfg(grid_pool, (d / 4) as u32, 0);
             k, &descs, &kb_seq, &hkv_i, &bs_i, &emu_i, &mut k_pooled)?;
         profile::mark(stream, "stats_pool_k");
-        launch!(stream, f_est, crate::launch_cfg((h as u32, nseq as u32, 1), 256, 0);
+        // stats.cu's EST_TILE: key blocks per stats_estimate_logits CTA.
+        let est_tile = if d <= 128 { 64 } else { 32 };
+        let max_nkb = layout
+            .seqs
+            .iter()
+            .map(|s| s.kv_len.div_ceil(layout.block_size))
+            .max()
+            .unwrap_or(1);
+        let grid_est = (max_nkb.div_ceil(est_tile) as u32, h as u32, nseq as u32);
+        launch!(stream, f_est_logits, crate::launch_cfg(grid_est, 256, 0);
             q, &descs, &k_pooled, &h_i, &hkv_i, &scale, &emu_i, &mut estimate)?;
+        launch!(stream, f_est, crate::launch_cfg((h as u32, nseq as u32, 1), 256, 0);
+            &descs, &h_i, &mut estimate)?;
         profile::mark(stream, "stats_estimate");
     }
     Ok(DeviceStats {
