@@ -724,14 +724,15 @@ sel_ovs(const SeqDesc* __restrict__ seqs, SelParams p, const int* __restrict__ p
 // vertical-slash heads selected columns and distances; original heads (vertical-slash, and the
 // mb lines of query-aware heads) selected columns and offsets; forced blocks everywhere except
 // faithful query-aware heads (their kernels add them after the per-row raise). Grid
-// (Σ nqb, H), 256 threads: a warp per mask word, a lane per key block (the word is the warp's
-// ballot), so the per-block loads of a word are in flight together.
+// (ceil(Σ nqb / 8), H), 256 threads: a warp per row (8 rows per CTA amortise the dependent
+// descriptor loads at the start), a lane per key block (each mask word is the warp's ballot).
 extern "C" __global__ void sel_extend(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
-                                      const unsigned* __restrict__ qb_seq, SelParams p, const int* __restrict__ pattern,
-                                      const unsigned char* __restrict__ colsel, const unsigned char* __restrict__ offsel,
-                                      const unsigned* __restrict__ dist_prefix,
+                                      const unsigned* __restrict__ qb_seq, unsigned total_qb, SelParams p,
+                                      const int* __restrict__ pattern, const unsigned char* __restrict__ colsel,
+                                      const unsigned char* __restrict__ offsel, const unsigned* __restrict__ dist_prefix,
                                       const unsigned char* __restrict__ diag_hit, unsigned* __restrict__ mask) {
-    const unsigned gb = blockIdx.x;
+    const unsigned gb = blockIdx.x * 8 + threadIdx.x / 32;
+    if (gb >= total_qb) return;
     const int h = blockIdx.y;
     const unsigned s = qb_seq[gb];
     const SeqDesc sd = seqs[s];
@@ -749,7 +750,8 @@ extern "C" __global__ void sel_extend(const SeqDesc* __restrict__ seqs, const Se
     const unsigned k0 = (sd.kv_len - sd.q_len + bs - 1) / bs;
     const unsigned char* dh = diag_hit + ((size_t)sd.kb_off + s) * p.num_heads + (size_t)h * (sd.nkb + 1);
     const unsigned lane = threadIdx.x % 32;
-    for (unsigned w = threadIdx.x / 32; w < ss.words; w += blockDim.x / 32) {
+#pragma unroll 4
+    for (unsigned w = 0; w < ss.words; ++w) {
         const unsigned c = w * 32 + lane;
         bool on = false;
         if (c <= d) {
@@ -1619,9 +1621,10 @@ sel_qa_topup(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, S
 
 // Blocks per CSR row (popcount of its mask words). Grid (Σ nqb, H), 32 threads.
 extern "C" __global__ void sel_count(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
-                                     const unsigned* __restrict__ qb_seq, SelParams p,
+                                     const unsigned* __restrict__ qb_seq, unsigned total_qb, SelParams p,
                                      const unsigned* __restrict__ mask, unsigned* __restrict__ counts) {
-    const unsigned gb = blockIdx.x;
+    const unsigned gb = blockIdx.x * 8 + threadIdx.x / 32;
+    if (gb >= total_qb) return;
     const int h = blockIdx.y;
     const unsigned s = qb_seq[gb];
     const SeqDesc sd = seqs[s];
@@ -1629,31 +1632,43 @@ extern "C" __global__ void sel_count(const SeqDesc* __restrict__ seqs, const Sel
     const unsigned r = gb - sd.qb_off;
     const unsigned* row = mask + (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
     unsigned n = 0;
-    for (unsigned w = threadIdx.x; w < ss.words; w += 32) n += __popc(row[w]);
+    const unsigned lane = threadIdx.x % 32;
+    for (unsigned w = lane; w < ss.words; w += 32) n += __popc(row[w]);
     for (int o = 16; o > 0; o >>= 1) n += __shfl_xor_sync(0xffffffffu, n, o);
-    if (threadIdx.x == 0) counts[(size_t)ss.row_off * p.num_heads + (size_t)h * sd.nqb + r] = n;
+    if (lane == 0) counts[(size_t)ss.row_off * p.num_heads + (size_t)h * sd.nqb + r] = n;
 }
 
-// Exclusive scan of the row counts into row_offsets [rows + 1]. One CTA of 1024 threads.
+// Exclusive scan of the row counts into row_offsets [rows + 1]. One CTA of 1024 threads, 32
+// consecutive counts per thread per round (all loads of a round in flight at once: one
+// round covers 32k rows, where a round per 1024 rows paid a load latency each).
 extern "C" __global__ void __launch_bounds__(1024)
 sel_scan(const unsigned* __restrict__ counts, unsigned rows, unsigned* __restrict__ offsets) {
+    constexpr unsigned IT = 32;
     __shared__ unsigned warp_tot[32];
     __shared__ unsigned carry;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
     if (threadIdx.x == 0) { carry = 0; offsets[0] = 0; }
     __syncthreads();
-    for (unsigned base = 0; base < rows; base += blockDim.x) {
-        const unsigned i = base + threadIdx.x;
-        unsigned x = i < rows ? counts[i] : 0u;
+    for (unsigned base = 0; base < rows; base += blockDim.x * IT) {
+        const unsigned i0 = base + threadIdx.x * IT;
+        unsigned v[IT];
+#pragma unroll
+        for (unsigned u = 0; u < IT; ++u) v[u] = i0 + u < rows ? counts[i0 + u] : 0u;
+        unsigned mine = 0;
+#pragma unroll
+        for (unsigned u = 0; u < IT; ++u) { mine += v[u]; v[u] = mine; }
+        unsigned x = mine;
         for (int o = 1; o < 32; o <<= 1) {
             unsigned y = __shfl_up_sync(0xffffffffu, x, o);
             if (lane >= o) x += y;
         }
         if (lane == 31) warp_tot[warp] = x;
         __syncthreads();
-        unsigned off = carry;
+        unsigned off = carry + x - mine;
         for (int w = 0; w < warp; ++w) off += warp_tot[w];
-        if (i < rows) offsets[i + 1] = off + x;
+#pragma unroll
+        for (unsigned u = 0; u < IT; ++u)
+            if (i0 + u < rows) offsets[i0 + u + 1] = off + v[u];
         __syncthreads();
         if (threadIdx.x == 0) {
             unsigned t = 0;
@@ -1664,13 +1679,14 @@ sel_scan(const unsigned* __restrict__ counts, unsigned rows, unsigned* __restric
     }
 }
 
-// Writes each row's key blocks, ascending, at its offset. Grid (Σ nqb, H), 32 threads (a warp
-// walks the words in order and ballots the running position).
+// Writes each row's key blocks, ascending, at its offset. Grid (ceil(Σ nqb / 8), H), 256
+// threads: a warp per row walks the words in order and scans the running position.
 extern "C" __global__ void sel_write(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
-                                     const unsigned* __restrict__ qb_seq, SelParams p,
+                                     const unsigned* __restrict__ qb_seq, unsigned total_qb, SelParams p,
                                      const unsigned* __restrict__ mask, const unsigned* __restrict__ offsets,
                                      unsigned* __restrict__ cols) {
-    const unsigned gb = blockIdx.x;
+    const unsigned gb = blockIdx.x * 8 + threadIdx.x / 32;
+    if (gb >= total_qb) return;
     const int h = blockIdx.y;
     const unsigned s = qb_seq[gb];
     const SeqDesc sd = seqs[s];
@@ -1678,7 +1694,7 @@ extern "C" __global__ void sel_write(const SeqDesc* __restrict__ seqs, const Sel
     const unsigned r = gb - sd.qb_off;
     const unsigned* row = mask + (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
     unsigned pos = offsets[(size_t)ss.row_off * p.num_heads + (size_t)h * sd.nqb + r];
-    const int lane = threadIdx.x;
+    const int lane = threadIdx.x % 32;
     for (unsigned base = 0; base < ss.words; base += 32) {
         const unsigned w = base + lane;
         const unsigned bits = w < ss.words ? row[w] : 0u;

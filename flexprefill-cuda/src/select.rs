@@ -453,8 +453,9 @@ pub fn launch_select<T: StatsElem>(
         }
         stream.join(&side)?;
         crate::stats::profile::mark(stream, "sel_vs_join");
-        launch!(stream, f("sel_extend")?, lc(grid_rows, 256, 0);
-            &stats.descs, &sel_d, &qb_seq_d, &p, &pattern, &colsel, &offsel, &dist_prefix,
+        let ext_grid = (qb_all.div_ceil(8) as u32, h as u32, 1);
+        launch!(stream, f("sel_extend")?, lc(ext_grid, 256, 0);
+            &stats.descs, &sel_d, &qb_seq_d, &qb_all_u, &p, &pattern, &colsel, &offsel, &dist_prefix,
             &diag_hit, &mut maskb)?;
         crate::stats::profile::mark(stream, "sel_extend");
         if any_qa {
@@ -472,15 +473,15 @@ pub fn launch_select<T: StatsElem>(
                 &stats.descs, &sel_d, &p, &pattern, &stats.rep_block_mass, &mut maskb)?;
             crate::stats::profile::mark(stream, "sel_qa_topup");
         }
-        launch!(stream, f("sel_count")?, lc(grid_rows, 32, 0);
-            &stats.descs, &sel_d, &qb_seq_d, &p, &maskb, &mut counts)?;
+        launch!(stream, f("sel_count")?, lc(ext_grid, 256, 0);
+            &stats.descs, &sel_d, &qb_seq_d, &qb_all_u, &p, &maskb, &mut counts)?;
         crate::stats::profile::mark(stream, "sel_count");
         let rows_u = total_rows as u32;
         launch!(stream, f("sel_scan")?, lc((1, 1, 1), 1024, 0);
             &counts, &rows_u, &mut offsets)?;
         crate::stats::profile::mark(stream, "sel_scan");
-        launch!(stream, f("sel_write")?, lc(grid_rows, 32, 0);
-            &stats.descs, &sel_d, &qb_seq_d, &p, &maskb, &offsets, &mut cols)?;
+        launch!(stream, f("sel_write")?, lc(ext_grid, 256, 0);
+            &stats.descs, &sel_d, &qb_seq_d, &qb_all_u, &p, &maskb, &offsets, &mut cols)?;
         crate::stats::profile::mark(stream, "sel_write");
     }
     Ok(DeviceSelection {
