@@ -902,15 +902,20 @@ sel_qa_softmax(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
     }
     if (maxlen == 0) return;
 
-    // Loads, exps and divisions of the QS_ROWS rows are issued together (ILP); a lane past a
-    // row's end computes a throw-away value that is never stored nor added.
+    // Loads, exps and divisions of the QS_ROWS rows are issued together, and each pass loads
+    // its next 32 columns while it computes on these (one warp's rows are a chain of load and
+    // f64 latencies; a lane past a row's end computes a throw-away value, never stored nor added).
+    auto fetch = [&](unsigned c, float (&x)[QS_ROWS]) {
+#pragma unroll
+        for (int i = 0; i < QS_ROWS; ++i) x[i] = c < len[i] ? l[i][c] : 0.f;
+    };
     float mf[QS_ROWS];
 #pragma unroll
     for (int i = 0; i < QS_ROWS; ++i) mf[i] = -F32_INF;
+#pragma unroll 4
     for (unsigned c = lane; c < maxlen; c += 32) {
 #pragma unroll
-        for (int i = 0; i < QS_ROWS; ++i)
-            if (c < len[i]) mf[i] = fmaxf(mf[i], l[i][c]);
+        for (int i = 0; i < QS_ROWS; ++i) mf[i] = fmaxf(mf[i], c < len[i] ? l[i][c] : -F32_INF);
     }
     double m[QS_ROWS];
 #pragma unroll
@@ -919,11 +924,13 @@ sel_qa_softmax(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
     double* e = es[warp];
     const double2* mine = (const double2*)(e + (lane % QS_ROWS) * QS_LD);
     double total = 0.0;  // row lane % QS_ROWS's running sum
+    float x[QS_ROWS], xn[QS_ROWS];
+    fetch(lane, xn);
     for (unsigned c0 = 0; c0 < maxlen; c0 += 32) {
         const unsigned c = c0 + lane;
-        float x[QS_ROWS];
 #pragma unroll
-        for (int i = 0; i < QS_ROWS; ++i) x[i] = c < len[i] ? l[i][c] : 0.f;
+        for (int i = 0; i < QS_ROWS; ++i) x[i] = xn[i];
+        fetch(c + 32, xn);
 #pragma unroll
         for (int i = 0; i < QS_ROWS; ++i) {
             const double v = exp((double)x[i] - m[i]);
@@ -942,22 +949,24 @@ sel_qa_softmax(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
     double sum[QS_ROWS];
 #pragma unroll
     for (int i = 0; i < QS_ROWS; ++i) sum[i] = __shfl_sync(0xffffffffu, total, i);
-    for (unsigned c0 = 0; c0 < maxnk; c0 += 32) {
+    fetch(lane, xn);
+    unsigned c0 = 0;
+    for (; c0 < maxlen; c0 += 32) {  // some row is causal here
         const unsigned c = c0 + lane;
-        if (c0 < maxlen) {  // warp-uniform: some row is causal here
-            float x[QS_ROWS];
 #pragma unroll
-            for (int i = 0; i < QS_ROWS; ++i) x[i] = c < len[i] ? l[i][c] : 0.f;
+        for (int i = 0; i < QS_ROWS; ++i) x[i] = xn[i];
+        fetch(c + 32, xn);
 #pragma unroll
-            for (int i = 0; i < QS_ROWS; ++i) {
-                const float y = (float)(exp((double)x[i] - m[i]) / sum[i]);
-                if (c < nk[i]) l[i][c] = c < len[i] ? y : 0.f;
-            }
-        } else {
-#pragma unroll
-            for (int i = 0; i < QS_ROWS; ++i)
-                if (c < nk[i]) l[i][c] = 0.f;
+        for (int i = 0; i < QS_ROWS; ++i) {
+            const float y = (float)(exp((double)x[i] - m[i]) / sum[i]);
+            if (c < nk[i]) l[i][c] = c < len[i] ? y : 0.f;
         }
+    }
+    for (; c0 < maxnk; c0 += 32) {
+        const unsigned c = c0 + lane;
+#pragma unroll
+        for (int i = 0; i < QS_ROWS; ++i)
+            if (c < nk[i]) l[i][c] = 0.f;
     }
 }
 
