@@ -74,8 +74,16 @@ unsafe impl DeviceRepr for SelParams {}
 
 /// Map entries per CTA of the flattened cut's histogram kernel (`sel_flat_hist`).
 const FLAT_CHUNK: u32 = 8192;
-/// Key blocks per CTA of the pooled-map logits (`sel_qa_map`'s `QM_COLS`).
-const QM_COLS: usize = 256;
+/// Query-block rows × key blocks of one `sel_qa_map` tile (its `QM_ROWS`, `QM_COLS`; the
+/// kernel's warp layout is built for exactly these), its head-dimension chunk (`QM_TK`) and
+/// its threads.
+const QM_ROWS: usize = 64;
+const QM_COLS: usize = 128;
+const QM_TK: usize = 16;
+const QM_THREADS: u32 = 128;
+/// Rows per warp and warps per CTA of `sel_qa_softmax` (its `QS_ROWS`, `QS_WARPS`).
+const QS_ROWS: usize = 4;
+const QS_WARPS: usize = 4;
 /// Digits of the flattened cut taken over the whole map before the rest runs on the keys
 /// under the fixed prefix (`sel_flat_compact` / `sel_flat_finish`; their `FLAT_FULL_DIGITS`).
 const FLAT_FULL_DIGITS: usize = 2;
@@ -275,21 +283,37 @@ pub fn launch_select<T: StatsElem>(
             message: format!("{max_nkb} key blocks per sequence need {topup_smem} bytes of shared memory to rank (device: {dyn_limit}); use a larger block_size"),
         });
     }
-    let d = layout.shape.head_dim;
-    // Query-aware map: row groups of one sequence, up to 64 rows (4 per warp) as shared
-    // memory allows.
-    let map_fixed = 8 * (32 * (d + 1));
-    let rows_per = ((dyn_limit.saturating_sub(map_fixed)) / (8 * d) / 4 * 4).clamp(4, 64);
-    let map_smem = map_fixed + rows_per * 8 * d;
-    let mut groups: Vec<[u32; 2]> = Vec::new();
+    // Query-aware map tiles (QM_ROWS query-block rows × QM_COLS key blocks of one sequence)
+    // that touch the causal region: the whole tiles first, then those the diagonal crosses
+    // (lighter: their warps above the diagonal only stage), so the tail of the launch is short.
+    let map_smem = 2 * (QM_ROWS + QM_COLS) * (QM_TK + 1) * 8;
+    let (mut tiles, mut diagonal_tiles): (Vec<[u32; 4]>, Vec<[u32; 4]>) = (Vec::new(), Vec::new());
     for (si, s) in layout.seqs.iter().enumerate() {
-        for r0 in (0..s.num_query_blocks(bs)).step_by(rows_per) {
-            groups.push([si as u32, r0 as u32]);
+        let nqb = s.num_query_blocks(bs);
+        for r0 in (0..nqb).step_by(QM_ROWS) {
+            let r1 = (r0 + QM_ROWS).min(nqb) - 1;
+            let (whole, reach) = (s.causal_key_blocks(r0, bs), s.causal_key_blocks(r1, bs));
+            for c0 in (0..reach).step_by(QM_COLS) {
+                let t = [si as u32, r0 as u32, c0 as u32, 0];
+                if c0 + QM_COLS <= whole {
+                    tiles.push(t);
+                } else {
+                    diagonal_tiles.push(t);
+                }
+            }
         }
     }
-    let groups_d = stream.clone_htod(&groups.concat())?;
+    tiles.append(&mut diagonal_tiles);
+    let map_grid = (
+        u32::try_from(tiles.len() * h).map_err(|_| CudaError::Unsupported {
+            op: "select",
+            message: format!("{} pooled-map tiles do not fit one launch", tiles.len() * h),
+        })?,
+        1,
+        1,
+    );
+    let tiles_d = stream.clone_htod(&tiles.concat())?;
     let qb_all_u = qb_all as u32;
-    let rows_per_i = rows_per as i32;
     // SAFETY: written by sel_flat_pick for every flattened query-aware head before
     // sel_qa_flat_mark / sel_qa_build read it (no other head reads it).
     let mut kcut = unsafe { stream.alloc::<u64>((nseq * h).max(1)) }?;
@@ -391,16 +415,11 @@ pub fn launch_select<T: StatsElem>(
             &stats.descs, &p, &pattern, &stats.vertical, &stats.slash, &vpool, &spool, &mut colsel,
             &mut offsel)?;
         if any_qa {
-            let map_grid = (
-                groups.len() as u32,
-                h as u32,
-                max_nkb.div_ceil(QM_COLS) as u32,
-            );
-            launch!(stream, f("sel_qa_map")?, lc(map_grid, 512, map_smem);
-                &stats.descs, &sel_d, &groups_d, &rows_per_i, &p, &pattern, &stats.q_pooled,
-                &stats.k_pooled, &mut mapb)?;
-            let softmax_grid = (qb_all.div_ceil(8) as u32, h as u32, 1);
-            launch!(stream, f("sel_qa_softmax")?, lc(softmax_grid, 256, 0);
+            launch!(stream, f("sel_qa_map")?, lc(map_grid, QM_THREADS, map_smem);
+                &stats.descs, &sel_d, &tiles_d, &p, &pattern, &stats.q_pooled, &stats.k_pooled,
+                &mut mapb)?;
+            let softmax_grid = (qb_all.div_ceil(QS_ROWS * QS_WARPS) as u32, h as u32, 1);
+            launch!(stream, f("sel_qa_softmax")?, lc(softmax_grid, 32 * QS_WARPS as u32, 0);
                 &stats.descs, &sel_d, &qb_seq_d, &qb_all_u, &p, &pattern, &mut mapb)?;
             crate::stats::profile::mark(stream, "sel_qa_map");
             launch!(stream, f("sel_flat_init")?, lc(grid_heads, 32, 0);
