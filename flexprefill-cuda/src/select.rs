@@ -423,6 +423,13 @@ pub fn launch_select<T: StatsElem>(
         launch!(side, f("sel_ovs")?, lc(grid_heads, 1024, 0);
             &stats.descs, &p, &pattern, &stats.vertical, &stats.slash, &vpool, &spool, &mut colsel,
             &mut offsel)?;
+        if faithful_qa {
+            // The top-up's prep needs only the statistics and the patterns: it runs here, off
+            // the query-aware chain's path (no profile mark: the marks time the main stream).
+            let grid = (max_nkb.div_ceil(TOPUP_COLS) as u32, h as u32, nseq as u32);
+            launch!(side, f("sel_qa_topup_prep")?, lc(grid, 256, 0);
+                &stats.descs, &p, &pattern, &stats.rep_block_mass, &mut mass_t, &mut col_sum)?;
+        }
         if any_qa {
             let map_grid = (
                 groups.len() as u32,
@@ -502,11 +509,6 @@ pub fn launch_select<T: StatsElem>(
                 &kcut, &mut maskb)?;
             crate::stats::profile::mark(stream, "sel_qa_build");
             if faithful_qa {
-                let grid = (max_nkb.div_ceil(TOPUP_COLS) as u32, h as u32, nseq as u32);
-                launch!(stream, f("sel_qa_topup_prep")?, lc(grid, 256, 0);
-                    &stats.descs, &p, &pattern, &stats.rep_block_mass, &mut mass_t,
-                    &mut col_sum)?;
-                crate::stats::profile::mark(stream, "sel_qa_topup_prep");
                 let tile = topup_tile as u32;
                 launch!(stream, f("sel_qa_topup")?, lc(grid_heads, TOPUP_THREADS as u32, topup_smem);
                     &stats.descs, &sel_d, &p, &pattern, &mass_t, &col_sum, &tile, &mut maskb)?;
