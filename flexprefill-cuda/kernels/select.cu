@@ -126,16 +126,17 @@ FP_DEVICE double block_sum_f64(double v, double* red) {
 FP_DEVICE void bitonic_sort(uint64_t* key, uint32_t* val, int n) {
     for (int k = 2; k <= n; k <<= 1) {
         for (int j = k >> 1; j > 0; j >>= 1) {
-            for (int i = threadIdx.x; i < n; i += blockDim.x) {
-                int ixj = i ^ j;
-                if (ixj > i) {
-                    bool up = (i & k) == 0;
-                    uint64_t a = key[i], b = key[ixj];
-                    bool gt = a > b || (a == b && val[i] > val[ixj]);
-                    if (gt == up) {
-                        key[i] = b; key[ixj] = a;
-                        uint32_t t = val[i]; val[i] = val[ixj]; val[ixj] = t;
-                    }
+            // One thread per compared pair (i, i ^ j), i with bit j clear: q with a 0 bit
+            // inserted at j's position (the same network as visiting every i and skipping
+            // i ^ j < i, without the idle half).
+            for (int q = threadIdx.x; q < n / 2; q += blockDim.x) {
+                const int i = ((q & ~(j - 1)) << 1) | (q & (j - 1)), ixj = i + j;
+                bool up = (i & k) == 0;
+                uint64_t a = key[i], b = key[ixj];
+                bool gt = a > b || (a == b && val[i] > val[ixj]);
+                if (gt == up) {
+                    key[i] = b; key[ixj] = a;
+                    uint32_t t = val[i]; val[i] = val[ixj]; val[ixj] = t;
                 }
             }
             __syncthreads();
