@@ -1504,44 +1504,51 @@ sel_qa_topup_prep(const SeqDesc* __restrict__ seqs, SelParams p, const int* __re
 }
 
 // Streams columns col(0), …, col(n-1) of a block's transposed masses (mt[col·nr + row])
-// through two shared tiles of E columns each, the next tile's loads in flight (in registers,
-// all threads) while the current one is consumed. consume(t, j0, m) reads t[j·nr + row] for
-// the columns j0 + j, j < m, and says whether its thread wants more; the stream stops after a
-// tile that no thread wants more than. Every thread calls it (barriers). A thread loads one
-// row (tid % nr) of every jpt-th column (jpt = TOPUP_THREADS / nr columns side by side), so
-// its addresses need no division: E = min(tile / nr, jpt · TOPUP_PER) (nr ≤ TOPUP_THREADS).
+// through two shared tiles of E columns each, with the next two tiles' loads in flight (two
+// register sets, all threads) while the current one is consumed: a tile's loads have two
+// consume steps to arrive (the data may come from HBM). consume(t, j0, m) reads t[j·nr + row]
+// for the columns j0 + j, j < m, and says whether its thread wants more; the stream stops
+// after a tile that no thread wants more than. Every thread calls it (barriers). A thread
+// loads one row (tid % nr) of every jpt-th column (jpt = TOPUP_THREADS / nr columns side by
+// side), so its addresses need no division: E = min(tile / nr, jpt · TOPUP_PER).
 template <class Col, class Consume>
 FP_DEVICE void stream_columns(const float* __restrict__ mt, unsigned nr, unsigned n, float* buf, unsigned tile,
                               Col col, Consume consume) {
     const unsigned jpt = TOPUP_THREADS / nr, E = min(tile / nr, jpt * TOPUP_PER), nt = (n + E - 1) / E;
-    const unsigned jj = threadIdx.x / nr, ii = threadIdx.x - jj * nr;  // jj ≥ jpt: idle
-    float x[TOPUP_PER];
-    auto load = [&](unsigned k) {
+    const unsigned jj = threadIdx.x / nr, ii = threadIdx.x - jj * nr;
+    const bool loader = jj < jpt;  // the threads past jpt·nr load nothing
+    float xa[TOPUP_PER], xb[TOPUP_PER];
+    auto load = [&](float(&x)[TOPUP_PER], unsigned k) {
         const unsigned j0 = k * E, m = min(E, n - j0);
 #pragma unroll
         for (unsigned u = 0; u < TOPUP_PER; ++u) {
             const unsigned j = jj + u * jpt;
-            if (j < m) x[u] = mt[(size_t)col(j0 + j) * nr + ii];
+            if (loader && j < m) x[u] = mt[(size_t)col(j0 + j) * nr + ii];
         }
     };
-    auto store = [&](unsigned k) {
+    auto store = [&](const float(&x)[TOPUP_PER], unsigned k) {
         float* t = buf + (size_t)(k & 1) * tile + jj * nr + ii;
         const unsigned m = min(E, n - k * E);
 #pragma unroll
         for (unsigned u = 0; u < TOPUP_PER; ++u)
-            if (jj + u * jpt < m) t[u * jpt * nr] = x[u];
+            if (loader && jj + u * jpt < m) t[u * jpt * nr] = x[u];
+    };
+    // Tile k is in shared memory (cur held it), tile k + 1 in flight in nxt: cur takes tile
+    // k + 2, k is consumed, k + 1 stored. The other shared tile was last read before the
+    // previous barrier.
+    auto step = [&](float(&cur)[TOPUP_PER], const float(&nxt)[TOPUP_PER], unsigned k) -> bool {
+        if (k + 2 < nt) load(cur, k + 2);
+        const bool more = consume(buf + (size_t)(k & 1) * tile, k * E, min(E, n - k * E));
+        if (k + 1 < nt) store(nxt, k + 1);
+        return __syncthreads_or(more) && k + 1 < nt;
     };
     if (nt == 0) return;
-    load(0);
-    store(0);
+    load(xa, 0);
+    if (nt > 1) load(xb, 1);
+    store(xa, 0);
     __syncthreads();
-    for (unsigned k = 0; k < nt; ++k) {
-        if (k + 1 < nt) load(k + 1);
-        const bool more = consume(buf + (size_t)(k & 1) * tile, k * E, min(E, n - k * E));
-        // The other tile was last read before the previous barrier.
-        if (k + 1 < nt) store(k + 1);
-        if (!__syncthreads_or(more)) break;
-    }
+    for (unsigned k = 0;; k += 2)
+        if (!step(xa, xb, k) || !step(xb, xa, k + 1)) break;
 }
 
 // The exact top-up of the representative query blocks, from the prep's transposed masses and
