@@ -126,16 +126,17 @@ FP_DEVICE double block_sum_f64(double v, double* red) {
 FP_DEVICE void bitonic_sort(uint64_t* key, uint32_t* val, int n) {
     for (int k = 2; k <= n; k <<= 1) {
         for (int j = k >> 1; j > 0; j >>= 1) {
-            for (int i = threadIdx.x; i < n; i += blockDim.x) {
-                int ixj = i ^ j;
-                if (ixj > i) {
-                    bool up = (i & k) == 0;
-                    uint64_t a = key[i], b = key[ixj];
-                    bool gt = a > b || (a == b && val[i] > val[ixj]);
-                    if (gt == up) {
-                        key[i] = b; key[ixj] = a;
-                        uint32_t t = val[i]; val[i] = val[ixj]; val[ixj] = t;
-                    }
+            // One thread per compared pair (i, i ^ j), i with bit j clear: q with a 0 bit
+            // inserted at j's position (the same network as visiting every i and skipping
+            // i ^ j < i, without the idle half).
+            for (int q = threadIdx.x; q < n / 2; q += blockDim.x) {
+                const int i = ((q & ~(j - 1)) << 1) | (q & (j - 1)), ixj = i + j;
+                bool up = (i & k) == 0;
+                uint64_t a = key[i], b = key[ixj];
+                bool gt = a > b || (a == b && val[i] > val[ixj]);
+                if (gt == up) {
+                    key[i] = b; key[ixj] = a;
+                    uint32_t t = val[i]; val[i] = val[ixj]; val[ixj] = t;
                 }
             }
             __syncthreads();
@@ -1645,125 +1646,213 @@ sel_qa_build(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, c
     for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) row[w] = bits[w];
 }
 
-// Faithful query-aware exact top-up (core's RepCoverage::top_up) of the representative query
-// blocks: each representative query holds gamma of its exact attention, else the heaviest
-// missing causal key blocks (by summed representative mass) are added. Grid (H, nseq), 256
-// threads, smem 12·next_pow2(nkb) + 16·rep.
+// ---- faithful query-aware exact top-up (core's RepCoverage::top_up) -------------------------
+//
+// Each representative query must hold gamma of its exact attention, else the heaviest missing
+// causal key blocks of its query block (by mass summed over the block's representative
+// queries) are added until every one does. Every sum is core's: f64, sequential, in the same
+// order. The masses arrive row-major ([rep, nkb] per head), which a thread-per-row pass
+// would read with a stride of nkb floats; the prep kernel transposes them per
+// representative query block so that the top-up streams key-block columns, contiguous and
+// coalesced, through shared memory, and it computes the column scores on the way.
+
+#define TOPUP_COLS 32     // key blocks per sel_qa_topup_prep CTA: one warp reads a row's segment (select.rs TOPUP_COLS)
+#define TOPUP_ROWS 64     // representative rows per staged prep tile
+#define TOPUP_THREADS 256 // sel_qa_topup's block size (one thread per row: rep ≤ block_size ≤ 256)
+#define TOPUP_PER 32      // staged floats per thread per tile: tile ≤ TOPUP_PER · TOPUP_THREADS
+
+// The representative rows of query block r: [ri0, ri1) (rep_block is monotone in the row).
+FP_DEVICE void rep_rows(const Geo& g, unsigned r, unsigned& ri0, unsigned& ri1) {
+    const unsigned base = g.q_len - g.rep;
+    ri0 = r * g.bs > base ? r * g.bs - base : 0u;
+    ri1 = min(g.rep, (r + 1) * g.bs - base);
+}
+
+// Top-up prep, per representative query block r of a faithful query-aware head (rows
+// [ri0, ri1), nr of them, at head offset base = rep_off·H + h·rep·nkb):
+// - mass_t[base + ri0·nkb + c·nr + (i - ri0)] = rep_block_mass[base + i·nkb + c] (the
+//   block's rows transposed in place of its own region);
+// - col_sum[base + (r - r0)·nkb + c] = (f32) Σ_{i = ri0..ri1-1} (f64) mass[i][c], summed in
+//   row order from 0.0 (core's score of an uncovered key block, before the -inf of covered ones).
+// Grid (ceil(max nkb / TOPUP_COLS), H, nseq), 256 threads.
 extern "C" __global__ void __launch_bounds__(256)
+sel_qa_topup_prep(const SeqDesc* __restrict__ seqs, SelParams p, const int* __restrict__ pattern,
+                  const float* __restrict__ rep_block_mass, float* __restrict__ mass_t,
+                  float* __restrict__ col_sum) {
+    __shared__ float tile[TOPUP_ROWS][TOPUP_COLS + 1];  // padded: the transposed reads are conflict free
+    const int h = blockIdx.y, s = blockIdx.z;
+    if (p.original || pattern[s * p.num_heads + h] != PAT_QA) return;
+    const SeqDesc sd = seqs[s];
+    const Geo g = geo(sd, p.block_size);
+    const unsigned nkb = sd.nkb, c0 = blockIdx.x * TOPUP_COLS;
+    if (c0 >= nkb) return;
+    const unsigned nc = min((unsigned)TOPUP_COLS, nkb - c0);
+    const size_t base = (size_t)sd.rep_off * p.num_heads + (size_t)h * g.rep * nkb;
+    const float* mass = rep_block_mass + base;
+    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const unsigned r0 = g.rep_block(0), r1 = g.rep_block(g.rep - 1);
+    for (unsigned r = r0; r <= r1; ++r) {
+        unsigned ri0, ri1;
+        rep_rows(g, r, ri0, ri1);
+        const unsigned nr = ri1 - ri0;
+        float* mt = mass_t + base + (size_t)ri0 * nkb;
+        double a = 0.0;  // warp 0: key block c0 + lane, rows in order across the tiles
+        for (unsigned k0 = 0; k0 < nr; k0 += TOPUP_ROWS) {
+            const unsigned nk = min((unsigned)TOPUP_ROWS, nr - k0);
+            for (unsigned k = warp; k < nk; k += warps)  // one warp reads one row's segment
+                if (lane < nc) tile[k][lane] = mass[(size_t)(ri0 + k0 + k) * nkb + c0 + lane];
+            __syncthreads();
+            if (warp == 0 && lane < nc)
+                for (unsigned k = 0; k < nk; ++k) a += (double)tile[k][lane];
+            // consecutive threads write consecutive rows of one key block
+            for (unsigned x = threadIdx.x; x < nk * nc; x += blockDim.x) {
+                const unsigned u = x / nk, k = x - u * nk;
+                mt[(size_t)(c0 + u) * nr + k0 + k] = tile[k][u];
+            }
+            __syncthreads();  // the tile is read before the next one overwrites it
+        }
+        if (warp == 0 && lane < nc) col_sum[base + (size_t)(r - r0) * nkb + c0 + lane] = (float)a;
+    }
+}
+
+// Streams columns col(0), …, col(n-1) of a block's transposed masses (mt[col·nr + row])
+// through two shared tiles of E columns each, with the next two tiles' loads in flight (two
+// register sets, all threads) while the current one is consumed: a tile's loads have two
+// consume steps to arrive (the data may come from HBM). consume(t, j0, m) reads t[j·nr + row]
+// for the columns j0 + j, j < m, and says whether its thread wants more; the stream stops
+// after a tile that no thread wants more than. Every thread calls it (barriers). A thread
+// loads one row (tid % nr) of every jpt-th column (jpt = TOPUP_THREADS / nr columns side by
+// side), so its addresses need no division: E = min(tile / nr, jpt · TOPUP_PER).
+template <class Col, class Consume>
+FP_DEVICE void stream_columns(const float* __restrict__ mt, unsigned nr, unsigned n, float* buf, unsigned tile,
+                              Col col, Consume consume) {
+    const unsigned jpt = TOPUP_THREADS / nr, E = min(tile / nr, jpt * TOPUP_PER), nt = (n + E - 1) / E;
+    const unsigned jj = threadIdx.x / nr, ii = threadIdx.x - jj * nr;
+    const bool loader = jj < jpt;  // the threads past jpt·nr load nothing
+    float xa[TOPUP_PER], xb[TOPUP_PER];
+    auto load = [&](float(&x)[TOPUP_PER], unsigned k) {
+        const unsigned j0 = k * E, m = min(E, n - j0);
+#pragma unroll
+        for (unsigned u = 0; u < TOPUP_PER; ++u) {
+            const unsigned j = jj + u * jpt;
+            if (loader && j < m) x[u] = mt[(size_t)col(j0 + j) * nr + ii];
+        }
+    };
+    auto store = [&](const float(&x)[TOPUP_PER], unsigned k) {
+        float* t = buf + (size_t)(k & 1) * tile + jj * nr + ii;
+        const unsigned m = min(E, n - k * E);
+#pragma unroll
+        for (unsigned u = 0; u < TOPUP_PER; ++u)
+            if (loader && jj + u * jpt < m) t[u * jpt * nr] = x[u];
+    };
+    // Tile k is in shared memory (cur held it), tile k + 1 in flight in nxt: cur takes tile
+    // k + 2, k is consumed, k + 1 stored. The other shared tile was last read before the
+    // previous barrier.
+    auto step = [&](float(&cur)[TOPUP_PER], const float(&nxt)[TOPUP_PER], unsigned k) -> bool {
+        if (k + 2 < nt) load(cur, k + 2);
+        const bool more = consume(buf + (size_t)(k & 1) * tile, k * E, min(E, n - k * E));
+        if (k + 1 < nt) store(nxt, k + 1);
+        return __syncthreads_or(more) && k + 1 < nt;
+    };
+    if (nt == 0) return;
+    load(xa, 0);
+    if (nt > 1) load(xb, 1);
+    store(xa, 0);
+    __syncthreads();
+    for (unsigned k = 0;; k += 2)
+        if (!step(xa, xb, k) || !step(xb, xa, k + 1)) break;
+}
+
+// The exact top-up of the representative query blocks, from the prep's transposed masses and
+// column scores. One thread per representative row (row ri0 + threadIdx.x of block r).
+// Grid (H, nseq), TOPUP_THREADS threads; `tile` floats per staged tile (nr ≤ tile ≤
+// TOPUP_PER·TOPUP_THREADS); smem max(8·N, 8·tile) + 4·N + 4·ceil(nkb/32), N = next_pow2(nkb):
+// the two tiles alias the sort keys (never live at once), then the ranking and the mask row.
+extern "C" __global__ void __launch_bounds__(TOPUP_THREADS, 1)
 sel_qa_topup(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
-             const int* __restrict__ pattern, const float* __restrict__ rep_block_mass, unsigned* __restrict__ mask) {
+             const int* __restrict__ pattern, const float* __restrict__ mass_t,
+             const float* __restrict__ col_sum, unsigned tile, unsigned* __restrict__ mask) {
     extern __shared__ __align__(16) unsigned char smem[];
-    __shared__ int short_rows;  // rows under gamma, then the blocks the walk takes
-    __shared__ unsigned uncovered;
+    __shared__ unsigned walk_max[TOPUP_THREADS / 32];
     const int h = blockIdx.x, s = blockIdx.y;
     if (p.original || pattern[s * p.num_heads + h] != PAT_QA) return;
     const SeqDesc sd = seqs[s];
     const SelSeq ss = sel[s];
     const Geo g = geo(sd, p.block_size);
-    const unsigned nkb = sd.nkb;
-    const float* mass = rep_block_mass + (size_t)sd.rep_off * p.num_heads + (size_t)h * g.rep * nkb;
-    unsigned* mk = mask + (size_t)ss.mask_off * p.num_heads + (size_t)h * sd.nqb * ss.words;
+    const unsigned nkb = sd.nkb, words = ss.words;
+    const size_t base = (size_t)sd.rep_off * p.num_heads + (size_t)h * g.rep * nkb;
+    unsigned* mk = mask + (size_t)ss.mask_off * p.num_heads + (size_t)h * sd.nqb * words;
     const int N = next_pow2(nkb);
     uint64_t* key = (uint64_t*)smem;
-    uint32_t* val = (uint32_t*)(key + N);
-    double* cap = (double*)(val + N);  // [rep]
-    double* tgt = cap + g.rep;
+    float* buf = (float*)smem;  // the staged tiles: dead while the keys live, and back
+    uint32_t* val = (uint32_t*)(smem + max((size_t)8 * N, (size_t)8 * tile));
+    unsigned* bits = val + N;  // the block's mask row
+    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const unsigned r0 = g.rep_block(0), r1 = g.rep_block(g.rep - 1);
     for (unsigned r = r0; r <= r1; ++r) {
-        const unsigned* row = mk + (size_t)r * ss.words;
+        unsigned* row = mk + (size_t)r * words;
         const unsigned d = g.last_diag(r);
-        if (threadIdx.x == 0) short_rows = 0;
+        unsigned ri0, ri1;
+        rep_rows(g, r, ri0, ri1);
+        const unsigned nr = ri1 - ri0;
+        const bool mine = threadIdx.x < nr;
+        const float* mt = mass_t + base + (size_t)ri0 * nkb;
+        for (unsigned w = threadIdx.x; w < words; w += blockDim.x) bits[w] = row[w];
         __syncthreads();
-        for (unsigned i = threadIdx.x; i < g.rep; i += blockDim.x) {
-            if (g.rep_block(i) != r) continue;
-            // One pass over the row: 16 loads in flight (unconditional, so they can be), the
-            // total and the captured mass each summed sequentially in key-block order.
-            const float* mi = mass + (size_t)i * nkb;
-            double t = 0.0, c2 = 0.0;
-            for (unsigned c0 = 0; c0 < nkb; c0 += 16) {
-                float x[16];
-#pragma unroll
-                for (unsigned u = 0; u < 16; ++u) x[u] = c0 + u < nkb ? mi[c0 + u] : 0.f;
-                const unsigned bits = c0 <= d ? row[c0 / 32] >> (c0 % 32) : 0u;  // 16 | 32: one word
-#pragma unroll
-                for (unsigned u = 0; u < 16; ++u) {
-                    if (c0 + u >= nkb) break;
-                    t += (double)x[u];
-                    if (c0 + u <= d && (bits >> u & 1u)) c2 += (double)x[u];
-                }
-            }
-            cap[i] = c2;
-            tgt[i] = (double)p.gamma * t;
-            if (!(c2 >= tgt[i])) atomicAdd(&short_rows, 1);
-        }
-        __syncthreads();
-        const bool all_hold = short_rows == 0;
-        __syncthreads();  // every thread has read short_rows before thread 0 resets it
-        if (all_hold) continue;
-        // Score the uncovered causal blocks by their summed representative mass.
-        unsigned ri0 = 0;
-        while (ri0 < g.rep && g.rep_block(ri0) != r) ++ri0;
-        unsigned ri1 = ri0;
-        while (ri1 < g.rep && g.rep_block(ri1) == r) ++ri1;
+        // Each row's total and captured mass, each summed sequentially in key-block order.
+        double t = 0.0, c2 = 0.0;
+        stream_columns(mt, nr, nkb, buf, tile, [](unsigned j) { return j; },
+                       [&](const float* tl, unsigned j0, unsigned m) {
+                           if (mine)
+                               for (unsigned j = 0; j < m; ++j) {
+                                   const unsigned c = j0 + j;
+                                   const double x = (double)tl[j * nr + threadIdx.x];
+                                   t += x;
+                                   if (c <= d && (bits[c / 32] >> (c % 32) & 1u)) c2 += x;
+                               }
+                           return true;
+                       });
+        const double cap = c2, tgt = (double)p.gamma * t;
+        // (a barrier: every tile and mask word is read before either is rewritten)
+        if (!__syncthreads_or(mine && !(cap >= tgt))) continue;
+        // Rank the uncovered causal blocks by their summed representative mass.
+        const float* cs = col_sum + base + (size_t)(r - r0) * nkb;
         for (int c = threadIdx.x; c < N; c += blockDim.x) {
             uint64_t k = KEY_ALL;
-            if ((unsigned)c <= d) {
-                float sc;
-                if (row[c / 32] >> (c % 32) & 1u) {
-                    sc = -F32_INF;
-                } else {
-                    // the block's representative rows are contiguous: [i0, i1)
-                    double a = 0.0;
-                    for (unsigned i = ri0; i < ri1; i += 16) {
-                        float x[16];
-#pragma unroll
-                        for (unsigned u = 0; u < 16; ++u) x[u] = i + u < ri1 ? mass[(size_t)(i + u) * nkb + c] : 0.f;
-#pragma unroll
-                        for (unsigned u = 0; u < 16; ++u)
-                            if (i + u < ri1) a += (double)x[u];
-                    }
-                    sc = (float)a;
-                }
-                k = rank_key(sc, c);
-            }
+            if ((unsigned)c <= d) k = rank_key(bits[c / 32] >> (c % 32) & 1u ? -F32_INF : cs[c], c);
             key[c] = k;
             val[c] = c;
         }
         __syncthreads();
-        bitonic_sort(key, val, N);
+        bitonic_sort(key, val, N);  // ends with a barrier
+        unsigned uncovered = d + 1;
+        for (unsigned w = 0; w <= d / 32; ++w) {
+            const unsigned nb = w < d / 32 ? 32u : d % 32 + 1;
+            uncovered -= __popc(nb == 32 ? bits[w] : bits[w] & ((1u << nb) - 1u));
+        }
         // Core walks the ranking adding one block at a time until every representative query
         // holds gamma (or an already selected block comes up). Each query's captured mass is
         // a sequential f64 sum in that order, so each thread replays its own query's sum and
         // finds after how many blocks it holds; the walk stops at the largest of those.
-        if (threadIdx.x == 0) { short_rows = 0; uncovered = 0; }
+        double m = cap;
+        bool hit = !mine || m >= tgt;
+        unsigned e = 0;
+        stream_columns(mt, nr, uncovered, buf, tile, [&](unsigned j) { return val[j]; },
+                       [&](const float* tl, unsigned, unsigned cnt) {
+                           for (unsigned j = 0; j < cnt && !hit; ++j) {
+                               m += (double)tl[j * nr + threadIdx.x];
+                               ++e;
+                               hit = m >= tgt;
+                           }
+                           return !hit;
+                       });
+        for (int o = 16; o > 0; o >>= 1) e = max(e, __shfl_xor_sync(0xffffffffu, e, o));
+        if (lane == 0) walk_max[warp] = e;
         __syncthreads();
-        for (unsigned c = threadIdx.x; c <= d; c += blockDim.x)
-            if (!(row[c / 32] >> (c % 32) & 1u)) atomicAdd(&uncovered, 1u);
-        __syncthreads();
-        for (unsigned i = threadIdx.x; i < g.rep; i += blockDim.x) {
-            if (g.rep_block(i) != r) continue;
-            // batches of 8 loads in flight; the sum stays sequential
-            double m = cap[i];
-            unsigned e = 0;
-            for (bool hit = m >= tgt[i]; !hit && e < uncovered;) {
-                double x[8];
-#pragma unroll
-                for (unsigned u = 0; u < 8; ++u) x[u] = e + u < uncovered ? (double)mass[(size_t)i * nkb + val[e + u]] : 0.0;
-#pragma unroll
-                for (unsigned u = 0; u < 8; ++u)
-                    if (!hit && e < uncovered) {
-                        m += x[u];
-                        ++e;
-                        hit = m >= tgt[i];
-                    }
-            }
-            atomicMax(&short_rows, (int)e);
-        }
-        __syncthreads();
-        unsigned* wrow = mk + (size_t)r * ss.words;
-        for (unsigned e = threadIdx.x; e < (unsigned)short_rows; e += blockDim.x)
-            atomicOr(&wrow[val[e] / 32], 1u << (val[e] % 32));
-        __syncthreads();
+        unsigned take = 0;
+        for (unsigned w = 0; w < blockDim.x / 32; ++w) take = max(take, walk_max[w]);
+        for (unsigned k = threadIdx.x; k < take; k += blockDim.x) atomicOr(&row[val[k] / 32], 1u << (val[k] % 32));
+        __syncthreads();  // walk_max, the ranking and the mask row are read before the next block
     }
 }
 

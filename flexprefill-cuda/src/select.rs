@@ -89,6 +89,16 @@ const QS_WARPS: usize = 4;
 const FLAT_FULL_DIGITS: usize = 2;
 /// Probe events per CTA of `sel_fvs_probe_events` (its `EV_PER_CTA`).
 const EV_PER_CTA: usize = 64;
+/// Key blocks per CTA of `sel_qa_topup_prep` (its `TOPUP_COLS`: one warp's row segment).
+const TOPUP_COLS: usize = 32;
+/// Threads of `sel_qa_topup` (its `TOPUP_THREADS`): one per representative row.
+const TOPUP_THREADS: usize = 256;
+/// Floats per staged tile of `sel_qa_topup`: its register prefetch holds at most
+/// `TOPUP_PER · TOPUP_THREADS` = 32 · 256; a larger tile means fewer round trips per row.
+const TOPUP_TILE: usize = 8192;
+/// The smallest tile tried when shared memory is short: 4 key blocks of the largest
+/// representative block (block_size ≤ 256 rows).
+const TOPUP_MIN_TILE: usize = 1024;
 
 /// Pattern codes written by `sel_decide`.
 const PAT_QA: i32 = 1;
@@ -166,6 +176,8 @@ pub fn launch_select<T: StatsElem>(
     let (mut mask, mut map, mut rows, mut dist, mut causal) =
         (0usize, 0usize, 0usize, 0usize, 0usize);
     let (mut max_nkb, mut max_rep, mut max_map) = (1usize, 1usize, 1usize);
+    // rep_block_mass per head (Σ rep·nkb), the top-up's scratch layout
+    let mut rep_mass = 0usize;
     let mut head_row_start = vec![0u32];
     for (si, s) in layout.seqs.iter().enumerate() {
         let (nqb, nkb) = (s.num_query_blocks(bs), s.num_key_blocks(bs));
@@ -193,6 +205,7 @@ pub fn launch_select<T: StatsElem>(
         max_nkb = max_nkb.max(nkb);
         max_map = max_map.max(nqb * nkb);
         max_rep = max_rep.max(layout.num_rep(si));
+        rep_mass += layout.num_rep(si) * nkb;
         for _ in 0..h {
             let last = *head_row_start.last().expect("starts with 0");
             head_row_start.push(u(last as usize + nqb)?);
@@ -265,7 +278,29 @@ pub fn launch_select<T: StatsElem>(
     let max_smem = dev.info().max_smem_per_block;
     let n2 = max_nkb.next_power_of_two();
     let sort_smem = 12 * n2;
-    let topup_smem = sort_smem + 16 * max_rep;
+    // The registry raises a function's dynamic-smem limit once, at first use, so ask for the
+    // most any launch may need; the limit must leave room for the kernel's static shared
+    // memory (a few KiB at most here), or the driver refuses it.
+    let dyn_limit = max_smem - 8 * 1024;
+    // The top-up stages `topup_tile` floats per tile, two tiles aliasing the sort keys, then
+    // the ranking and one mask row (select.cu sel_qa_topup); smaller tiles where shared
+    // memory is short (a tile holds at least one key block's representative rows).
+    let topup_bytes = |tile: usize| (8 * n2).max(8 * tile) + 4 * n2 + 4 * max_nkb.div_ceil(32);
+    let mut topup_tile = TOPUP_TILE;
+    while topup_tile > TOPUP_MIN_TILE && topup_bytes(topup_tile) > dyn_limit {
+        topup_tile /= 2;
+    }
+    let topup_smem = topup_bytes(topup_tile);
+    // sel_qa_topup runs one thread per representative row (rep ≤ block_size ≤ 256, which
+    // the config's validation guarantees).
+    if max_rep > TOPUP_THREADS {
+        return Err(CudaError::Unsupported {
+            op: "select",
+            message: format!(
+                "{max_rep} representative rows exceed the top-up's {TOPUP_THREADS} threads"
+            ),
+        });
+    }
     let row_smem = 16 * n2 + 4 * max_nkb.div_ceil(32);
     if topup_smem > max_smem {
         return Err(CudaError::Unsupported {
@@ -273,10 +308,6 @@ pub fn launch_select<T: StatsElem>(
             message: format!("{max_nkb} key blocks per sequence need {topup_smem} bytes of shared memory to rank (device: {max_smem}); use a larger block_size"),
         });
     }
-    // The registry raises a function's dynamic-smem limit once, at first use, so ask for the
-    // most any launch may need; the limit must leave room for the kernel's static shared
-    // memory (a few KiB at most here), or the driver refuses it.
-    let dyn_limit = max_smem - 8 * 1024;
     if topup_smem.max(row_smem) > dyn_limit {
         return Err(CudaError::Unsupported {
             op: "select",
@@ -326,6 +357,16 @@ pub fn launch_select<T: StatsElem>(
     let mut order_b = unsafe { stream.alloc::<u32>(qa_len) }?;
     let mut run_b = unsafe { stream.alloc::<f64>(qa_len) }?;
     let mut t_b = unsafe { stream.alloc::<f64>((nseq * h).max(1)) }?;
+    // The top-up's transposed representative masses and column scores (rep_block_mass's
+    // layout; sel_qa_topup_prep writes both for every faithful query-aware head, whose
+    // sel_qa_topup alone reads them).
+    let topup_len = if faithful_qa {
+        (rep_mass * h).max(1)
+    } else {
+        1
+    };
+    let mut mass_t = unsafe { stream.alloc::<f32>(topup_len) }?;
+    let mut col_sum = unsafe { stream.alloc::<f32>(topup_len) }?;
     let probes = layout.probes && cfg.selection == SelectionMode::Faithful;
     let probes_i = probes as i32;
     let ev_len = if probes {
@@ -414,6 +455,13 @@ pub fn launch_select<T: StatsElem>(
         launch!(side, f("sel_ovs")?, lc(grid_heads, 1024, 0);
             &stats.descs, &p, &pattern, &stats.vertical, &stats.slash, &vpool, &spool, &mut colsel,
             &mut offsel)?;
+        if faithful_qa {
+            // The top-up's prep needs only the statistics and the patterns: it runs here, off
+            // the query-aware chain's path (no profile mark: the marks time the main stream).
+            let grid = (max_nkb.div_ceil(TOPUP_COLS) as u32, h as u32, nseq as u32);
+            launch!(side, f("sel_qa_topup_prep")?, lc(grid, 256, 0);
+                &stats.descs, &p, &pattern, &stats.rep_block_mass, &mut mass_t, &mut col_sum)?;
+        }
         if any_qa {
             launch!(stream, f("sel_qa_map")?, lc(map_grid, QM_THREADS, map_smem);
                 &stats.descs, &sel_d, &tiles_d, &p, &pattern, &stats.q_pooled, &stats.k_pooled,
@@ -488,9 +536,12 @@ pub fn launch_select<T: StatsElem>(
                 &stats.descs, &sel_d, &qb_seq_d, &p, &pattern, &mapb, &order_b, &run_b, &t_b,
                 &kcut, &mut maskb)?;
             crate::stats::profile::mark(stream, "sel_qa_build");
-            launch!(stream, f("sel_qa_topup")?, lc(grid_heads, 256, topup_smem);
-                &stats.descs, &sel_d, &p, &pattern, &stats.rep_block_mass, &mut maskb)?;
-            crate::stats::profile::mark(stream, "sel_qa_topup");
+            if faithful_qa {
+                let tile = topup_tile as u32;
+                launch!(stream, f("sel_qa_topup")?, lc(grid_heads, TOPUP_THREADS as u32, topup_smem);
+                    &stats.descs, &sel_d, &p, &pattern, &mass_t, &col_sum, &tile, &mut maskb)?;
+                crate::stats::profile::mark(stream, "sel_qa_topup");
+            }
         }
         launch!(stream, f("sel_count")?, lc(ext_grid, 256, 0);
             &stats.descs, &sel_d, &qb_seq_d, &qb_all_u, &p, &maskb, &mut counts)?;
