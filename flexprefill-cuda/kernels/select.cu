@@ -732,7 +732,7 @@ extern "C" __global__ void sel_extend(const SeqDesc* __restrict__ seqs, const Se
                                       const int* __restrict__ pattern, const unsigned char* __restrict__ colsel,
                                       const unsigned char* __restrict__ offsel, const unsigned* __restrict__ dist_prefix,
                                       const unsigned char* __restrict__ diag_hit, unsigned* __restrict__ mask) {
-    const unsigned gb = blockIdx.x * 8 + threadIdx.x / 32;
+    const unsigned gb = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (gb >= total_qb) return;
     const int h = blockIdx.y;
     const unsigned s = qb_seq[gb];
@@ -1862,7 +1862,7 @@ sel_qa_topup(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, S
 extern "C" __global__ void sel_count(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
                                      const unsigned* __restrict__ qb_seq, unsigned total_qb, SelParams p,
                                      const unsigned* __restrict__ mask, unsigned* __restrict__ counts) {
-    const unsigned gb = blockIdx.x * 8 + threadIdx.x / 32;
+    const unsigned gb = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (gb >= total_qb) return;
     const int h = blockIdx.y;
     const unsigned s = qb_seq[gb];
@@ -1877,25 +1877,31 @@ extern "C" __global__ void sel_count(const SeqDesc* __restrict__ seqs, const Sel
     if (lane == 0) counts[(size_t)ss.row_off * p.num_heads + (size_t)h * sd.nqb + r] = n;
 }
 
-// Exclusive scan of the row counts into row_offsets [rows + 1]. One CTA of 1024 threads, 32
-// consecutive counts per thread per round (all loads of a round in flight at once: one
-// round covers 32k rows, where a round per 1024 rows paid a load latency each).
+// Exclusive scan of the row counts into row_offsets [rows + 1]. One CTA of 1024 threads;
+// rounds of 8192 counts staged through shared memory with coalesced loads (all in flight at
+// once), 8 consecutive counts per thread.
 extern "C" __global__ void __launch_bounds__(1024)
 sel_scan(const unsigned* __restrict__ counts, unsigned rows, unsigned* __restrict__ offsets) {
-    constexpr unsigned IT = 32;
+    constexpr unsigned IT = 8;
+    __shared__ unsigned stage[1024 * IT];
     __shared__ unsigned warp_tot[32];
     __shared__ unsigned carry;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
     if (threadIdx.x == 0) { carry = 0; offsets[0] = 0; }
-    __syncthreads();
     for (unsigned base = 0; base < rows; base += blockDim.x * IT) {
+        unsigned ld[IT];
+#pragma unroll
+        for (unsigned u = 0; u < IT; ++u) {
+            const unsigned i = base + u * blockDim.x + threadIdx.x;
+            ld[u] = i < rows ? counts[i] : 0u;
+        }
+#pragma unroll
+        for (unsigned u = 0; u < IT; ++u) stage[u * blockDim.x + threadIdx.x] = ld[u];
+        __syncthreads();
         const unsigned i0 = base + threadIdx.x * IT;
-        unsigned v[IT];
+        unsigned v[IT], mine = 0;
 #pragma unroll
-        for (unsigned u = 0; u < IT; ++u) v[u] = i0 + u < rows ? counts[i0 + u] : 0u;
-        unsigned mine = 0;
-#pragma unroll
-        for (unsigned u = 0; u < IT; ++u) { mine += v[u]; v[u] = mine; }
+        for (unsigned u = 0; u < IT; ++u) { mine += stage[threadIdx.x * IT + u]; v[u] = mine; }
         unsigned x = mine;
         for (int o = 1; o < 32; o <<= 1) {
             unsigned y = __shfl_up_sync(0xffffffffu, x, o);
@@ -1914,17 +1920,16 @@ sel_scan(const unsigned* __restrict__ counts, unsigned rows, unsigned* __restric
             for (int w = 0; w < nw; ++w) t += warp_tot[w];
             carry += t;
         }
-        __syncthreads();
     }
 }
 
-// Writes each row's key blocks, ascending, at its offset. Grid (ceil(Σ nqb / 8), H), 256
-// threads: a warp per row walks the words in order and scans the running position.
+// Writes each row's key blocks, ascending, at its offset. A warp per row (rows per CTA =
+// warps per CTA) walks the words in order and scans the running position.
 extern "C" __global__ void sel_write(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
                                      const unsigned* __restrict__ qb_seq, unsigned total_qb, SelParams p,
                                      const unsigned* __restrict__ mask, const unsigned* __restrict__ offsets,
                                      unsigned* __restrict__ cols) {
-    const unsigned gb = blockIdx.x * 8 + threadIdx.x / 32;
+    const unsigned gb = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (gb >= total_qb) return;
     const int h = blockIdx.y;
     const unsigned s = qb_seq[gb];

@@ -550,7 +550,7 @@ pub fn launch_select<T: StatsElem>(
         launch!(stream, f("sel_scan")?, lc((1, 1, 1), 1024, 0);
             &counts, &rows_u, &mut offsets)?;
         crate::stats::profile::mark(stream, "sel_scan");
-        launch!(stream, f("sel_write")?, lc(ext_grid, 256, 0);
+        launch!(stream, f("sel_write")?, lc(grid_rows, 32, 0);
             &stats.descs, &sel_d, &qb_seq_d, &qb_all_u, &p, &maskb, &offsets, &mut cols)?;
         crate::stats::profile::mark(stream, "sel_write");
     }
