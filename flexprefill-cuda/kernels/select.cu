@@ -164,9 +164,21 @@ FP_DEVICE uint64_t fixed(double x, double scale) {
 //   mode 2: the taken count stays ≤ target_count (top-n)
 // KEY_ALL when every key is taken. `items(i, key, mass)` enumerates candidates i < n (returns
 // false for an invalid slot). `taken_count` receives how many keys precede the result.
+// A 64-bit shared-memory sum as two 32-bit words: the 64-bit shared atomic add is a
+// compare-and-swap loop (ncu: the histogram kernels stalled on shared memory), two 32-bit adds
+// with the carry are native and, being integer, exact in any order.
+FP_DEVICE void shared_add_u64(unsigned* lo, unsigned* hi, unsigned long long v) {
+    const unsigned l = (unsigned)v, old = atomicAdd(lo, l);
+    const unsigned h = (unsigned)(v >> 32) + (old + l < old ? 1u : 0u);
+    if (h) atomicAdd(hi, h);
+}
+FP_DEVICE unsigned long long join_u64(unsigned lo, unsigned hi) {
+    return ((unsigned long long)hi << 32) | lo;
+}
+
 struct RadixShared {
     unsigned cnt[256];
-    unsigned long long sum[256];
+    unsigned sum_lo[256], sum_hi[256];
     unsigned long long prefix;
     unsigned long long sum_above;
     unsigned cnt_above;
@@ -180,7 +192,7 @@ FP_DEVICE uint64_t radix_cut(RadixShared& sh, const Items& items, unsigned n, in
     const double scale = ldexp(1.0, sc);  // 2^sc, once (not per item)
     __syncthreads();
     for (int depth = 0; depth < 8; ++depth) {
-        for (int b = threadIdx.x; b < 256; b += blockDim.x) { sh.cnt[b] = 0; sh.sum[b] = 0; }
+        for (int b = threadIdx.x; b < 256; b += blockDim.x) { sh.cnt[b] = 0; sh.sum_lo[b] = 0; sh.sum_hi[b] = 0; }
         __syncthreads();
         const int shift = 56 - 8 * depth;
         const uint64_t pref = sh.prefix;
@@ -198,7 +210,7 @@ FP_DEVICE uint64_t radix_cut(RadixShared& sh, const Items& items, unsigned n, in
             if (b != cur) {
                 if (cur_n) {
                     atomicAdd(&sh.cnt[cur], cur_n);
-                    if (mode != 2) atomicAdd(&sh.sum[cur], cur_s);
+                    if (mode != 2) shared_add_u64(&sh.sum_lo[cur], &sh.sum_hi[cur], cur_s);
                 }
                 cur = b; cur_n = 0; cur_s = 0;
             }
@@ -207,19 +219,20 @@ FP_DEVICE uint64_t radix_cut(RadixShared& sh, const Items& items, unsigned n, in
         }
         if (cur_n) {
             atomicAdd(&sh.cnt[cur], cur_n);
-            if (mode != 2) atomicAdd(&sh.sum[cur], cur_s);
+            if (mode != 2) shared_add_u64(&sh.sum_lo[cur], &sh.sum_hi[cur], cur_s);
         }
         __syncthreads();
         if (threadIdx.x == 0) {
             int st = 2;
             for (int b = 0; b < 256; ++b) {
                 if (sh.cnt[b] == 0) continue;
+                const unsigned long long sb = join_u64(sh.sum_lo[b], sh.sum_hi[b]);
                 bool take;
-                if (mode == 0) take = sh.sum_above + sh.sum[b] <= target_fx;
-                else if (mode == 1) take = sh.sum_above + sh.sum[b] < target_fx;
+                if (mode == 0) take = sh.sum_above + sb <= target_fx;
+                else if (mode == 1) take = sh.sum_above + sb < target_fx;
                 else take = sh.cnt_above + sh.cnt[b] <= target_count;
                 if (take) {
-                    sh.sum_above += sh.sum[b];
+                    sh.sum_above += sb;
                     sh.cnt_above += sh.cnt[b];
                 } else {
                     sh.prefix = (sh.prefix << 8) | (unsigned long long)b;
@@ -1112,8 +1125,7 @@ extern "C" __global__ void __launch_bounds__(256)
 sel_flat_hist(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
               const float* __restrict__ map, const FlatCut* __restrict__ cut, int depth,
               unsigned* __restrict__ hist_cnt, unsigned long long* __restrict__ hist_sum) {
-    __shared__ unsigned cnt[256];
-    __shared__ unsigned long long sum[256];
+    __shared__ unsigned cnt[256], sum_lo[256], sum_hi[256];
     const int h = blockIdx.y, s = blockIdx.z, slot = s * p.num_heads + h;
     const FlatCut st = cut[slot];
     if (st.state != 0) return;
@@ -1121,7 +1133,7 @@ sel_flat_hist(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, 
     const unsigned total = sd.nqb * sd.nkb, i0 = blockIdx.x * FLAT_CHUNK;
     if (i0 >= total) return;
     const unsigned i1 = min(i0 + FLAT_CHUNK, total);
-    for (int b = threadIdx.x; b < 256; b += blockDim.x) { cnt[b] = 0; sum[b] = 0; }
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) { cnt[b] = 0; sum_lo[b] = 0; sum_hi[b] = 0; }
     __syncthreads();
     const Geo g = geo(sd, p.block_size);
     const MapItems items{map + (size_t)sel[s].map_off * p.num_heads + (size_t)h * total, g, sd.nkb,
@@ -1138,18 +1150,18 @@ sel_flat_hist(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, 
         if (depth > 0 && (key >> (shift + 8)) != st.prefix) continue;
         const int b = (int)((key >> shift) & 255);
         if (b != cur) {
-            if (cur_n) { atomicAdd(&cnt[cur], cur_n); atomicAdd(&sum[cur], cur_s); }
+            if (cur_n) { atomicAdd(&cnt[cur], cur_n); shared_add_u64(&sum_lo[cur], &sum_hi[cur], cur_s); }
             cur = b; cur_n = 0; cur_s = 0;
         }
         ++cur_n;
         cur_s += (unsigned long long)fixed(m, scale);
     }
-    if (cur_n) { atomicAdd(&cnt[cur], cur_n); atomicAdd(&sum[cur], cur_s); }
+    if (cur_n) { atomicAdd(&cnt[cur], cur_n); shared_add_u64(&sum_lo[cur], &sum_hi[cur], cur_s); }
     __syncthreads();
     for (int b = threadIdx.x; b < 256; b += blockDim.x)
         if (cnt[b]) {
             atomicAdd(&hist_cnt[(size_t)slot * 256 + b], cnt[b]);
-            atomicAdd(&hist_sum[(size_t)slot * 256 + b], sum[b]);
+            atomicAdd(&hist_sum[(size_t)slot * 256 + b], join_u64(sum_lo[b], sum_hi[b]));
         }
 }
 
@@ -1938,22 +1950,16 @@ extern "C" __global__ void sel_write(const SeqDesc* __restrict__ seqs, const Sel
     const unsigned r = gb - sd.qb_off;
     const unsigned* row = mask + (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
     unsigned pos = offsets[(size_t)ss.row_off * p.num_heads + (size_t)h * sd.nqb + r];
-    const int lane = threadIdx.x % 32;
+    const unsigned lane = threadIdx.x % 32;
+    // 32 words per round, one per lane; then word by word, each selected block's lane writes
+    // it at pos + (set bits below it): consecutive blocks to consecutive addresses.
     for (unsigned base = 0; base < ss.words; base += 32) {
-        const unsigned w = base + lane;
-        const unsigned bits = w < ss.words ? row[w] : 0u;
-        unsigned n = __popc(bits), x = n;
-        for (int o = 1; o < 32; o <<= 1) {
-            unsigned y = __shfl_up_sync(0xffffffffu, x, o);
-            if (lane >= o) x += y;
+        const unsigned mine = base + lane < ss.words ? row[base + lane] : 0u;
+        const unsigned cnt = min(32u, ss.words - base);
+        for (unsigned j = 0; j < cnt; ++j) {
+            const unsigned bits = __shfl_sync(0xffffffffu, mine, j);
+            if (bits >> lane & 1u) cols[pos + __popc(bits & ((1u << lane) - 1u))] = (base + j) * 32 + lane;
+            pos += __popc(bits);
         }
-        unsigned at = pos + x - n;
-        unsigned b = bits;
-        while (b) {
-            const int t = __ffs(b) - 1;
-            cols[at++] = w * 32 + t;
-            b &= b - 1;
-        }
-        pos += __shfl_sync(0xffffffffu, x, 31);
     }
 }
