@@ -204,6 +204,112 @@ FP_DEVICE bool tile_unmasked(const SeqDesc& sd, unsigned nrow, int i0, unsigned 
 // for the representative rows and (probes = 1) the probe rows. Keys in a 3-stage cp.async
 // ring (one barrier per tile). Grid (num_heads, total_splits);
 // out row_ml[(split_global * H + h) * rs + i] = (m, l), m in base-2 logit units.
+// One warp's share of a pass-1 tile (16 representative rows × KT keys, the mma C-fragment
+// layout, which the wgmma accumulators share): the causal mask, then the online row max and
+// sum (m0/l0 of the row group in flight, swapped with m1/l1 between row groups). The mma.sync
+// pass and both wgmma variants call it, so all three reduce in the same order.
+FP_DEVICE void pass1_reduce_tile(float (&acc)[KT / 8][4], const SeqDesc& sd, unsigned nrow, int i0, unsigned j0,
+                                 float sl, int lane, float (&m0)[2], float (&l0)[2], float (&m1)[2],
+                                 float (&l1)[2], int ng) {
+    const int q4 = lane % 4, g4 = lane / 4;
+    if (tile_unmasked(sd, nrow, i0, j0)) {
+#pragma unroll
+        for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[nt][e] = raw_logit(acc[nt][e]);
+    } else {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            // column c = nt*8 + e of this thread is visible iff c <= lim
+            const int i = i0 + g4 + 8 * r;
+            const int lim = ((unsigned)i < nrow ? (int)(sd.kv_len - nrow) + i : -1) - (int)j0 - 2 * q4;
+#pragma unroll
+            for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    acc[nt][2 * r + e] = (nt * 8 + e <= lim) ? raw_logit(acc[nt][2 * r + e]) : (-F32_INF);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float tmax = (-F32_INF);
+#pragma unroll
+        for (int nt = 0; nt < KT / 8; ++nt) tmax = fmaxf(tmax, fmaxf(acc[nt][2 * r], acc[nt][2 * r + 1]));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, 1));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, 2));
+        const float m_new = fmaxf(m0[r], tmax);
+        if (m_new != (-F32_INF)) {
+            const float ms = m_new * sl;
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) sum += fast_exp2(fmaf(acc[nt][2 * r + e], sl, -ms));
+            l0[r] = l0[r] * fast_exp2((m0[r] - m_new) * sl) + sum;
+            m0[r] = m_new;
+        }
+    }
+    if (ng == 2) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float t = m0[r]; m0[r] = m1[r]; m1[r] = t;
+            t = l0[r]; l0[r] = l1[r]; l1[r] = t;
+        }
+    }
+}
+
+// The end of a pass-1 CTA: each representative row's (max, sum) of its split (the quad's
+// partial sums in a fixed xor tree) and, with probes, the probe rows' (max, sum) merged over
+// the 8 warps in order. Shared by the mma.sync pass and both wgmma variants. Contains a
+// barrier when `probes` (uniform over the CTA).
+FP_DEVICE void pass1_write_rows(const SeqDesc& sd, unsigned sp, int h, int num_heads, int rp, int rs, int ng,
+                                float sl, int warp, int lane, const float (&m0)[2], const float (&l0)[2],
+                                const float (&m1)[2], const float (&l1)[2], int probes, float (&pm)[2],
+                                float (&pl)[2], float2* pml, float2* __restrict__ row_ml) {
+    const int q4 = lane % 4, g4 = lane / 4;
+#pragma unroll
+    for (int g = 0; g < MAXG; ++g) {
+        if (g >= ng) continue;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l = g == 0 ? l0[r] : l1[r];
+            const float m = (g == 0 ? m0[r] : m1[r]) * sl;
+            l += __shfl_xor_sync(0xffffffff, l, 1);
+            l += __shfl_xor_sync(0xffffffff, l, 2);
+            const int i = g * ROWS + warp * 16 + g4 + 8 * r;
+            if (q4 == 0 && i < rp)
+                row_ml[((size_t)(sd.split_off + sp) * num_heads + h) * rs + i] = make_float2(m, l);
+        }
+    }
+    if (probes) {
+        // Probe rows: (m, l) over the quad's keys (fixed xor tree), then over the 8 warps in order.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            pm[r] *= sl;  // base-2 units from here on
+#pragma unroll
+            for (int o = 1; o <= 2; o <<= 1) {
+                const float om = __shfl_xor_sync(0xffffffff, pm[r], o);
+                const float ol = __shfl_xor_sync(0xffffffff, pl[r], o);
+                const float nm = fmaxf(pm[r], om);
+                pl[r] = (nm == (-F32_INF)) ? 0.f : pl[r] * fast_exp2(pm[r] - nm) + ol * fast_exp2(om - nm);
+                pm[r] = nm;
+            }
+            if (q4 == 0) pml[warp * PQ + g4 + 8 * r] = make_float2(pm[r], pl[r]);
+        }
+        __syncthreads();
+        if (threadIdx.x < PQ) {
+            float m = (-F32_INF), l = 0.f;
+            for (int w = 0; w < NWARPS; ++w) {
+                const float2 v = pml[w * PQ + threadIdx.x];
+                const float nm = fmaxf(m, v.x);
+                l = (nm == (-F32_INF)) ? 0.f : l * fast_exp2(m - nm) + v.y * fast_exp2(v.x - nm);
+                m = nm;
+            }
+            row_ml[((size_t)(sd.split_off + sp) * num_heads + h) * rs + rp + threadIdx.x] = make_float2(m, l);
+        }
+    }
+}
+
 #if !STATS_WGMMA
 extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
 stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
@@ -277,50 +383,7 @@ stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
             }
-            if (tile_unmasked(sd, nrow, i0, j0)) {
-#pragma unroll
-                for (int nt = 0; nt < KT / 8; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[nt][e] = raw_logit(acc[nt][e]);
-            } else {
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    // column c = nt*8 + e of this thread is visible iff c <= lim
-                    const int i = i0 + g4 + 8 * r;
-                    const int lim = ((unsigned)i < nrow ? (int)(sd.kv_len - nrow) + i : -1) - (int)j0 - 2 * q4;
-#pragma unroll
-                    for (int nt = 0; nt < KT / 8; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e)
-                            acc[nt][2 * r + e] = (nt * 8 + e <= lim) ? raw_logit(acc[nt][2 * r + e]) : (-F32_INF);
-                }
-            }
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float tmax = (-F32_INF);
-#pragma unroll
-                for (int nt = 0; nt < KT / 8; ++nt) tmax = fmaxf(tmax, fmaxf(acc[nt][2 * r], acc[nt][2 * r + 1]));
-                tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, 1));
-                tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, 2));
-                const float m_new = fmaxf(m0[r], tmax);
-                if (m_new != (-F32_INF)) {
-                    const float ms = m_new * sl;
-                    float sum = 0.f;
-#pragma unroll
-                    for (int nt = 0; nt < KT / 8; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) sum += fast_exp2(fmaf(acc[nt][2 * r + e], sl, -ms));
-                    l0[r] = l0[r] * fast_exp2((m0[r] - m_new) * sl) + sum;
-                    m0[r] = m_new;
-                }
-            }
-            if (ng == 2) {
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    float t = m0[r]; m0[r] = m1[r]; m1[r] = t;
-                    t = l0[r]; l0[r] = l1[r]; l1[r] = t;
-                }
-            }
+            pass1_reduce_tile(acc, sd, nrow, i0, j0, sl, lane, m0, l0, m1, l1, ng);
         }
         if (np && (int)j0 + warp * 8 <= pmax) {
             float pa[4];
@@ -340,47 +403,8 @@ stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             }
         }
     }
-#pragma unroll
-    for (int g = 0; g < MAXG; ++g) {
-        if (g >= ng) continue;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float l = g == 0 ? l0[r] : l1[r];
-            const float m = (g == 0 ? m0[r] : m1[r]) * sl;
-            l += __shfl_xor_sync(0xffffffff, l, 1);
-            l += __shfl_xor_sync(0xffffffff, l, 2);
-            const int i = g * ROWS + warp * 16 + g4 + 8 * r;
-            if (q4 == 0 && i < rp)
-                row_ml[((size_t)(sd.split_off + sp) * num_heads + h) * rs + i] = make_float2(m, l);
-        }
-    }
-    if (probes) {
-        // Probe rows: (m, l) over the quad's keys (fixed xor tree), then over the 8 warps in order.
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            pm[r] *= sl;  // base-2 units from here on
-#pragma unroll
-            for (int o = 1; o <= 2; o <<= 1) {
-                const float om = __shfl_xor_sync(0xffffffff, pm[r], o);
-                const float ol = __shfl_xor_sync(0xffffffff, pl[r], o);
-                const float nm = fmaxf(pm[r], om);
-                pl[r] = (nm == (-F32_INF)) ? 0.f : pl[r] * fast_exp2(pm[r] - nm) + ol * fast_exp2(om - nm);
-                pm[r] = nm;
-            }
-            if (q4 == 0) pml[warp * PQ + g4 + 8 * r] = make_float2(pm[r], pl[r]);
-        }
-        __syncthreads();
-        if (threadIdx.x < PQ) {
-            float m = (-F32_INF), l = 0.f;
-            for (int w = 0; w < NWARPS; ++w) {
-                const float2 v = pml[w * PQ + threadIdx.x];
-                const float nm = fmaxf(m, v.x);
-                l = (nm == (-F32_INF)) ? 0.f : l * fast_exp2(m - nm) + v.y * fast_exp2(v.x - nm);
-                m = nm;
-            }
-            row_ml[((size_t)(sd.split_off + sp) * num_heads + h) * rs + rp + threadIdx.x] = make_float2(m, l);
-        }
-    }
+    pass1_write_rows(sd, sp, h, num_heads, rp, rs, ng, sl, warp, lane, m0, l0, m1, l1, probes, pm, pl, pml,
+                     row_ml);
 }
 #endif  // !STATS_WGMMA
 
@@ -467,6 +491,144 @@ FP_DEVICE void pass2_combine(const SeqDesc& sd, int ng, unsigned j0, unsigned J0
 // summed in warp order by one thread per column / diagonal, one tile late: the partials are
 // double-buffered, so the barrier that starts tile t also publishes tile t-1's partials and a
 // tile costs one barrier. Every sum has a fixed order.
+// One warp's share of a pass-2 tile (16 representative rows × KT keys, the mma C-fragment
+// layout, which the wgmma accumulators share): logits to probabilities in place, then the
+// block masses (bm0: the running mass of blocks wider than a tile, swapped with bm1 between
+// row groups), the diagonal sums through the warp's shared-memory strip and the column sums.
+// The mma.sync pass and both wgmma variants call it, so all three reduce in the same order.
+FP_DEVICE void pass2_reduce_tile(float (&acc)[KT / 8][4], const SeqDesc& sd, unsigned nrow, int i0, unsigned j0,
+                                 const float* lse_rows, int g, float sl, int lane, int warp, float* strip, int seg,
+                                 int block_size, float* rbm_out, float (&bm0)[2], float (&bm1)[2], float* dp,
+                                 float* wc, int ng) {
+    const int q4 = lane % 4, g4 = lane / 4;
+    if (tile_unmasked(sd, nrow, i0, j0)) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float lse = lse_rows[g * ROWS + 8 * r];
+#pragma unroll
+            for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    acc[nt][2 * r + e] = fast_exp2(fmaf(raw_logit(acc[nt][2 * r + e]), sl, -lse));
+        }
+    } else {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int i = i0 + g4 + 8 * r;
+            // rep row i sees keys 0..=kv_len - rep + i
+            const int lim = ((unsigned)i < nrow ? (int)(sd.kv_len - nrow) + i : -1) - (int)j0 - 2 * q4;
+            const float lse = (unsigned)i < nrow ? lse_rows[g * ROWS + 8 * r] : F32_INF;
+#pragma unroll
+            for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    acc[nt][2 * r + e] = (nt * 8 + e <= lim)
+                        ? fast_exp2(fmaf(raw_logit(acc[nt][2 * r + e]), sl, -lse)) : 0.f;
+        }
+    }
+    float cs[2][2];       // this thread's two rows summed, per column of the quarter
+    float segsum[2] = {0.f, 0.f};
+    float dacc = 0.f;     // diagonal sum carried between quarter strips
+#pragma unroll
+    for (int nt = 0; nt < KT / 8; ++nt) {
+        float pv[2][2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const float p = acc[nt][2 * r + e];
+                pv[r][e] = p;
+                segsum[r] += p;
+            }
+            *(float2*)&strip[(g4 + 8 * r) * PP + (nt & 1) * 8 + 2 * q4] = make_float2(pv[r][0], pv[r][1]);
+        }
+        cs[nt & 1][0] = pv[0][0] + pv[1][0];
+        cs[nt & 1][1] = pv[0][1] + pv[1][1];
+        // End of a block segment inside the tile: reduce the quad, emit or carry.
+        if (((nt + 1) * 8) % seg == 0) {
+            const unsigned seg_first = j0 + (nt + 1) * 8 - seg;
+            const bool block_ends = ((nt + 1) * 8 == KT) ? ((j0 + KT) % block_size == 0 || j0 + KT >= sd.kv_len)
+                                                        : true;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int i = i0 + g4 + 8 * r;
+                float t = segsum[r];
+                t += __shfl_xor_sync(0xffffffff, t, 1);
+                t += __shfl_xor_sync(0xffffffff, t, 2);
+                segsum[r] = 0.f;
+                if (seg_first < sd.kv_len) {
+                    const unsigned c = seg_first / block_size;
+                    if (block_size <= KT) {
+                        if (q4 == 0 && (unsigned)i < nrow) rbm_out[(size_t)i * sd.nkb + c] = t;
+                    } else {
+                        bm0[r] += t;
+                        if (block_ends) {
+                            if (q4 == 0 && (unsigned)i < nrow) rbm_out[(size_t)i * sd.nkb + c] = bm0[r];
+                            bm0[r] = 0.f;
+                        }
+                    }
+                }
+            }
+        }
+        if (nt & 1) {
+            // Quarter strip kq = nt/2 (columns 16kq..16kq+15) is in shared: lane x < 31
+            // sums its diagonal row - col = x - 15 - 16kq, i.e. local index
+            // d' = row - col + 63 = x + 48 - 16kq, rows in ascending order.
+            const int kq = nt / 2;
+            __syncwarp();
+            float s = 0.f;
+#pragma unroll 4
+            for (int rr = 0; rr < 16; ++rr) {
+                const int c = rr + 15 - lane;
+                if (c >= 0 && c < 16) s += strip[rr * PP + c];
+            }
+            if (kq == 0) {
+                dacc = s;
+            } else {
+                // lane x - 16 held diagonal d' = x + 48 - 16kq in the previous quarter
+                const float carried = __shfl_up_sync(0xffffffff, dacc, 16);
+                dacc = (lane >= 16 ? carried : 0.f) + s;
+            }
+            if (kq < KT / 16 - 1) {
+                // diagonals the next quarter does not reach are complete
+                if (lane >= 15 && lane < 31) dp[lane + 48 - 16 * kq] = dacc;
+            } else if (lane < 31) {
+                dp[lane] = dacc;
+            }
+            // Column sums of the quarter over the warp's 16 rows: halving xor butterfly
+            // over the row lanes (4 -> 2 -> 1 values per lane, then a plain xor sum).
+            float v[4] = {cs[0][0], cs[0][1], cs[1][0], cs[1][1]};
+#pragma unroll
+            for (int m = 16, hh = 2; m >= 8; m >>= 1, hh >>= 1) {
+                const bool up = (lane & m) != 0;
+#pragma unroll
+                for (int kk = 0; kk < 2; ++kk) {
+                    if (kk < hh) {
+                        const float send = up ? v[kk] : v[kk + hh];
+                        const float keep = up ? v[kk + hh] : v[kk];
+                        v[kk] = keep + __shfl_xor_sync(0xffffffff, send, m);
+                    }
+                }
+            }
+            v[0] += __shfl_xor_sync(0xffffffff, v[0], 4);
+            if ((lane & 4) == 0) {
+                // v index 2·bit16 + bit8: n-tile 2kq + bit16, element bit8
+                const int col = (2 * kq + ((lane >> 4) & 1)) * 8 + 2 * q4 + ((lane >> 3) & 1);
+                wc[(g * NWARPS + warp) * KT + col] = v[0];
+            }
+            __syncwarp();
+        }
+    }
+    if (ng == 2) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float t = bm0[r];
+            bm0[r] = bm1[r];
+            bm1[r] = t;
+        }
+    }
+}
+
 #if !STATS_WGMMA
 extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
 stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
@@ -580,132 +742,8 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                     for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
             }
             // Probabilities in place of the logits: p = exp2(raw·s - lse).
-            if (tile_unmasked(sd, nrow, i0, j0)) {
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const float lse = lse_rows[g * ROWS + 8 * r];
-#pragma unroll
-                    for (int nt = 0; nt < KT / 8; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e)
-                            acc[nt][2 * r + e] = fast_exp2(fmaf(raw_logit(acc[nt][2 * r + e]), sl, -lse));
-                }
-            } else {
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const int i = i0 + g4 + 8 * r;
-                    // rep row i sees keys 0..=kv_len - rep + i
-                    const int lim = ((unsigned)i < nrow ? (int)(sd.kv_len - nrow) + i : -1) - (int)j0 - 2 * q4;
-                    const float lse = (unsigned)i < nrow ? lse_rows[g * ROWS + 8 * r] : F32_INF;
-#pragma unroll
-                    for (int nt = 0; nt < KT / 8; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e)
-                            acc[nt][2 * r + e] = (nt * 8 + e <= lim)
-                                ? fast_exp2(fmaf(raw_logit(acc[nt][2 * r + e]), sl, -lse)) : 0.f;
-                }
-            }
-            float cs[2][2];       // this thread's two rows summed, per column of the quarter
-            float segsum[2] = {0.f, 0.f};
-            float dacc = 0.f;     // diagonal sum carried between quarter strips
-#pragma unroll
-            for (int nt = 0; nt < KT / 8; ++nt) {
-                float pv[2][2];
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float p = acc[nt][2 * r + e];
-                        pv[r][e] = p;
-                        segsum[r] += p;
-                    }
-                    *(float2*)&strip[(g4 + 8 * r) * PP + (nt & 1) * 8 + 2 * q4] = make_float2(pv[r][0], pv[r][1]);
-                }
-                cs[nt & 1][0] = pv[0][0] + pv[1][0];
-                cs[nt & 1][1] = pv[0][1] + pv[1][1];
-                // End of a block segment inside the tile: reduce the quad, emit or carry.
-                if (((nt + 1) * 8) % seg == 0) {
-                    const unsigned seg_first = j0 + (nt + 1) * 8 - seg;
-                    const bool block_ends = ((nt + 1) * 8 == KT) ? ((j0 + KT) % block_size == 0 || j0 + KT >= sd.kv_len)
-                                                                : true;
-#pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        const int i = i0 + g4 + 8 * r;
-                        float t = segsum[r];
-                        t += __shfl_xor_sync(0xffffffff, t, 1);
-                        t += __shfl_xor_sync(0xffffffff, t, 2);
-                        segsum[r] = 0.f;
-                        if (seg_first < sd.kv_len) {
-                            const unsigned c = seg_first / block_size;
-                            if (block_size <= KT) {
-                                if (q4 == 0 && (unsigned)i < nrow) rbm_out[(size_t)i * sd.nkb + c] = t;
-                            } else {
-                                bm0[r] += t;
-                                if (block_ends) {
-                                    if (q4 == 0 && (unsigned)i < nrow) rbm_out[(size_t)i * sd.nkb + c] = bm0[r];
-                                    bm0[r] = 0.f;
-                                }
-                            }
-                        }
-                    }
-                }
-                if (nt & 1) {
-                    // Quarter strip kq = nt/2 (columns 16kq..16kq+15) is in shared: lane x < 31
-                    // sums its diagonal row - col = x - 15 - 16kq, i.e. local index
-                    // d' = row - col + 63 = x + 48 - 16kq, rows in ascending order.
-                    const int kq = nt / 2;
-                    __syncwarp();
-                    float s = 0.f;
-#pragma unroll 4
-                    for (int rr = 0; rr < 16; ++rr) {
-                        const int c = rr + 15 - lane;
-                        if (c >= 0 && c < 16) s += strip[rr * PP + c];
-                    }
-                    if (kq == 0) {
-                        dacc = s;
-                    } else {
-                        // lane x - 16 held diagonal d' = x + 48 - 16kq in the previous quarter
-                        const float carried = __shfl_up_sync(0xffffffff, dacc, 16);
-                        dacc = (lane >= 16 ? carried : 0.f) + s;
-                    }
-                    if (kq < KT / 16 - 1) {
-                        // diagonals the next quarter does not reach are complete
-                        if (lane >= 15 && lane < 31) dp[lane + 48 - 16 * kq] = dacc;
-                    } else if (lane < 31) {
-                        dp[lane] = dacc;
-                    }
-                    // Column sums of the quarter over the warp's 16 rows: halving xor butterfly
-                    // over the row lanes (4 -> 2 -> 1 values per lane, then a plain xor sum).
-                    float v[4] = {cs[0][0], cs[0][1], cs[1][0], cs[1][1]};
-#pragma unroll
-                    for (int m = 16, hh = 2; m >= 8; m >>= 1, hh >>= 1) {
-                        const bool up = (lane & m) != 0;
-#pragma unroll
-                        for (int kk = 0; kk < 2; ++kk) {
-                            if (kk < hh) {
-                                const float send = up ? v[kk] : v[kk + hh];
-                                const float keep = up ? v[kk + hh] : v[kk];
-                                v[kk] = keep + __shfl_xor_sync(0xffffffff, send, m);
-                            }
-                        }
-                    }
-                    v[0] += __shfl_xor_sync(0xffffffff, v[0], 4);
-                    if ((lane & 4) == 0) {
-                        // v index 2·bit16 + bit8: n-tile 2kq + bit16, element bit8
-                        const int col = (2 * kq + ((lane >> 4) & 1)) * 8 + 2 * q4 + ((lane >> 3) & 1);
-                        wc[(g * NWARPS + warp) * KT + col] = v[0];
-                    }
-                    __syncwarp();
-                }
-            }
-            if (ng == 2) {
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const float t = bm0[r];
-                    bm0[r] = bm1[r];
-                    bm1[r] = t;
-                }
-            }
+            pass2_reduce_tile(acc, sd, nrow, i0, j0, lse_rows, g, sl, lane, warp, strip, seg, block_size, rbm_out,
+                              bm0, bm1, dp, wc, ng);
         }
     }
     // The last tile's partials.
