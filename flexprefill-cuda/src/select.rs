@@ -143,6 +143,16 @@ fn params(layout: &StatsLayout, cfg: &FlexPrefillConfig) -> SelParams {
     }
 }
 
+/// The selection module's key: the constants the kernels and the host must agree on.
+fn select_key() -> KernelKey {
+    KernelKey::new(&SELECT, None, 0, 0)
+        .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64)
+        .define("FLAT_CHUNK", FLAT_CHUNK as i64)
+        .define("EV_PER_CTA", EV_PER_CTA as i64)
+        .define("QM_COLS", QM_COLS as i64)
+        .define("FLAT_FULL_DIGITS", FLAT_FULL_DIGITS as i64)
+}
+
 /// Queues selection and index build for the statistics in `stats` (same block size as
 /// `cfg`). `q` (the queries the statistics came from) lets the pooled queries be computed for
 /// the query-aware heads only; pass `None` when `stats.q_pooled` is already filled (uploaded
@@ -269,12 +279,7 @@ pub fn launch_select<T: StatsElem>(
         )
     };
 
-    let key = KernelKey::new(&SELECT, None, 0, 0)
-        .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64)
-        .define("FLAT_CHUNK", FLAT_CHUNK as i64)
-        .define("EV_PER_CTA", EV_PER_CTA as i64)
-        .define("QM_COLS", QM_COLS as i64)
-        .define("FLAT_FULL_DIGITS", FLAT_FULL_DIGITS as i64);
+    let key = select_key();
     let max_smem = dev.info().max_smem_per_block;
     let n2 = max_nkb.next_power_of_two();
     let sort_smem = 12 * n2;
@@ -991,12 +996,7 @@ mod tests {
     fn stats_and_select_kernels_compile() {
         use crate::registry::compile_offline;
         for arch in [(9, 0), (8, 0)] {
-            let key = KernelKey::new(&SELECT, None, 0, 0)
-                .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64)
-                .define("FLAT_CHUNK", FLAT_CHUNK as i64)
-                .define("EV_PER_CTA", EV_PER_CTA as i64)
-                .define("QM_COLS", QM_COLS as i64)
-                .define("FLAT_FULL_DIGITS", FLAT_FULL_DIGITS as i64);
+            let key = select_key();
             compile_offline(&SELECT, &key, arch)
                 .unwrap_or_else(|e| panic!("select sm{arch:?}: {e}"));
             for dtype in [DType::BF16, DType::F16] {
