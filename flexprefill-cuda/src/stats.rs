@@ -632,7 +632,7 @@ pub fn launch_stats<T: StatsElem>(
         let max_nkb = layout
             .seqs
             .iter()
-            .map(|s| s.kv_len.div_ceil(layout.block_size))
+            .map(|s| s.num_key_blocks(layout.block_size))
             .max()
             .unwrap_or(1);
         let grid_est = (max_nkb.div_ceil(est_tile) as u32, h as u32, nseq as u32);
