@@ -101,6 +101,8 @@ pub(crate) fn launch_cfg(
 
 pub mod attention;
 mod backend;
+#[cfg(test)]
+mod compile_tests;
 pub mod device;
 mod error;
 pub mod registry;

@@ -144,7 +144,7 @@ fn params(layout: &StatsLayout, cfg: &FlexPrefillConfig) -> SelParams {
 }
 
 /// The selection module's key: the constants the kernels and the host must agree on.
-fn select_key() -> KernelKey {
+pub(crate) fn select_key() -> KernelKey {
     KernelKey::new(&SELECT, None, 0, 0)
         .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64)
         .define("FLAT_CHUNK", FLAT_CHUNK as i64)

@@ -470,7 +470,7 @@ pub fn estimation_scale(
 
 /// The statistics module for `dtype`, `head_dim` and the rounding mode (`emulate`: the
 /// original's bf16 rounding points, compiled in or out).
-fn key(dtype: DType, head_dim: usize, emulate: bool, path: PassPath) -> KernelKey {
+pub(crate) fn key(dtype: DType, head_dim: usize, emulate: bool, path: PassPath) -> KernelKey {
     let k = KernelKey::new(&STATS, Some(dtype), head_dim, 0)
         .define(
             "PROBE_QUERIES",
