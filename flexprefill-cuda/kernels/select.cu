@@ -89,6 +89,15 @@ FP_DEVICE Geo geo(const SeqDesc& sd, int bs) {
     g.q_len = sd.q_len; g.kv_len = sd.kv_len; g.bs = bs; g.nqb = sd.nqb; g.nkb = sd.nkb; g.rep = sd.rep;
     return g;
 }
+// Where query block r of head h of a sequence lives in the selection buffers: its mask row
+// (ss.words words) and its CSR row (counts, row_offsets).
+FP_DEVICE size_t mask_row(const SelSeq& ss, const SeqDesc& sd, const SelParams& p, int h, unsigned r) {
+    return (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
+}
+FP_DEVICE size_t csr_row(const SelSeq& ss, const SeqDesc& sd, const SelParams& p, int h, unsigned r) {
+    return (size_t)ss.row_off * p.num_heads + (size_t)h * sd.nqb + r;
+}
+
 FP_DEVICE bool is_forced(const Geo& g, const SelParams& p, unsigned r, unsigned c) {
     return (p.sink && c == 0) || (p.diagonal && c >= g.first_diag(r) && c <= g.last_diag(r));
 }
@@ -758,7 +767,7 @@ extern "C" __global__ void sel_extend(const SeqDesc* __restrict__ seqs, const Se
     const unsigned first = g.first_pos(r), last = g.last_pos(r), bs = g.bs;
     const size_t bo = (size_t)sd.kb_off * p.num_heads + (size_t)h * sd.nkb;
     const unsigned* pre = dist_prefix + (size_t)ss.dist_off * p.num_heads + (size_t)h * (sd.kv_len + 1);
-    unsigned* row = mask + (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
+    unsigned* row = mask + mask_row(ss, sd, p, h, r);
     // sel_fvs_lines' table of the distance test for full query blocks (index r - c + K0).
     const bool full = last - first == bs - 1;
     const unsigned k0 = (sd.kv_len - sd.q_len + bs - 1) / bs;
@@ -1292,7 +1301,7 @@ extern "C" __global__ void sel_qa_flat_mark(const SeqDesc* __restrict__ seqs, co
     const unsigned r = gb - sd.qb_off, d = g.last_diag(r), nkb = sd.nkb;
     const uint64_t K = kcut[s * p.num_heads + h];
     const float* mp = map + (size_t)ss.map_off * p.num_heads + ((size_t)h * sd.nqb + r) * nkb;
-    unsigned* row = mask + (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
+    unsigned* row = mask + mask_row(ss, sd, p, h, r);
     for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) {
         unsigned bits = 0;
         for (unsigned b = 0; b < 32; ++b) {
@@ -1324,7 +1333,7 @@ sel_qa_row(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, con
     const Geo g = geo(sd, p.block_size);
     const unsigned r = gb - sd.qb_off, d = g.last_diag(r), n = d + 1;
     const float* sc = map + (size_t)ss.map_off * p.num_heads + ((size_t)h * sd.nqb + r) * sd.nkb;
-    unsigned* row = mask + (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
+    unsigned* row = mask + mask_row(ss, sd, p, h, r);
     const int N = next_pow2(n);
     uint64_t* key = (uint64_t*)smem;
     uint32_t* val = (uint32_t*)(key + N);
@@ -1629,7 +1638,7 @@ sel_qa_build(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, c
     const unsigned r = gb - sd.qb_off, n = g.last_diag(r) + 1, nkb = sd.nkb;
     const size_t rb = (size_t)ss.map_off * p.num_heads + ((size_t)h * sd.nqb + r) * nkb;
     unsigned* bits = (unsigned*)smem;
-    unsigned* row = mask + (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
+    unsigned* row = mask + mask_row(ss, sd, p, h, r);
     for (unsigned w = threadIdx.x; w < ss.words; w += blockDim.x) bits[w] = row[w];
     if (threadIdx.x == 0) in_cut = 0;
     __syncthreads();
@@ -1881,12 +1890,12 @@ extern "C" __global__ void sel_count(const SeqDesc* __restrict__ seqs, const Sel
     const SeqDesc sd = seqs[s];
     const SelSeq ss = sel[s];
     const unsigned r = gb - sd.qb_off;
-    const unsigned* row = mask + (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
+    const unsigned* row = mask + mask_row(ss, sd, p, h, r);
     unsigned n = 0;
     const unsigned lane = threadIdx.x % 32;
     for (unsigned w = lane; w < ss.words; w += 32) n += __popc(row[w]);
     for (int o = 16; o > 0; o >>= 1) n += __shfl_xor_sync(0xffffffffu, n, o);
-    if (lane == 0) counts[(size_t)ss.row_off * p.num_heads + (size_t)h * sd.nqb + r] = n;
+    if (lane == 0) counts[csr_row(ss, sd, p, h, r)] = n;
 }
 
 // Exclusive scan of the row counts into row_offsets [rows + 1]. One CTA of 1024 threads;
@@ -1948,8 +1957,8 @@ extern "C" __global__ void sel_write(const SeqDesc* __restrict__ seqs, const Sel
     const SeqDesc sd = seqs[s];
     const SelSeq ss = sel[s];
     const unsigned r = gb - sd.qb_off;
-    const unsigned* row = mask + (size_t)ss.mask_off * p.num_heads + ((size_t)h * sd.nqb + r) * ss.words;
-    unsigned pos = offsets[(size_t)ss.row_off * p.num_heads + (size_t)h * sd.nqb + r];
+    const unsigned* row = mask + mask_row(ss, sd, p, h, r);
+    unsigned pos = offsets[csr_row(ss, sd, p, h, r)];
     const unsigned lane = threadIdx.x % 32;
     // 32 words per round, one per lane; then word by word, each selected block's lane writes
     // it at pos + (set bits below it): consecutive blocks to consecutive addresses.

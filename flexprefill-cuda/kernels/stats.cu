@@ -200,6 +200,41 @@ FP_DEVICE bool tile_unmasked(const SeqDesc& sd, unsigned nrow, int i0, unsigned 
 // Per-row-group state (ng <= MAXG = 2 groups) lives in two register sets swapped after each
 // group, so the group loop is not unrolled (one copy of its body).
 
+// Pass 1's probe rows for one key tile: the online (max, sum) of each probe row over this
+// warp's 8 keys (`pa`, raw logits; keys past the row's last visible one masked). Shared by
+// the mma.sync pass and both wgmma variants.
+FP_DEVICE void pass1_probe_update(const float (&pa)[4], const int (&plast)[2], unsigned j0, int warp, int lane,
+                                  float sl, float (&pm)[2], float (&pl)[2]) {
+    const int q4 = lane % 4;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int lim = plast[r] - ((int)j0 + warp * 8 + 2 * q4);
+        const float x0 = (0 <= lim) ? raw_logit(pa[2 * r]) : (-F32_INF);
+        const float x1 = (1 <= lim) ? raw_logit(pa[2 * r + 1]) : (-F32_INF);
+        const float m_new = fmaxf(pm[r], fmaxf(x0, x1));
+        if (m_new != (-F32_INF)) {
+            const float ms = m_new * sl;
+            pl[r] = pl[r] * fast_exp2((pm[r] - m_new) * sl) +
+                    (fast_exp2(fmaf(x0, sl, -ms)) + fast_exp2(fmaf(x1, sl, -ms)));
+            pm[r] = m_new;
+        }
+    }
+}
+
+// The 16×KT logits of this warp's rows of row group g (qk_tile), or zeros when none of its rows
+// exists (short chunks: skips the tensor-core work; the callers mask every entry of such rows).
+FP_DEVICE void qk_tile_rows(float (&acc)[KT / 8][4], const elem_t* qs, const elem_t* kt, int g, int warp, int lane,
+                            int i0, unsigned nrow) {
+    if ((unsigned)i0 < nrow) {
+        qk_tile(acc, qs, kt, g, warp, lane);
+    } else {
+#pragma unroll
+        for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+    }
+}
+
 // One warp's share of a pass-1 tile (16 representative rows × KT keys, the mma C-fragment
 // layout, which the wgmma accumulators share): the causal mask, then the online row max and
 // sum (m0/l0 of the row group in flight, swapped with m1/l1 between row groups). The mma.sync
@@ -373,34 +408,13 @@ stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         for (int g = 0; g < ng; ++g) {
             const int i0 = g * ROWS + warp * 16;
             float acc[KT / 8][4];
-            if ((unsigned)i0 < nrow) {
-                qk_tile(acc, qs, kt, g, warp, lane);
-            } else {
-                // no valid row in this warp (short chunks): skip the tensor-core work, every
-                // logit below is masked
-#pragma unroll
-                for (int nt = 0; nt < KT / 8; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
-            }
+            qk_tile_rows(acc, qs, kt, g, warp, lane, i0, nrow);
             pass1_reduce_tile(acc, sd, nrow, i0, j0, sl, lane, m0, l0, m1, l1, ng);
         }
         if (np && (int)j0 + warp * 8 <= pmax) {
             float pa[4];
             probe_tile(pa, qp, kt, warp, lane);
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int lim = plast[r] - ((int)j0 + warp * 8 + 2 * q4);
-                const float x0 = (0 <= lim) ? raw_logit(pa[2 * r]) : (-F32_INF);
-                const float x1 = (1 <= lim) ? raw_logit(pa[2 * r + 1]) : (-F32_INF);
-                const float m_new = fmaxf(pm[r], fmaxf(x0, x1));
-                if (m_new != (-F32_INF)) {
-                    const float ms = m_new * sl;
-                    pl[r] = pl[r] * fast_exp2((pm[r] - m_new) * sl) +
-                            (fast_exp2(fmaf(x0, sl, -ms)) + fast_exp2(fmaf(x1, sl, -ms)));
-                    pm[r] = m_new;
-                }
-            }
+            pass1_probe_update(pa, plast, j0, warp, lane, sl, pm, pl);
         }
     }
     pass1_write_rows(sd, sp, h, num_heads, rp, rs, ng, sl, warp, lane, m0, l0, m1, l1, probes, pm, pl, pml,
@@ -731,16 +745,7 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             const int i0 = g * ROWS + warp * 16;
             float* dp = dpt + (g * NWARPS + warp) * DPITCH;
             float acc[KT / 8][4];
-            if ((unsigned)i0 < nrow) {
-                qk_tile(acc, qs, kt, g, warp, lane);
-            } else {
-                // no valid row in this warp (short chunks): skip the tensor-core work, every
-                // probability below is masked to 0
-#pragma unroll
-                for (int nt = 0; nt < KT / 8; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
-            }
+            qk_tile_rows(acc, qs, kt, g, warp, lane, i0, nrow);
             // Probabilities in place of the logits: p = exp2(raw·s - lse).
             pass2_reduce_tile(acc, sd, nrow, i0, j0, lse_rows, g, sl, lane, warp, strip, seg, block_size, rbm_out,
                               bm0, bm1, dp, wc, ng);

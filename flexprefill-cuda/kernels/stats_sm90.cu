@@ -267,19 +267,7 @@ stats_pass1_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                 if (np && (int)j0 + warp * 8 <= pmax) {
                     float pa[4];
                     probe_tile_sw(pa, qp, kst, warp, lane);
-#pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        const int lim = plast[r] - ((int)j0 + warp * 8 + 2 * q4);
-                        const float x0 = (0 <= lim) ? raw_logit(pa[2 * r]) : (-F32_INF);
-                        const float x1 = (1 <= lim) ? raw_logit(pa[2 * r + 1]) : (-F32_INF);
-                        const float m_new = fmaxf(pm[r], fmaxf(x0, x1));
-                        if (m_new != (-F32_INF)) {
-                            const float ms = m_new * sl;
-                            pl[r] = pl[r] * fast_exp2((pm[r] - m_new) * sl) +
-                                    (fast_exp2(fmaf(x0, sl, -ms)) + fast_exp2(fmaf(x1, sl, -ms)));
-                            pm[r] = m_new;
-                        }
-                    }
+                    pass1_probe_update(pa, plast, j0, warp, lane, sl, pm, pl);
                 }
             }
             swg_issue_qk(cur, sq, rq, gi * ROWS + wg * 64, sk + (ti % KSTAGES) * KTB);
@@ -321,19 +309,7 @@ stats_pass1_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         if (np && (int)j0 + warp * 8 <= pmax) {
             float pa[4];
             probe_tile_sw(pa, qp, kst, warp, lane);
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int lim = plast[r] - ((int)j0 + warp * 8 + 2 * q4);
-                const float x0 = (0 <= lim) ? raw_logit(pa[2 * r]) : (-F32_INF);
-                const float x1 = (1 <= lim) ? raw_logit(pa[2 * r + 1]) : (-F32_INF);
-                const float m_new = fmaxf(pm[r], fmaxf(x0, x1));
-                if (m_new != (-F32_INF)) {
-                    const float ms = m_new * sl;
-                    pl[r] = pl[r] * fast_exp2((pm[r] - m_new) * sl) +
-                            (fast_exp2(fmaf(x0, sl, -ms)) + fast_exp2(fmaf(x1, sl, -ms)));
-                    pm[r] = m_new;
-                }
-            }
+            pass1_probe_update(pa, plast, j0, warp, lane, sl, pm, pl);
         }
     }
 #endif
