@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use flexprefill_core::{
     selection, AttentionInput, BlockIndex, FlexPrefillConfig, HeadReport, HeadStatistics, Pattern,
     QueryAwareCut, SelectionMode, SparsityReport, TensorRef,
@@ -25,6 +25,7 @@ use flexprefill_core::{
 use crate::attention::DeviceBlockIndex;
 use crate::device::CudaDevice;
 use crate::error::{CudaError, Result};
+use crate::launch::Launch;
 use crate::registry::{KernelFamily, KernelKey};
 use crate::stats::{launch_pool_q, launch_stats, DeviceStats, StatsElem, StatsLayout};
 
@@ -419,16 +420,34 @@ pub fn launch_select<T: StatsElem>(
     };
     let grid_heads = (h as u32, nseq as u32, 1);
     let grid_rows = (qb_all as u32, h as u32, 1);
-    let lc = crate::launch_cfg;
 
     // SAFETY (all launches): argument lists match the kernels in select.cu; buffers are sized
     // by the plan above for every index the kernels compute.
     unsafe {
         let pool_grid = (max_nkb.div_ceil(32) as u32, h as u32, nseq as u32);
-        launch!(stream, f("sel_pool_lines")?, lc(pool_grid, 256, 2 * 32 * (bs + 1) * 4);
-            &stats.descs, &p, &stats.vertical, &stats.slash, &mut vpool, &mut spool)?;
-        launch!(stream, f("sel_decide")?, lc(grid_heads, 1024, 0);
-            &stats.descs, &sel_d, &p, &stats.estimate, &vpool, &mut pattern, &mut js)?;
+        Launch::new(
+            stream,
+            &f("sel_pool_lines")?,
+            pool_grid,
+            256,
+            2 * 32 * (bs + 1) * 4,
+        )
+        .arg(&stats.descs)
+        .arg(&p)
+        .arg(&stats.vertical)
+        .arg(&stats.slash)
+        .arg(&mut vpool)
+        .arg(&mut spool)
+        .launch()?;
+        Launch::new(stream, &f("sel_decide")?, grid_heads, 1024, 0)
+            .arg(&stats.descs)
+            .arg(&sel_d)
+            .arg(&p)
+            .arg(&stats.estimate)
+            .arg(&vpool)
+            .arg(&mut pattern)
+            .arg(&mut js)
+            .launch()?;
         crate::stats::profile::mark(stream, "sel_decide");
     }
     if let Some(q) = q {
@@ -441,42 +460,113 @@ pub fn launch_select<T: StatsElem>(
         // keys, probe totals) runs beside the query-aware one (each uses a few CTAs per head);
         // cudarc's event tracking orders the shared buffers, both join before the mask.
         let side = stream.fork()?;
-        launch!(side, f("sel_fvs_prep")?, lc(grid_heads, 512, 0);
-            &stats.descs, &p, &pattern, &stats.vertical, &stats.probe_block_mass, &probes_i,
-            &mut vkey, &mut probe_tot)?;
+        Launch::new(&side, &f("sel_fvs_prep")?, grid_heads, 512, 0)
+            .arg(&stats.descs)
+            .arg(&p)
+            .arg(&pattern)
+            .arg(&stats.vertical)
+            .arg(&stats.probe_block_mass)
+            .arg(&probes_i)
+            .arg(&mut vkey)
+            .arg(&mut probe_tot)
+            .launch()?;
         if probes {
             let chunks = (selection::PROBE_QUERIES * max_nkb).div_ceil(EV_PER_CTA) as u32;
             let grid = (chunks, h as u32, nseq as u32);
-            launch!(side, f("sel_fvs_probe_events")?, lc(grid, 256, 0);
-                &stats.descs, &p, &pattern, &stats.slash, &stats.probe_block_mass, &vkey,
-                &probe_tot, &mut ev_key, &mut ev_w)?;
+            Launch::new(&side, &f("sel_fvs_probe_events")?, grid, 256, 0)
+                .arg(&stats.descs)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&stats.slash)
+                .arg(&stats.probe_block_mass)
+                .arg(&vkey)
+                .arg(&probe_tot)
+                .arg(&mut ev_key)
+                .arg(&mut ev_w)
+                .launch()?;
         }
-        launch!(side, f("sel_fvs_stop")?, lc(grid_heads, 512, sort_smem);
-            &stats.descs, &p, &pattern, &stats.slash, &stats.rep_block_mass, &probes_i, &ev_key,
-            &ev_w, &vkey, &mut kstar)?;
-        launch!(side, f("sel_fvs_lines")?, lc(grid_heads, 1024, 0);
-            &stats.descs, &sel_d, &p, &pattern, &stats.slash, &vkey, &kstar, &mut colsel,
-            &mut dist_prefix, &mut diag_hit)?;
-        launch!(side, f("sel_ovs")?, lc(grid_heads, 1024, 0);
-            &stats.descs, &p, &pattern, &stats.vertical, &stats.slash, &vpool, &spool, &mut colsel,
-            &mut offsel)?;
+        Launch::new(&side, &f("sel_fvs_stop")?, grid_heads, 512, sort_smem)
+            .arg(&stats.descs)
+            .arg(&p)
+            .arg(&pattern)
+            .arg(&stats.slash)
+            .arg(&stats.rep_block_mass)
+            .arg(&probes_i)
+            .arg(&ev_key)
+            .arg(&ev_w)
+            .arg(&vkey)
+            .arg(&mut kstar)
+            .launch()?;
+        Launch::new(&side, &f("sel_fvs_lines")?, grid_heads, 1024, 0)
+            .arg(&stats.descs)
+            .arg(&sel_d)
+            .arg(&p)
+            .arg(&pattern)
+            .arg(&stats.slash)
+            .arg(&vkey)
+            .arg(&kstar)
+            .arg(&mut colsel)
+            .arg(&mut dist_prefix)
+            .arg(&mut diag_hit)
+            .launch()?;
+        Launch::new(&side, &f("sel_ovs")?, grid_heads, 1024, 0)
+            .arg(&stats.descs)
+            .arg(&p)
+            .arg(&pattern)
+            .arg(&stats.vertical)
+            .arg(&stats.slash)
+            .arg(&vpool)
+            .arg(&spool)
+            .arg(&mut colsel)
+            .arg(&mut offsel)
+            .launch()?;
         if faithful_qa {
             // The top-up's prep needs only the statistics and the patterns: it runs here, off
             // the query-aware chain's path (no profile mark: the marks time the main stream).
             let grid = (max_nkb.div_ceil(TOPUP_COLS) as u32, h as u32, nseq as u32);
-            launch!(side, f("sel_qa_topup_prep")?, lc(grid, 256, 0);
-                &stats.descs, &p, &pattern, &stats.rep_block_mass, &mut mass_t, &mut col_sum)?;
+            Launch::new(&side, &f("sel_qa_topup_prep")?, grid, 256, 0)
+                .arg(&stats.descs)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&stats.rep_block_mass)
+                .arg(&mut mass_t)
+                .arg(&mut col_sum)
+                .launch()?;
         }
         if any_qa {
-            launch!(stream, f("sel_qa_map")?, lc(map_grid, QM_THREADS, map_smem);
-                &stats.descs, &sel_d, &tiles_d, &p, &pattern, &stats.q_pooled, &stats.k_pooled,
-                &mut mapb)?;
+            Launch::new(stream, &f("sel_qa_map")?, map_grid, QM_THREADS, map_smem)
+                .arg(&stats.descs)
+                .arg(&sel_d)
+                .arg(&tiles_d)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&stats.q_pooled)
+                .arg(&stats.k_pooled)
+                .arg(&mut mapb)
+                .launch()?;
             let softmax_grid = (qb_all.div_ceil(QS_ROWS * QS_WARPS) as u32, h as u32, 1);
-            launch!(stream, f("sel_qa_softmax")?, lc(softmax_grid, 32 * QS_WARPS as u32, 0);
-                &stats.descs, &sel_d, &qb_seq_d, &qb_all_u, &p, &pattern, &mut mapb)?;
+            Launch::new(
+                stream,
+                &f("sel_qa_softmax")?,
+                softmax_grid,
+                32 * QS_WARPS as u32,
+                0,
+            )
+            .arg(&stats.descs)
+            .arg(&sel_d)
+            .arg(&qb_seq_d)
+            .arg(&qb_all_u)
+            .arg(&p)
+            .arg(&pattern)
+            .arg(&mut mapb)
+            .launch()?;
             crate::stats::profile::mark(stream, "sel_qa_map");
-            launch!(stream, f("sel_flat_init")?, lc(grid_heads, 32, 0);
-                &stats.descs, &p, &pattern, &mut flat_cut)?;
+            Launch::new(stream, &f("sel_flat_init")?, grid_heads, 32, 0)
+                .arg(&stats.descs)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&mut flat_cut)
+                .launch()?;
             crate::stats::profile::mark(stream, "sel_flat_init");
             // Per-row cuts rank every row; the flattened calibration only the probe rows.
             let sort_grid = match (cfg.query_aware_cut, probes) {
@@ -487,76 +577,224 @@ pub fn launch_select<T: StatsElem>(
                 (QueryAwareCut::Flattened, false) => (0, 0, 0),
             };
             if sort_grid.0 > 0 {
-                launch!(stream, f("sel_qa_sort")?, lc(sort_grid, 256, sort_smem);
-                    &stats.descs, &sel_d, &qb_seq_d, &p, &pattern, &mapb, &mut order_b,
-                    &mut run_b)?;
+                Launch::new(stream, &f("sel_qa_sort")?, sort_grid, 256, sort_smem)
+                    .arg(&stats.descs)
+                    .arg(&sel_d)
+                    .arg(&qb_seq_d)
+                    .arg(&p)
+                    .arg(&pattern)
+                    .arg(&mapb)
+                    .arg(&mut order_b)
+                    .arg(&mut run_b)
+                    .launch()?;
             }
             crate::stats::profile::mark(stream, "sel_qa_sort");
-            launch!(stream, f("sel_qa_calib")?, lc(grid_heads, 1024, 0);
-                &stats.descs, &sel_d, &p, &pattern, &mapb, &order_b, &run_b,
-                &stats.probe_block_mass, &probe_tot, &probes_i, &mut cand_key, &mut cand_w,
-                &mut t_b, &mut flat_cut, &mut cal)?;
+            Launch::new(stream, &f("sel_qa_calib")?, grid_heads, 1024, 0)
+                .arg(&stats.descs)
+                .arg(&sel_d)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&mapb)
+                .arg(&order_b)
+                .arg(&run_b)
+                .arg(&stats.probe_block_mass)
+                .arg(&probe_tot)
+                .arg(&probes_i)
+                .arg(&mut cand_key)
+                .arg(&mut cand_w)
+                .arg(&mut t_b)
+                .arg(&mut flat_cut)
+                .arg(&mut cal)
+                .launch()?;
             crate::stats::profile::mark(stream, "sel_qa_calib");
             let chunks = (max_map as u32).div_ceil(FLAT_CHUNK);
-            launch!(stream, f("sel_calib_before")?, lc((chunks, h as u32, nseq as u32), 256, 0);
-                &stats.descs, &sel_d, &p, &mapb, &mut cal)?;
+            Launch::new(
+                stream,
+                &f("sel_calib_before")?,
+                (chunks, h as u32, nseq as u32),
+                256,
+                0,
+            )
+            .arg(&stats.descs)
+            .arg(&sel_d)
+            .arg(&p)
+            .arg(&mapb)
+            .arg(&mut cal)
+            .launch()?;
             crate::stats::profile::mark(stream, "sel_calib_before");
-            launch!(stream, f("sel_calib_finish")?, lc(((nseq * h) as u32, 1, 1), 32, 0);
-                &stats.descs, &p, &cal, &mut t_b, &mut flat_cut)?;
+            Launch::new(
+                stream,
+                &f("sel_calib_finish")?,
+                ((nseq * h) as u32, 1, 1),
+                32,
+                0,
+            )
+            .arg(&stats.descs)
+            .arg(&p)
+            .arg(&cal)
+            .arg(&mut t_b)
+            .arg(&mut flat_cut)
+            .launch()?;
             crate::stats::profile::mark(stream, "sel_calib_finish");
             // The flattened cut, one 8-bit digit per (histogram, pick) pair of launches.
             let hist = f("sel_flat_hist")?;
             let pick = f("sel_flat_pick")?;
             for depth in 0..FLAT_FULL_DIGITS as i32 {
-                launch!(stream, hist, lc((chunks, h as u32, nseq as u32), 256, 0);
-                    &stats.descs, &sel_d, &p, &mapb, &flat_cut, &depth, &mut hist_cnt,
-                    &mut hist_sum)?;
+                Launch::new(stream, &hist, (chunks, h as u32, nseq as u32), 256, 0)
+                    .arg(&stats.descs)
+                    .arg(&sel_d)
+                    .arg(&p)
+                    .arg(&mapb)
+                    .arg(&flat_cut)
+                    .arg(&depth)
+                    .arg(&mut hist_cnt)
+                    .arg(&mut hist_sum)
+                    .launch()?;
                 crate::stats::profile::mark(stream, "flat_hist");
-                launch!(stream, pick, lc(((nseq * h) as u32, 1, 1), 256, 0);
-                    &depth, &mut flat_cut, &mut hist_cnt, &mut hist_sum, &mut kcut)?;
+                Launch::new(stream, &pick, ((nseq * h) as u32, 1, 1), 256, 0)
+                    .arg(&depth)
+                    .arg(&mut flat_cut)
+                    .arg(&mut hist_cnt)
+                    .arg(&mut hist_sum)
+                    .arg(&mut kcut)
+                    .launch()?;
                 crate::stats::profile::mark(stream, "flat_pick");
             }
             // The remaining digits over the keys under the prefix only.
-            launch!(stream, f("sel_flat_compact")?, lc((chunks, h as u32, nseq as u32), 256, 0);
-                &stats.descs, &sel_d, &p, &mapb, &flat_cut, &mut flat_list, &mut flat_len)?;
-            launch!(stream, f("sel_flat_finish")?, lc(grid_heads, 1024, 0);
-                &stats.descs, &sel_d, &p, &mapb, &flat_cut, &flat_list, &flat_len, &mut kcut)?;
+            Launch::new(
+                stream,
+                &f("sel_flat_compact")?,
+                (chunks, h as u32, nseq as u32),
+                256,
+                0,
+            )
+            .arg(&stats.descs)
+            .arg(&sel_d)
+            .arg(&p)
+            .arg(&mapb)
+            .arg(&flat_cut)
+            .arg(&mut flat_list)
+            .arg(&mut flat_len)
+            .launch()?;
+            Launch::new(stream, &f("sel_flat_finish")?, grid_heads, 1024, 0)
+                .arg(&stats.descs)
+                .arg(&sel_d)
+                .arg(&p)
+                .arg(&mapb)
+                .arg(&flat_cut)
+                .arg(&flat_list)
+                .arg(&flat_len)
+                .arg(&mut kcut)
+                .launch()?;
             crate::stats::profile::mark(stream, "flat_finish");
         }
         stream.join(&side)?;
         crate::stats::profile::mark(stream, "sel_vs_join");
         let ext_grid = (qb_all.div_ceil(8) as u32, h as u32, 1);
-        launch!(stream, f("sel_extend")?, lc(ext_grid, 256, 0);
-            &stats.descs, &sel_d, &qb_seq_d, &qb_all_u, &p, &pattern, &colsel, &offsel, &dist_prefix,
-            &diag_hit, &mut maskb)?;
+        Launch::new(stream, &f("sel_extend")?, ext_grid, 256, 0)
+            .arg(&stats.descs)
+            .arg(&sel_d)
+            .arg(&qb_seq_d)
+            .arg(&qb_all_u)
+            .arg(&p)
+            .arg(&pattern)
+            .arg(&colsel)
+            .arg(&offsel)
+            .arg(&dist_prefix)
+            .arg(&diag_hit)
+            .arg(&mut maskb)
+            .launch()?;
         crate::stats::profile::mark(stream, "sel_extend");
         if any_qa {
-            launch!(stream, f("sel_qa_flat_mark")?, lc(grid_rows, 64, 0);
-                &stats.descs, &sel_d, &qb_seq_d, &p, &pattern, &mapb, &kcut, &mut maskb)?;
+            Launch::new(stream, &f("sel_qa_flat_mark")?, grid_rows, 64, 0)
+                .arg(&stats.descs)
+                .arg(&sel_d)
+                .arg(&qb_seq_d)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&mapb)
+                .arg(&kcut)
+                .arg(&mut maskb)
+                .launch()?;
             crate::stats::profile::mark(stream, "sel_qa_flat_mark");
-            launch!(stream, f("sel_qa_row")?, lc(grid_rows, 256, row_smem);
-                &stats.descs, &sel_d, &qb_seq_d, &p, &pattern, &mapb, &mut maskb)?;
+            Launch::new(stream, &f("sel_qa_row")?, grid_rows, 256, row_smem)
+                .arg(&stats.descs)
+                .arg(&sel_d)
+                .arg(&qb_seq_d)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&mapb)
+                .arg(&mut maskb)
+                .launch()?;
             crate::stats::profile::mark(stream, "sel_qa_row");
-            launch!(stream, f("sel_qa_build")?, lc(grid_rows, 128, 4 * max_nkb.div_ceil(32));
-                &stats.descs, &sel_d, &qb_seq_d, &p, &pattern, &mapb, &order_b, &run_b, &t_b,
-                &kcut, &mut maskb)?;
+            Launch::new(
+                stream,
+                &f("sel_qa_build")?,
+                grid_rows,
+                128,
+                4 * max_nkb.div_ceil(32),
+            )
+            .arg(&stats.descs)
+            .arg(&sel_d)
+            .arg(&qb_seq_d)
+            .arg(&p)
+            .arg(&pattern)
+            .arg(&mapb)
+            .arg(&order_b)
+            .arg(&run_b)
+            .arg(&t_b)
+            .arg(&kcut)
+            .arg(&mut maskb)
+            .launch()?;
             crate::stats::profile::mark(stream, "sel_qa_build");
             if faithful_qa {
                 let tile = topup_tile as u32;
-                launch!(stream, f("sel_qa_topup")?, lc(grid_heads, TOPUP_THREADS as u32, topup_smem);
-                    &stats.descs, &sel_d, &p, &pattern, &mass_t, &col_sum, &tile, &mut maskb)?;
+                Launch::new(
+                    stream,
+                    &f("sel_qa_topup")?,
+                    grid_heads,
+                    TOPUP_THREADS as u32,
+                    topup_smem,
+                )
+                .arg(&stats.descs)
+                .arg(&sel_d)
+                .arg(&p)
+                .arg(&pattern)
+                .arg(&mass_t)
+                .arg(&col_sum)
+                .arg(&tile)
+                .arg(&mut maskb)
+                .launch()?;
                 crate::stats::profile::mark(stream, "sel_qa_topup");
             }
         }
-        launch!(stream, f("sel_count")?, lc(ext_grid, 256, 0);
-            &stats.descs, &sel_d, &qb_seq_d, &qb_all_u, &p, &maskb, &mut counts)?;
+        Launch::new(stream, &f("sel_count")?, ext_grid, 256, 0)
+            .arg(&stats.descs)
+            .arg(&sel_d)
+            .arg(&qb_seq_d)
+            .arg(&qb_all_u)
+            .arg(&p)
+            .arg(&maskb)
+            .arg(&mut counts)
+            .launch()?;
         crate::stats::profile::mark(stream, "sel_count");
         let rows_u = total_rows as u32;
-        launch!(stream, f("sel_scan")?, lc((1, 1, 1), 1024, 0);
-            &counts, &rows_u, &mut offsets)?;
+        Launch::new(stream, &f("sel_scan")?, (1, 1, 1), 1024, 0)
+            .arg(&counts)
+            .arg(&rows_u)
+            .arg(&mut offsets)
+            .launch()?;
         crate::stats::profile::mark(stream, "sel_scan");
-        launch!(stream, f("sel_write")?, lc(grid_rows, 32, 0);
-            &stats.descs, &sel_d, &qb_seq_d, &qb_all_u, &p, &maskb, &offsets, &mut cols)?;
+        Launch::new(stream, &f("sel_write")?, grid_rows, 32, 0)
+            .arg(&stats.descs)
+            .arg(&sel_d)
+            .arg(&qb_seq_d)
+            .arg(&qb_all_u)
+            .arg(&p)
+            .arg(&maskb)
+            .arg(&offsets)
+            .arg(&mut cols)
+            .launch()?;
         crate::stats::profile::mark(stream, "sel_write");
     }
     Ok(DeviceSelection {

@@ -20,7 +20,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use flexprefill_core::{
     AttentionInput, AttentionShape, DType, FlexPrefillConfig, HeadStatistics, SelectionMode,
     Sequence, TensorRef,
@@ -28,6 +28,7 @@ use flexprefill_core::{
 
 use crate::device::CudaDevice;
 use crate::error::{CudaError, Result};
+use crate::launch::Launch;
 use crate::registry::{KernelFamily, KernelKey};
 
 /// Per-kernel timing for benches: with `FLEXPREFILL_PROFILE` set, every launch of the stats and
@@ -606,26 +607,74 @@ pub fn launch_stats<T: StatsElem>(
     // SAFETY (all launches): argument lists match the kernels' signatures in stats.cu; every
     // buffer is sized by StatsLayout for the indices the kernels compute.
     unsafe {
-        launch!(stream, f_pass1, crate::launch_cfg(grid_pass, NTHREADS, smem1);
-            q, k, &descs, &work, &h_i, &hkv_i, &split_i, &rp_i, &rs_i, &scale, &scale_log2,
-            &probes_i, &bs_i, &mut row_ml)?;
+        Launch::new(stream, &f_pass1, grid_pass, NTHREADS, smem1)
+            .arg(q)
+            .arg(k)
+            .arg(&descs)
+            .arg(&work)
+            .arg(&h_i)
+            .arg(&hkv_i)
+            .arg(&split_i)
+            .arg(&rp_i)
+            .arg(&rs_i)
+            .arg(&scale)
+            .arg(&scale_log2)
+            .arg(&probes_i)
+            .arg(&bs_i)
+            .arg(&mut row_ml)
+            .launch()?;
         profile::mark(stream, name1);
-        launch!(stream, f_merge, crate::launch_cfg((h as u32, nseq as u32, 1), 256, 0);
-            &descs, &row_ml, &h_i, &rs_i, &mut lse2)?;
+        Launch::new(stream, &f_merge, (h as u32, nseq as u32, 1), 256, 0)
+            .arg(&descs)
+            .arg(&row_ml)
+            .arg(&h_i)
+            .arg(&rs_i)
+            .arg(&mut lse2)
+            .launch()?;
         profile::mark(stream, "stats_merge");
-        launch!(stream, f_pass2, crate::launch_cfg(grid_pass, NTHREADS, smem2);
-            q, k, &descs, &work, &h_i, &hkv_i, &split_i, &rp_i, &rs_i, &bs_i, &scale, &scale_log2,
-            &lse2, &sl_i, &mut vertical, &mut rep_block_mass, &mut slash_part, &probes_i,
-            &mut probe_block_mass)?;
+        Launch::new(stream, &f_pass2, grid_pass, NTHREADS, smem2)
+            .arg(q)
+            .arg(k)
+            .arg(&descs)
+            .arg(&work)
+            .arg(&h_i)
+            .arg(&hkv_i)
+            .arg(&split_i)
+            .arg(&rp_i)
+            .arg(&rs_i)
+            .arg(&bs_i)
+            .arg(&scale)
+            .arg(&scale_log2)
+            .arg(&lse2)
+            .arg(&sl_i)
+            .arg(&mut vertical)
+            .arg(&mut rep_block_mass)
+            .arg(&mut slash_part)
+            .arg(&probes_i)
+            .arg(&mut probe_block_mass)
+            .launch()?;
         profile::mark(stream, name2);
         let max_kv = layout.seqs.iter().map(|s| s.kv_len).max().unwrap_or(1);
         let grid_final = (max_kv.div_ceil(256) as u32, h as u32, nseq as u32);
-        launch!(stream, f_final, crate::launch_cfg(grid_final, 256, 0);
-            &descs, &slash_part, &h_i, &split_i, &sl_i, &mut slash)?;
+        Launch::new(stream, &f_final, grid_final, 256, 0)
+            .arg(&descs)
+            .arg(&slash_part)
+            .arg(&h_i)
+            .arg(&split_i)
+            .arg(&sl_i)
+            .arg(&mut slash)
+            .launch()?;
         profile::mark(stream, "stats_slash_finalize");
         let grid_pool = (layout.total_kb as u32, hkv as u32, 1);
-        launch!(stream, f_pool_k, crate::launch_cfg(grid_pool, (d / 4) as u32, 0);
-            k, &descs, &kb_seq, &hkv_i, &bs_i, &emu_i, &mut k_pooled)?;
+        Launch::new(stream, &f_pool_k, grid_pool, (d / 4) as u32, 0)
+            .arg(k)
+            .arg(&descs)
+            .arg(&kb_seq)
+            .arg(&hkv_i)
+            .arg(&bs_i)
+            .arg(&emu_i)
+            .arg(&mut k_pooled)
+            .launch()?;
         profile::mark(stream, "stats_pool_k");
         // stats.cu's EST_TILE: key blocks per stats_estimate_logits CTA.
         let est_tile = if d <= 128 { 64 } else { 32 };
@@ -636,10 +685,21 @@ pub fn launch_stats<T: StatsElem>(
             .max()
             .unwrap_or(1);
         let grid_est = (max_nkb.div_ceil(est_tile) as u32, h as u32, nseq as u32);
-        launch!(stream, f_est_logits, crate::launch_cfg(grid_est, 256, 0);
-            q, &descs, &k_pooled, &h_i, &hkv_i, &scale, &emu_i, &mut estimate)?;
-        launch!(stream, f_est, crate::launch_cfg((h as u32, nseq as u32, 1), 256, 0);
-            &descs, &h_i, &mut estimate)?;
+        Launch::new(stream, &f_est_logits, grid_est, 256, 0)
+            .arg(q)
+            .arg(&descs)
+            .arg(&k_pooled)
+            .arg(&h_i)
+            .arg(&hkv_i)
+            .arg(&scale)
+            .arg(&emu_i)
+            .arg(&mut estimate)
+            .launch()?;
+        Launch::new(stream, &f_est, (h as u32, nseq as u32, 1), 256, 0)
+            .arg(&descs)
+            .arg(&h_i)
+            .arg(&mut estimate)
+            .launch()?;
         profile::mark(stream, "stats_estimate");
     }
     Ok(DeviceStats {
@@ -681,31 +741,26 @@ pub fn launch_pool_q<T: StatsElem>(
     let bs_i = l.block_size as i32;
     let emu_i = stats.emulate as i32;
     let grid = (l.total_qb as u32, l.shape.num_heads as u32, 1);
-    let cfg = LaunchConfig {
-        grid_dim: grid,
-        block_dim: ((l.shape.head_dim / 4) as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
     if l.total_qb == 0 {
         return Ok(());
     }
     let null: u64 = 0;
-    // SAFETY: arguments match `stats_pool_q`; a null flag pointer means "every head".
-    unsafe {
-        let mut b = stream.launch_builder(&f);
-        b.arg(q)
-            .arg(&stats.descs)
-            .arg(&stats.qb_seq)
-            .arg(&h_i)
-            .arg(&bs_i)
-            .arg(&stats.scale)
-            .arg(&emu_i);
-        match qa_flag {
-            Some(flag) => b.arg(flag),
-            None => b.arg(&null),
-        };
-        b.arg(&mut stats.q_pooled).launch(cfg)?;
-    }
+    let launch = Launch::new(stream, &f, grid, (l.shape.head_dim / 4) as u32, 0)
+        .arg(q)
+        .arg(&stats.descs)
+        .arg(&stats.qb_seq)
+        .arg(&h_i)
+        .arg(&bs_i)
+        .arg(&stats.scale)
+        .arg(&emu_i);
+    // A null flag pointer means "every head".
+    let launch = match qa_flag {
+        Some(flag) => launch.arg(flag),
+        None => launch.arg(&null),
+    };
+    // SAFETY: arguments match `stats_pool_q`; buffers are sized by the layout for every
+    // (query block, head) of the grid.
+    unsafe { launch.arg(&mut stats.q_pooled).launch() }?;
     profile::mark(stream, "stats_pool_q");
     Ok(())
 }
