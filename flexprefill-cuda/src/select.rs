@@ -1,4 +1,4 @@
-//! Pattern search, block selection and index build on the GPU (`kernels/select.cu`).
+//! Pattern search, block selection and index build on the GPU (`kernels/select/`).
 //!
 //! [`launch_select`] queues, after [`crate::stats::launch_stats`], every step of Algorithms 2–4
 //! on the device and leaves a CSR block index there ([`DeviceSelection::index`], ready for the
@@ -8,7 +8,7 @@
 //!
 //! The rules are core's ([`flexprefill_core::selection`], both [`SelectionMode`]s, both
 //! [`QueryAwareCut`]s), replayed so that the GPU selects the same blocks as
-//! `selection::build_index` on the same statistics; `select.cu` says how each cut is found
+//! `selection::build_index` on the same statistics; `kernels/select/` says how each cut is found
 //! without a full sort and where the sums are replayed in core's order.
 //!
 //! [`SelectionMode`]: flexprefill_core::SelectionMode
@@ -30,12 +30,29 @@ use crate::registry::{KernelFamily, KernelKey};
 use crate::stats::{launch_pool_q, launch_stats, DeviceStats, StatsElem, StatsLayout};
 
 /// The selection kernel family.
-pub static SELECT: KernelFamily = KernelFamily {
+/// One NVRTC program: the shared `SeqDesc`, the selection header, then one file per stage.
+pub(crate) static SELECT: KernelFamily = KernelFamily {
     name: "select",
-    source: include_str!("../kernels/select.cu"),
+    source: concat!(
+        include_str!("../kernels/seq_desc.cuh"),
+        "\n",
+        include_str!("../kernels/select/common.cuh"),
+        "\n",
+        include_str!("../kernels/select/decide.cu"),
+        "\n",
+        include_str!("../kernels/select/vertical_slash.cu"),
+        "\n",
+        include_str!("../kernels/select/query_aware_map.cu"),
+        "\n",
+        include_str!("../kernels/select/query_aware_cut.cu"),
+        "\n",
+        include_str!("../kernels/select/query_aware_faithful.cu"),
+        "\n",
+        include_str!("../kernels/select/index.cu")
+    ),
 };
 
-/// Per-sequence offsets of the selection buffers. Must match `SelSeq` in select.cu.
+/// Per-sequence offsets of the selection buffers. Must match `SelSeq` in kernels/select/common.cuh.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 struct SelSeq {
@@ -49,8 +66,9 @@ struct SelSeq {
 }
 // SAFETY: plain old data, laid out as the kernel's struct.
 unsafe impl DeviceRepr for SelSeq {}
+const _: () = assert!(std::mem::size_of::<SelSeq>() == 32);
 
-/// The configuration as the kernels read it. Must match `SelParams` in select.cu.
+/// The configuration as the kernels read it. Must match `SelParams` in kernels/select/common.cuh.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 struct SelParams {
@@ -72,6 +90,7 @@ struct SelParams {
 }
 // SAFETY: plain old data (13 i32/f32, one pad, one f64 at offset 56), as the kernel's struct.
 unsafe impl DeviceRepr for SelParams {}
+const _: () = assert!(std::mem::size_of::<SelParams>() == 64);
 
 /// Map entries per CTA of the flattened cut's histogram kernel (`sel_flat_hist`).
 const FLAT_CHUNK: u32 = 8192;
@@ -289,7 +308,7 @@ pub fn launch_select<T: StatsElem>(
     // memory (a few KiB at most here), or the driver refuses it.
     let dyn_limit = max_smem - 8 * 1024;
     // The top-up stages `topup_tile` floats per tile, two tiles aliasing the sort keys, then
-    // the ranking and one mask row (select.cu sel_qa_topup); smaller tiles where shared
+    // the ranking and one mask row (kernels/select/query_aware_faithful.cu, sel_qa_topup); smaller tiles where shared
     // memory is short (a tile holds at least one key block's representative rows).
     let topup_bytes = |tile: usize| (8 * n2).max(8 * tile) + 4 * n2 + 4 * max_nkb.div_ceil(32);
     let mut topup_tile = TOPUP_TILE;
@@ -421,7 +440,7 @@ pub fn launch_select<T: StatsElem>(
     let grid_heads = (h as u32, nseq as u32, 1);
     let grid_rows = (qb_all as u32, h as u32, 1);
 
-    // SAFETY (all launches): argument lists match the kernels in select.cu; buffers are sized
+    // SAFETY (all launches): argument lists match the kernels in kernels/select/; buffers are sized
     // by the plan above for every index the kernels compute.
     unsafe {
         let pool_grid = (max_nkb.div_ceil(32) as u32, h as u32, nseq as u32);

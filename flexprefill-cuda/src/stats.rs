@@ -1,4 +1,4 @@
-//! Representative attention and head statistics on the GPU (`kernels/stats.cu`).
+//! Representative attention and head statistics on the GPU (`kernels/stats/`).
 //!
 //! [`launch_stats`] queues, on a caller's stream and without any host synchronisation, the
 //! kernels that compute every (sequence, head)'s [`HeadStatistics`] into device buffers
@@ -75,15 +75,23 @@ pub mod profile {
 }
 pub use profile::take as profile_take;
 
-/// The statistics kernel family: `kernels/stats.cu` with `kernels/stats_sm90.cu` appended (the
-/// Hopper passes, compiled in only with `STATS_WGMMA=1`: one module holds both passes' variant
-/// and the shared merge, finalize, pooling and estimate kernels).
-pub static STATS: KernelFamily = KernelFamily {
+/// The statistics kernel family, one NVRTC program: the shared `SeqDesc`, the header the two
+/// pass implementations share, the mma.sync passes, the pooling and estimate kernels, and the
+/// Hopper passes (`kernels/stats/passes_sm90.cu`, compiled in only with `STATS_WGMMA=1`: one
+/// module holds one passes' variant and the shared merge, finalize, pooling and estimate
+/// kernels).
+pub(crate) static STATS: KernelFamily = KernelFamily {
     name: "stats",
     source: concat!(
-        include_str!("../kernels/stats.cu"),
+        include_str!("../kernels/seq_desc.cuh"),
         "\n",
-        include_str!("../kernels/stats_sm90.cu")
+        include_str!("../kernels/stats/common.cuh"),
+        "\n",
+        include_str!("../kernels/stats/passes.cu"),
+        "\n",
+        include_str!("../kernels/stats/estimate.cu"),
+        "\n",
+        include_str!("../kernels/stats/passes_sm90.cu")
     ),
 };
 
@@ -101,7 +109,7 @@ impl PassPath {
     /// The path for a device of compute capability `arch` and `head_dim`: wgmma on Hopper for
     /// head_dim 64 and 128 unless `FLEXPREFILL_STATS_MMA=1` (A/B against the mma.sync passes);
     /// `FLEXPREFILL_STATS_OVERLAP=1` turns on the wgmma path's issue-ahead (experimental: see
-    /// `kernels/stats_sm90.cu`).
+    /// `kernels/stats/passes_sm90.cu`).
     fn choose(arch: (i32, i32), head_dim: usize) -> Self {
         let env_is = |name: &str, v: &str| std::env::var(name).is_ok_and(|x| x.trim() == v);
         if arch == (9, 0)
@@ -135,17 +143,17 @@ impl PassPath {
 /// partials. 1024 keys: 128 CTAs per head at 128k (4096 in all, ~16 waves on 132 SMs), each
 /// loading its Q̂ rows once for 16 key tiles.
 const SPLIT_KEYS: usize = 1024;
-/// Rows per row group (8 warps × 16 rows), tile of keys, threads, warps: must match stats.cu.
+/// Rows per row group (8 warps × 16 rows), tile of keys, threads, warps: must match kernels/stats/common.cuh.
 const ROWS: usize = 128;
 const KT: usize = 64;
 const NTHREADS: u32 = 256;
 const NWARPS: usize = 8;
 /// Probe rows (one m16 tile riding along the representative passes), the pitch of a warp's
-/// probability quarter strip and of its diagonal partials: must match stats.cu.
+/// probability quarter strip and of its diagonal partials: must match kernels/stats/common.cuh.
 const PQ: usize = 16;
 const PP: usize = 24;
 const DPITCH: usize = 80;
-/// Key-tile ring of the wgmma pass 1 (stats_sm90.cu's KSTAGES; pass 2 double-buffers) and the
+/// Key-tile ring of the wgmma pass 1 (kernels/stats/passes_sm90.cu's KSTAGES; pass 2 double-buffers) and the
 /// slack that lets the kernels align their swizzled tiles to 1024 bytes.
 const WG_STAGES: usize = 3;
 const WG_ALIGN: usize = 1024;
@@ -154,10 +162,11 @@ const _: () = assert!(
     "the probe rows must fit one m16 tile of the statistics kernels"
 );
 
-/// One sequence as the kernels see it. Must match `SeqDesc` in `kernels/stats.cu`.
+/// One sequence as the statistics and selection kernels see it: `kernels/seq_desc.cuh`, whose
+/// `static_assert` checks the same 64 bytes.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SeqDesc {
+pub(crate) struct SeqDesc {
     q_start: u32,
     k_start: u32,
     q_len: u32,
@@ -171,10 +180,12 @@ pub struct SeqDesc {
     rep_off: u32,
     split_off: u32,
     nsplit: u32,
-    pad: [u32; 3],
+    probe_off: u32,
+    pad: [u32; 2],
 }
+const _: () = assert!(std::mem::size_of::<SeqDesc>() == 64);
 
-// SAFETY: plain old data (16 u32), laid out as the kernel's struct.
+// SAFETY: plain old data (16 u32, no padding), laid out as the kernel's struct.
 unsafe impl DeviceRepr for SeqDesc {}
 
 /// Where each (sequence, head)'s statistics live in the flat device buffers, and the launch
@@ -255,7 +266,8 @@ impl StatsLayout {
                 rep_off: to_u32(rep_off, "representative offset")?,
                 split_off: to_u32(split, "split offset")?,
                 nsplit: to_u32(nsplit, "splits")?,
-                pad: [to_u32(probe_off, "probe offset")?, 0, 0],
+                probe_off: to_u32(probe_off, "probe offset")?,
+                pad: [0, 0],
             });
             for sp in 0..nsplit {
                 work.push(si as u32);
@@ -327,7 +339,7 @@ impl StatsLayout {
     /// Offset of (seq, head)'s probe block masses (`probes · nkb` floats).
     pub fn probe_offset(&self, seq: usize, head: usize) -> usize {
         let d = &self.descs[seq];
-        d.pad[0] as usize * self.shape.num_heads + head * self.num_probes(seq) * d.nkb as usize
+        d.probe_off as usize * self.shape.num_heads + head * self.num_probes(seq) * d.nkb as usize
     }
 
     /// Offset of (seq, head)'s representative block masses (`rep · nkb` floats).
@@ -419,7 +431,7 @@ pub struct DeviceStats {
     /// The plan the buffers follow.
     pub layout: StatsLayout,
     /// Sequence descriptors (the selection kernels read them too).
-    pub descs: CudaSlice<SeqDesc>,
+    pub(crate) descs: CudaSlice<SeqDesc>,
     /// `[Σ kv_len · H]`.
     pub vertical: CudaSlice<f32>,
     /// `[Σ kv_len · H]`, by distance.
@@ -604,7 +616,7 @@ pub fn launch_stats<T: StatsElem>(
     let probes_i = layout.measures_probes() as i32;
     let grid_pass = (h as u32, total_splits as u32, 1);
     profile::mark(stream, "start");
-    // SAFETY (all launches): argument lists match the kernels' signatures in stats.cu; every
+    // SAFETY (all launches): argument lists match the kernels' signatures in kernels/stats/; every
     // buffer is sized by StatsLayout for the indices the kernels compute.
     unsafe {
         Launch::new(stream, &f_pass1, grid_pass, NTHREADS, smem1)
@@ -676,7 +688,7 @@ pub fn launch_stats<T: StatsElem>(
             .arg(&mut k_pooled)
             .launch()?;
         profile::mark(stream, "stats_pool_k");
-        // stats.cu's EST_TILE: key blocks per stats_estimate_logits CTA.
+        // kernels/stats/estimate.cu's EST_TILE: key blocks per stats_estimate_logits CTA.
         let est_tile = if d <= 128 { 64 } else { 32 };
         let max_nkb = layout
             .seqs

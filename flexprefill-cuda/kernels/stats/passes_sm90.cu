@@ -1,10 +1,10 @@
 // Representative-attention statistics passes on Hopper (sm_90a): the same outputs, row states
-// and fixed-order reductions as stats_pass1 / stats_pass2 (stats.cu, read its header), with
-// every Q̂·Kᵀ tile on wgmma instead of mma.sync. This file is appended to stats.cu by the host
-// (one module: the merge, slash finalize, pooling and estimate kernels are shared) and compiled
+// and fixed-order reductions as stats_pass1 / stats_pass2 (stats/passes.cu; the module's overview is stats/common.cuh's header), with
+// every Q̂·Kᵀ tile on wgmma instead of mma.sync. This file is the last part of the `stats` module
+// (src/stats.rs; the merge, slash finalize, pooling and estimate kernels are shared) and compiled
 // only with STATS_WGMMA=1 (sm_90a, head_dim 64 or 128).
 //
-// What changes against stats.cu:
+// What changes against stats/passes.cu:
 //  - Q̂ (the representative rows) and the key tiles live in shared memory in the canonical
 //    128-byte-swizzled K-major layout wgmma reads through descriptors (attention_sm90.cu's
 //    layout: a [rows][D] tile is D/64 atoms of [rows][64], 16-byte chunk c of row r at chunk
@@ -12,7 +12,7 @@
 //    64 x 64 logit tile with D/16 m64n64k16 steps; warp w of the CTA still owns rows
 //    16w..16w+15 of the row group, and the wgmma accumulator layout per warp is the mma.sync
 //    m16n8 C layout (acc[nt][e]: row lane/4 + 8(e/2), column 8nt + 2(lane%4) + e%2), so the
-//    masking, softmax and reductions below are stats.cu's, unchanged, in the same order.
+//    masking, softmax and reductions below are stats/common.cuh's, unchanged, in the same order.
 //  - Key tiles by cp.async: pass 1 a 3-stage ring loaded two tiles ahead, pass 2 (whose
 //    shared memory is the larger) double-buffered, one tile ahead, so both fit two CTAs per SM.
 //  - Work unit = (key tile, row group of 128 rows). Default: per unit issue, wait, reduce;
@@ -537,7 +537,7 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     float* out = slash_part + ((size_t)(sd.split_off + sp) * num_heads + h) * sl_stride;
     for (int i = threadIdx.x; i < sl_stride; i += NTHREADS) out[i] = slash_acc[i] * inv_r;
     if (np) {
-        float* pbm_out = probe_block_mass + (size_t)sd.pad0 * num_heads + (size_t)h * np * sd.nkb;
+        float* pbm_out = probe_block_mass + (size_t)sd.probe_off * num_heads + (size_t)h * np * sd.nkb;
         for (int i = threadIdx.x; i < PQ * nbs; i += NTHREADS) {
             const unsigned row = i / nbs, c = J0 / block_size + i % nbs;
             if (row < np && c < sd.nkb) pbm_out[(size_t)row * sd.nkb + c] = pacc[i];
