@@ -12,7 +12,7 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use flexprefill_core::{bf16, AttentionShape, FlexPrefillConfig, Sequence};
 use flexprefill_cuda::attention::{AttentionArgs, DeviceSeqs};
 use flexprefill_cuda::select::{flex_prefill_device, launch_select};
-use flexprefill_cuda::stats::{estimation_scale, launch_stats, StatsLayout};
+use flexprefill_cuda::internals::{estimation_scale, launch_stats, StatsLayout};
 use flexprefill_cuda::CudaBackend;
 use flexprefill_testkit::workload::{generate, WorkloadKind, WorkloadSpec};
 
@@ -214,12 +214,12 @@ fn main() -> Res<()> {
                     reason = r.and_then(|r| r.dense_reason);
                 }
                 let whole_call = median(whole);
-                if flexprefill_cuda::stats::profile::enabled() && gamma == 0.9 {
-                    let _ = flexprefill_cuda::stats::profile_take();
+                if flexprefill_cuda::internals::profile::enabled() && gamma == 0.9 {
+                    let _ = flexprefill_cuda::internals::profile_take();
                     let mut st =
                         launch_stats(&dev, &stream, &q, &k, layout.clone(), scale, emulate)?;
                     let _sel = launch_select(&dev, &stream, Some(&q), &mut st, &cfg)?;
-                    let prof = flexprefill_cuda::stats::profile_take();
+                    let prof = flexprefill_cuda::internals::profile_take();
                     let line: Vec<String> =
                         prof.iter().map(|(n, ms)| format!("{n} {ms:.3}")).collect();
                     eprintln!("profile {n} {}: {}", dt.name, line.join(", "));

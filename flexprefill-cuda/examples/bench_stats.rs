@@ -8,7 +8,7 @@
 
 use cudarc::driver::CudaSlice;
 use flexprefill_core::{bf16, AttentionShape, DType, FlexPrefillConfig, SelectionMode, Sequence};
-use flexprefill_cuda::stats::{estimation_scale, launch_stats, profile, StatsLayout};
+use flexprefill_cuda::internals::{estimation_scale, launch_stats, profile, StatsLayout};
 use flexprefill_cuda::CudaBackend;
 
 mod common;

@@ -79,10 +79,11 @@ mod backend;
 mod compile_tests;
 pub mod device;
 mod error;
+pub mod internals;
 mod launch;
-pub mod registry;
+mod registry;
 pub mod select;
-pub mod stats;
+mod stats;
 
 pub use attention::{AttentionArgs, AttnTile, DeviceBlockIndex, DeviceElem, DeviceSeqs};
 pub use backend::CudaBackend;

@@ -4,8 +4,8 @@
 
 use flexprefill_core::DType;
 use flexprefill_cuda::attention::{AttnTile, ATTENTION, UTIL};
-use flexprefill_cuda::registry::compile_offline;
-use flexprefill_cuda::registry::KernelKey;
+use flexprefill_cuda::internals::compile_offline;
+use flexprefill_cuda::internals::KernelKey;
 
 #[test]
 #[ignore = "needs NVRTC (libnvrtc.so)"]
