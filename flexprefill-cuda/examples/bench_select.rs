@@ -11,13 +11,13 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream};
 use flexprefill_core::{bf16, AttentionShape, FlexPrefillConfig, Sequence};
 use flexprefill_cuda::attention::{AttentionArgs, DeviceSeqs};
-use flexprefill_cuda::select::{flex_prefill_device, launch_select};
 use flexprefill_cuda::internals::{estimation_scale, launch_stats, StatsLayout};
+use flexprefill_cuda::select::{flex_prefill_device, launch_select};
 use flexprefill_cuda::CudaBackend;
 use flexprefill_testkit::workload::{generate, WorkloadKind, WorkloadSpec};
 
 mod common;
-use common::{median, Res, H, HKV};
+use common::{median, with_config, Res, H, HKV};
 
 const REPS: usize = 10;
 const D: usize = 128;
@@ -151,12 +151,11 @@ fn main() -> Res<()> {
             }
             let dense = median(dense);
             for gamma in [0.9f32, 0.95] {
-                let cfg = FlexPrefillConfig {
-                    gamma,
-                    tau: 0.1,
-                    min_budget: 1024,
-                    ..Default::default()
-                };
+                let cfg = with_config(FlexPrefillConfig::default(), |c| {
+                    c.gamma = gamma;
+                    c.tau = 0.1;
+                    c.min_budget = 1024;
+                });
                 let layout = StatsLayout::new(&seqs, shape, cfg.block_size)?
                     .with_probes(cfg.selection == flexprefill_core::SelectionMode::Faithful);
                 let (scale, emulate) = estimation_scale(

@@ -306,10 +306,11 @@ pub fn launch_select<T: StatsElem>(
     let kcut = unsafe { stream.alloc::<u64>((nseq * h).max(1)) }?;
     // Faithful query-aware rows in rank order with running masses (map layout), the
     // calibrated targets, and the probe events of the vertical-slash stop (PROBE_QUERIES
-    // slots per key block). SAFETY: each is written by its producer kernel for exactly the heads whose
+    // slots per key block): each is written by its producer kernel for exactly the heads whose
     // consumers read it (same pattern test on both sides).
     let faithful_qa = any_qa && cfg.selection == SelectionMode::Faithful;
     let qa_len = if faithful_qa { (map * h).max(1) } else { 1 };
+    // SAFETY (order_b, run_b, t_b): see above; sel_qa_sort / sel_qa_calib write them first.
     let order_b = unsafe { stream.alloc::<u32>(qa_len) }?;
     let run_b = unsafe { stream.alloc::<f64>(qa_len) }?;
     let t_b = unsafe { stream.alloc::<f64>((nseq * h).max(1)) }?;
@@ -321,6 +322,7 @@ pub fn launch_select<T: StatsElem>(
     } else {
         1
     };
+    // SAFETY (mass_t, col_sum): written by sel_qa_topup_prep before sel_qa_topup reads them.
     let mass_t = unsafe { stream.alloc::<f32>(topup_len) }?;
     let col_sum = unsafe { stream.alloc::<f32>(topup_len) }?;
     let probes = layout.probes && cfg.selection == SelectionMode::Faithful;
@@ -330,23 +332,29 @@ pub fn launch_select<T: StatsElem>(
     } else {
         1
     };
+    // SAFETY (ev_key, ev_w): sel_fvs_probe_events writes every slot sel_fvs_stop reads (only
+    // with probes, when the stop reads them).
     let ev_key = unsafe { stream.alloc::<u64>(ev_len) }?;
     let ev_w = unsafe { stream.alloc::<f64>(ev_len) }?;
     // The query-aware calibration's candidate entries (same layout as the probe events; written
     // by sel_qa_calib before it reads them), and the flattened cut's state (6 u64 per head,
     // sel_flat_init) and digit histograms (zeroed here, cleared again by each sel_flat_pick).
     let cand_len = if faithful_qa && probes { ev_len } else { 1 };
+    // SAFETY (cand_key, cand_w, flat_cut): written by sel_qa_calib / sel_flat_init before any
+    // kernel reads them.
     let cand_key = unsafe { stream.alloc::<u64>(cand_len) }?;
     let cand_w = unsafe { stream.alloc::<f64>(cand_len) }?;
     let flat_cut = unsafe { stream.alloc::<u64>(6 * (nseq * h).max(1)) }?;
     let cal = stream.alloc_zeros::<u64>(4 * (nseq * h).max(1))?;
     // Each probe's total mass (sel_fvs_prep, for every faithful head with probes).
+    // SAFETY: sel_fvs_prep writes it before sel_fvs_probe_events / sel_qa_calib read it.
     let probe_tot = unsafe { stream.alloc::<f64>((nseq * h * selection::PROBE_QUERIES).max(1)) }?;
     let hist_len = if any_qa { 256 * nseq * h } else { 1 };
     let hist_cnt = stream.alloc_zeros::<u32>(hist_len)?;
     let hist_sum = stream.alloc_zeros::<u64>(hist_len)?;
     // The flattened cut's candidate list (map layout, written by sel_flat_compact up to
     // flat_len, read only that far) and its lengths (zeroed here).
+    // SAFETY: read only below the length sel_flat_compact wrote.
     let flat_list = unsafe { stream.alloc::<u32>(if any_qa { (map * h).max(1) } else { 1 }) }?;
     let flat_len = stream.alloc_zeros::<u32>((nseq * h).max(1))?;
     // sel_fvs_lines' distance test per (r - c) for sel_extend: nkb + 1 entries per (sequence,

@@ -3,58 +3,62 @@
 //! the end-to-end test runs everything on the device and counts disagreements.
 
 use super::*;
-use crate::stats::tests::{device, ragged, seed, workload};
+use crate::stats::tests::{device, ragged, seed, with_config, workload};
 use flexprefill_core::{Backend, DType, ForcedBlocks};
 use flexprefill_cpu::CpuBackend;
 use flexprefill_testkit::owned::OwnedInput;
 use flexprefill_testkit::workload::WorkloadKind;
 
 fn configs() -> Vec<(&'static str, FlexPrefillConfig)> {
-    let f = FlexPrefillConfig {
-        min_budget: 256,
-        ..FlexPrefillConfig::default()
-    };
-    let o = FlexPrefillConfig {
-        min_budget: 256,
-        ..FlexPrefillConfig::original()
-    };
+    let f = with_config(FlexPrefillConfig::default(), |c| {
+        c.min_budget = 256;
+    });
+    let o = with_config(FlexPrefillConfig::original(), |c| {
+        c.min_budget = 256;
+    });
     vec![
         ("faithful", f),
-        ("faithful tau 0.4", FlexPrefillConfig { tau: 0.4, ..f }),
+        (
+            "faithful tau 0.4",
+            with_config(f, |c| {
+                c.tau = 0.4;
+            }),
+        ),
         (
             "faithful per-row tau 0.4",
-            FlexPrefillConfig {
-                tau: 0.4,
-                query_aware_cut: QueryAwareCut::PerQueryBlock,
-                ..f
-            },
+            with_config(f, |c| {
+                c.tau = 0.4;
+                c.query_aware_cut = QueryAwareCut::PerQueryBlock;
+            }),
         ),
         (
             "faithful gamma 0.95 bs 64",
-            FlexPrefillConfig {
-                gamma: 0.95,
-                block_size: 64,
-                ..f
-            },
+            with_config(f, |c| {
+                c.gamma = 0.95;
+                c.block_size = 64;
+            }),
         ),
         ("original", o),
-        ("original tau 0.4", FlexPrefillConfig { tau: 0.4, ..o }),
+        (
+            "original tau 0.4",
+            with_config(o, |c| {
+                c.tau = 0.4;
+            }),
+        ),
         (
             "original per-row tau 0.4 max budget",
-            FlexPrefillConfig {
-                tau: 0.4,
-                query_aware_cut: QueryAwareCut::PerQueryBlock,
-                max_budget: Some(512),
-                ..o
-            },
+            with_config(o, |c| {
+                c.tau = 0.4;
+                c.query_aware_cut = QueryAwareCut::PerQueryBlock;
+                c.max_budget = Some(512);
+            }),
         ),
         (
             "original gamma 0.8 bs 64",
-            FlexPrefillConfig {
-                gamma: 0.8,
-                block_size: 64,
-                ..o
-            },
+            with_config(o, |c| {
+                c.gamma = 0.8;
+                c.block_size = 64;
+            }),
         ),
     ]
 }
@@ -240,14 +244,13 @@ fn dense_fallback_and_forced_blocks() {
     assert!(rep.dense_fallback.is_some());
     assert!(rep.heads.iter().all(|h| h.pattern == Pattern::Dense));
     // no forced blocks, min budget 1 block: the same blocks as the CPU path
-    let cfg = FlexPrefillConfig {
-        forced: ForcedBlocks {
+    let cfg = with_config(FlexPrefillConfig::default(), |c| {
+        c.forced = ForcedBlocks {
             sink: false,
             diagonal: false,
-        },
-        min_budget: 1,
-        ..FlexPrefillConfig::default()
-    };
+        };
+        c.min_budget = 1;
+    });
     let owned = workload(WorkloadKind::SinkLocal, 2000, 4, 2, 64, seed + 1).to_dtype(DType::BF16);
     let x = owned.input().expect("input");
     let (idx, _) = select_index(&dev, &x, &cfg).expect("gpu");

@@ -7,6 +7,16 @@ use flexprefill_cpu::CpuBackend;
 use flexprefill_testkit::owned::OwnedInput;
 use flexprefill_testkit::workload::{generate, WorkloadKind, WorkloadSpec};
 
+/// `base` with `set` applied (configurations are built from a default plus field
+/// assignments, never a struct literal: the config struct is open to new fields).
+pub(crate) fn with_config(
+    mut base: flexprefill_core::FlexPrefillConfig,
+    set: impl FnOnce(&mut flexprefill_core::FlexPrefillConfig),
+) -> flexprefill_core::FlexPrefillConfig {
+    set(&mut base);
+    base
+}
+
 pub(crate) fn device() -> Arc<CudaDevice> {
     CudaDevice::new(0).expect("a CUDA device (run with --include-ignored on the GPU machine)")
 }
@@ -323,37 +333,33 @@ fn statistics_match_the_cpu_oracle() {
         (
             "needle 2500 bf16 bs64",
             workload(WorkloadKind::Needle, 2500, 2, 1, 128, seed + 4).to_dtype(DType::BF16),
-            FlexPrefillConfig {
-                block_size: 64,
-                ..faithful
-            },
+            with_config(faithful, |c| {
+                c.block_size = 64;
+            }),
             2e-3,
         ),
         (
             "mixed 1800 bf16 bs256",
             workload(WorkloadKind::Mixed, 1800, 4, 2, 128, seed + 5).to_dtype(DType::BF16),
-            FlexPrefillConfig {
-                block_size: 256,
-                ..faithful
-            },
+            with_config(faithful, |c| {
+                c.block_size = 256;
+            }),
             2e-3,
         ),
         (
             "topics 1400 bf16 d96 bs32",
             workload(WorkloadKind::Topics, 1400, 4, 2, 96, seed + 10).to_dtype(DType::BF16),
-            FlexPrefillConfig {
-                block_size: 32,
-                ..faithful
-            },
+            with_config(faithful, |c| {
+                c.block_size = 32;
+            }),
             2e-3,
         ),
         (
             "stripes 1000 bf16 bs16",
             workload(WorkloadKind::Stripes, 1000, 2, 1, 64, seed + 6).to_dtype(DType::BF16),
-            FlexPrefillConfig {
-                block_size: 16,
-                ..faithful
-            },
+            with_config(faithful, |c| {
+                c.block_size = 16;
+            }),
             2e-3,
         ),
     ];
