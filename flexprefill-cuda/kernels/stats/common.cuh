@@ -334,6 +334,20 @@ FP_DEVICE void pass1_write_rows(const SeqDesc& sd, unsigned sp, int h, int num_h
 }
 
 
+// Pass 2's probe rows as this thread sees them (both passes): the lse and last key of its two
+// rows of the m16 probe tile (F32_INF / -1 without probes), and the last key any probe row
+// sees (returned).
+FP_DEVICE int pass2_probe_rows(float (&plse)[2], int (&plast)[2], const float* __restrict__ lse2,
+                               const SeqDesc& sd, unsigned split, int h, int num_heads, int rs, int rp,
+                               unsigned np, int lane, int block_size) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        plse[r] = np ? lse2[((size_t)split * num_heads + h) * rs + rp + (lane / 4) + 8 * r] : F32_INF;
+        plast[r] = np ? last_key(sd, 1, block_size, (lane / 4) + 8 * r) : -1;
+    }
+    return np ? last_key(sd, 1, block_size, np - 1) : -1;
+}
+
 // The cross-warp step of pass 2 for one tile (keys j0..j0+KT), run by every thread of the CTA
 // once all warps have written the tile's partials (set `wc` / `dpt` per row group, `pwt`):
 // column sums (threads < KT, warps in order) into the vertical line, diagonal sums (threads

@@ -399,12 +399,7 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const float* lse_rows = lse2 + ((size_t)wk.x * num_heads + h) * rs + warp * 16 + (lane / 4);
     float plse[2];
     int plast[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        plse[r] = np ? lse2[((size_t)wk.x * num_heads + h) * rs + rp + (lane / 4) + 8 * r] : F32_INF;
-        plast[r] = np ? last_key(sd, 1, block_size, (lane / 4) + 8 * r) : -1;
-    }
-    const int pmax = np ? last_key(sd, 1, block_size, np - 1) : -1;
+    const int pmax = pass2_probe_rows(plse, plast, lse2, sd, wk.x, h, num_heads, rs, rp, np, lane, block_size);
     // Running block mass of the two rows this thread reduces (blocks >= KT span several
     // tiles): group in flight (bm0) and the other group (bm1), swapped after each group.
     float bm0[2] = {0.f, 0.f}, bm1[2] = {0.f, 0.f};
