@@ -18,7 +18,14 @@
 #   cp target/release/deps/no_driver-HASH .gpu/no_driver
 # (gpu-bench.sh's executables go to the same folder.)
 #
-# Env: CHECK_TESTS=0 / CHECK_SAN=0 skip a part; SAN_S seconds per sanitizer run (default 240).
+# The lib's NVRTC compile tests (names containing "compile") are skipped here: they need no GPU
+# and run on the build machine (`cargo test -p flexprefill-cuda --lib -- --include-ignored
+# compile`); CHECK_NVRTC=1 runs them and the nvrtc_compile binary with this machine's NVRTC.
+#
+# Env: CHECK_TESTS=0 / CHECK_SAN=0 skip a part; SAN_S seconds per sanitizer run (default 240);
+# SAN_FAMILIES (default "stats_wgmma stats_mma select attention") and SAN_TOOLS (default
+# "memcheck racecheck synccheck") pick the sanitizer runs, so that a machine with a per-command
+# time limit can take them in several commands.
 # Reading it: every `test result` ok, every sanitizer line "ERROR SUMMARY: 0 errors" (racecheck:
 # "RACECHECK SUMMARY: 0 hazards").
 set -u
@@ -38,7 +45,7 @@ run_test() {
   shift
   [ -x "$G/$name" ] || { summary+=("MISSING $G/$name"); return; }
   local s=$(date +%s)
-  env "${envs[@]}" timeout 300 "$G/$name" --include-ignored --test-threads 1 "$@" > "$OUT/$log" 2>&1
+  env ${envs[@]+"${envs[@]}"} timeout 300 "$G/$name" --include-ignored --test-threads 1 "$@" > "$OUT/$log" 2>&1
   local rc=$?
   summary+=("$log rc=$rc $(( $(date +%s) - s ))s: $(grep -E '^test result' "$OUT/$log" | tail -1)")
   grep -E "^test .*FAILED|panicked" "$OUT/$log" | head -20
@@ -46,12 +53,15 @@ run_test() {
 
 if [ "${CHECK_TESTS:-1}" = 1 ]; then
   run_test no_driver no_driver.log --
-  run_test nvrtc_compile nvrtc_compile.log --
-  run_test cuda_lib_tests lib_tests.log --
+  if [ "${CHECK_NVRTC:-0}" = 1 ]; then
+    run_test nvrtc_compile nvrtc_compile.log --
+    run_test cuda_lib_tests lib_compile.log -- compile
+  fi
+  run_test cuda_lib_tests lib_tests.log -- --skip compile
   run_test gpu_attention gpu_attention.log --
   # The other statistics passes on Hopper: mma.sync, and the wgmma issue-ahead variant.
-  run_test cuda_lib_tests lib_tests_mma.log FLEXPREFILL_STATS_MMA=1 -- stats:: select::
-  run_test cuda_lib_tests lib_tests_overlap.log FLEXPREFILL_STATS_OVERLAP=1 -- stats:: select::
+  run_test cuda_lib_tests lib_tests_mma.log FLEXPREFILL_STATS_MMA=1 -- stats:: select:: --skip compile
+  run_test cuda_lib_tests lib_tests_overlap.log FLEXPREFILL_STATS_OVERLAP=1 -- stats:: select:: --skip compile
 fi
 
 # san FAMILY EXE [ENV=VALUE...] -- TEST ARGS...: every tool on one family's tests.
@@ -61,9 +71,10 @@ san() {
   while [ $# -gt 0 ] && [ "$1" != -- ]; do envs+=("$1"); shift; done
   shift
   [ -x "$G/$exe" ] || { summary+=("MISSING $G/$exe"); return; }
-  for tool in memcheck racecheck synccheck; do
+  case " ${SAN_FAMILIES:-stats_wgmma stats_mma select attention} " in *" $fam "*) ;; *) return ;; esac
+  for tool in ${SAN_TOOLS:-memcheck racecheck synccheck}; do
     local log="$OUT/san_${fam}_${tool}.log" s=$(date +%s)
-    env "${envs[@]}" timeout "${SAN_S:-240}" "$CS" --tool $tool --print-limit 20 --error-exitcode 9 \
+    env ${envs[@]+"${envs[@]}"} timeout "${SAN_S:-240}" "$CS" --tool $tool --print-limit 20 --error-exitcode 9 \
       "$G/$exe" --include-ignored --test-threads 1 "$@" > "$log" 2>&1
     local rc=$?
     summary+=("sanitizer $fam $tool rc=$rc $(( $(date +%s) - s ))s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1) $(grep -E '^test result' "$log" | tail -1)")
