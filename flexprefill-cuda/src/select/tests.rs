@@ -118,28 +118,6 @@ fn diff_heads(a: &BlockIndex, b: &BlockIndex) -> Vec<(usize, usize)> {
 }
 
 #[test]
-#[ignore = "needs NVRTC (libnvrtc.so)"]
-fn stats_and_select_kernels_compile() {
-    use crate::registry::compile_offline;
-    for arch in [(9, 0), (8, 0)] {
-        let key = select_key();
-        compile_offline(&SELECT, &key, arch).unwrap_or_else(|e| panic!("select sm{arch:?}: {e}"));
-        for dtype in [DType::BF16, DType::F16] {
-            for d in [64, 128, 256] {
-                let key = KernelKey::new(&crate::stats::STATS, Some(dtype), d, 0)
-                    .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64)
-                    .define("FLAT_CHUNK", FLAT_CHUNK as i64)
-                    .define("EV_PER_CTA", EV_PER_CTA as i64)
-                    .define("QM_COLS", QM_COLS as i64)
-                    .define("FLAT_FULL_DIGITS", FLAT_FULL_DIGITS as i64);
-                compile_offline(&crate::stats::STATS, &key, arch)
-                    .unwrap_or_else(|e| panic!("stats {dtype} d{d} sm{arch:?}: {e}"));
-            }
-        }
-    }
-}
-
-#[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn device_selection_equals_core_on_the_same_statistics() {
     let dev = device();
