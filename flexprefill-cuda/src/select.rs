@@ -37,7 +37,8 @@ mod vertical_slash;
 pub(crate) use plan::select_key;
 use plan::{params, Run, SelSeq};
 
-/// The selection kernel family, one NVRTC program: the shared `SeqDesc`, the selection header, then one file per stage.
+/// The selection kernel family, one NVRTC program: the shared `SeqDesc`, the selection
+/// header, then one file per stage.
 pub(crate) static SELECT: KernelFamily = KernelFamily {
     name: "select",
     source: concat!(
@@ -239,8 +240,9 @@ pub fn launch_select<T: StatsElem>(
     // memory (a few KiB at most here), or the driver refuses it.
     let dyn_limit = max_smem - 8 * 1024;
     // The top-up stages `topup_tile` floats per tile, two tiles aliasing the sort keys, then
-    // the ranking and one mask row (kernels/select/query_aware_faithful.cu, sel_qa_topup); smaller tiles where shared
-    // memory is short (a tile holds at least one key block's representative rows).
+    // the ranking and one mask row (kernels/select/query_aware_faithful.cu, sel_qa_topup);
+    // smaller tiles where shared memory is short (a tile holds at least one key block's
+    // representative rows).
     let topup_bytes = |tile: usize| (8 * n2).max(8 * tile) + 4 * n2 + 4 * max_nkb.div_ceil(32);
     let mut topup_tile = TOPUP_TILE;
     while topup_tile > TOPUP_MIN_TILE && topup_bytes(topup_tile) > dyn_limit {

@@ -108,7 +108,8 @@ impl PassPath {
 /// partials. 1024 keys: 128 CTAs per head at 128k (4096 in all, ~16 waves on 132 SMs), each
 /// loading its Q̂ rows once for 16 key tiles.
 const SPLIT_KEYS: usize = 1024;
-/// Rows per row group (8 warps × 16 rows), tile of keys, threads, warps: must match kernels/stats/common.cuh.
+/// Rows per row group (8 warps × 16 rows), tile of keys, threads, warps: must match
+/// kernels/stats/common.cuh.
 const ROWS: usize = 128;
 const KT: usize = 64;
 const NTHREADS: u32 = 256;
@@ -118,8 +119,8 @@ const NWARPS: usize = 8;
 const PQ: usize = 16;
 const PP: usize = 24;
 const DPITCH: usize = 80;
-/// Key-tile ring of the wgmma pass 1 (kernels/stats/passes_sm90.cu's KSTAGES; pass 2 double-buffers) and the
-/// slack that lets the kernels align their swizzled tiles to 1024 bytes.
+/// Key-tile ring of the wgmma pass 1 (kernels/stats/passes_sm90.cu's KSTAGES; pass 2
+/// double-buffers) and the slack that lets the kernels align their swizzled tiles to 1024 bytes.
 const WG_STAGES: usize = 3;
 const WG_ALIGN: usize = 1024;
 const _: () = assert!(

@@ -5,8 +5,8 @@ use crate::launch::Launch;
 
 /// Pools the lines to blocks and decides every head's pattern.
 pub(super) fn launch(r: &mut Run<'_>) -> Result<()> {
-    // SAFETY: argument lists match the kernels in kernels/select/decide.cu; every buffer is sized by
-    // the plan in `launch_select` for every index the kernels compute.
+    // SAFETY: argument lists match the kernels in kernels/select/decide.cu; every buffer is sized
+    // by the plan in `launch_select` for every index the kernels compute.
     unsafe {
         let pool_grid = (r.max_nkb.div_ceil(32) as u32, r.h as u32, r.nseq as u32);
         Launch::new(

@@ -8,8 +8,8 @@ use crate::launch::Launch;
 
 /// The faithful top-up's prep, on `side`: it needs only the statistics and the patterns.
 pub(super) fn topup_prep(r: &mut Run<'_>, side: &CudaStream) -> Result<()> {
-    // SAFETY: argument lists match the kernels in kernels/select/query_aware_faithful.cu; every buffer is sized by
-    // the plan in `launch_select` for every index the kernels compute.
+    // SAFETY: argument lists match the kernels in kernels/select/query_aware_faithful.cu; every
+    // buffer is sized by the plan in `launch_select` for every index the kernels compute.
     unsafe {
         if r.faithful_qa {
             // The top-up's prep needs only the statistics and the patterns: it runs here, off
@@ -34,8 +34,9 @@ pub(super) fn topup_prep(r: &mut Run<'_>, side: &CudaStream) -> Result<()> {
 
 /// The pooled map, its softmax, the calibration and the flattened cut (main stream).
 pub(super) fn map_and_cut(r: &mut Run<'_>) -> Result<()> {
-    // SAFETY: argument lists match the kernels in kernels/select/query_aware_map.cu, query_aware_cut.cu and query_aware_faithful.cu; every buffer is sized by
-    // the plan in `launch_select` for every index the kernels compute.
+    // SAFETY: argument lists match the kernels in kernels/select/query_aware_map.cu,
+    // query_aware_cut.cu and query_aware_faithful.cu; every buffer is sized by the plan in
+    // `launch_select` for every index the kernels compute.
     unsafe {
         if r.any_qa {
             Launch::new(
@@ -204,8 +205,9 @@ pub(super) fn map_and_cut(r: &mut Run<'_>) -> Result<()> {
 
 /// The query-aware heads' rows into the block mask.
 pub(super) fn build(r: &mut Run<'_>) -> Result<()> {
-    // SAFETY: argument lists match the kernels in kernels/select/query_aware_cut.cu and query_aware_faithful.cu; every buffer is sized by
-    // the plan in `launch_select` for every index the kernels compute.
+    // SAFETY: argument lists match the kernels in kernels/select/query_aware_cut.cu and
+    // query_aware_faithful.cu; every buffer is sized by the plan in `launch_select` for every index
+    // the kernels compute.
     unsafe {
         if r.any_qa {
             Launch::new(r.stream, &r.f("sel_qa_flat_mark")?, r.grid_rows(), 64, 0)

@@ -8,8 +8,8 @@ use crate::launch::Launch;
 
 /// The vertical-slash chain on `side` (it runs beside the query-aware one).
 pub(super) fn launch(r: &mut Run<'_>, side: &CudaStream) -> Result<()> {
-    // SAFETY: argument lists match the kernels in kernels/select/vertical_slash.cu; every buffer is sized by
-    // the plan in `launch_select` for every index the kernels compute.
+    // SAFETY: argument lists match the kernels in kernels/select/vertical_slash.cu; every buffer is
+    // sized by the plan in `launch_select` for every index the kernels compute.
     unsafe {
         // The vertical-slash heads' chain (and the prep it shares with the calibration: column
         // keys, probe totals) runs beside the query-aware one (each uses a few CTAs per head);
@@ -86,8 +86,8 @@ pub(super) fn launch(r: &mut Run<'_>, side: &CudaStream) -> Result<()> {
 
 /// Every head's rows into the block mask (after both chains joined).
 pub(super) fn extend(r: &mut Run<'_>) -> Result<()> {
-    // SAFETY: argument lists match the kernels in kernels/select/vertical_slash.cu; every buffer is sized by
-    // the plan in `launch_select` for every index the kernels compute.
+    // SAFETY: argument lists match the kernels in kernels/select/vertical_slash.cu; every buffer is
+    // sized by the plan in `launch_select` for every index the kernels compute.
     unsafe {
         let ext_grid = r.ext_grid();
         Launch::new(r.stream, &r.f("sel_extend")?, ext_grid, 256, 0)
