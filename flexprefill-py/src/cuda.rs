@@ -17,6 +17,9 @@ use crate::call::{device_name, Outcome};
 use crate::errors::ArgError;
 use crate::Request;
 
+/// Whether CUDA tensors run in this build (`flexprefill._native.CUDA`); the CUDA tests read it.
+pub(crate) const AVAILABLE: bool = false;
+
 pub(crate) fn flex_prefill_cuda(
     _py: Python<'_>,
     _request: &Request<'_>,

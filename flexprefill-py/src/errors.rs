@@ -79,6 +79,11 @@ impl ArgError {
             Error::Backend { .. } | Error::Index(_) => Kind::Runtime,
             _ => Kind::Value,
         };
+        // Core's messages name values, not always the argument ("head_dim (300) ...").
+        let message = match argument {
+            Some(a) if !names(&message, a) => format!("{a}: {message}"),
+            _ => message,
+        };
         Self {
             kind,
             argument,
@@ -120,5 +125,15 @@ fn knob_name(message: &str) -> Option<&'static str> {
         message
             .strip_prefix(k)
             .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with(':'))
+    })
+}
+
+/// True when `message` has `word` as a whole identifier (so `k` is not found in `kv_len`).
+fn names(message: &str, word: &str) -> bool {
+    let ident = |c: char| c.is_alphanumeric() || c == '_';
+    message.match_indices(word).any(|(i, _)| {
+        let before = message[..i].chars().next_back();
+        let after = message[i + word.len()..].chars().next();
+        !before.is_some_and(ident) && !after.is_some_and(ident)
     })
 }
