@@ -206,6 +206,7 @@ pub(crate) fn flex_prefill_cpu<'py>(
     // SAFETY: `input_dtype` checked that q's element type is the one read here, and k and v
     // have q's element type.
     let (tq, tk, tv) = unsafe { (as_ref(&q, dtype), as_ref(&k, dtype), as_ref(&v, dtype)) };
+    let started = std::time::Instant::now();
     let mut x = match &geometry {
         Geometry::Batched {
             batch,
@@ -226,6 +227,7 @@ pub(crate) fn flex_prefill_cpu<'py>(
     let backend = cpu();
     let result = py.detach(|| backend.flex_prefill(&x, &cfg));
     let (out, rep) = result.map_err(core)?;
+    let call_seconds = started.elapsed().as_secs_f64();
     let out_buf = Py::new(py, HostBuffer::new(out.out, out_shape))
         .map_err(|e| ArgError::runtime("q", e.to_string()))?
         .into_any();
@@ -239,7 +241,7 @@ pub(crate) fn flex_prefill_cpu<'py>(
         _ => py.None(),
     };
     let rep = if req.return_report {
-        report::to_dict(py, &rep, backend.name())
+        report::to_dict(py, &rep, backend.name(), call_seconds)
             .map_err(|e| ArgError::runtime("return_report", e.to_string()))?
             .into_any()
             .unbind()

@@ -4,12 +4,15 @@ use flexprefill_core::SparsityReport;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
+/// `call_seconds` is the whole Rust call (input checks, selection, attention): what the
+/// binding's overhead is measured against.
 /// `{"backend", "dense_fallback", "timings": {...seconds}, "heads": [(seq, head, pattern,
 /// js_distance, selected_blocks, causal_blocks, density, estimated_mass), ...]}`.
 pub(crate) fn to_dict<'py>(
     py: Python<'py>,
     r: &SparsityReport,
     backend: &str,
+    call_seconds: f64,
 ) -> PyResult<Bound<'py, PyDict>> {
     let heads = PyList::empty(py);
     for h in &r.heads {
@@ -28,6 +31,7 @@ pub(crate) fn to_dict<'py>(
     timings.set_item("pattern_search", r.timings.pattern_search.as_secs_f64())?;
     timings.set_item("index_build", r.timings.index_build.as_secs_f64())?;
     timings.set_item("attention", r.timings.attention.as_secs_f64())?;
+    timings.set_item("call", call_seconds)?;
     let d = PyDict::new(py);
     d.set_item("backend", backend)?;
     d.set_item("dense_fallback", r.dense_fallback.as_deref())?;

@@ -34,6 +34,9 @@ class Timings:
     pattern_search: float
     index_build: float
     attention: float
+    #: The whole native call: input checks, pattern search, index build and attention (what a
+    #: Rust caller of the backend would measure; the rest of a Python call is binding overhead).
+    call: float
 
 
 @dataclass(frozen=True)
