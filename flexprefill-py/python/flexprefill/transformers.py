@@ -79,6 +79,9 @@ def _forward(cfg, module, query, key, value, attention_mask, scaling=None, dropo
         and query.shape[-1] == value.shape[-1] <= 256
         and (_HAS_CUDA or not query.is_cuda or cfg["compute_device"] == "cpu")
     )
+    if q_len > 1 and query.is_cuda and not _HAS_CUDA and cfg["compute_device"] != "cpu":
+        _warn_once("this flexprefill build has no CUDA path: prefill of CUDA tensors runs "
+                   "SDPA; register(..., compute_device='cpu') runs FlexPrefill on CPU copies")
     if not plain:
         return _sdpa(module, query, key, value, attention_mask, scaling=scaling,
                      dropout=dropout, **kwargs)
@@ -97,6 +100,17 @@ def _forward(cfg, module, query, key, value, attention_mask, scaling=None, dropo
         out, report = out
         reports.append(report)
     return out.to(device), None
+
+
+_WARNED = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        import warnings
+
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _causal_kv_len(mask, q_len: int, kv_len: int) -> Optional[int]:
