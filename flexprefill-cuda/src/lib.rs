@@ -101,10 +101,12 @@ pub(crate) fn launch_cfg(
 
 pub mod attention;
 mod backend;
+pub mod call;
 pub mod device;
 mod error;
 pub mod registry;
 pub mod select;
+mod staging;
 pub mod stats;
 
 pub use attention::{AttentionArgs, AttnTile, DeviceBlockIndex, DeviceElem, DeviceSeqs};
