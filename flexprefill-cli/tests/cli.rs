@@ -387,12 +387,18 @@ fn run_json_has_every_key_and_consistent_numbers() {
     assert_eq!(c["block_size"], 16);
     assert_eq!(c["selection"], "faithful");
     assert!((c["softmax_scale"].as_f64().unwrap() - 1.0 / 32f64.sqrt()).abs() < 1e-6);
+    assert_eq!(j["schema_version"], 2);
+    assert_eq!(j["timings_ms"]["clock"], "host");
+    // The CPU has no transfers: null, not 0.
+    assert!(j["timings_ms"]["upload"].is_null(), "{j}");
     for key in [
         "pattern_search",
         "index_build",
         "attention",
+        "compute",
         "total",
         "dense",
+        "dense_total",
     ] {
         assert!(
             j["timings_ms"][key].as_f64().is_some_and(|t| t >= 0.0),

@@ -41,6 +41,7 @@ use crate::attention::{
 };
 use crate::device::{driver_present, CudaDevice};
 use crate::error::{CudaError, Result};
+use crate::kcache::KernelCache;
 use crate::staging::Staging;
 
 /// FlexPrefill on an NVIDIA GPU.
@@ -68,9 +69,15 @@ impl CudaBackend {
 
     /// The backend on device `ordinal`.
     pub fn new_on(ordinal: usize) -> Result<Self> {
+        Self::with_kernel_cache(ordinal, &KernelCache::FromEnv)
+    }
+
+    /// The backend on device `ordinal` with its own kernel registry and an explicit
+    /// persistent kernel cache setting ([`KernelCache`]; the default reads the environment).
+    pub fn with_kernel_cache(ordinal: usize, cache: &KernelCache) -> Result<Self> {
         driver_present()?;
         Ok(Self {
-            device: CudaDevice::new(ordinal)?,
+            device: CudaDevice::with_kernel_cache(ordinal, cache)?,
             staging: Arc::default(),
         })
     }

@@ -104,6 +104,7 @@ mod backend;
 pub mod call;
 pub mod device;
 mod error;
+mod kcache;
 pub mod registry;
 pub mod select;
 mod staging;
@@ -113,6 +114,7 @@ pub use attention::{AttentionArgs, AttnTile, DeviceBlockIndex, DeviceElem, Devic
 pub use backend::CudaBackend;
 pub use device::{CudaDevice, DeviceInfo};
 pub use error::{CudaError, Result};
+pub use kcache::{cache_key, KernelCache};
 
 /// cudarc, re-exported so callers of the device API use the same version.
 pub use cudarc;
