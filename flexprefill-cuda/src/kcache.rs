@@ -372,14 +372,16 @@ mod tests {
         assert_eq!(KernelCache::Off.resolve(), None);
         let d = PathBuf::from("/x/y");
         assert_eq!(KernelCache::Dir(d.clone()).resolve(), Some(d));
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| {
+        fn env<'a>(
+            pairs: &'a [(&'a str, &'a str)],
+        ) -> impl Fn(&str) -> Option<std::ffi::OsString> + 'a {
+            move |k| {
                 pairs
                     .iter()
                     .find(|(n, _)| *n == k)
                     .map(|(_, v)| std::ffi::OsString::from(v))
             }
-        };
+        }
         let e = KernelCache::FromEnv;
         let all = [
             ("FLEXPREFILL_CACHE_DIR", "/c"),
@@ -397,14 +399,12 @@ mod tests {
         );
         assert_eq!(e.resolve_with(env(&[])), None);
         for off in ["0", "off", "OFF", "false"] {
-            let v: &'static str = off;
-            let pairs: &'static [(&str, &str)] =
-                Box::leak(vec![("FLEXPREFILL_CACHE", v), ("HOME", "/h")].into_boxed_slice());
-            assert_eq!(e.resolve_with(env(pairs)), None, "FLEXPREFILL_CACHE={off}");
+            let pairs = [("FLEXPREFILL_CACHE", off), ("HOME", "/h")];
+            assert_eq!(e.resolve_with(env(&pairs)), None, "FLEXPREFILL_CACHE={off}");
         }
-        let on: &'static [(&str, &str)] = &[("FLEXPREFILL_CACHE", "1"), ("HOME", "/h")];
+        let on = [("FLEXPREFILL_CACHE", "1"), ("HOME", "/h")];
         assert_eq!(
-            e.resolve_with(env(on)),
+            e.resolve_with(env(&on)),
             Some("/h/.cache/flexprefill".into())
         );
     }

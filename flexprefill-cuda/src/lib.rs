@@ -105,6 +105,7 @@ pub mod call;
 pub mod device;
 mod error;
 mod kcache;
+pub mod raw;
 pub mod registry;
 pub mod select;
 mod staging;
