@@ -135,9 +135,15 @@ pub fn execute(chosen: &Chosen, qkv: &Qkv, plan: &Plan<'_>) -> Result<Outcome> {
         // flex_prefill does not hand back its index; selection is deterministic, so selecting
         // again gives the same blocks (and keeps a backend's fused flex_prefill untouched).
         let sp = progress::spinner("selecting blocks again for the pictures");
-        let (index, _) = backend
-            .select_index(&x, &plan.cfg)
-            .context("block selection for --mask-png failed")?;
+        // A call that ran dense computed every causal block: draw that, not a selection.
+        let index = if report.heads.iter().all(|h| h.pattern == Pattern::Dense) {
+            BlockIndex::dense(&x.seqs, qkv.num_heads, plan.cfg.block_size)?
+        } else {
+            backend
+                .select_index(&x, &plan.cfg)
+                .context("block selection for --mask-png failed")?
+                .0
+        };
         sp.finish_and_clear();
         pictures = write_pictures(
             dir,

@@ -115,7 +115,9 @@ impl DeviceRun {
 }
 
 /// Only the representative block masses (what the report's `estimated_mass` needs), not the
-/// whole statistics, so reading a report back stays a small copy.
+/// whole statistics, so reading a report back stays a small copy. (Default + assignment, not a
+/// struct literal: core's structs may grow fields.)
+#[allow(clippy::field_reassign_with_default)]
 fn rep_masses(stream: &Arc<CudaStream>, st: &DeviceStats) -> Result<Vec<HeadStatistics>> {
     let l = &st.layout;
     let rbm = stream.clone_dtoh(&st.rep_block_mass)?;
