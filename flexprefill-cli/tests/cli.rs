@@ -464,6 +464,20 @@ fn output_round_trips_and_matches_naive_attention() {
         "cpu",
     ]);
     assert!(j["dense_fallback"].is_string(), "{j}");
+    // A dense call ran no pattern search and no index build: null, never a 0 measurement.
+    let t = &j["timings_ms"];
+    assert!(
+        t["pattern_search"].is_null() && t["index_build"].is_null(),
+        "{t}"
+    );
+    assert!(t["attention"].as_f64().is_some(), "{t}");
+    assert!(j["heads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|h| h["pattern"] == "dense"));
+    let text = stdout(&ok(&["run", "--input", p(&f), "--backend", "cpu"]));
+    assert!(!text.contains("pattern search"), "{text}");
     let (t, _) = read_st(&out);
     let (dtype, shape, o) = &t["o"];
     assert_eq!((*dtype, shape.clone()), (Dtype::F32, vec![b, n, h, d]));
