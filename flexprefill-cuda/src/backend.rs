@@ -214,14 +214,7 @@ impl CudaBackend {
                 HostBuf::BF16(staging.upload_new(stream, v, bf16::from_f32)?),
             ),
             // `validate` rejects mixed dtypes.
-            _ => {
-                return Err(flexprefill_core::Error::DType {
-                    q: x.q.dtype().name(),
-                    k: x.k.dtype().name(),
-                    v: x.v.dtype().name(),
-                }
-                .into())
-            }
+            _ => return Err(dtype_error(x)),
         };
         let total_q = x.total_q();
         let h = x.shape.num_heads;
@@ -270,6 +263,16 @@ impl CudaBackend {
         timings.download = Some(t_down.elapsed());
         Ok((AttentionOutput { out, lse }, timings))
     }
+}
+
+/// The error for q, k, v of different dtypes (which `AttentionInput::validate` rejects first).
+pub(crate) fn dtype_error(x: &AttentionInput<'_>) -> CudaError {
+    flexprefill_core::Error::DType {
+        q: x.q.dtype().name(),
+        k: x.k.dtype().name(),
+        v: x.v.dtype().name(),
+    }
+    .into()
 }
 
 /// A device tensor of the host API, in the dtype it runs in.

@@ -102,41 +102,24 @@ pub unsafe fn flex_prefill_raw(
     // SAFETY: the caller promises `stream` is a live stream of the backend's context; the
     // wrapper does not destroy it.
     let stream = unsafe { backend.device().context().wrap_borrowed_stream(stream) };
-    let total_q = seqs.iter().map(|s| s.q_start + s.q_len).max().unwrap_or(0);
-    let total_k = seqs.iter().map(|s| s.k_start + s.kv_len).max().unwrap_or(0);
+    let raw = Raw {
+        q,
+        k,
+        v,
+        out,
+        lse,
+        shape,
+        seqs,
+        total_q: seqs.iter().map(|s| s.q_start + s.q_len).max().unwrap_or(0),
+        total_k: seqs.iter().map(|s| s.k_start + s.kv_len).max().unwrap_or(0),
+        softmax_scale,
+        cfg,
+    };
     // SAFETY: the caller's contract covers each of these (addresses, sizes, lifetime).
     unsafe {
         match dtype {
-            DType::BF16 => run::<half::bf16>(
-                backend,
-                &stream,
-                q,
-                k,
-                v,
-                out,
-                lse,
-                shape,
-                seqs,
-                total_q,
-                total_k,
-                softmax_scale,
-                cfg,
-            ),
-            DType::F16 => run::<half::f16>(
-                backend,
-                &stream,
-                q,
-                k,
-                v,
-                out,
-                lse,
-                shape,
-                seqs,
-                total_q,
-                total_k,
-                softmax_scale,
-                cfg,
-            ),
+            DType::BF16 => run::<half::bf16>(backend, &stream, &raw),
+            DType::F16 => run::<half::f16>(backend, &stream, &raw),
             DType::F32 => Err(CudaError::Unsupported {
                 op: "flex_prefill_raw",
                 message: "f32 tensors: the kernels take bf16 or f16; convert first".into(),
@@ -145,22 +128,41 @@ pub unsafe fn flex_prefill_raw(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-unsafe fn run<T: StatsElem + DeviceElem + DeviceRepr>(
-    backend: &CudaBackend,
-    stream: &Arc<CudaStream>,
+/// The arguments of [`flex_prefill_raw`], with the token totals the sequences imply.
+struct Raw<'a> {
     q: u64,
     k: u64,
     v: u64,
     out: u64,
     lse: u64,
     shape: AttentionShape,
-    seqs: &[Sequence],
+    seqs: &'a [Sequence],
     total_q: usize,
     total_k: usize,
     softmax_scale: Option<f32>,
-    cfg: &FlexPrefillConfig,
+    cfg: &'a FlexPrefillConfig,
+}
+
+/// # Safety
+/// [`flex_prefill_raw`]'s contract.
+unsafe fn run<T: StatsElem + DeviceElem + DeviceRepr>(
+    backend: &CudaBackend,
+    stream: &Arc<CudaStream>,
+    r: &Raw<'_>,
 ) -> Result<DeviceRun> {
+    let Raw {
+        q,
+        k,
+        v,
+        out,
+        lse,
+        shape,
+        seqs,
+        total_q,
+        total_k,
+        softmax_scale,
+        cfg,
+    } = *r;
     let (h, hkv, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
     let dseqs = DeviceSeqs::new(stream, seqs)?;
     let qs = Borrowed::<T>::new(stream, q, total_q * h * d);

@@ -776,14 +776,7 @@ pub(crate) fn select_index(
             };
             run(dev, stream, &cv(q), &cv(k), layout, scale, false, cfg)?
         }
-        _ => {
-            return Err(flexprefill_core::Error::DType {
-                q: x.q.dtype().name(),
-                k: x.k.dtype().name(),
-                v: x.v.dtype().name(),
-            }
-            .into())
-        }
+        _ => return Err(crate::backend::dtype_error(x)),
     };
     let dense_fallback = x
         .seqs
