@@ -82,7 +82,7 @@ pub fn execute(chosen: &Chosen, qkv: &Qkv, plan: &Plan<'_>) -> Result<Outcome> {
     let mut warmup = None;
     if name != "cpu" {
         let sp = progress::spinner(&format!(
-            "warming up {name} (kernel compilation at first use)"
+            "warming up {name} (kernels compiled or loaded from the cache at first use)"
         ));
         let t = Instant::now();
         backend

@@ -430,7 +430,7 @@ impl Measured<'_> {
         if let Some(w) = t.warmup {
             let _ = writeln!(
                 s,
-                "         (after an untimed warm-up pass of {w:.1} ms: kernel compilation at first use)"
+                "         (after an untimed warm-up pass of {w:.1} ms: kernels compiled or loaded from the kernel cache at first use)"
             );
         }
         s
