@@ -39,8 +39,10 @@ impl<T> Drop for Borrowed<T> {
     }
 }
 
-/// FlexPrefill on raw device pointers, queued on the caller's stream `stream`
-/// (`cudaStream_t`/`CUstream`; 0 is the legacy default stream).
+/// FlexPrefill on raw device pointers, queued on the caller's stream `stream` (a
+/// `cudaStream_t`/`CUstream` as an integer, as torch's `Stream.cuda_stream` gives it and any
+/// cudarc version casts to; 0 is the legacy default stream). Every address is a
+/// `CUdeviceptr`/`data_ptr()` as `u64`, so no cudarc type crosses the boundary.
 ///
 /// Layouts, row-major, packed over the batch as [`flexprefill_core::AttentionInput::packed`]:
 /// `q` and `out` `[total_q, num_heads, head_dim]`, `k` and `v` `[total_k, num_kv_heads,
@@ -66,7 +68,7 @@ impl<T> Drop for Borrowed<T> {
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn flex_prefill_raw(
     backend: &CudaBackend,
-    stream: CUstream,
+    stream: u64,
     dtype: DType,
     q: u64,
     k: u64,
@@ -101,7 +103,12 @@ pub unsafe fn flex_prefill_raw(
     }
     // SAFETY: the caller promises `stream` is a live stream of the backend's context; the
     // wrapper does not destroy it.
-    let stream = unsafe { backend.device().context().wrap_borrowed_stream(stream) };
+    let stream = unsafe {
+        backend
+            .device()
+            .context()
+            .wrap_borrowed_stream(stream as usize as CUstream)
+    };
     let raw = Raw {
         q,
         k,

@@ -220,7 +220,7 @@ fn raw_entry_is_the_device_api_bit_for_bit() {
     let run = unsafe {
         flexprefill_cuda::raw::flex_prefill_raw(
             &gpu,
-            s.cu_stream(),
+            s.cu_stream() as usize as u64,
             DType::BF16,
             qp,
             kp,
@@ -245,7 +245,7 @@ fn raw_entry_is_the_device_api_bit_for_bit() {
     let e = unsafe {
         flexprefill_cuda::raw::flex_prefill_raw(
             &gpu,
-            s.cu_stream(),
+            s.cu_stream() as usize as u64,
             DType::BF16,
             0,
             kp,
