@@ -164,7 +164,7 @@ impl CudaBackend {
         let mut report = None;
         let (out, timings) = self.host_call(x, |stream, args, out, lse| {
             let run = with_elem!(args, out, |a, o| {
-                crate::call::flex_prefill_device_timed(self, stream, &a, cfg, o, lse)
+                crate::call::run(self, stream, &a, cfg, o, lse, true, x.dtype())
             })?;
             let t = run.timings()?.unwrap_or_default();
             report = Some(run);

@@ -148,7 +148,16 @@ pub fn flex_prefill_device<T: StatsElem + DeviceElem>(
     out: &mut CudaSlice<T>,
     lse: Option<&mut CudaSlice<f32>>,
 ) -> Result<DeviceRun> {
-    run(backend, stream, args, cfg, out, lse, false)
+    run(
+        backend,
+        stream,
+        args,
+        cfg,
+        out,
+        lse,
+        false,
+        <T as StatsElem>::DTYPE,
+    )
 }
 
 /// [`flex_prefill_device`] with CUDA timing events recorded between its stages, for
@@ -161,10 +170,23 @@ pub fn flex_prefill_device_timed<T: StatsElem + DeviceElem>(
     out: &mut CudaSlice<T>,
     lse: Option<&mut CudaSlice<f32>>,
 ) -> Result<DeviceRun> {
-    run(backend, stream, args, cfg, out, lse, true)
+    run(
+        backend,
+        stream,
+        args,
+        cfg,
+        out,
+        lse,
+        true,
+        <T as StatsElem>::DTYPE,
+    )
 }
 
-fn run<T: StatsElem + DeviceElem>(
+/// The call; `input_dtype` is the caller's dtype before upload (the host API runs f32 inputs
+/// as bf16, but the original's bf16 rounding points are replayed only for real bf16 inputs, as
+/// on the CPU).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run<T: StatsElem + DeviceElem>(
     backend: &crate::CudaBackend,
     stream: &Arc<CudaStream>,
     args: &AttentionArgs<'_, T>,
@@ -172,6 +194,7 @@ fn run<T: StatsElem + DeviceElem>(
     out: &mut CudaSlice<T>,
     lse: Option<&mut CudaSlice<f32>>,
     timed: bool,
+    input_dtype: flexprefill_core::DType,
 ) -> Result<DeviceRun> {
     cfg.validate()?;
     let record = || -> Result<Option<CudaEvent>> {
@@ -202,8 +225,7 @@ fn run<T: StatsElem + DeviceElem>(
         let scale = args
             .softmax_scale
             .unwrap_or(1.0 / (args.shape.head_dim as f32).sqrt());
-        let (scale, emulate) =
-            crate::stats::estimation_scale(args.shape, scale, <T as StatsElem>::DTYPE, cfg);
+        let (scale, emulate) = crate::stats::estimation_scale(args.shape, scale, input_dtype, cfg);
         let mut st = launch_stats(dev, stream, args.q, args.k, layout, scale, emulate)?;
         ev_stats = record()?;
         let sel = launch_select(dev, stream, Some(args.q), &mut st, cfg)?;
