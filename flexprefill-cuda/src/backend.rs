@@ -3,7 +3,7 @@
 //! stream you give, no host round trip) for real use.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
@@ -114,6 +114,7 @@ impl CudaBackend {
     }
 
     /// Host attention: uploads, runs (timed with CUDA events), downloads.
+    #[allow(clippy::field_reassign_with_default)] // Default + assignment: Timings may grow
     fn attention_host(
         &self,
         x: &AttentionInput<'_>,
@@ -142,12 +143,10 @@ impl CudaBackend {
                 lse
             ))?;
             let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-            let ms = start.elapsed_ms(&end)?;
-            Ok(Timings {
-                attention: Some(Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3)),
-                device_clock: true,
-                ..Timings::default()
-            })
+            let mut t = Timings::default();
+            t.attention = Some(crate::call::elapsed(&start, &end)?);
+            t.device_clock = true;
+            Ok(t)
         })
     }
 

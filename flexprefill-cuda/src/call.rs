@@ -52,7 +52,8 @@ pub struct DeviceRun {
     events: Option<StageEvents>,
 }
 
-fn elapsed(a: &CudaEvent, b: &CudaEvent) -> Result<Duration> {
+/// The time between two recorded timing events (waits for `b`).
+pub(crate) fn elapsed(a: &CudaEvent, b: &CudaEvent) -> Result<Duration> {
     let ms = a.elapsed_ms(b)?;
     Ok(Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3))
 }
@@ -62,14 +63,13 @@ impl DeviceRun {
     /// (waits for the call's last event, not for the rest of the stream); `None` for a call
     /// queued without events. Stages that did not run stay `None`; transfers are not part of
     /// a device call.
+    #[allow(clippy::field_reassign_with_default)] // Default + assignment: Timings may grow
     pub fn timings(&self) -> Result<Option<Timings>> {
         let Some(ev) = &self.events else {
             return Ok(None);
         };
-        let mut t = Timings {
-            device_clock: true,
-            ..Timings::default()
-        };
+        let mut t = Timings::default();
+        t.device_clock = true;
         match (&ev.stats, &ev.select) {
             (Some(s), Some(sel)) => {
                 t.pattern_search = Some(elapsed(&ev.start, s)?);
@@ -85,6 +85,7 @@ impl DeviceRun {
     /// must be the call's stream or one ordered after it): per-head pattern, distance,
     /// selected blocks and the exact representative mass; a dense call reports every head
     /// dense with the reason. Timings are filled when the call was timed.
+    #[allow(clippy::field_reassign_with_default)] // Default + assignment: reports may grow
     pub fn report(&self, stream: &Arc<CudaStream>) -> Result<SparsityReport> {
         let mut report = match (&self.selection, &self.dense_reason) {
             (Some(sel), _) => {
@@ -94,11 +95,9 @@ impl DeviceRun {
                     .expect("a sparse run keeps its statistics");
                 let masses = rep_masses(stream, st)?;
                 let (_, heads) = sel.to_host(stream, &st.layout, Some(&masses))?;
-                SparsityReport {
-                    heads,
-                    dense_fallback: None,
-                    ..Default::default()
-                }
+                let mut r = SparsityReport::default();
+                r.heads = heads;
+                r
             }
             (None, reason) => payoff::dense_report(
                 &self.seqs,
