@@ -18,6 +18,7 @@ use flexprefill_cuda::select::flex_prefill_device;
 use flexprefill_cuda::CudaBackend;
 use flexprefill_testkit::workload::{generate, WorkloadKind, WorkloadSpec};
 
+#[allow(dead_code)] // the shared helpers serve several benches
 mod common;
 use common::{median, Res, H, HKV};
 
