@@ -194,3 +194,23 @@ unsafe fn run<T: StatsElem + DeviceElem + DeviceRepr>(
         ls.as_mut().map(|l| &mut *l.0),
     )
 }
+
+/// The decisions of a [`flex_prefill_raw`] call ([`DeviceRun::report`]), read back on the
+/// caller's stream `stream` (the integer form, as for the call); synchronises that stream.
+///
+/// # Safety
+/// `stream` is a live stream of `backend`'s context, the call's stream or one ordered after it.
+pub unsafe fn report_raw(
+    backend: &CudaBackend,
+    stream: u64,
+    run: &DeviceRun,
+) -> Result<flexprefill_core::SparsityReport> {
+    // SAFETY: the caller promises a live stream of this context; the wrapper does not own it.
+    let stream = unsafe {
+        backend
+            .device()
+            .context()
+            .wrap_borrowed_stream(stream as usize as CUstream)
+    };
+    run.report(&stream)
+}

@@ -234,7 +234,10 @@ fn raw_entry_is_the_device_api_bit_for_bit() {
         )
     }
     .unwrap();
-    let rep = run.report(&s).unwrap();
+    // SAFETY: the call's own stream.
+    let rep =
+        unsafe { flexprefill_cuda::raw::report_raw(&gpu, s.cu_stream() as usize as u64, &run) }
+            .unwrap();
     let o: Vec<bf16> = s.clone_dtoh(&out).unwrap();
     let l: Vec<f32> = s.clone_dtoh(&lse).unwrap();
     s.synchronize().unwrap();
