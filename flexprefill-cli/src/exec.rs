@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use flexprefill_core::{
-    AttentionInput, AttentionShape, BlockIndex, FlexPrefillConfig, Pattern, SparsityReport,
+    AttentionInput, AttentionShape, BlockIndex, FlexPrefillConfig, Pattern, SparsityReport, Timings,
 };
 
 use crate::backend::Chosen;
@@ -42,6 +42,8 @@ pub struct Outcome {
     pub total: Duration,
     /// Wall time of dense, when run.
     pub dense: Option<Duration>,
+    /// Dense's own split (device time by events on GPU backends), when run.
+    pub dense_timings: Option<Timings>,
     /// Wall time of the untimed warm-up calls, when run (GPU backends).
     pub warmup: Option<Duration>,
     /// The comparison, when run.
@@ -80,7 +82,7 @@ pub fn execute(chosen: &Chosen, qkv: &Qkv, plan: &Plan<'_>) -> Result<Outcome> {
     let mut warmup = None;
     if name != "cpu" {
         let sp = progress::spinner(&format!(
-            "warming up {name} (kernel compilation at first use)"
+            "warming up {name} (kernels compiled or loaded from the cache at first use)"
         ));
         let t = Instant::now();
         backend
@@ -103,14 +105,15 @@ pub fn execute(chosen: &Chosen, qkv: &Qkv, plan: &Plan<'_>) -> Result<Outcome> {
     let total = t0.elapsed();
     sp.finish_and_clear();
 
-    let (mut dense, mut comparison) = (None, None);
+    let (mut dense, mut dense_timings, mut comparison) = (None, None, None);
     if plan.compare_dense {
         let sp = progress::spinner(&format!("dense attention on {name} (for comparison)"));
         let t = Instant::now();
-        let d = backend
-            .dense_attention(&x)
+        let (d, dt) = backend
+            .dense_attention_timed(&x)
             .with_context(|| format!("dense attention failed on the {name} backend"))?;
         dense = Some(t.elapsed());
+        dense_timings = Some(dt);
         sp.finish_and_clear();
         comparison = Some(compare(
             &out,
@@ -132,9 +135,15 @@ pub fn execute(chosen: &Chosen, qkv: &Qkv, plan: &Plan<'_>) -> Result<Outcome> {
         // flex_prefill does not hand back its index; selection is deterministic, so selecting
         // again gives the same blocks (and keeps a backend's fused flex_prefill untouched).
         let sp = progress::spinner("selecting blocks again for the pictures");
-        let (index, _) = backend
-            .select_index(&x, &plan.cfg)
-            .context("block selection for --mask-png failed")?;
+        // A call that ran dense computed every causal block: draw that, not a selection.
+        let index = if report.heads.iter().all(|h| h.pattern == Pattern::Dense) {
+            BlockIndex::dense(&x.seqs, qkv.num_heads, plan.cfg.block_size)?
+        } else {
+            backend
+                .select_index(&x, &plan.cfg)
+                .context("block selection for --mask-png failed")?
+                .0
+        };
         sp.finish_and_clear();
         pictures = write_pictures(
             dir,
@@ -150,6 +159,7 @@ pub fn execute(chosen: &Chosen, qkv: &Qkv, plan: &Plan<'_>) -> Result<Outcome> {
         report,
         total,
         dense,
+        dense_timings,
         warmup,
         comparison,
         pictures,
@@ -183,6 +193,7 @@ pub fn measured<'a>(
         report: &o.report,
         total: o.total,
         dense: o.dense,
+        dense_timings: o.dense_timings,
         warmup: o.warmup,
         comparison: o.comparison.as_ref(),
         planted,

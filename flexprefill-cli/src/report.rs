@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::compare::Comparison;
 
 /// Version of the JSON layout; bumped only for incompatible changes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Every knob that decided which blocks were computed, plus the softmax scale.
 #[derive(Debug, Clone, Serialize)]
@@ -101,22 +101,36 @@ pub struct HeadJson {
     pub rows_below_gamma: Option<f64>,
 }
 
-/// Wall-clock split, milliseconds.
+/// Time split, milliseconds. A stage that did not run is `null`, never 0.
 #[derive(Debug, Clone, Serialize)]
 pub struct TimingsJson {
-    /// Representative attention and the pattern decision.
-    pub pattern_search: f64,
-    /// Block selection and CSR build.
-    pub index_build: f64,
-    /// Block-sparse attention.
-    pub attention: f64,
-    /// The whole FlexPrefill call.
+    /// How the stage times were measured: `device_events` (CUDA events around the queued
+    /// work) or `host` (host clock).
+    pub clock: &'static str,
+    /// Representative attention and the pattern decision (on CUDA: the statistics kernels).
+    pub pattern_search: Option<f64>,
+    /// Block selection and CSR build (on CUDA: the selection kernels, pattern decision
+    /// included).
+    pub index_build: Option<f64>,
+    /// Attention (block-sparse, or dense when the call ran dense).
+    pub attention: Option<f64>,
+    /// Sum of the stages that ran: what the speed-up compares.
+    pub compute: f64,
+    /// Host-to-device copies of the inputs (device backends).
+    pub upload: Option<f64>,
+    /// Device-to-host copies of the outputs and decisions (device backends).
+    pub download: Option<f64>,
+    /// The whole FlexPrefill call, host clock, transfers included.
     pub total: f64,
-    /// Dense attention (with --compare-dense or in the demo).
+    /// Dense attention's compute time, measured like `compute` (with --compare-dense or in
+    /// the demo).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dense: Option<f64>,
-    /// The untimed warm-up pass run before timing on GPU backends (kernel compilation at
-    /// first use); absent on the CPU.
+    /// The whole dense call, host clock, transfers included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dense_total: Option<f64>,
+    /// The untimed warm-up pass run before timing on GPU backends (kernel compilation or
+    /// kernel cache load at first use); absent on the CPU.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup: Option<f64>,
 }
@@ -194,6 +208,8 @@ pub struct Measured<'a> {
     pub total: Duration,
     /// Wall time of dense attention, when run.
     pub dense: Option<Duration>,
+    /// Dense's own split, when run.
+    pub dense_timings: Option<flexprefill_core::Timings>,
     /// Wall time of the warm-up pass, when run.
     pub warmup: Option<Duration>,
     /// The comparison, when run.
@@ -249,11 +265,20 @@ impl Measured<'_> {
             density: self.report.density(),
             dense_fallback: self.report.dense_fallback.clone(),
             timings_ms: TimingsJson {
-                pattern_search: ms(t.pattern_search),
-                index_build: ms(t.index_build),
-                attention: ms(t.attention),
+                clock: if t.device_clock {
+                    "device_events"
+                } else {
+                    "host"
+                },
+                pattern_search: t.pattern_search.map(ms),
+                index_build: t.index_build.map(ms),
+                attention: t.attention.map(ms),
+                compute: ms(t.compute()),
+                upload: t.upload.map(ms),
+                download: t.download.map(ms),
                 total: ms(self.total),
-                dense: self.dense.map(ms),
+                dense: self.dense_timings.map(|d| ms(d.compute())),
+                dense_total: self.dense.map(ms),
                 warmup: self.warmup.map(ms),
             },
             rel_l2_vs_dense: self.comparison.map(|c| c.rel_l2),
@@ -364,23 +389,48 @@ impl Measured<'_> {
         }
         let _ = writeln!(s);
         let t = &j.timings_ms;
+        let stages: Vec<String> = [
+            ("pattern search", t.pattern_search),
+            ("index", t.index_build),
+            ("attention", t.attention),
+        ]
+        .into_iter()
+        .filter_map(|(n, v)| v.map(|v| format!("{n} {v:.2}")))
+        .collect();
+        let clock = if t.clock == "device_events" {
+            " on the device"
+        } else {
+            ""
+        };
         let _ = write!(
             s,
-            "time     flexprefill {:.1} ms (pattern search {:.1}, index {:.1}, attention {:.1})",
-            t.total, t.pattern_search, t.index_build, t.attention
+            "time     flexprefill {:.2} ms{clock} ({})",
+            t.compute,
+            stages.join(", ")
         );
         if let Some(d) = t.dense {
             let _ = write!(
                 s,
-                "; dense {d:.1} ms; speed-up {:.2}x",
-                d / t.total.max(1e-3)
+                "; dense {d:.2} ms; speed-up {:.2}x",
+                d / t.compute.max(1e-3)
             );
         }
         let _ = writeln!(s);
+        if let (Some(u), Some(dl)) = (t.upload, t.download) {
+            let _ = write!(
+                s,
+                "         transfers beside it: upload {u:.1} ms, download {dl:.1} ms; whole call {:.1} ms",
+                t.total
+            );
+            if let Some(dt) = t.dense_total {
+                let _ = write!(s, " (dense {dt:.1} ms)");
+            }
+            let _ = writeln!(s);
+        }
         if let Some(w) = t.warmup {
             let _ = writeln!(
                 s,
-                "         (after an untimed warm-up pass of {w:.1} ms: kernel compilation at first use)"
+                "         (after an untimed warm-up pass of {w:.1} ms: kernels compiled or loaded from the kernel cache at first use)"
             );
         }
         s

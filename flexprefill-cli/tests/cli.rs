@@ -387,12 +387,18 @@ fn run_json_has_every_key_and_consistent_numbers() {
     assert_eq!(c["block_size"], 16);
     assert_eq!(c["selection"], "faithful");
     assert!((c["softmax_scale"].as_f64().unwrap() - 1.0 / 32f64.sqrt()).abs() < 1e-6);
+    assert_eq!(j["schema_version"], 2);
+    assert_eq!(j["timings_ms"]["clock"], "host");
+    // The CPU has no transfers: null, not 0.
+    assert!(j["timings_ms"]["upload"].is_null(), "{j}");
     for key in [
         "pattern_search",
         "index_build",
         "attention",
+        "compute",
         "total",
         "dense",
+        "dense_total",
     ] {
         assert!(
             j["timings_ms"][key].as_f64().is_some_and(|t| t >= 0.0),
@@ -458,6 +464,20 @@ fn output_round_trips_and_matches_naive_attention() {
         "cpu",
     ]);
     assert!(j["dense_fallback"].is_string(), "{j}");
+    // A dense call ran no pattern search and no index build: null, never a 0 measurement.
+    let t = &j["timings_ms"];
+    assert!(
+        t["pattern_search"].is_null() && t["index_build"].is_null(),
+        "{t}"
+    );
+    assert!(t["attention"].as_f64().is_some(), "{t}");
+    assert!(j["heads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|h| h["pattern"] == "dense"));
+    let text = stdout(&ok(&["run", "--input", p(&f), "--backend", "cpu"]));
+    assert!(!text.contains("pattern search"), "{text}");
     let (t, _) = read_st(&out);
     let (dtype, shape, o) = &t["o"];
     assert_eq!((*dtype, shape.clone()), (Dtype::F32, vec![b, n, h, d]));

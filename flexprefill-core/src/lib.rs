@@ -31,6 +31,7 @@ mod config;
 mod error;
 mod index;
 mod input;
+pub mod payoff;
 mod report;
 pub mod selection;
 mod tensor;

@@ -54,15 +54,40 @@ pub struct HeadReport {
     pub estimated_mass: f32,
 }
 
-/// Wall-clock split of one call (host clock; device backends synchronise first).
+/// Time split of one call. A stage that did not run is `None`, never a zero: a call that ran
+/// dense has no pattern search and no index build, and a host backend has no transfers.
+///
+/// Host backends measure with the host clock. The CUDA backend measures device stages with
+/// CUDA events around the queued work (`device_clock` is then `true`), so the stage times are
+/// what the GPU spent, not what the host waited; its host API also reports the copies of the
+/// inputs and outputs apart, so they are never mistaken for attention time.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Timings {
-    /// Representative attention and the pattern decision.
-    pub pattern_search: Duration,
-    /// Block selection and CSR build.
-    pub index_build: Duration,
-    /// Block-sparse attention.
-    pub attention: Duration,
+    /// Representative attention (the statistics of the last query block) and, on host
+    /// backends, the pattern decision. On the CUDA backend: the statistics kernels.
+    pub pattern_search: Option<Duration>,
+    /// Block selection and CSR build. On the CUDA backend: the selection kernels, which also
+    /// take the pattern decision.
+    pub index_build: Option<Duration>,
+    /// Attention: block-sparse, or dense when the call ran dense.
+    pub attention: Option<Duration>,
+    /// Host-to-device copies of the inputs (host API of a device backend only).
+    pub upload: Option<Duration>,
+    /// Device-to-host copies of the outputs (host API of a device backend only).
+    pub download: Option<Duration>,
+    /// `true` when the three stage times are device times from CUDA events, `false` for the
+    /// host clock.
+    pub device_clock: bool,
+}
+
+impl Timings {
+    /// Sum of the stages that ran (pattern search, index build, attention), transfers apart.
+    pub fn compute(&self) -> Duration {
+        [self.pattern_search, self.index_build, self.attention]
+            .into_iter()
+            .flatten()
+            .sum()
+    }
 }
 
 /// Everything FlexPrefill decided in one call.

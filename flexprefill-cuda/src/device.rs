@@ -6,6 +6,7 @@ use cudarc::driver::sys::CUdevice_attribute_enum as Attr;
 use cudarc::driver::{CudaContext, CudaStream};
 
 use crate::error::{CudaError, Result};
+use crate::kcache::KernelCache;
 use crate::registry::{CompiledModule, KernelFamily, KernelKey, KernelRegistry};
 
 /// Facts about the device that kernels and launches depend on.
@@ -49,6 +50,12 @@ impl CudaDevice {
     /// Opens device `ordinal`: checks driver and NVRTC, creates (retains) the primary context
     /// and a stream, reads the device's facts.
     pub fn new(ordinal: usize) -> Result<Arc<Self>> {
+        Self::with_kernel_cache(ordinal, &KernelCache::FromEnv)
+    }
+
+    /// [`CudaDevice::new`] with an explicit persistent kernel cache setting (the default reads
+    /// the environment, see [`KernelCache`]).
+    pub fn with_kernel_cache(ordinal: usize, cache: &KernelCache) -> Result<Arc<Self>> {
         driver_present()?;
         // SAFETY: only tries to open the shared library.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
@@ -78,7 +85,7 @@ impl CudaDevice {
             l2_bytes: ctx.attribute(Attr::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as usize,
         };
         let stream = ctx.new_stream()?;
-        let registry = KernelRegistry::new(ctx.clone(), compute_capability);
+        let registry = KernelRegistry::new(ctx.clone(), compute_capability, cache);
         Ok(Arc::new(Self {
             ctx,
             stream,

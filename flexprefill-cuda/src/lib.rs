@@ -39,6 +39,13 @@
 //!   pattern decision, selection, index build and block-sparse attention, all queued on the
 //!   stream (at 128k on an H200: 113 ms, 3.8× SDPA's flash backend, `docs/PERFORMANCE.md`).
 //!
+//! The host API's [`flexprefill_core::Backend::flex_prefill`] is that same device call between
+//! one upload (pinned staging, f16/bf16 as they are) and one download, with stage times from
+//! CUDA events and the transfers reported apart. [`raw::flex_prefill_raw`] is the device call on
+//! raw device pointers and the caller's `CUstream`, for engines whose tensors live in another
+//! library (torch, or another cudarc). Compiled kernels persist on disk between processes
+//! ([`KernelCache`]).
+//!
 //! An engine's prefill step, with q/k/v already on the GPU (token-major, packed sequences as
 //! in [`flexprefill_core::AttentionInput::packed`]):
 //!
@@ -75,20 +82,25 @@
 
 pub mod attention;
 mod backend;
+pub mod call;
 #[cfg(test)]
 mod compile_tests;
 pub mod device;
 mod error;
 pub mod internals;
+mod kcache;
 mod launch;
+pub mod raw;
 mod registry;
 pub mod select;
+mod staging;
 mod stats;
 
 pub use attention::{AttentionArgs, AttnTile, DeviceBlockIndex, DeviceElem, DeviceSeqs};
 pub use backend::CudaBackend;
 pub use device::{CudaDevice, DeviceInfo};
 pub use error::{CudaError, Result};
+pub use kcache::{cache_key, KernelCache};
 
 /// cudarc, re-exported so callers of the device API use the same version.
 pub use cudarc;

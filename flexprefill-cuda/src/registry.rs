@@ -23,6 +23,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_char, CStr, CString};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
@@ -31,6 +32,7 @@ use cudarc::nvrtc::sys as nvrtc;
 use flexprefill_core::DType;
 
 use crate::error::{CudaError, Result};
+use crate::kcache::{cache_key, DiskCache, KernelCache};
 
 /// One `.cu` file of kernels.
 #[derive(Debug)]
@@ -123,10 +125,15 @@ pub struct KernelRegistry {
     modules: Mutex<HashMap<KernelKey, Arc<CompiledModule>>>,
     /// Loaded functions and the largest dynamic shared memory their limit was raised to.
     functions: Mutex<FunctionMap>,
+    /// The persistent cubin cache (`None`: off).
+    disk: Option<DiskCache>,
+    /// Modules loaded from the persistent cache / compiled by NVRTC in this registry.
+    disk_hits: AtomicUsize,
+    compiled: AtomicUsize,
 }
 
 impl KernelRegistry {
-    pub(crate) fn new(ctx: Arc<CudaContext>, arch: (i32, i32)) -> Self {
+    pub(crate) fn new(ctx: Arc<CudaContext>, arch: (i32, i32), cache: &KernelCache) -> Self {
         // Toolkit headers are not needed by our kernels (common.cuh uses inline PTX), but a
         // family may include them: look where toolkits usually live.
         let mut include_paths = Vec::new();
@@ -143,7 +150,20 @@ impl KernelRegistry {
             include_paths,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            disk: cache.resolve().map(DiskCache::new),
+            disk_hits: AtomicUsize::new(0),
+            compiled: AtomicUsize::new(0),
         }
+    }
+
+    /// Modules this registry loaded from the persistent kernel cache.
+    pub fn disk_cache_hits(&self) -> usize {
+        self.disk_hits.load(Ordering::Relaxed)
+    }
+
+    /// Modules this registry compiled with NVRTC.
+    pub fn compiled_modules(&self) -> usize {
+        self.compiled.load(Ordering::Relaxed)
     }
 
     /// The arch string NVRTC compiles for (see [`arch_name`]).
@@ -212,10 +232,39 @@ impl KernelRegistry {
         nvrtc_options(key, self.arch, &self.include_paths)
     }
 
-    /// Compiles `family` for `key` to a cubin; returns it with NVRTC's log.
+    /// Compiles `family` for `key` to a cubin (or loads it from the persistent cache);
+    /// returns it with NVRTC's log.
     fn compile(&self, family: &KernelFamily, key: &KernelKey) -> Result<(Vec<u8>, String)> {
-        compile_cubin(family, &key.describe(), &self.options(key))
+        let options = self.options(key);
+        let compile = || {
+            self.compiled.fetch_add(1, Ordering::Relaxed);
+            compile_cubin(family, &key.describe(), &options)
+        };
+        let Some(disk) = &self.disk else {
+            return compile();
+        };
+        let Some(version) = nvrtc_version() else {
+            return compile();
+        };
+        let ckey = cache_key(family.source, HEADERS, &options, version, self.arch);
+        let (cubin, log, hit) = disk.get_or_compile(&ckey, compile)?;
+        if hit {
+            self.disk_hits.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok((cubin, log))
     }
+}
+
+/// NVRTC's version, part of the persistent cache key (a new NVRTC may compile differently).
+fn nvrtc_version() -> Option<(i32, i32)> {
+    // SAFETY: only queries whether the shared library can be opened.
+    if !unsafe { nvrtc::is_culib_present() } {
+        return None;
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two valid out-pointers.
+    let r = unsafe { nvrtc::nvrtcVersion(&mut major, &mut minor) };
+    (r == nvrtc::nvrtcResult::NVRTC_SUCCESS).then_some((major, minor))
 }
 
 /// Lets `f` launch with `bytes` of dynamic shared memory (a no-op up to the 48 KiB default).

@@ -464,81 +464,7 @@ pub fn launch_select<T: StatsElem>(
     })
 }
 
-/// Below this many keys (every sequence of the batch) the whole device call runs dense: the
-/// pattern search and index build cost about half a dense attention at 8k on an H200 (0.66 ms
-/// against 1.27 ms for 32 heads, d 128) and the sparse kernel needs a density under ~0.45 to
-/// win back the rest, while at 32k they cost 3 ms against 19 ms. Measured in
-/// docs/PERFORMANCE.md (bench_select).
-pub const MIN_SPARSE_KV_LEN: usize = 16384;
-
-/// The cheap, host-side decision of the whole call: `Some(reason)` when sparse attention cannot
-/// pay off for this batch (every sequence shorter than [`MIN_SPARSE_KV_LEN`], or every sequence
-/// a dense fallback of core's own rule), `None` to run pattern search, selection and sparse
-/// attention. Reads lengths only: no device work, no sync.
-pub fn sparse_pays_off(
-    seqs: &[flexprefill_core::Sequence],
-    cfg: &FlexPrefillConfig,
-) -> Option<String> {
-    if let Some(reasons) = seqs
-        .iter()
-        .map(|s| selection::dense_fallback(s, cfg))
-        .collect::<Option<Vec<_>>>()
-    {
-        return reasons.into_iter().next();
-    }
-    let longest = seqs.iter().map(|s| s.kv_len).max().unwrap_or(0);
-    (longest < MIN_SPARSE_KV_LEN).then(|| {
-        format!(
-            "kv_len {longest} < {MIN_SPARSE_KV_LEN}: on the GPU pattern search and index build cost more than sparsity saves here; computed dense"
-        )
-    })
-}
-
-/// What [`flex_prefill_device`] did.
-#[derive(Debug)]
-pub struct DeviceRun {
-    /// The selection (None when the call ran dense).
-    pub selection: Option<DeviceSelection>,
-    /// Why the call ran dense, if it did (goes into the sparsity report).
-    pub dense_reason: Option<String>,
-}
-
-/// The whole FlexPrefill call on device buffers, queued on `stream` with no host sync:
-/// the cheap [`sparse_pays_off`] decision, then either the dense kernel, or statistics,
-/// selection and block-sparse attention over the device index.
-pub fn flex_prefill_device<T: StatsElem + crate::attention::DeviceElem>(
-    backend: &crate::CudaBackend,
-    stream: &Arc<CudaStream>,
-    args: &crate::attention::AttentionArgs<'_, T>,
-    cfg: &FlexPrefillConfig,
-    out: &mut CudaSlice<T>,
-    lse: Option<&mut CudaSlice<f32>>,
-) -> Result<DeviceRun> {
-    cfg.validate()?;
-    let seqs = args.seqs.seqs();
-    if let Some(reason) = sparse_pays_off(seqs, cfg) {
-        backend.attention_device(stream, args, None, None, out, lse)?;
-        return Ok(DeviceRun {
-            selection: None,
-            dense_reason: Some(reason),
-        });
-    }
-    let dev = backend.device();
-    let layout = StatsLayout::new(seqs, args.shape, cfg.block_size)?
-        .with_probes(cfg.selection == SelectionMode::Faithful);
-    let scale = args
-        .softmax_scale
-        .unwrap_or(1.0 / (args.shape.head_dim as f32).sqrt());
-    let (scale, emulate) =
-        crate::stats::estimation_scale(args.shape, scale, <T as StatsElem>::DTYPE, cfg);
-    let mut st = launch_stats(dev, stream, args.q, args.k, layout, scale, emulate)?;
-    let sel = launch_select(dev, stream, Some(args.q), &mut st, cfg)?;
-    backend.attention_device(stream, args, Some(&sel.index), None, out, lse)?;
-    Ok(DeviceRun {
-        selection: Some(sel),
-        dense_reason: None,
-    })
-}
+pub use crate::call::{flex_prefill_device, DeviceRun, MIN_SPARSE_KV_LEN};
 
 /// Host-facing selection: statistics and selection on the device, index and reports back.
 pub(crate) fn select_index(
@@ -587,14 +513,7 @@ pub(crate) fn select_index(
             };
             run(dev, stream, &cv(q), &cv(k), layout, scale, false, cfg)?
         }
-        _ => {
-            return Err(flexprefill_core::Error::DType {
-                q: x.q.dtype().name(),
-                k: x.k.dtype().name(),
-                v: x.v.dtype().name(),
-            }
-            .into())
-        }
+        _ => return Err(crate::backend::dtype_error(x)),
     };
     let dense_fallback = x
         .seqs
@@ -607,7 +526,7 @@ pub(crate) fn select_index(
         dense_fallback,
         ..Default::default()
     };
-    report.timings.index_build = t0.elapsed();
+    report.timings.index_build = Some(t0.elapsed());
     Ok((index, report))
 }
 

@@ -1,0 +1,245 @@
+//! The whole FlexPrefill call on device buffers ([`flex_prefill_device`]) and what it hands
+//! back ([`DeviceRun`]): the dense-or-sparse decision, then statistics, selection and attention
+//! queued on the caller's stream with no host synchronisation. Decisions and times are read
+//! back only when asked ([`DeviceRun::report`], [`DeviceRun::timings`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
+use flexprefill_core::{
+    payoff, AttentionShape, FlexPrefillConfig, HeadStatistics, SelectionMode, Sequence,
+    SparsityReport, Timings,
+};
+
+use crate::attention::{AttentionArgs, DeviceElem};
+use crate::error::Result;
+use crate::select::{launch_select, DeviceSelection};
+use crate::stats::{launch_stats, DeviceStats, StatsElem, StatsLayout};
+
+/// The CUDA backend's [`flexprefill_core::Backend::min_sparse_kv_len`]: below this many keys
+/// (longest sequence of the batch) the call runs dense. On an H200 (32 heads, d 128) pattern
+/// search and index build cost 0.66 ms at 8k against 1.27 ms for dense attention, and the
+/// sparse kernel would need a density under ~0.45 to win the rest back; at 16k they cost
+/// about 1.3 ms against 4.9 ms dense and at 32k 3 ms against 19 ms, where sparsity pays
+/// (measured with `examples/bench_select.rs`, `docs/PERFORMANCE.md`).
+pub const MIN_SPARSE_KV_LEN: usize = 16384;
+
+/// CUDA events around the stages of one call (timing events, recorded on the call's stream).
+#[derive(Debug)]
+struct StageEvents {
+    start: CudaEvent,
+    /// After the statistics (absent when the call ran dense).
+    stats: Option<CudaEvent>,
+    /// After selection and index build (absent when the call ran dense).
+    select: Option<CudaEvent>,
+    end: CudaEvent,
+}
+
+/// What [`flex_prefill_device`] queued. Nothing in it has been waited for: reading the report
+/// or the timings synchronises.
+#[derive(Debug)]
+pub struct DeviceRun {
+    /// The selection (None when the call ran dense).
+    pub selection: Option<DeviceSelection>,
+    /// Why the call ran dense, if it did (goes into the sparsity report).
+    pub dense_reason: Option<String>,
+    stats: Option<DeviceStats>,
+    seqs: Vec<Sequence>,
+    shape: AttentionShape,
+    block_size: usize,
+    events: Option<StageEvents>,
+}
+
+/// The time between two recorded timing events (waits for `b`).
+pub(crate) fn elapsed(a: &CudaEvent, b: &CudaEvent) -> Result<Duration> {
+    let ms = a.elapsed_ms(b)?;
+    Ok(Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3))
+}
+
+impl DeviceRun {
+    /// Device times of the stages, from the CUDA events of [`flex_prefill_device_timed`]
+    /// (waits for the call's last event, not for the rest of the stream); `None` for a call
+    /// queued without events. Stages that did not run stay `None`; transfers are not part of
+    /// a device call.
+    #[allow(clippy::field_reassign_with_default)] // Default + assignment: Timings may grow
+    pub fn timings(&self) -> Result<Option<Timings>> {
+        let Some(ev) = &self.events else {
+            return Ok(None);
+        };
+        let mut t = Timings::default();
+        t.device_clock = true;
+        match (&ev.stats, &ev.select) {
+            (Some(s), Some(sel)) => {
+                t.pattern_search = Some(elapsed(&ev.start, s)?);
+                t.index_build = Some(elapsed(s, sel)?);
+                t.attention = Some(elapsed(sel, &ev.end)?);
+            }
+            _ => t.attention = Some(elapsed(&ev.start, &ev.end)?),
+        }
+        Ok(Some(t))
+    }
+
+    /// The decisions of the call, read back from the device (synchronises `stream`, which
+    /// must be the call's stream or one ordered after it): per-head pattern, distance,
+    /// selected blocks and the exact representative mass; a dense call reports every head
+    /// dense with the reason. Timings are filled when the call was timed.
+    #[allow(clippy::field_reassign_with_default)] // Default + assignment: reports may grow
+    pub fn report(&self, stream: &Arc<CudaStream>) -> Result<SparsityReport> {
+        let mut report = match (&self.selection, &self.dense_reason) {
+            (Some(sel), _) => {
+                let st = self
+                    .stats
+                    .as_ref()
+                    .expect("a sparse run keeps its statistics");
+                let masses = rep_masses(stream, st)?;
+                let (_, heads) = sel.to_host(stream, &st.layout, Some(&masses))?;
+                let mut r = SparsityReport::default();
+                r.heads = heads;
+                r
+            }
+            (None, reason) => payoff::dense_report(
+                &self.seqs,
+                self.shape.num_heads,
+                self.block_size,
+                reason.clone().unwrap_or_default(),
+            ),
+        };
+        if let Some(t) = self.timings()? {
+            report.timings = t;
+        }
+        Ok(report)
+    }
+}
+
+/// Only the representative block masses (what the report's `estimated_mass` needs), not the
+/// whole statistics, so reading a report back stays a small copy. (Default + assignment, not a
+/// struct literal: core's structs may grow fields.)
+#[allow(clippy::field_reassign_with_default)]
+fn rep_masses(stream: &Arc<CudaStream>, st: &DeviceStats) -> Result<Vec<HeadStatistics>> {
+    let l = &st.layout;
+    let rbm = stream.clone_dtoh(&st.rep_block_mass)?;
+    stream.synchronize()?;
+    let h = l.shape.num_heads;
+    let mut out = Vec::with_capacity(l.seqs.len() * h);
+    for (si, s) in l.seqs.iter().enumerate() {
+        let len = l.num_rep(si) * s.num_key_blocks(l.block_size);
+        for head in 0..h {
+            let o = l.rep_offset(si, head);
+            let mut hs = HeadStatistics::default();
+            hs.rep_block_mass = rbm.get(o..o + len).map(<[f32]>::to_vec).unwrap_or_default();
+            out.push(hs);
+        }
+    }
+    Ok(out)
+}
+
+/// The whole FlexPrefill call on device buffers, queued on `stream` with no host sync:
+/// core's dense-or-sparse decision ([`payoff::dense_reason`] with [`MIN_SPARSE_KV_LEN`]), then
+/// either the dense kernel, or statistics, selection and block-sparse attention over the
+/// device index. `stream` must belong to the backend's context.
+pub fn flex_prefill_device<T: StatsElem + DeviceElem>(
+    backend: &crate::CudaBackend,
+    stream: &Arc<CudaStream>,
+    args: &AttentionArgs<'_, T>,
+    cfg: &FlexPrefillConfig,
+    out: &mut CudaSlice<T>,
+    lse: Option<&mut CudaSlice<f32>>,
+) -> Result<DeviceRun> {
+    run(
+        backend,
+        stream,
+        args,
+        cfg,
+        out,
+        lse,
+        false,
+        <T as StatsElem>::DTYPE,
+    )
+}
+
+/// [`flex_prefill_device`] with CUDA timing events recorded between its stages, for
+/// [`DeviceRun::timings`] (a few microseconds of event records; still no host sync).
+pub fn flex_prefill_device_timed<T: StatsElem + DeviceElem>(
+    backend: &crate::CudaBackend,
+    stream: &Arc<CudaStream>,
+    args: &AttentionArgs<'_, T>,
+    cfg: &FlexPrefillConfig,
+    out: &mut CudaSlice<T>,
+    lse: Option<&mut CudaSlice<f32>>,
+) -> Result<DeviceRun> {
+    run(
+        backend,
+        stream,
+        args,
+        cfg,
+        out,
+        lse,
+        true,
+        <T as StatsElem>::DTYPE,
+    )
+}
+
+/// The call; `input_dtype` is the caller's dtype before upload (the host API runs f32 inputs
+/// as bf16, but the original's bf16 rounding points are replayed only for real bf16 inputs, as
+/// on the CPU).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run<T: StatsElem + DeviceElem>(
+    backend: &crate::CudaBackend,
+    stream: &Arc<CudaStream>,
+    args: &AttentionArgs<'_, T>,
+    cfg: &FlexPrefillConfig,
+    out: &mut CudaSlice<T>,
+    lse: Option<&mut CudaSlice<f32>>,
+    timed: bool,
+    input_dtype: flexprefill_core::DType,
+) -> Result<DeviceRun> {
+    cfg.validate()?;
+    let record = || -> Result<Option<CudaEvent>> {
+        Ok(if timed {
+            Some(stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?)
+        } else {
+            None
+        })
+    };
+    let seqs = args.seqs.seqs();
+    let mut run = DeviceRun {
+        selection: None,
+        dense_reason: payoff::dense_reason(seqs, cfg, MIN_SPARSE_KV_LEN),
+        stats: None,
+        seqs: seqs.to_vec(),
+        shape: args.shape,
+        block_size: cfg.block_size,
+        events: None,
+    };
+    let start = record()?;
+    let (mut ev_stats, mut ev_select) = (None, None);
+    if run.dense_reason.is_some() {
+        backend.attention_device(stream, args, None, None, out, lse)?;
+    } else {
+        let dev = backend.device();
+        let layout = StatsLayout::new(seqs, args.shape, cfg.block_size)?
+            .with_probes(cfg.selection == SelectionMode::Faithful);
+        let scale = args
+            .softmax_scale
+            .unwrap_or(1.0 / (args.shape.head_dim as f32).sqrt());
+        let (scale, emulate) = crate::stats::estimation_scale(args.shape, scale, input_dtype, cfg);
+        let mut st = launch_stats(dev, stream, args.q, args.k, layout, scale, emulate)?;
+        ev_stats = record()?;
+        let sel = launch_select(dev, stream, Some(args.q), &mut st, cfg)?;
+        ev_select = record()?;
+        backend.attention_device(stream, args, Some(&sel.index), None, out, lse)?;
+        run.selection = Some(sel);
+        run.stats = Some(st);
+    }
+    if let (Some(start), Some(end)) = (start, record()?) {
+        run.events = Some(StageEvents {
+            start,
+            stats: ev_stats,
+            select: ev_select,
+            end,
+        });
+    }
+    Ok(run)
+}
