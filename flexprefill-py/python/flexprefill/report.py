@@ -29,11 +29,12 @@ class HeadReport:
 
 @dataclass(frozen=True)
 class Timings:
-    """Host wall-clock split of the call, in seconds."""
+    """Host wall-clock split of the call, in seconds; a stage that did not run (a dense call
+    has no pattern search or index build) is ``None``, never 0."""
 
-    pattern_search: float
-    index_build: float
-    attention: float
+    pattern_search: Optional[float]
+    index_build: Optional[float]
+    attention: Optional[float]
     #: The whole native call: input checks, pattern search, index build and attention (what a
     #: Rust caller of the backend would measure; the rest of a Python call is binding overhead).
     call: float
