@@ -23,6 +23,7 @@ mod mass;
 mod pattern;
 mod pool;
 mod query_aware;
+mod sampled;
 mod vertical_slash;
 
 pub use js::{js_distance, js_distance_original};
@@ -30,6 +31,9 @@ pub use mass::{cumulative_mass_cut, original_prefix_count_plus_one, rank_order, 
 pub use pattern::sparse_pattern_search;
 pub use pool::{block_sums, mean_pool_rows};
 pub use query_aware::{pooled_block_attention, query_aware_index_search};
+pub use sampled::{
+    sampled_block_cut, sampled_queries, sampled_rows_of_block, SAMPLED_MARGIN, SAMPLED_ROWS,
+};
 pub use vertical_slash::{
     extend_lines, original_line_budgets, pool_slash, pool_vertical, top_lines,
     vertical_slash_index_search, LineBudgets, ORIGINAL_BUDGET_DIVISOR,
@@ -83,6 +87,11 @@ pub struct HeadStatistics {
     /// in the fields above), so compatibility decisions match the authors' code bit for bit;
     /// `false` (the default) keeps the map in f32.
     pub bf16_pooled_logits: bool,
+    /// Estimated attention of each query block per key block, `[num_query_blocks, nkb]`: the
+    /// mean, over the block's [`sampled_queries`] rows (in order, f64), of each row's exact
+    /// attention summed per key block. Needed by [`SelectionMode::Sampled`] only; empty
+    /// otherwise.
+    pub sampled_block_mass: Vec<f32>,
 }
 
 /// Why `seq` is computed dense, or `None` when selection can pay off.
@@ -179,6 +188,15 @@ fn check_statistics(
     if !rep_ok {
         return bad("rep_block_mass", stats.rep_block_mass.len(), rep);
     }
+    if cfg.selection == SelectionMode::Sampled
+        && stats.sampled_block_mass.len() != grid.nqb * grid.nkb
+    {
+        return bad(
+            "sampled_block_mass",
+            stats.sampled_block_mass.len(),
+            grid.nqb * grid.nkb,
+        );
+    }
     let probes = probe_queries(seq, cfg.block_size).len() * grid.nkb;
     if !stats.probe_block_mass.is_empty() && stats.probe_block_mass.len() != probes {
         return bad("probe_block_mass", stats.probe_block_mass.len(), probes);
@@ -233,6 +251,9 @@ pub fn select_head(
         }
         (SelectionMode::Faithful, None) => {
             faithful::vertical_slash(stats, probe_block_mass, &grid, cfg)
+        }
+        (SelectionMode::Sampled, _) => {
+            sampled::sampled_selection(&stats.sampled_block_mass, &grid, cfg)
         }
     };
     let representative_mass = representative_mass(&grid, &rows, &stats.rep_block_mass);

@@ -22,7 +22,7 @@ pub fn sparse_pattern_search(
     let truth = pool_vertical(&stats.vertical, block_size);
     let d = match cfg.selection {
         SelectionMode::Original => js_distance_original(&stats.estimate, &truth),
-        SelectionMode::Faithful => js_distance(&stats.estimate, &truth),
+        SelectionMode::Faithful | SelectionMode::Sampled => js_distance(&stats.estimate, &truth),
     };
     let pattern = if d < cfg.tau {
         Pattern::QueryAware

@@ -132,7 +132,7 @@ pub fn query_aware_index_search(
                         rows[id / nkb].push((id % nkb) as u32);
                     }
                 }
-                SelectionMode::Faithful => {
+                SelectionMode::Faithful | SelectionMode::Sampled => {
                     let target = cfg.gamma as f64 * nqb as f64;
                     for &id in &ids {
                         rows[id / nkb].push((id % nkb) as u32);

@@ -182,7 +182,7 @@ pub fn vertical_slash_index_search(
             normalise(&mut rows);
             rows
         }
-        SelectionMode::Faithful => faithful::vertical_slash(
+        SelectionMode::Faithful | SelectionMode::Sampled => faithful::vertical_slash(
             stats,
             &stats.probe_block_mass,
             &Grid::new(seq, cfg.block_size),
