@@ -213,17 +213,18 @@ pub(crate) fn head_statistics(
                 Vec::new()
             };
 
-            HeadStatistics {
-                sampled_block_mass,
+            let mut st = HeadStatistics::new(
                 vertical,
                 slash,
                 estimate,
                 q_pooled,
-                k_pooled: kbar.clone(),
+                kbar.clone(),
                 rep_block_mass,
-                probe_block_mass,
-                bf16_pooled_logits: emulate,
-            }
+            );
+            st.probe_block_mass = probe_block_mass;
+            st.sampled_block_mass = sampled_block_mass;
+            st.bf16_pooled_logits = emulate;
+            st
         })
         .collect();
     Ok(stats)

@@ -165,6 +165,7 @@ pub fn launch_select<T: StatsElem>(
     cfg: &FlexPrefillConfig,
 ) -> Result<DeviceSelection> {
     cfg.validate()?;
+    sampled_unsupported(cfg)?;
     let layout = stats.layout.clone();
     if layout.block_size != cfg.block_size {
         return Err(CudaError::Unsupported {
@@ -622,7 +623,7 @@ impl DeviceSelection {
                 reports.push(HeadReport {
                     seq: si,
                     head,
-                    pattern: pat,
+                    pattern: flexprefill_core::selection::reported_pattern(pat, selected, causal),
                     js_distance: js[si * h + head],
                     selected_blocks: selected,
                     causal_blocks: causal,
@@ -801,6 +802,20 @@ pub fn flex_prefill_device<T: StatsElem + crate::attention::DeviceElem>(
         selection: Some(sel),
         dense_reason: None,
     })
+}
+
+/// `SelectionMode::Sampled` has no device kernels yet: a typed error, never another mode's
+/// blocks under its name.
+pub(crate) fn sampled_unsupported(cfg: &FlexPrefillConfig) -> Result<()> {
+    if cfg.selection == SelectionMode::Sampled {
+        return Err(CudaError::Unsupported {
+            op: "select",
+            message: "the sampled selection mode is not implemented on the CUDA backend yet; \
+                      use --selection faithful or original, or the CPU backend"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 /// Host-facing selection: statistics and selection on the device, index and reports back.

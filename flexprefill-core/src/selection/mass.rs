@@ -102,33 +102,18 @@ pub fn cumulative_mass_cut(scores: &[f32], order: &[usize], gamma: f32) -> usize
     scores.len()
 }
 
-/// The original's vertical-slash count: the number of prefix sums (f32, rank order) that are
-/// `≤ gamma`, plus one — the crossing element is included, and an exact hit keeps one more.
-pub fn original_prefix_count_plus_one(scores: &[f32], order: &[usize], gamma: f32) -> usize {
-    let mut acc = 0.0f32;
-    let mut count = 0;
-    for &i in order {
-        acc += scores[i];
-        if acc <= gamma {
-            count += 1;
-        }
-    }
-    count + 1
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn the_style_guide_convention() {
-        // scores [0.5, 0.25, 0.25], gamma 0.75: the smallest set with mass ≥ gamma keeps 2,
-        // the original's "count of prefix sums ≤ gamma, plus one" keeps 3.
+        // scores [0.5, 0.25, 0.25], gamma 0.75: the smallest set with mass ≥ gamma keeps 2
+        // (the original's "count of prefix sums ≤ gamma, plus one" would keep 3).
         let s = [0.5, 0.25, 0.25];
         let o = ranked(&s);
         assert_eq!(o, vec![0, 1, 2]);
         assert_eq!(cumulative_mass_cut(&s, &o, 0.75), 2);
-        assert_eq!(original_prefix_count_plus_one(&s, &o, 0.75), 3);
     }
 
     #[test]

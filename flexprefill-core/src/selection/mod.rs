@@ -21,23 +21,19 @@ mod grid;
 mod js;
 mod mass;
 mod pattern;
-mod pool;
 mod query_aware;
 mod sampled;
 mod vertical_slash;
 
 pub use js::{js_distance, js_distance_original};
-pub use mass::{cumulative_mass_cut, original_prefix_count_plus_one, rank_order, ranked};
+pub(crate) use mass::ranked;
+pub use mass::{cumulative_mass_cut, rank_order};
 pub use pattern::sparse_pattern_search;
-pub use pool::{block_sums, mean_pool_rows};
 pub use query_aware::{pooled_block_attention, query_aware_index_search};
 pub use sampled::{
     sampled_block_cut, sampled_queries, sampled_rows_of_block, SAMPLED_MARGIN, SAMPLED_ROWS,
 };
-pub use vertical_slash::{
-    extend_lines, original_line_budgets, pool_slash, pool_vertical, top_lines,
-    vertical_slash_index_search, LineBudgets, ORIGINAL_BUDGET_DIVISOR,
-};
+pub use vertical_slash::{original_line_budgets, vertical_slash_index_search, LineBudgets};
 
 use crate::config::{FlexPrefillConfig, SelectionMode};
 use crate::error::{Error, Result};
@@ -53,6 +49,7 @@ use grid::{add_forced, normalise, representative_mass, Grid};
 /// (Algorithm 2: `Q̂ = Q[-block_size:]`); `A = softmax(Q̂Kᵀ·scale)` over all keys with the
 /// causal mask (bottom-right aligned).
 #[derive(Debug, Clone, PartialEq, Default)]
+#[non_exhaustive]
 pub struct HeadStatistics {
     /// Vertical line, `[kv_len]`: `v[j] = mean_i A[i, j]`; sums to 1.
     pub vertical: Vec<f32>,
@@ -92,6 +89,30 @@ pub struct HeadStatistics {
     /// attention summed per key block. Needed by [`SelectionMode::Sampled`] only; empty
     /// otherwise.
     pub sampled_block_mass: Vec<f32>,
+}
+
+impl HeadStatistics {
+    /// The statistics every mode reads; the optional ones (`probe_block_mass`,
+    /// `sampled_block_mass`, `bf16_pooled_logits`) start empty / false and are set as fields.
+    /// (The struct is `#[non_exhaustive]` so that new statistics are not breaking changes.)
+    pub fn new(
+        vertical: Vec<f32>,
+        slash: Vec<f32>,
+        estimate: Vec<f32>,
+        q_pooled: Vec<f32>,
+        k_pooled: Vec<f32>,
+        rep_block_mass: Vec<f32>,
+    ) -> Self {
+        Self {
+            vertical,
+            slash,
+            estimate,
+            q_pooled,
+            k_pooled,
+            rep_block_mass,
+            ..Self::default()
+        }
+    }
 }
 
 /// Why `seq` is computed dense, or `None` when selection can pay off.
@@ -265,6 +286,18 @@ pub fn select_head(
     })
 }
 
+/// The pattern a head reports: [`Pattern::Dense`] when its blocks are every causal block,
+/// whatever rule chose them, so a head that computes everything never shows under a sparse
+/// pattern's name (its `js_distance` still tells what the decision was). Backends building
+/// their own reports use it too, so their patterns match the CPU's.
+pub fn reported_pattern(pattern: Pattern, selected_blocks: usize, causal_blocks: usize) -> Pattern {
+    if selected_blocks >= causal_blocks {
+        Pattern::Dense
+    } else {
+        pattern
+    }
+}
+
 /// Every causal block, with the forced-block convention: what a dense-fallback head computes.
 fn dense_selection(seq: &Sequence, cfg: &FlexPrefillConfig) -> HeadSelection {
     let grid = Grid::new(seq, cfg.block_size);
@@ -316,7 +349,7 @@ pub fn build_index(
             reports.push(HeadReport {
                 seq: si,
                 head,
-                pattern: sel.pattern,
+                pattern: reported_pattern(sel.pattern, selected, causal),
                 js_distance: sel.js_distance,
                 selected_blocks: selected,
                 causal_blocks: causal,
@@ -430,6 +463,25 @@ mod tests {
     }
 
     #[test]
+    fn a_head_that_selects_every_causal_block_reports_dense() {
+        let s = seq(64, 64);
+        let st = planted(&s, 16, 0.2, 0.2, 0.2, 20);
+        let shape = AttentionShape::new(1, 1, 2).unwrap();
+        let mut c = cfg(SelectionMode::Faithful);
+        c.gamma = 1.0;
+        let (index, reports) = build_index(&[s], shape, &c, std::slice::from_ref(&st)).unwrap();
+        assert_eq!(reports[0].selected_blocks, reports[0].causal_blocks);
+        assert_eq!(index.density(), 1.0);
+        assert_eq!(reports[0].pattern, Pattern::Dense);
+        assert!(reports[0].js_distance.is_finite());
+        // a sparse selection keeps its pattern's name
+        c.gamma = 0.5;
+        let (_, reports) = build_index(&[s], shape, &c, &[st]).unwrap();
+        assert!(reports[0].density < 1.0);
+        assert_eq!(reports[0].pattern, Pattern::VerticalSlash);
+    }
+
+    #[test]
     fn faithful_keeps_gamma_on_every_representative_query_original_does_not() {
         // bs 16, 320 tokens, mb 1: sink 0.2, local 0.2, stripe 0.2, 0.4 spread uniformly.
         let s = seq(320, 320);
@@ -487,7 +539,7 @@ mod tests {
         let grid = Grid::new(&s, 16);
         let mut st = planted(&s, 16, 0.25, 0.25, 0.25, 20);
         // estimate = truth → distance 0 → query-aware
-        st.estimate = pool_vertical(&st.vertical, 16);
+        st.estimate = vertical_slash::pool_vertical(&st.vertical, 16);
         // pooled q/k: every query block prefers key block 0 strongly
         st.q_pooled = vec![4.0, 0.0, 4.0, 0.0, 4.0, 0.0, 4.0, 0.0];
         st.k_pooled = vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];

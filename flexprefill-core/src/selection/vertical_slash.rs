@@ -25,8 +25,8 @@ pub struct LineBudgets {
 
 /// The original's Stage C budgets, in blocks (original-notes §5).
 ///
-/// Vertical-slash heads: `K = original_prefix_count_plus_one(line, gamma)` tokens (crossing
-/// element included), `n = K // 128 + 1` (the literal 128 is the original's, independent of
+/// Vertical-slash heads: `K` = the count of prefix sums (rank order, f64) that are `≤ gamma`,
+/// plus one (crossing element included), `n = K // 128 + 1` (the literal 128 is the original's, independent of
 /// `block_size`), raised to `mb = ceil(min_budget / bs)`, then capped at
 /// `Mb = min(ceil(max_budget / bs), nkb)`, separately for each line. Query-aware heads get
 /// `n_v = n_s = mb`, with no gamma and no cap.
