@@ -153,24 +153,22 @@ impl HeadBlockMass {
         }
     }
 
-    /// The frontier: the best mean mass over all rows reachable with `k` blocks, for
-    /// `k = 0..=causal_blocks` (`k + 1` values, increasing, concave, ending at 1 up to rounding).
-    pub fn frontier(&self) -> Vec<f64> {
+    /// What each causal (query block, key block) adds to the head's mean mass over all rows:
+    /// the block's mean-row mass times the block's share of the rows. Unsorted.
+    pub fn gains(&self) -> Vec<f64> {
         let q_len = self.seq.q_len as f64;
         let mut gains = Vec::with_capacity(self.seq.total_causal_blocks(self.block_size));
         for r in 0..self.num_query_blocks() {
             let w = self.rows_of(r).len() as f64 / q_len;
             gains.extend(self.block_mean(r).into_iter().map(|m| m * w));
         }
-        gains.sort_by(|a, b| b.total_cmp(a));
-        let mut out = Vec::with_capacity(gains.len() + 1);
-        let mut acc = 0.0;
-        out.push(0.0);
-        for g in gains {
-            acc += g;
-            out.push(acc);
-        }
-        out
+        gains
+    }
+
+    /// The frontier: the best mean mass over all rows reachable with `k` blocks, for
+    /// `k = 0..=causal_blocks` (`k + 1` values, increasing, concave, ending at 1 up to rounding).
+    pub fn frontier(&self) -> Vec<f64> {
+        frontier_of(self.gains())
     }
 
     /// Captured mass of every row (chunk-relative order) under `index` (head `head` of
@@ -187,6 +185,22 @@ impl HeadBlockMass {
             })
             .collect()
     }
+}
+
+/// The frontier of any set of gains (several heads: each head's [`HeadBlockMass::gains`]
+/// divided by the number of heads): sorted descending, cumulated, starting at 0. Taking the
+/// largest gains first is optimal because every query block's own gains come in decreasing
+/// order when its blocks are ranked by mass.
+pub fn frontier_of(mut gains: Vec<f64>) -> Vec<f64> {
+    gains.sort_by(|a, b| b.total_cmp(a));
+    let mut out = Vec::with_capacity(gains.len() + 1);
+    let mut acc = 0.0;
+    out.push(0.0);
+    for g in gains {
+        acc += g;
+        out.push(acc);
+    }
+    out
 }
 
 /// Frontier value at `density` (linear between block counts).

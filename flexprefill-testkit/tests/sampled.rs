@@ -12,6 +12,8 @@ fn small(kind: WorkloadKind, len: usize) -> WorkloadSpec {
     spec
 }
 
+// Field assignment, not a struct literal: the config is `#[non_exhaustive]` outside core.
+#[allow(clippy::field_reassign_with_default)]
 fn sampled_cfg() -> FlexPrefillConfig {
     let mut cfg = FlexPrefillConfig::default();
     cfg.selection = SelectionMode::Sampled;

@@ -11,7 +11,7 @@ use flexprefill_core::{
     AttentionInput, Backend, BlockIndex, FlexPrefillConfig, HeadReport, SelectionMode,
 };
 use flexprefill_cpu::CpuBackend;
-use flexprefill_testkit::oracle::{frontier_at, HeadBlockMass};
+use flexprefill_testkit::oracle::{frontier_at, frontier_of, HeadBlockMass};
 
 use super::plot::{Canvas, COLOURS, GRID, INK};
 
@@ -38,7 +38,7 @@ pub type NeedleCheck = Option<(usize, usize, Vec<usize>)>;
 
 pub struct Measured {
     pub lines: Vec<Line>,
-    /// Mean frontier over heads at densities 0, 0.01, …, 1.
+    /// The frontier of all heads together at densities 0, 0.01, …, 1.
     pub frontier: Vec<f64>,
 }
 
@@ -147,16 +147,14 @@ pub fn measure(
     }
     let mut oracles = vec![Vec::new(); gammas.len()];
     let grid: Vec<f64> = (0..=100).map(|i| i as f64 / 100.0).collect();
-    let mut frontier = vec![0.0f64; grid.len()];
+    // All heads' gains in one ranking: the heads may spend different densities.
+    let mut gains = Vec::new();
     for head in 0..h {
         let t = HeadBlockMass::compute(x, 0, head, bs)?;
         for (gi, &g) in gammas.iter().enumerate() {
             oracles[gi].push(t.oracle(g as f64));
         }
-        let f = t.frontier();
-        for (acc, &d) in frontier.iter_mut().zip(&grid) {
-            *acc += frontier_at(&f, d) / h as f64;
-        }
+        gains.extend(t.gains().into_iter().map(|g| g / h as f64));
         for run in &mut runs {
             match (&run.index, run.sim) {
                 (Some(index), _) => run.captured.push(t.captured(index, 0, head)),
@@ -178,6 +176,8 @@ pub fn measure(
         }
         eprintln!("  {name}: head {head} measured");
     }
+    let all = frontier_of(gains);
+    let frontier: Vec<f64> = grid.iter().map(|&d| frontier_at(&all, d)).collect();
     let mut lines = Vec::new();
     for run in &runs {
         let gi = gammas.iter().position(|&g| g == run.gamma).expect("gamma");
@@ -298,9 +298,11 @@ pub fn csv(lines: &[Line], frontiers: &[(String, Vec<f64>)]) -> String {
     s
 }
 
-pub fn read_csv(
-    path: &str,
-) -> Result<(Vec<Line>, Vec<(String, Vec<f64>)>), Box<dyn std::error::Error>> {
+/// Frontiers by input name.
+pub type Frontiers = Vec<(String, Vec<f64>)>;
+
+/// Lines and frontiers of a `--csv` file.
+pub fn read_csv(path: &str) -> Result<(Vec<Line>, Frontiers), Box<dyn std::error::Error>> {
     let text = std::fs::read_to_string(path)?;
     let mut lines = Vec::new();
     let mut fr: Vec<(String, Vec<f64>)> = Vec::new();
