@@ -10,11 +10,20 @@
 //! | vertical-slash selection | Algorithm 3 | [`vertical_slash_index_search`] |
 //! | query-aware selection | Algorithm 4, Appendix F.4 | [`query_aware_index_search`] |
 //! | the gamma cut | Eq. 3, Appendix B | [`cumulative_mass_cut`] |
+//! | per-query-block cut (sampled mode) | Eq. 3 on each query block's own estimate | [`sampled_block_cut`] |
+//!
+//! `select_head` runs them: the pattern search always, [`vertical_slash_index_search`] for
+//! vertical-slash heads in the original and faithful modes, [`query_aware_index_search`] in
+//! the original mode (the faithful mode's query-aware path calibrates its target on the
+//! probes, `docs/SELECTION.md`), [`sampled_block_cut`] per query block in the sampled mode.
+//! Every public function here checks the sizes of what it is given and answers a bad one
+//! with [`Error::Shape`], never a panic.
 
 //!
-//! Two rule sets ([`SelectionMode`]): `Original` reproduces the authors' code, quirks included;
-//! `Faithful` (the default) keeps gamma on the representative queries by construction. Both
-//! are written down, with every difference, in `docs/SELECTION.md`.
+//! Three rule sets ([`SelectionMode`]): `Original` reproduces the authors' code, quirks
+//! included; `Faithful` (the default) keeps gamma on the representative queries by
+//! construction; `Sampled` cuts every query block on its own sampled estimate. All are written
+//! down, with every difference, in `docs/SELECTION.md`.
 
 mod faithful;
 mod grid;
@@ -177,6 +186,17 @@ pub fn probe_queries(seq: &Sequence, block_size: usize) -> Vec<usize> {
     (0..p).map(|k| (2 * k + 1) * m / (2 * p)).collect()
 }
 
+/// A public selection function's typed error for an input of the wrong size.
+pub(crate) fn check_len(func: &str, what: &str, got: usize, want: usize) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(Error::Shape(format!(
+            "{func}: {what} has {got} values, expected {want}"
+        )))
+    }
+}
+
 /// Checks that one head's statistics have the lengths `seq` implies.
 fn check_statistics(
     stats: &HeadStatistics,
@@ -242,24 +262,26 @@ pub fn select_head(
     let probe_block_mass = &stats.probe_block_mass[..];
     let bs = cfg.block_size;
     let grid = Grid::new(seq, bs);
-    let (pattern, js) = sparse_pattern_search(stats, bs, cfg);
+    let (pattern, js) = sparse_pattern_search(stats, bs, cfg)?;
     // The pooled block map: what a query-aware head selects from, in both modes.
-    let query_aware_map = (pattern == Pattern::QueryAware).then(|| {
-        pooled_block_attention(
+    let query_aware_map = if pattern == Pattern::QueryAware {
+        Some(pooled_block_attention(
             &stats.q_pooled,
             &stats.k_pooled,
             head_dim,
             seq,
             bs,
             stats.bf16_pooled_logits,
-        )
-    });
+        )?)
+    } else {
+        None
+    };
     let rows = match (cfg.selection, &query_aware_map) {
         (SelectionMode::Original, _) => {
             let budgets = original_line_budgets(stats, grid.nkb, pattern, cfg);
-            let mut rows = vertical_slash_index_search(stats, seq, cfg, budgets);
+            let mut rows = vertical_slash_index_search(stats, seq, cfg, budgets)?;
             if let Some(map) = &query_aware_map {
-                let qa = query_aware_index_search(map, seq, cfg);
+                let qa = query_aware_index_search(map, seq, cfg)?;
                 for (row, extra) in rows.iter_mut().zip(qa) {
                     row.extend(extra);
                 }
@@ -270,8 +292,14 @@ pub fn select_head(
         (SelectionMode::Faithful, Some(map)) => {
             faithful::query_aware(map, stats, probe_block_mass, &grid, cfg)
         }
+        // The paper's Algorithm 3 entry point; in this mode it runs the faithful walk over the
+        // statistics' own probe rows (budgets are the original's only).
         (SelectionMode::Faithful, None) => {
-            faithful::vertical_slash(stats, probe_block_mass, &grid, cfg)
+            let budgets = LineBudgets {
+                vertical: 0,
+                slash: 0,
+            };
+            vertical_slash_index_search(stats, seq, cfg, budgets)?
         }
         (SelectionMode::Sampled, _) => {
             sampled::sampled_selection(&stats.sampled_block_mass, &grid, cfg)
