@@ -9,6 +9,8 @@ use flexprefill_core::{
     AttentionInput, AttentionShape, BlockIndex, FlexPrefillConfig, Pattern, SparsityReport, Timings,
 };
 
+use flexprefill_testkit::oracle::{oracle_density, HeadOracle};
+
 use crate::backend::Chosen;
 use crate::compare::{compare, Comparison};
 use crate::io::Qkv;
@@ -24,6 +26,8 @@ pub struct Plan<'a> {
     pub softmax_scale: Option<f32>,
     /// Run dense too and compare.
     pub compare_dense: bool,
+    /// With the comparison, also the oracle densities (`flexprefill_testkit::oracle`).
+    pub oracle: bool,
     /// Where to write `o`.
     pub output: Option<&'a Path>,
     /// Where to write the pictures.
@@ -48,6 +52,9 @@ pub struct Outcome {
     pub warmup: Option<Duration>,
     /// The comparison, when run.
     pub comparison: Option<Comparison>,
+    /// With the comparison: the oracle densities per (sequence, head) at the config's gamma
+    /// (`flexprefill_testkit::oracle`), `None` inside on a backend that does not compute them.
+    pub oracle: Option<Option<Vec<HeadOracle>>>,
     /// Pictures written.
     pub pictures: Vec<PathBuf>,
     /// Softmax scale used.
@@ -155,6 +162,22 @@ pub fn execute(chosen: &Chosen, qkv: &Qkv, plan: &Plan<'_>) -> Result<Outcome> {
         )?;
     }
 
+    // The oracle density needs every row's exact block distribution: the CPU computes it
+    // from the inputs (f64 exponentials and sums); other backends have no kernel for it yet.
+    let oracle = if plan.compare_dense && plan.oracle {
+        Some(if name == "cpu" {
+            let sp = progress::spinner("oracle density (exact block masses)");
+            let o = oracle_density(&x, plan.cfg.block_size, plan.cfg.gamma as f64)
+                .context("oracle density failed")?;
+            sp.finish_and_clear();
+            Some(o)
+        } else {
+            None
+        })
+    } else {
+        None
+    };
+
     Ok(Outcome {
         report,
         total,
@@ -162,6 +185,7 @@ pub fn execute(chosen: &Chosen, qkv: &Qkv, plan: &Plan<'_>) -> Result<Outcome> {
         dense_timings,
         warmup,
         comparison,
+        oracle,
         pictures,
         softmax_scale: x.scale(),
     })
@@ -195,6 +219,7 @@ pub fn measured<'a>(
         dense: o.dense,
         dense_timings: o.dense_timings,
         warmup: o.warmup,
+        oracle: o.oracle.as_ref().map(|o| o.as_deref()),
         comparison: o.comparison.as_ref(),
         planted,
     }

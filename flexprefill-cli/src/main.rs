@@ -58,6 +58,8 @@ enum SelectionArg {
     Faithful,
     /// The authors' code's rules, quirks included.
     Original,
+    /// Each query block cut at gamma on its own sampled estimate (CPU backend only for now).
+    Sampled,
 }
 
 /// `--query-aware-cut`.
@@ -113,6 +115,7 @@ impl Knobs {
             selection: match self.selection {
                 SelectionArg::Faithful => SelectionMode::Faithful,
                 SelectionArg::Original => SelectionMode::Original,
+                SelectionArg::Sampled => SelectionMode::Sampled,
             },
             ..FlexPrefillConfig::default()
         }
@@ -330,6 +333,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         cfg: a.knobs.config(),
         softmax_scale: a.knobs.softmax_scale,
         compare_dense: a.compare_dense,
+        oracle: a.compare_dense,
         output: a.output.as_deref(),
         mask_png: a.outputs.mask_png.as_deref(),
         label: file_names(&input_paths),
@@ -371,6 +375,8 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
         cfg: a.knobs.config(),
         softmax_scale: a.knobs.softmax_scale,
         compare_dense: true,
+        // the oracle costs about a dense QKᵀ more on the CPU: `run --compare-dense` has it
+        oracle: false,
         output: None,
         mask_png: a.outputs.mask_png.as_deref(),
         input: format!("demo workload '{}' (seed {})", a.kind.name(), a.seed),

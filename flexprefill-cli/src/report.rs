@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use flexprefill_core::{FlexPrefillConfig, QueryAwareCut, SelectionMode, SparsityReport};
+use flexprefill_testkit::oracle::{self, HeadOracle};
 use serde::Serialize;
 
 use crate::compare::Comparison;
@@ -55,6 +56,7 @@ impl ConfigJson {
             selection: match cfg.selection {
                 SelectionMode::Faithful => "faithful",
                 SelectionMode::Original => "original",
+                SelectionMode::Sampled => "sampled",
             },
             softmax_scale,
         }
@@ -99,6 +101,13 @@ pub struct HeadJson {
     /// Fraction of query rows whose captured mass is below gamma.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rows_below_gamma: Option<f64>,
+    /// Mean-row oracle density at gamma (with --compare-dense; `null` on a backend that does
+    /// not compute it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oracle_density: Option<Option<f64>>,
+    /// Every-row oracle density at gamma (as `oracle_density`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oracle_density_every_row: Option<Option<f64>>,
 }
 
 /// Time split, milliseconds. A stage that did not run is `null`, never 0.
@@ -182,6 +191,17 @@ pub struct RunJson {
     /// Fraction of all (row, head) pairs below gamma (with --compare-dense).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rows_below_gamma: Option<f64>,
+    /// Mean-row oracle density over all heads: the fewest blocks per query block, in order of
+    /// true mean-row mass, holding gamma, over causal blocks (with --compare-dense; `null`
+    /// where the backend does not compute it, see `oracle_note`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oracle_density: Option<Option<f64>>,
+    /// The same with every row of the query block holding gamma.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oracle_density_every_row: Option<Option<f64>>,
+    /// Why `oracle_density` is `null`, when it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oracle_note: Option<String>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -216,6 +236,9 @@ pub struct Measured<'a> {
     pub comparison: Option<&'a Comparison>,
     /// Per query head, the planted structure (demo).
     pub planted: Option<Vec<&'static str>>,
+    /// With the comparison: per (sequence, head) oracle densities, `None` inside where the
+    /// backend does not compute them.
+    pub oracle: Option<Option<&'a [HeadOracle]>>,
 }
 
 impl Measured<'_> {
@@ -244,6 +267,8 @@ impl Measured<'_> {
                     mass_captured: c.map(|c| c.mass_captured),
                     min_mass_captured: c.map(|c| c.min_mass_captured),
                     rows_below_gamma: c.map(|c| c.rows_below_gamma),
+                    oracle_density: self.oracle.map(|o| o.map(|o| o[i].mean_row)),
+                    oracle_density_every_row: self.oracle.map(|o| o.map(|o| o[i].every_row)),
                 }
             })
             .collect();
@@ -285,6 +310,10 @@ impl Measured<'_> {
             max_abs_vs_dense: self.comparison.map(|c| c.max_abs),
             mass_captured: self.comparison.map(|c| c.mass_captured),
             rows_below_gamma: self.comparison.map(|c| c.rows_below_gamma),
+            oracle_density: self.oracle.map(|o| o.map(|o| oracle::overall(o).0)),
+            oracle_density_every_row: self.oracle.map(|o| o.map(|o| oracle::overall(o).1)),
+            oracle_note: matches!(self.oracle, Some(None))
+                .then(|| format!("not computed on the {} backend", self.backend)),
         }
     }
 
@@ -341,8 +370,8 @@ impl Measured<'_> {
         if cmp {
             let _ = write!(
                 s,
-                " {:>9} {:>9} {:>7} {:>7} {:>7}",
-                "rel_l2", "max_abs", "mass", "min", "rows<γ"
+                " {:>9} {:>9} {:>7} {:>7} {:>7} {:>7}",
+                "rel_l2", "max_abs", "mass", "min", "rows<γ", "oracle"
             );
         }
         let _ = writeln!(s);
@@ -364,12 +393,15 @@ impl Measured<'_> {
             if cmp {
                 let _ = write!(
                     s,
-                    " {:>9.2e} {:>9.4} {:>7.4} {:>7.4} {:>6.1}%",
+                    " {:>9.2e} {:>9.4} {:>7.4} {:>7.4} {:>6.1}% {:>7}",
                     h.rel_l2_vs_dense.unwrap_or(f64::NAN),
                     h.max_abs_vs_dense.unwrap_or(f64::NAN),
                     h.mass_captured.unwrap_or(f64::NAN),
                     h.min_mass_captured.unwrap_or(f64::NAN),
-                    100.0 * h.rows_below_gamma.unwrap_or(f64::NAN)
+                    100.0 * h.rows_below_gamma.unwrap_or(f64::NAN),
+                    h.oracle_density
+                        .flatten()
+                        .map_or("-".into(), |d| format!("{:.1}%", 100.0 * d))
                 );
             }
             let _ = writeln!(s);
@@ -388,6 +420,21 @@ impl Measured<'_> {
             );
         }
         let _ = writeln!(s);
+        match (j.oracle_density, &j.oracle_note) {
+            (Some(Some(o)), _) => {
+                let _ = writeln!(
+                    s,
+                    "oracle   {:.1}% of causal blocks hold gamma on the mean row ({:.1}% on every row); this run: {:.2}x",
+                    100.0 * o,
+                    100.0 * j.oracle_density_every_row.flatten().unwrap_or(f64::NAN),
+                    j.density / o
+                );
+            }
+            (_, Some(note)) => {
+                let _ = writeln!(s, "oracle   {note}");
+            }
+            _ => {}
+        }
         let t = &j.timings_ms;
         let stages: Vec<String> = [
             ("pattern search", t.pattern_search),

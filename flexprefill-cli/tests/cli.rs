@@ -625,6 +625,20 @@ fn compare_dense_numbers_match_an_independent_dense() {
         (max_abs - reported).abs() <= 1e-4,
         "computed {max_abs}, reported {reported}"
     );
+    // The oracle density on the CPU: a fraction, the every-row one at least as large, and
+    // the overall value the block-weighted mean of the heads' (all heads have equal causal
+    // blocks here).
+    let o = j["oracle_density"].as_f64().unwrap();
+    let every = j["oracle_density_every_row"].as_f64().unwrap();
+    assert!(o > 0.0 && o <= every && every <= 1.0, "{o} {every}");
+    let heads = j["heads"].as_array().unwrap();
+    let mean: f64 = heads
+        .iter()
+        .map(|h| h["oracle_density"].as_f64().unwrap())
+        .sum::<f64>()
+        / heads.len() as f64;
+    assert!((mean - o).abs() < 1e-12, "{mean} vs {o}");
+    assert!(j.get("oracle_note").is_none());
 }
 
 #[test]

@@ -20,6 +20,13 @@ pub enum SelectionMode {
     /// for query-aware, union of the query-aware set with the minimum-budget lines, NaN from
     /// `0·ln 0` making the head vertical-slash.
     Original,
+    /// Every query block cuts its own row at gamma: a few of its queries, spread evenly over
+    /// the block (last one included), get their exact attention per key block; their mean is
+    /// the block's estimated distribution, and blocks are taken in its order until the estimate
+    /// holds `gamma` plus a small margin (`docs/SELECTION.md`). Costs
+    /// [`crate::selection::SAMPLED_ROWS`]`/block_size` of the `Q·Kᵀ` arithmetic; needs
+    /// [`crate::HeadStatistics::sampled_block_mass`].
+    Sampled,
 }
 
 /// How the query-aware cut (Algorithm 4) spends `gamma`.

@@ -9,7 +9,8 @@ pub enum Pattern {
     QueryAware,
     /// The estimate is unreliable: column and diagonal lines from the representative queries.
     VerticalSlash,
-    /// No selection: every causal block (sequence too short for sparsity to pay off).
+    /// Every causal block: the sequence is too short for sparsity to pay off, or the head's
+    /// selection ended up with every causal block (its `js_distance` shows the decision).
     Dense,
 }
 

@@ -282,3 +282,66 @@ pub fn captured_mass(x: &AttentionInput<'_>, index: &BlockIndex) -> Result<Vec<f
     }
     Ok(mass)
 }
+
+/// Each query row's exact causal attention summed per key block, for one (sequence, head):
+/// `[q_len, num_key_blocks]` row-major, each row summing to 1 (0 past the row's causal limit).
+///
+/// The table every density oracle and mass measure of the accuracy study is derived from
+/// (`flexprefill_testkit::oracle`): with it, the captured mass of any block set is a sum, and
+/// the fewest blocks holding gamma is a sort. Scores from an f32 GEMM as in [`captured_mass`];
+/// max, exponentials and sums in f64. Memory: the table (`q_len · num_key_blocks` f64) plus one
+/// `block_size × kv_len` f32 tile per thread.
+pub fn block_mass_f64(
+    x: &AttentionInput<'_>,
+    seq: usize,
+    head: usize,
+    block_size: usize,
+) -> Result<Vec<f64>> {
+    x.validate()?;
+    let Some(s) = x.seqs.get(seq).copied() else {
+        return Err(Error::Shape(format!(
+            "block_mass_f64: sequence {seq} of {}",
+            x.seqs.len()
+        )));
+    };
+    if head >= x.shape.num_heads || block_size == 0 {
+        return Err(Error::Shape(format!(
+            "block_mass_f64: head {head} of {}, block_size {block_size}",
+            x.shape.num_heads
+        )));
+    }
+    let (h, hkv, d) = (x.shape.num_heads, x.shape.num_kv_heads, x.shape.head_dim);
+    let bs = block_size;
+    let nkb = s.num_key_blocks(bs);
+    let (q, k) = (widen(x.q), widen(x.k));
+    let scale = x.scale();
+    let kvh = x.shape.kv_head(head);
+    let kv_rs = hkv * d;
+    let k_all = &k[x.kv_offset(s.k_start, kvh)..];
+    let blocks: Vec<Vec<f64>> = (0..s.num_query_blocks(bs))
+        .into_par_iter()
+        .map_init(Vec::new, |tile: &mut Vec<f32>, r| {
+            let row0 = r * bs;
+            let rows = bs.min(s.q_len - row0);
+            let (pos0, last) = s.query_block_positions(r, bs);
+            let width = last + 1;
+            tile.resize(rows * width, 0.0);
+            let q_view = View::new(&q[x.q_offset(s.q_start + row0, head)..], h * d, 1);
+            let kt = View::new(k_all, kv_rs, 1).t();
+            sgemm(rows, d, width, scale, q_view, kt, 0.0, tile, width);
+            let mut out = vec![0.0f64; rows * nkb];
+            for (i, srow) in tile.chunks_exact(width).take(rows).enumerate() {
+                let live = &srow[..=pos0 + i];
+                let m = live.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+                let o = &mut out[i * nkb..(i + 1) * nkb];
+                for (c, blk) in live.chunks(bs).enumerate() {
+                    o[c] = blk.iter().map(|&v| (v as f64 - m).exp()).sum();
+                }
+                let total: f64 = o.iter().sum();
+                o.iter_mut().for_each(|v| *v /= total);
+            }
+            out
+        })
+        .collect();
+    Ok(blocks.concat())
+}

@@ -23,7 +23,7 @@
 //! The pooled-map logits `bf16(Q̄·K̄ᵀ)` belong to the pooled map, which core computes; the
 //! statistics ask for them through `bf16_pooled_logits`.
 
-use flexprefill_core::selection::probe_queries;
+use flexprefill_core::selection::{probe_queries, sampled_rows_of_block};
 use flexprefill_core::{
     bf16, AttentionInput, DType, FlexPrefillConfig, HeadStatistics, Result, SelectionMode,
 };
@@ -115,10 +115,10 @@ pub(crate) fn head_statistics(
             let k_all = &k[x.kv_offset(s.k_start, kvh)..];
             let k_t = View::new(k_all, kv_rs, 1).t();
             let mut positions: Vec<usize> = (first_pos..s.kv_len).collect();
-            let probes = if original {
-                Vec::new()
-            } else {
+            let probes = if cfg.selection == SelectionMode::Faithful {
                 probe_queries(s, bs)
+            } else {
+                Vec::new()
             };
             let mut rows_q = qh.clone();
             for &qi in &probes {
@@ -207,19 +207,83 @@ pub(crate) fn head_statistics(
                 }));
             }
 
-            HeadStatistics {
+            let sampled_block_mass = if cfg.selection == SelectionMode::Sampled {
+                sampled_block_mass(&q, x, s, head, k_t, e, bs, d)
+            } else {
+                Vec::new()
+            };
+
+            let mut st = HeadStatistics::new(
                 vertical,
                 slash,
                 estimate,
                 q_pooled,
-                k_pooled: kbar.clone(),
+                kbar.clone(),
                 rep_block_mass,
-                probe_block_mass,
-                bf16_pooled_logits: emulate,
-            }
+            );
+            st.probe_block_mass = probe_block_mass;
+            st.sampled_block_mass = sampled_block_mass;
+            st.bf16_pooled_logits = emulate;
+            st
         })
         .collect();
     Ok(stats)
+}
+
+/// The sampled mode's estimate (`HeadStatistics::sampled_block_mass`, `[nqb, nkb]`): the
+/// sampled rows of a group of query blocks share one GEMM over the keys the group's last row
+/// sees (about 256 rows per GEMM, so the logits stay a few MB at 64k); each row's block sums
+/// (f32) are averaged per query block in f64, rows in order.
+#[allow(clippy::too_many_arguments)]
+fn sampled_block_mass(
+    q: &[f32],
+    x: &AttentionInput<'_>,
+    s: &flexprefill_core::Sequence,
+    head: usize,
+    k_t: View<'_>,
+    e: f32,
+    bs: usize,
+    d: usize,
+) -> Vec<f32> {
+    let (nqb, nkb) = (s.num_query_blocks(bs), s.num_key_blocks(bs));
+    let per_group = (256 / flexprefill_core::selection::SAMPLED_ROWS).max(1);
+    let mut out = vec![0.0f32; nqb * nkb];
+    let mut sums = vec![0.0f32; nkb];
+    for g0 in (0..nqb).step_by(per_group) {
+        let g1 = (g0 + per_group).min(nqb);
+        let mut rows_q = Vec::new();
+        let mut positions = Vec::new();
+        let mut owner = Vec::new();
+        for r in g0..g1 {
+            let first = r * bs;
+            let rows = bs.min(s.q_len - first);
+            for i in sampled_rows_of_block(rows) {
+                let src = &q[x.q_offset(s.q_start + first + i, head)..][..d];
+                rows_q.extend(src.iter().map(|&v| v * e));
+                positions.push(s.query_offset() + first + i);
+                owner.push(r);
+            }
+        }
+        let n = positions.last().map_or(0, |&p| p + 1);
+        let a = causal_softmax_rows(&rows_q, &positions, k_t, n, d, false);
+        let mut acc = vec![0.0f64; nkb];
+        let mut count = 0usize;
+        for (i, row) in a.chunks_exact(n).enumerate() {
+            block_sums_into(&row[..=positions[i]], bs, &mut sums);
+            acc.iter_mut().zip(&sums).for_each(|(a, &v)| *a += v as f64);
+            count += 1;
+            let r = owner[i];
+            if owner.get(i + 1) != Some(&r) {
+                out[r * nkb..(r + 1) * nkb]
+                    .iter_mut()
+                    .zip(&acc)
+                    .for_each(|(o, &v)| *o = (v / count as f64) as f32);
+                acc.fill(0.0);
+                count = 0;
+            }
+        }
+    }
+    out
 }
 
 /// `softmax(qs·Kᵀ)` of each row of `qs` (already scaled) over keys `0..=positions[i]`,

@@ -117,6 +117,7 @@ pub fn launch_select<T: StatsElem>(
     cfg: &FlexPrefillConfig,
 ) -> Result<DeviceSelection> {
     cfg.validate()?;
+    sampled_unsupported(cfg)?;
     let layout = stats.layout.clone();
     if layout.block_size != cfg.block_size {
         return Err(CudaError::Unsupported {
@@ -465,6 +466,20 @@ pub fn launch_select<T: StatsElem>(
 }
 
 pub use crate::call::{flex_prefill_device, DeviceRun, MIN_SPARSE_KV_LEN};
+
+/// `SelectionMode::Sampled` has no device kernels yet: a typed error, never another mode's
+/// blocks under its name.
+pub(crate) fn sampled_unsupported(cfg: &FlexPrefillConfig) -> Result<()> {
+    if cfg.selection == SelectionMode::Sampled {
+        return Err(CudaError::Unsupported {
+            op: "select",
+            message: "the sampled selection mode is not implemented on the CUDA backend yet; \
+                      use --selection faithful or original, or the CPU backend"
+                .into(),
+        });
+    }
+    Ok(())
+}
 
 /// Host-facing selection: statistics and selection on the device, index and reports back.
 pub(crate) fn select_index(

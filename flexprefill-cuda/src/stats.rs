@@ -307,21 +307,22 @@ impl DeviceStats {
                 let ro = l.rep_offset(si, head);
                 let ko = l.k_pooled_offset(si, l.shape.kv_head(head));
                 let qo = l.q_pooled_offset(si, head);
-                out.push(HeadStatistics {
-                    vertical: vertical[lo..lo + s.kv_len].to_vec(),
-                    slash: slash[lo..lo + s.kv_len].to_vec(),
-                    estimate: estimate[eo..eo + nkb].to_vec(),
-                    q_pooled: qp[qo..qo + nqb * d].to_vec(),
-                    k_pooled: kp[ko..ko + nkb * d].to_vec(),
-                    rep_block_mass: rbm[ro..ro + rep * nkb].to_vec(),
-                    probe_block_mass: if l.probes {
-                        let po = l.probe_offset(si, head);
-                        pm[po..po + l.num_probes(si) * nkb].to_vec()
-                    } else {
-                        Vec::new()
-                    },
-                    bf16_pooled_logits: self.emulate,
-                });
+                let mut st = HeadStatistics::new(
+                    vertical[lo..lo + s.kv_len].to_vec(),
+                    slash[lo..lo + s.kv_len].to_vec(),
+                    estimate[eo..eo + nkb].to_vec(),
+                    qp[qo..qo + nqb * d].to_vec(),
+                    kp[ko..ko + nkb * d].to_vec(),
+                    rbm[ro..ro + rep * nkb].to_vec(),
+                );
+                st.probe_block_mass = if l.probes {
+                    let po = l.probe_offset(si, head);
+                    pm[po..po + l.num_probes(si) * nkb].to_vec()
+                } else {
+                    Vec::new()
+                };
+                st.bf16_pooled_logits = self.emulate;
+                out.push(st);
             }
         }
         Ok(out)
@@ -341,6 +342,7 @@ pub(crate) fn head_statistics(
     cfg: &FlexPrefillConfig,
 ) -> Result<Vec<HeadStatistics>> {
     cfg.validate()?;
+    crate::select::sampled_unsupported(cfg)?;
     x.validate()?;
     let stream = dev.stream();
     let mut layout = StatsLayout::new(&x.seqs, x.shape, cfg.block_size)?

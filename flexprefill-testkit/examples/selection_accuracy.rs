@@ -35,6 +35,8 @@ use flexprefill_core::{selection, Backend, FlexPrefillConfig, QueryAwareCut, Sel
 use flexprefill_cpu::CpuBackend;
 use flexprefill_testkit::{generate, WorkloadKind, WorkloadSpec};
 
+#[path = "plot/frontier.rs"]
+mod frontier;
 #[path = "plot/mass_density.rs"]
 mod plot;
 
@@ -172,6 +174,82 @@ fn read_csv(path: &str) -> Result<Vec<Row>, Box<dyn std::error::Error>> {
     Ok(rows)
 }
 
+/// `--frontier`: `--inputs kind@len,…,path.safetensors` (default the six kinds at 16k),
+/// `--sims rows:margin,…` (simulated sampled variants), `--csv`, `--png`; or
+/// `--from-csv a.csv,b.csv --png out.png` to redraw.
+fn run_frontier(
+    args: &[String],
+    modes: &[SelectionMode],
+    gammas: &[f32],
+) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(files) = arg(args, "--from-csv") {
+        let (mut lines, mut fr) = (Vec::new(), Vec::new());
+        for f in files.split(',') {
+            let (l, f) = frontier::read_csv(f)?;
+            lines.extend(l);
+            fr.extend(f);
+        }
+        lines.retain(|l| !l.mode.starts_with("sim"));
+        frontier::draw(&lines, &fr, arg(args, "--png").unwrap_or("frontier.png"))?;
+        return Ok(());
+    }
+    let inputs = arg(args, "--inputs").unwrap_or(
+        "sink_local@16384,stripes@16384,topics@16384,needle@16384,random@16384,mixed@16384",
+    );
+    let sims: Vec<(usize, f64)> = match arg(args, "--sims") {
+        None => Vec::new(),
+        Some(s) => s
+            .split(',')
+            .map(|p| {
+                let (a, b) = p.split_once(':').ok_or("--sims wants rows:margin")?;
+                Ok::<_, Box<dyn std::error::Error>>((a.parse()?, b.parse()?))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let mut base = FlexPrefillConfig::default();
+    if let Some(mb) = arg(args, "--min-budget") {
+        base.min_budget = mb.parse()?;
+    }
+    frontier::print_header();
+    let (mut all, mut frs) = (Vec::new(), Vec::new());
+    for item in inputs.split(',') {
+        let m = if let Some((kind, len)) = item.split_once('@') {
+            let kind: WorkloadKind = kind.parse()?;
+            let len: usize = len.parse()?;
+            let w = generate(&WorkloadSpec::new(kind, len));
+            let needle = w.needle_position.map(|p| {
+                let heads = (0..w.spec.num_heads)
+                    .filter(|&hd| kind.head_kind(hd) == WorkloadKind::Needle)
+                    .collect();
+                (p, w.plan.needle_query_start, heads)
+            });
+            let name = format!("{kind} {}k", len / 1024);
+            frontier::measure(&name, &w.input(), &needle, modes, gammas, &sims, base)?
+        } else {
+            let qkv = flexprefill_testkit::io::load_qkv(std::path::Path::new(item))?;
+            let name = std::path::Path::new(item)
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or(item)
+                .to_string();
+            frontier::measure(&name, &qkv.input()?, &None, modes, gammas, &sims, base)?
+        };
+        for l in &m.lines {
+            frontier::print(l);
+        }
+        frs.push((m.lines[0].input.clone(), m.frontier));
+        all.extend(m.lines);
+    }
+    if let Some(path) = arg(args, "--csv") {
+        std::fs::write(path, frontier::csv(&all, &frs))?;
+    }
+    if let Some(path) = arg(args, "--png") {
+        all.retain(|l| !l.mode.starts_with("sim"));
+        frontier::draw(&all, &frs, path)?;
+    }
+    Ok(())
+}
+
 fn median(x: &mut [f64]) -> f64 {
     x.sort_by(f64::total_cmp);
     x[x.len() / 2]
@@ -212,9 +290,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|m| match m {
             "original" => Ok(SelectionMode::Original),
             "faithful" => Ok(SelectionMode::Faithful),
+            "sampled" => Ok(SelectionMode::Sampled),
             _ => Err(format!("unknown mode {m}")),
         })
         .collect::<Result<_, _>>()?;
+    if args.iter().any(|a| a == "--frontier") {
+        return run_frontier(&args, &modes, &gammas);
+    }
     if let Some(files) = arg(&args, "--from-csv") {
         // Only draw: rows from earlier --csv runs (comma-separated files).
         let mut rows = Vec::new();
@@ -342,10 +424,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let row = Row {
                         kind: kind.to_string(),
                         len,
-                        mode: if mode == SelectionMode::Original {
-                            "original"
-                        } else {
-                            "faithful"
+                        mode: match mode {
+                            SelectionMode::Original => "original",
+                            SelectionMode::Faithful => "faithful",
+                            SelectionMode::Sampled => "sampled",
                         },
                         gamma,
                         density: index.density(),

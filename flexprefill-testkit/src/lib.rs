@@ -30,6 +30,7 @@
 pub mod agreement;
 pub mod error;
 pub mod io;
+pub mod oracle;
 pub mod owned;
 pub mod properties;
 pub mod strategies;

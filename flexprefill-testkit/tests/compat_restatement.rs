@@ -195,16 +195,14 @@ fn case() -> impl Strategy<Value = (Knobs, HeadStatistics, usize)> {
                     .prop_map(move |(vertical, slash, est, qp, kp)| {
                         // "close": the estimate is the truth, so the head can be query-aware
                         let estimate = if close { sumpool(&vertical, bs) } else { est };
-                        let st = HeadStatistics {
+                        let st = HeadStatistics::new(
                             vertical,
                             slash,
                             estimate,
-                            q_pooled: qp.iter().map(|&x| x as f32 * 0.5).collect(),
-                            k_pooled: kp.iter().map(|&x| x as f32 * 0.5).collect(),
-                            rep_block_mass: Vec::new(),
-                            probe_block_mass: Vec::new(),
-                            bf16_pooled_logits: false,
-                        };
+                            qp.iter().map(|&x| x as f32 * 0.5).collect(),
+                            kp.iter().map(|&x| x as f32 * 0.5).collect(),
+                            Vec::new(),
+                        );
                         let knobs = Knobs {
                             n,
                             bs,

@@ -216,16 +216,16 @@ fn original_statistics(c: &Case, head: usize) -> HeadStatistics {
         })
         .collect();
 
-    HeadStatistics {
+    let mut st = HeadStatistics::new(
         vertical,
         slash,
         estimate,
         q_pooled,
         k_pooled,
         rep_block_mass,
-        probe_block_mass: Vec::new(),
-        bf16_pooled_logits: true,
-    }
+    );
+    st.bf16_pooled_logits = true;
+    st
 }
 
 /// Per head: (head, blocks only ours, blocks only the original's, our js, original's js).

@@ -2,6 +2,8 @@
 
 use std::cmp::Ordering;
 
+use crate::error::{Error, Result};
+
 /// The one total order of the whole workspace: score descending, then index ascending.
 ///
 /// Every backend ranks with it, so CPU and CUDA select identical blocks on equal scores.
@@ -85,10 +87,18 @@ impl Iterator for LazyRanked<'_> {
 ///
 /// `order` is `ranked(scores)`. Sums in f64, sequentially in rank order, so every backend can
 /// reproduce it. Returns at least 1 when `scores` is not empty, and `scores.len()` when even
-/// the whole set falls short through rounding.
-pub fn cumulative_mass_cut(scores: &[f32], order: &[usize], gamma: f32) -> usize {
+/// the whole set falls short through rounding. An `order` that is not a permutation of
+/// `scores`' indices (wrong length, an index out of range) is a typed error.
+pub fn cumulative_mass_cut(scores: &[f32], order: &[usize], gamma: f32) -> Result<usize> {
+    super::check_len("cumulative_mass_cut", "order", order.len(), scores.len())?;
+    if let Some(&i) = order.iter().find(|&&i| i >= scores.len()) {
+        return Err(Error::Shape(format!(
+            "cumulative_mass_cut: order holds index {i}, scores has {}",
+            scores.len()
+        )));
+    }
     if scores.is_empty() {
-        return 0;
+        return Ok(0);
     }
     let total: f64 = scores.iter().map(|&s| s.max(0.0) as f64).sum();
     let target = gamma as f64 * total;
@@ -96,24 +106,10 @@ pub fn cumulative_mass_cut(scores: &[f32], order: &[usize], gamma: f32) -> usize
     for (k, &i) in order.iter().enumerate() {
         acc += scores[i].max(0.0) as f64;
         if acc >= target {
-            return k + 1;
+            return Ok(k + 1);
         }
     }
-    scores.len()
-}
-
-/// The original's vertical-slash count: the number of prefix sums (f32, rank order) that are
-/// `≤ gamma`, plus one — the crossing element is included, and an exact hit keeps one more.
-pub fn original_prefix_count_plus_one(scores: &[f32], order: &[usize], gamma: f32) -> usize {
-    let mut acc = 0.0f32;
-    let mut count = 0;
-    for &i in order {
-        acc += scores[i];
-        if acc <= gamma {
-            count += 1;
-        }
-    }
-    count + 1
+    Ok(scores.len())
 }
 
 #[cfg(test)]
@@ -122,13 +118,12 @@ mod tests {
 
     #[test]
     fn the_style_guide_convention() {
-        // scores [0.5, 0.25, 0.25], gamma 0.75: the smallest set with mass ≥ gamma keeps 2,
-        // the original's "count of prefix sums ≤ gamma, plus one" keeps 3.
+        // scores [0.5, 0.25, 0.25], gamma 0.75: the smallest set with mass ≥ gamma keeps 2
+        // (the original's "count of prefix sums ≤ gamma, plus one" would keep 3).
         let s = [0.5, 0.25, 0.25];
         let o = ranked(&s);
         assert_eq!(o, vec![0, 1, 2]);
-        assert_eq!(cumulative_mass_cut(&s, &o, 0.75), 2);
-        assert_eq!(original_prefix_count_plus_one(&s, &o, 0.75), 3);
+        assert_eq!(cumulative_mass_cut(&s, &o, 0.75).unwrap(), 2);
     }
 
     #[test]
@@ -152,12 +147,15 @@ mod tests {
     fn cut_edges() {
         let s = [0.2, 0.7, 0.1];
         let o = ranked(&s);
-        assert_eq!(cumulative_mass_cut(&s, &o, 0.7), 1);
-        assert_eq!(cumulative_mass_cut(&s, &o, 0.71), 2);
-        assert_eq!(cumulative_mass_cut(&s, &o, 1.0), 3);
-        assert_eq!(cumulative_mass_cut(&[], &[], 0.9), 0);
+        assert_eq!(cumulative_mass_cut(&s, &o, 0.7).unwrap(), 1);
+        assert_eq!(cumulative_mass_cut(&s, &o, 0.71).unwrap(), 2);
+        assert_eq!(cumulative_mass_cut(&s, &o, 1.0).unwrap(), 3);
+        assert_eq!(cumulative_mass_cut(&[], &[], 0.9).unwrap(), 0);
         // unnormalised scores are normalised by their sum
         let u = [2.0, 7.0, 1.0];
-        assert_eq!(cumulative_mass_cut(&u, &ranked(&u), 0.71), 2);
+        assert_eq!(cumulative_mass_cut(&u, &ranked(&u), 0.71).unwrap(), 2);
+        // a wrong order is a typed error, not a panic
+        assert!(cumulative_mass_cut(&s, &[0, 1], 0.5).is_err());
+        assert!(cumulative_mass_cut(&s, &[0, 1, 7], 0.5).is_err());
     }
 }

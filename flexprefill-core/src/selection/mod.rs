@@ -10,30 +10,39 @@
 //! | vertical-slash selection | Algorithm 3 | [`vertical_slash_index_search`] |
 //! | query-aware selection | Algorithm 4, Appendix F.4 | [`query_aware_index_search`] |
 //! | the gamma cut | Eq. 3, Appendix B | [`cumulative_mass_cut`] |
+//! | per-query-block cut (sampled mode) | Eq. 3 on each query block's own estimate | [`sampled_block_cut`] |
+//!
+//! `select_head` runs them: the pattern search always, [`vertical_slash_index_search`] for
+//! vertical-slash heads in the original and faithful modes, [`query_aware_index_search`] in
+//! the original mode (the faithful mode's query-aware path calibrates its target on the
+//! probes, `docs/SELECTION.md`), [`sampled_block_cut`] per query block in the sampled mode.
+//! Every public function here checks the sizes of what it is given and answers a bad one
+//! with [`Error::Shape`], never a panic.
 
 //!
-//! Two rule sets ([`SelectionMode`]): `Original` reproduces the authors' code, quirks included;
-//! `Faithful` (the default) keeps gamma on the representative queries by construction. Both
-//! are written down, with every difference, in `docs/SELECTION.md`.
+//! Three rule sets ([`SelectionMode`]): `Original` reproduces the authors' code, quirks
+//! included; `Faithful` (the default) keeps gamma on the representative queries by
+//! construction; `Sampled` cuts every query block on its own sampled estimate. All are written
+//! down, with every difference, in `docs/SELECTION.md`.
 
 mod faithful;
 mod grid;
 mod js;
 mod mass;
 mod pattern;
-mod pool;
 mod query_aware;
+mod sampled;
 mod vertical_slash;
 
 pub use js::{js_distance, js_distance_original};
-pub use mass::{cumulative_mass_cut, original_prefix_count_plus_one, rank_order, ranked};
+pub(crate) use mass::ranked;
+pub use mass::{cumulative_mass_cut, rank_order};
 pub use pattern::sparse_pattern_search;
-pub use pool::{block_sums, mean_pool_rows};
 pub use query_aware::{pooled_block_attention, query_aware_index_search};
-pub use vertical_slash::{
-    extend_lines, original_line_budgets, pool_slash, pool_vertical, top_lines,
-    vertical_slash_index_search, LineBudgets, ORIGINAL_BUDGET_DIVISOR,
+pub use sampled::{
+    sampled_block_cut, sampled_queries, sampled_rows_of_block, SAMPLED_MARGIN, SAMPLED_ROWS,
 };
+pub use vertical_slash::{original_line_budgets, vertical_slash_index_search, LineBudgets};
 
 use crate::config::{FlexPrefillConfig, SelectionMode};
 use crate::error::{Error, Result};
@@ -49,6 +58,7 @@ use grid::{add_forced, normalise, representative_mass, Grid};
 /// (Algorithm 2: `Q̂ = Q[-block_size:]`); `A = softmax(Q̂Kᵀ·scale)` over all keys with the
 /// causal mask (bottom-right aligned).
 #[derive(Debug, Clone, PartialEq, Default)]
+#[non_exhaustive]
 pub struct HeadStatistics {
     /// Vertical line, `[kv_len]`: `v[j] = mean_i A[i, j]`; sums to 1.
     pub vertical: Vec<f32>,
@@ -83,6 +93,35 @@ pub struct HeadStatistics {
     /// in the fields above), so compatibility decisions match the authors' code bit for bit;
     /// `false` (the default) keeps the map in f32.
     pub bf16_pooled_logits: bool,
+    /// Estimated attention of each query block per key block, `[num_query_blocks, nkb]`: the
+    /// mean, over the block's [`sampled_queries`] rows (in order, f64), of each row's exact
+    /// attention summed per key block. Needed by [`SelectionMode::Sampled`] only; empty
+    /// otherwise.
+    pub sampled_block_mass: Vec<f32>,
+}
+
+impl HeadStatistics {
+    /// The statistics every mode reads; the optional ones (`probe_block_mass`,
+    /// `sampled_block_mass`, `bf16_pooled_logits`) start empty / false and are set as fields.
+    /// (The struct is `#[non_exhaustive]` so that new statistics are not breaking changes.)
+    pub fn new(
+        vertical: Vec<f32>,
+        slash: Vec<f32>,
+        estimate: Vec<f32>,
+        q_pooled: Vec<f32>,
+        k_pooled: Vec<f32>,
+        rep_block_mass: Vec<f32>,
+    ) -> Self {
+        Self {
+            vertical,
+            slash,
+            estimate,
+            q_pooled,
+            k_pooled,
+            rep_block_mass,
+            ..Self::default()
+        }
+    }
 }
 
 /// Why `seq` is computed dense, or `None` when selection can pay off.
@@ -147,6 +186,17 @@ pub fn probe_queries(seq: &Sequence, block_size: usize) -> Vec<usize> {
     (0..p).map(|k| (2 * k + 1) * m / (2 * p)).collect()
 }
 
+/// A public selection function's typed error for an input of the wrong size.
+pub(crate) fn check_len(func: &str, what: &str, got: usize, want: usize) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(Error::Shape(format!(
+            "{func}: {what} has {got} values, expected {want}"
+        )))
+    }
+}
+
 /// Checks that one head's statistics have the lengths `seq` implies.
 fn check_statistics(
     stats: &HeadStatistics,
@@ -179,6 +229,15 @@ fn check_statistics(
     if !rep_ok {
         return bad("rep_block_mass", stats.rep_block_mass.len(), rep);
     }
+    if cfg.selection == SelectionMode::Sampled
+        && stats.sampled_block_mass.len() != grid.nqb * grid.nkb
+    {
+        return bad(
+            "sampled_block_mass",
+            stats.sampled_block_mass.len(),
+            grid.nqb * grid.nkb,
+        );
+    }
     let probes = probe_queries(seq, cfg.block_size).len() * grid.nkb;
     if !stats.probe_block_mass.is_empty() && stats.probe_block_mass.len() != probes {
         return bad("probe_block_mass", stats.probe_block_mass.len(), probes);
@@ -203,24 +262,26 @@ pub fn select_head(
     let probe_block_mass = &stats.probe_block_mass[..];
     let bs = cfg.block_size;
     let grid = Grid::new(seq, bs);
-    let (pattern, js) = sparse_pattern_search(stats, bs, cfg);
+    let (pattern, js) = sparse_pattern_search(stats, bs, cfg)?;
     // The pooled block map: what a query-aware head selects from, in both modes.
-    let query_aware_map = (pattern == Pattern::QueryAware).then(|| {
-        pooled_block_attention(
+    let query_aware_map = if pattern == Pattern::QueryAware {
+        Some(pooled_block_attention(
             &stats.q_pooled,
             &stats.k_pooled,
             head_dim,
             seq,
             bs,
             stats.bf16_pooled_logits,
-        )
-    });
+        )?)
+    } else {
+        None
+    };
     let rows = match (cfg.selection, &query_aware_map) {
         (SelectionMode::Original, _) => {
             let budgets = original_line_budgets(stats, grid.nkb, pattern, cfg);
-            let mut rows = vertical_slash_index_search(stats, seq, cfg, budgets);
+            let mut rows = vertical_slash_index_search(stats, seq, cfg, budgets)?;
             if let Some(map) = &query_aware_map {
-                let qa = query_aware_index_search(map, seq, cfg);
+                let qa = query_aware_index_search(map, seq, cfg)?;
                 for (row, extra) in rows.iter_mut().zip(qa) {
                     row.extend(extra);
                 }
@@ -231,8 +292,17 @@ pub fn select_head(
         (SelectionMode::Faithful, Some(map)) => {
             faithful::query_aware(map, stats, probe_block_mass, &grid, cfg)
         }
+        // The paper's Algorithm 3 entry point; in this mode it runs the faithful walk over the
+        // statistics' own probe rows (budgets are the original's only).
         (SelectionMode::Faithful, None) => {
-            faithful::vertical_slash(stats, probe_block_mass, &grid, cfg)
+            let budgets = LineBudgets {
+                vertical: 0,
+                slash: 0,
+            };
+            vertical_slash_index_search(stats, seq, cfg, budgets)?
+        }
+        (SelectionMode::Sampled, _) => {
+            sampled::sampled_selection(&stats.sampled_block_mass, &grid, cfg)
         }
     };
     let representative_mass = representative_mass(&grid, &rows, &stats.rep_block_mass);
@@ -242,6 +312,18 @@ pub fn select_head(
         rows,
         representative_mass,
     })
+}
+
+/// The pattern a head reports: [`Pattern::Dense`] when its blocks are every causal block,
+/// whatever rule chose them, so a head that computes everything never shows under a sparse
+/// pattern's name (its `js_distance` still tells what the decision was). Backends building
+/// their own reports use it too, so their patterns match the CPU's.
+pub fn reported_pattern(pattern: Pattern, selected_blocks: usize, causal_blocks: usize) -> Pattern {
+    if selected_blocks >= causal_blocks {
+        Pattern::Dense
+    } else {
+        pattern
+    }
 }
 
 /// Every causal block, with the forced-block convention: what a dense-fallback head computes.
@@ -295,7 +377,7 @@ pub fn build_index(
             reports.push(HeadReport {
                 seq: si,
                 head,
-                pattern: sel.pattern,
+                pattern: reported_pattern(sel.pattern, selected, causal),
                 js_distance: sel.js_distance,
                 selected_blocks: selected,
                 causal_blocks: causal,
@@ -409,6 +491,25 @@ mod tests {
     }
 
     #[test]
+    fn a_head_that_selects_every_causal_block_reports_dense() {
+        let s = seq(64, 64);
+        let st = planted(&s, 16, 0.2, 0.2, 0.2, 20);
+        let shape = AttentionShape::new(1, 1, 2).unwrap();
+        let mut c = cfg(SelectionMode::Faithful);
+        c.gamma = 1.0;
+        let (index, reports) = build_index(&[s], shape, &c, std::slice::from_ref(&st)).unwrap();
+        assert_eq!(reports[0].selected_blocks, reports[0].causal_blocks);
+        assert_eq!(index.density(), 1.0);
+        assert_eq!(reports[0].pattern, Pattern::Dense);
+        assert!(reports[0].js_distance.is_finite());
+        // a sparse selection keeps its pattern's name
+        c.gamma = 0.5;
+        let (_, reports) = build_index(&[s], shape, &c, &[st]).unwrap();
+        assert!(reports[0].density < 1.0);
+        assert_eq!(reports[0].pattern, Pattern::VerticalSlash);
+    }
+
+    #[test]
     fn faithful_keeps_gamma_on_every_representative_query_original_does_not() {
         // bs 16, 320 tokens, mb 1: sink 0.2, local 0.2, stripe 0.2, 0.4 spread uniformly.
         let s = seq(320, 320);
@@ -466,7 +567,7 @@ mod tests {
         let grid = Grid::new(&s, 16);
         let mut st = planted(&s, 16, 0.25, 0.25, 0.25, 20);
         // estimate = truth → distance 0 → query-aware
-        st.estimate = pool_vertical(&st.vertical, 16);
+        st.estimate = vertical_slash::pool_vertical(&st.vertical, 16);
         // pooled q/k: every query block prefers key block 0 strongly
         st.q_pooled = vec![4.0, 0.0, 4.0, 0.0, 4.0, 0.0, 4.0, 0.0];
         st.k_pooled = vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];

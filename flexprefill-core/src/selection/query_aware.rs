@@ -3,6 +3,7 @@
 use half::bf16;
 
 use crate::config::{FlexPrefillConfig, QueryAwareCut, SelectionMode};
+use crate::error::{Error, Result};
 use crate::input::Sequence;
 
 use super::grid::Grid;
@@ -15,7 +16,8 @@ use super::{cumulative_mass_cut, rank_order, ranked};
 /// [`super::HeadStatistics::q_pooled`]). Row `r` sees key blocks `0..=d(r)` (the block-causal
 /// mask, diagonal kept). `bf16_logits` rounds each logit to bf16 before the softmax, as the
 /// original does on bf16 inputs. Logits accumulate in f64 and the softmax runs in f64, each
-/// rounded once to f32, so the map does not depend on an accumulation order.
+/// rounded once to f32, so the map does not depend on an accumulation order. Pooled inputs of
+/// the wrong size are a typed error.
 pub fn pooled_block_attention(
     q_pooled: &[f32],
     k_pooled: &[f32],
@@ -23,9 +25,15 @@ pub fn pooled_block_attention(
     seq: &Sequence,
     block_size: usize,
     bf16_logits: bool,
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
+    if block_size == 0 {
+        return Err(Error::Config("pooled_block_attention: block_size 0".into()));
+    }
     let grid = Grid::new(seq, block_size);
     let (nqb, nkb) = (grid.nqb, grid.nkb);
+    let f = "pooled_block_attention";
+    super::check_len(f, "q_pooled", q_pooled.len(), nqb * head_dim)?;
+    super::check_len(f, "k_pooled", k_pooled.len(), nkb * head_dim)?;
     let mut map = vec![0.0f32; nqb * nkb];
     let mut logits = vec![0.0f64; nkb];
     for r in 0..nqb {
@@ -46,7 +54,7 @@ pub fn pooled_block_attention(
             map[r * nkb + c] = ((logits[c] - max).exp() / sum) as f32;
         }
     }
-    map
+    Ok(map)
 }
 
 /// `out[c] = Σ_t q[t]·k[c][t]`, each dot product accumulated in f64 sequentially over `t`
@@ -100,16 +108,27 @@ pub fn query_aware_index_search(
     block_map: &[f32],
     seq: &Sequence,
     cfg: &FlexPrefillConfig,
-) -> Vec<Vec<u32>> {
+) -> Result<Vec<Vec<u32>>> {
+    if cfg.block_size == 0 {
+        return Err(crate::error::Error::Config(
+            "query_aware_index_search: block_size 0".into(),
+        ));
+    }
     let grid = Grid::new(seq, cfg.block_size);
     let (nqb, nkb) = (grid.nqb, grid.nkb);
+    super::check_len(
+        "query_aware_index_search",
+        "block_map",
+        block_map.len(),
+        nqb * nkb,
+    )?;
     let mut rows = vec![Vec::new(); nqb];
     match cfg.query_aware_cut {
         QueryAwareCut::PerQueryBlock => {
             for (r, row) in rows.iter_mut().enumerate() {
                 let scores = &block_map[r * nkb..=r * nkb + grid.last_diag(r)];
                 let order = ranked(scores);
-                let k = cumulative_mass_cut(scores, &order, cfg.gamma);
+                let k = cumulative_mass_cut(scores, &order, cfg.gamma)?;
                 row.extend(order[..k].iter().map(|&c| c as u32));
             }
         }
@@ -132,7 +151,7 @@ pub fn query_aware_index_search(
                         rows[id / nkb].push((id % nkb) as u32);
                     }
                 }
-                SelectionMode::Faithful => {
+                SelectionMode::Faithful | SelectionMode::Sampled => {
                     let target = cfg.gamma as f64 * nqb as f64;
                     for &id in &ids {
                         rows[id / nkb].push((id % nkb) as u32);
@@ -148,7 +167,7 @@ pub fn query_aware_index_search(
     for row in &mut rows {
         row.sort_unstable();
     }
-    rows
+    Ok(rows)
 }
 
 /// Per-row estimated mass of `rows` under the pooled map: `Σ_{c ∈ rows[r]} Â[r, c]`.
@@ -173,7 +192,7 @@ mod tests {
         // 3 blocks of 2 tokens, head_dim 1: q̄ = [0, 1, 2], k̄ = [1, 0, ln 2 / 2]
         let q = [0.0, 1.0, 2.0];
         let k = [1.0, 0.0, 2f32.ln() / 2.0];
-        let m = pooled_block_attention(&q, &k, 1, &Sequence::whole(6), 2, false);
+        let m = pooled_block_attention(&q, &k, 1, &Sequence::whole(6), 2, false).unwrap();
         // row 0: only block 0
         assert_eq!(&m[0..3], &[1.0, 0.0, 0.0]);
         // row 1: logits [1, 0] → [e/(e+1), 1/(e+1)]
@@ -191,8 +210,8 @@ mod tests {
         // logit 1.00390625 (= 1 + 2⁻⁸) is not a bf16 value: it rounds (to even) to 1.0
         let q = [0.0, 1.0];
         let k = [1.0 + 1.0 / 256.0, 0.0];
-        let exact = pooled_block_attention(&q, &k, 1, &Sequence::whole(4), 2, false);
-        let rounded = pooled_block_attention(&q, &k, 1, &Sequence::whole(4), 2, true);
+        let exact = pooled_block_attention(&q, &k, 1, &Sequence::whole(4), 2, false).unwrap();
+        let rounded = pooled_block_attention(&q, &k, 1, &Sequence::whole(4), 2, true).unwrap();
         let e = std::f32::consts::E;
         assert!((rounded[2] - e / (e + 1.0)).abs() < 1e-7);
         assert!(exact[2] > rounded[2]);
@@ -211,7 +230,7 @@ mod tests {
             block_size: 2,
             ..FlexPrefillConfig::original()
         };
-        let rows = query_aware_index_search(&map3(), &Sequence::whole(6), &cfg);
+        let rows = query_aware_index_search(&map3(), &Sequence::whole(6), &cfg).unwrap();
         assert_eq!(rows, vec![vec![0], vec![], vec![]]);
         // the paper's rule (faithful) includes the crossing element
         let f = FlexPrefillConfig {
@@ -219,7 +238,7 @@ mod tests {
             ..cfg
         };
         assert_eq!(
-            query_aware_index_search(&map3(), &Sequence::whole(6), &f),
+            query_aware_index_search(&map3(), &Sequence::whole(6), &f).unwrap(),
             vec![vec![0], vec![0], vec![]]
         );
     }
@@ -232,7 +251,7 @@ mod tests {
             block_size: 2,
             ..FlexPrefillConfig::original()
         };
-        let rows = query_aware_index_search(&map3(), &Sequence::whole(6), &cfg);
+        let rows = query_aware_index_search(&map3(), &Sequence::whole(6), &cfg).unwrap();
         // row 2 keeps only 0.5 of its mass although gamma is 0.8
         assert_eq!(rows, vec![vec![0], vec![0], vec![0]]);
     }
@@ -245,7 +264,7 @@ mod tests {
             query_aware_cut: QueryAwareCut::PerQueryBlock,
             ..FlexPrefillConfig::original()
         };
-        let rows = query_aware_index_search(&map3(), &Sequence::whole(6), &cfg);
+        let rows = query_aware_index_search(&map3(), &Sequence::whole(6), &cfg).unwrap();
         assert_eq!(rows, vec![vec![0], vec![0, 1], vec![0, 1]]);
         let mass = estimated_row_mass(&map3(), 3, &rows);
         assert!(mass.iter().all(|&m| m >= 0.75), "{mass:?}");

@@ -8,6 +8,7 @@
 //! The faithful mode's rules live in `faithful.rs`.
 
 use crate::config::{FlexPrefillConfig, SelectionMode};
+use crate::error::Result;
 use crate::input::Sequence;
 use crate::report::Pattern;
 
@@ -25,8 +26,8 @@ pub struct LineBudgets {
 
 /// The original's Stage C budgets, in blocks (original-notes §5).
 ///
-/// Vertical-slash heads: `K = original_prefix_count_plus_one(line, gamma)` tokens (crossing
-/// element included), `n = K // 128 + 1` (the literal 128 is the original's, independent of
+/// Vertical-slash heads: `K` = the count of prefix sums (rank order, f64) that are `≤ gamma`,
+/// plus one (crossing element included), `n = K // 128 + 1` (the literal 128 is the original's, independent of
 /// `block_size`), raised to `mb = ceil(min_budget / bs)`, then capped at
 /// `Mb = min(ceil(max_budget / bs), nkb)`, separately for each line. Query-aware heads get
 /// `n_v = n_s = mb`, with no gamma and no cap.
@@ -163,10 +164,26 @@ pub fn vertical_slash_index_search(
     seq: &Sequence,
     cfg: &FlexPrefillConfig,
     budgets: LineBudgets,
-) -> Vec<Vec<u32>> {
-    match cfg.selection {
+) -> Result<Vec<Vec<u32>>> {
+    if cfg.block_size == 0 {
+        return Err(crate::error::Error::Config(
+            "vertical_slash_index_search: block_size 0".into(),
+        ));
+    }
+    let grid = Grid::new(seq, cfg.block_size);
+    let f = "vertical_slash_index_search";
+    super::check_len(f, "vertical", stats.vertical.len(), seq.kv_len)?;
+    super::check_len(f, "slash", stats.slash.len(), seq.kv_len)?;
+    if cfg.selection != SelectionMode::Original {
+        let rep = grid.num_rep() * grid.nkb;
+        super::check_len(f, "rep_block_mass", stats.rep_block_mass.len(), rep)?;
+        if !stats.probe_block_mass.is_empty() {
+            let probes = super::probe_queries(seq, cfg.block_size).len() * grid.nkb;
+            super::check_len(f, "probe_block_mass", stats.probe_block_mass.len(), probes)?;
+        }
+    }
+    Ok(match cfg.selection {
         SelectionMode::Original => {
-            let grid = Grid::new(seq, cfg.block_size);
             let columns = top_lines(
                 &pool_vertical(&stats.vertical, cfg.block_size),
                 budgets.vertical,
@@ -182,13 +199,10 @@ pub fn vertical_slash_index_search(
             normalise(&mut rows);
             rows
         }
-        SelectionMode::Faithful => faithful::vertical_slash(
-            stats,
-            &stats.probe_block_mass,
-            &Grid::new(seq, cfg.block_size),
-            cfg,
-        ),
-    }
+        SelectionMode::Faithful | SelectionMode::Sampled => {
+            faithful::vertical_slash(stats, &stats.probe_block_mass, &grid, cfg)
+        }
+    })
 }
 
 #[cfg(test)]
@@ -336,7 +350,11 @@ mod tests {
                 slash: 2
             }
         );
-        let rows = vertical_slash_index_search(&stats, &Sequence::whole(64), &cfg, b);
+        let rows = vertical_slash_index_search(&stats, &Sequence::whole(64), &cfg, b).unwrap();
+        // a line of the wrong length is a typed error, not a panic
+        let mut short = stats.clone();
+        short.slash.pop();
+        assert!(vertical_slash_index_search(&short, &Sequence::whole(64), &cfg, b).is_err());
         // columns {0, 2}, offsets {0, 1}
         assert_eq!(
             rows,

@@ -90,7 +90,7 @@ impl DeviceSelection {
                 reports.push(HeadReport {
                     seq: si,
                     head,
-                    pattern: pat,
+                    pattern: flexprefill_core::selection::reported_pattern(pat, selected, causal),
                     js_distance: js[si * h + head],
                     selected_blocks: selected,
                     causal_blocks: causal,

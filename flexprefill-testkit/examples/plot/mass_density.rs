@@ -5,9 +5,9 @@ use ab_glyph::{point, Font, FontRef, PxScale, ScaleFont};
 
 use super::Row;
 
-type Rgb = [u8; 3];
+pub type Rgb = [u8; 3];
 
-struct Canvas {
+pub struct Canvas {
     w: usize,
     h: usize,
     px: Vec<u8>,
@@ -15,7 +15,7 @@ struct Canvas {
 }
 
 impl Canvas {
-    fn new(w: usize, h: usize) -> Self {
+    pub fn new(w: usize, h: usize) -> Self {
         Self {
             w,
             h,
@@ -38,7 +38,14 @@ impl Canvas {
     }
 
     /// Anti-aliased segment of width `lw` (distance-to-segment coverage).
-    fn line(&mut self, (x0, y0): (f32, f32), (x1, y1): (f32, f32), lw: f32, c: Rgb, dash: bool) {
+    pub fn line(
+        &mut self,
+        (x0, y0): (f32, f32),
+        (x1, y1): (f32, f32),
+        lw: f32,
+        c: Rgb,
+        dash: bool,
+    ) {
         let (dx, dy) = (x1 - x0, y1 - y0);
         let len2 = (dx * dx + dy * dy).max(1e-6);
         let r = lw / 2.0 + 1.0;
@@ -58,7 +65,7 @@ impl Canvas {
         }
     }
 
-    fn dot(&mut self, (x, y): (f32, f32), rad: f32, c: Rgb, hollow: bool) {
+    pub fn dot(&mut self, (x, y): (f32, f32), rad: f32, c: Rgb, hollow: bool) {
         let r = rad as i64 + 2;
         for yy in (y as i64 - r)..=(y as i64 + r) {
             for xx in (x as i64 - r)..=(x as i64 + r) {
@@ -73,7 +80,7 @@ impl Canvas {
         }
     }
 
-    fn text(&mut self, s: &str, x: f32, y: f32, size: f32, c: Rgb, center: bool) {
+    pub fn text(&mut self, s: &str, x: f32, y: f32, size: f32, c: Rgb, center: bool) {
         let font = self.font.clone();
         let f = font.as_scaled(PxScale::from(size));
         let width: f32 = s.chars().map(|ch| f.h_advance(f.glyph_id(ch))).sum();
@@ -96,7 +103,7 @@ impl Canvas {
         }
     }
 
-    fn save(&self, path: &str) -> Result<(), Box<dyn std::error::Error>> {
+    pub fn save(&self, path: &str) -> Result<(), Box<dyn std::error::Error>> {
         let file = std::io::BufWriter::new(std::fs::File::create(path)?);
         let mut enc = png::Encoder::new(file, self.w as u32, self.h as u32);
         enc.set_color(png::ColorType::Rgb);
@@ -106,7 +113,7 @@ impl Canvas {
     }
 }
 
-const COLOURS: [Rgb; 6] = [
+pub const COLOURS: [Rgb; 6] = [
     [31, 119, 180],
     [255, 127, 14],
     [44, 160, 44],
@@ -114,8 +121,8 @@ const COLOURS: [Rgb; 6] = [
     [148, 103, 189],
     [140, 86, 75],
 ];
-const INK: Rgb = [30, 30, 30];
-const GRID: Rgb = [225, 225, 225];
+pub const INK: Rgb = [30, 30, 30];
+pub const GRID: Rgb = [225, 225, 225];
 
 /// Draws one panel per mode in `rows`: x = density, y = mean captured mass over all rows.
 pub fn draw(rows: &[Row], path: &str) -> Result<(), Box<dyn std::error::Error>> {
