@@ -22,7 +22,20 @@ pub static ATTENTION: KernelFamily = KernelFamily {
 /// The Hopper attention kernel family (wgmma, sm_90a): same parameters and semantics.
 pub static ATTENTION_SM90: KernelFamily = KernelFamily {
     name: "attention_sm90",
-    source: include_str!("../kernels/attention_sm90.cu"),
+    source: concat!(
+        include_str!("../kernels/attention_wgmma.cuh"),
+        include_str!("../kernels/attention_sm90.cu")
+    ),
+};
+
+/// The warp-specialized Hopper attention kernel family (TMA producer warp, two wgmma consumer
+/// warpgroups, mbarrier ring; sm_90a): same semantics, plus three tensor maps.
+pub static ATTENTION_WS: KernelFamily = KernelFamily {
+    name: "attention_ws",
+    source: concat!(
+        include_str!("../kernels/attention_wgmma.cuh"),
+        include_str!("../kernels/attention_ws.cu")
+    ),
 };
 
 /// 16-bit element types the attention kernel reads (bf16, f16).
@@ -88,6 +101,10 @@ pub struct AttnTile {
     /// `warps` = `bq / 16`, `q_in_regs` unused; `stages` 3 turns on the overlap of the next
     /// tile's Q·Kᵀ with the current softmax (2: no overlap).
     pub wgmma: bool,
+    /// Run the warp-specialized Hopper kernel (`kernels/attention_ws.cu`; `wgmma` is set too):
+    /// a TMA producer warpgroup plus `bq / 64` consumer warpgroups (`warps` = `bq / 16 + 4`),
+    /// `stages` the depth of the K/V ring.
+    pub ws: bool,
 }
 
 impl AttnTile {
@@ -110,6 +127,7 @@ impl AttnTile {
             q_in_regs: false,
             min_blocks: 2,
             wgmma: false,
+            ws: false,
         };
         if head_dim > 128 {
             // The O accumulator is head_dim/2 floats per thread per 16 rows: one m-tile.
@@ -135,15 +153,61 @@ impl AttnTile {
         }
     }
 
-    /// The tile we ship for a device of compute capability `arch`: the wgmma kernel on Hopper
-    /// for head_dim 64 and 128 (two warpgroups, 128 query rows, 128-key tiles for block 128;
+    /// The tile we ship for a device of compute capability `arch`: on Hopper for head_dim 64
+    /// and 128 the wgmma kernel (two warpgroups, 128 query rows, 128-key tiles for block 128;
     /// one warpgroup and 64-key tiles for block 64), [`AttnTile::auto`] elsewhere.
+    ///
+    /// `FLEXPREFILL_ATTN` overrides the Hopper choice: `ws` runs the warp-specialized TMA
+    /// kernel ([`AttnTile::ws_for`]) where it takes the shape, `wgmma` the wgmma kernel, `mma`
+    /// the portable one (for A/B timing and as an escape hatch).
     pub fn auto_for(arch: (i32, i32), head_dim: usize, block_size: usize) -> Self {
-        if arch == (9, 0) && (head_dim == 64 || head_dim == 128) && block_size >= 64 {
+        let choice = std::env::var("FLEXPREFILL_ATTN").unwrap_or_default();
+        if arch != (9, 0) || choice == "mma" {
+            return Self::auto(head_dim, block_size);
+        }
+        if choice == "ws" {
+            if let Some(t) = Self::ws_for(head_dim, block_size) {
+                return t;
+            }
+        }
+        if (head_dim == 64 || head_dim == 128) && block_size >= 64 {
             let bq = block_size.min(128);
             Self::wgmma(bq, block_size.min(128))
         } else {
             Self::auto(head_dim, block_size)
+        }
+    }
+
+    /// The warp-specialized tile for `(head_dim, block_size)` on Hopper, if the kernel takes
+    /// the shape (head_dim 64/128, block 64/128): 128 query rows over two consumer warpgroups
+    /// and 128-key tiles for block 128, one consumer warpgroup and 64-key tiles for block 64;
+    /// the deepest K/V ring that fits in shared memory, at most 3.
+    pub fn ws_for(head_dim: usize, block_size: usize) -> Option<Self> {
+        if !(head_dim == 64 || head_dim == 128) || !(block_size == 64 || block_size == 128) {
+            return None;
+        }
+        let t = Self::ws(block_size, block_size, 2);
+        let deeper = Self { stages: 3, ..t };
+        // 227 KiB is Hopper's per-block limit.
+        Some(if deeper.smem_bytes(head_dim) <= 227 * 1024 {
+            deeper
+        } else {
+            t
+        })
+    }
+
+    /// A warp-specialized tile of `bq` query rows (64 per consumer warpgroup), `bk`-key steps
+    /// and a `stages`-deep K/V ring.
+    pub fn ws(bq: usize, bk: usize, stages: usize) -> Self {
+        Self {
+            bq,
+            bk,
+            warps: bq / 16 + 4,
+            stages,
+            q_in_regs: false,
+            min_blocks: 1,
+            wgmma: true,
+            ws: true,
         }
     }
 
@@ -157,6 +221,7 @@ impl AttnTile {
             q_in_regs: false,
             min_blocks: 1,
             wgmma: true,
+            ws: false,
         }
     }
 
@@ -167,6 +232,10 @@ impl AttnTile {
         let mut v = vec![
             Self::auto(head_dim, block_size),
             Self::wgmma(128, 128),
+            Self::ws(128, 128, 2),
+            Self::ws(128, 128, 3),
+            Self::ws(64, 64, 2),
+            Self::ws(64, 64, 3),
             Self {
                 stages: 3,
                 ..Self::wgmma(128, 128)
@@ -217,13 +286,16 @@ impl AttnTile {
             },
             Self { bk: 64, ..base },
         ];
-        v.retain(|t| t.check(head_dim, block_size).is_ok());
+        v.retain(|t| t.check(head_dim, block_size).is_ok() && t.smem_bytes(head_dim) <= 227 * 1024);
         v
     }
 
     /// Dynamic shared memory of one CTA, bytes: Q tile plus `stages` K and V tiles.
     pub fn smem_bytes(&self, head_dim: usize) -> usize {
-        if self.wgmma {
+        if self.ws {
+            // Plus the ring's mbarriers (q_full, and full/empty for K and V per stage).
+            (self.bq + 2 * self.stages * self.bk) * head_dim * 2 + 1024 + (1 + 4 * self.stages) * 8
+        } else if self.wgmma {
             // Tiles aligned to 1024 bytes (the swizzle reads address bits 7-9).
             (self.bq + 2 * self.stages * self.bk) * head_dim * 2 + 1024
         } else {
@@ -239,7 +311,9 @@ impl AttnTile {
 
     /// The kernel family this tile runs.
     pub fn family(&self) -> &'static KernelFamily {
-        if self.wgmma {
+        if self.ws {
+            &ATTENTION_WS
+        } else if self.wgmma {
             &ATTENTION_SM90
         } else {
             &ATTENTION
@@ -262,6 +336,23 @@ impl AttnTile {
             return bad(format!(
                 "block_size ({block_size}) must be 16, 32, 64, 128 or 256"
             ));
+        }
+        if self.ws {
+            let ok = self.wgmma
+                && (head_dim == 64 || head_dim == 128)
+                && (block_size == 64 || block_size == 128)
+                && (self.bq == 64 || self.bq == 128)
+                && self.bk == self.bq
+                && block_size.is_multiple_of(self.bq)
+                && self.warps == self.bq / 16 + 4
+                && (2..=4).contains(&self.stages);
+            return if ok {
+                Ok(())
+            } else {
+                bad(format!(
+                    "warp-specialized tile {self:?} invalid for head_dim {head_dim}, block {block_size}"
+                ))
+            };
         }
         if self.wgmma {
             let ok = (head_dim == 64 || head_dim == 128)
@@ -429,6 +520,71 @@ struct AttnParams {
 // SAFETY: plain old data, laid out as the kernel's struct (repr(C), same field order and types).
 unsafe impl DeviceRepr for AttnParams {}
 
+/// A TMA tensor map (`CUtensorMap`, 128 opaque bytes), passed to the warp-specialized kernel by
+/// value as a `__grid_constant__` parameter.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy)]
+struct TmaMap([u64; 16]);
+
+// SAFETY: plain old data, the 128 bytes cuTensorMapEncodeTiled wrote, laid out as the kernel's
+// `TmaMap` (64-byte aligned, 16 u64).
+unsafe impl DeviceRepr for TmaMap {}
+
+/// The tensor map of a `[tokens, heads, head_dim]` 16-bit tensor at `addr`, as a 3-d tensor
+/// (d, head, token) read in boxes of 64 elements (128 bytes, one swizzle atom row) × 1 head ×
+/// `rows` tokens, 128-byte swizzled: the atom layout the wgmma descriptors read. Tokens past
+/// the tensor's end read as zeros.
+fn tensor_map(
+    addr: u64,
+    dtype: DType,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    rows: usize,
+) -> Result<TmaMap> {
+    use cudarc::driver::sys;
+    let unsupported = |message: String| CudaError::Unsupported {
+        op: "attention",
+        message,
+    };
+    if !addr.is_multiple_of(16) {
+        return Err(unsupported(format!(
+            "TMA needs 16-byte aligned tensors, got address {addr:#x}"
+        )));
+    }
+    let data_type = match dtype {
+        DType::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+    };
+    let dims = [head_dim as u64, heads as u64, tokens.max(1) as u64];
+    // Byte strides of dims 1 and 2 (dim 0 is contiguous).
+    let strides = [(head_dim * 2) as u64, (heads * head_dim * 2) as u64];
+    let boxes = [64u32, 1, rows as u32];
+    let elem_strides = [1u32, 1, 1];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
+    // SAFETY: every array holds `rank` (or rank − 1 for the strides) entries and outlives the
+    // call; `map` is written by the driver before it is read; the address is a live device
+    // allocation of `tokens · heads · head_dim` elements (checked by the caller).
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            data_type,
+            3,
+            addr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()?;
+        Ok(TmaMap(map.assume_init().opaque))
+    }
+}
+
 /// Raw device address of a slice, for parameter structs. The crate's contexts run without
 /// cudarc's event tracking: ordering is the stream's, so the returned guard has nothing to do.
 pub(crate) fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
@@ -584,6 +740,22 @@ pub fn launch_attention<T: DeviceElem>(
         block_dim: ((tile.warps * 32) as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
+    if tile.ws {
+        let tq = tensor_map(params.q, T::DTYPE, total_q, h, d, tile.bq)?;
+        let tk = tensor_map(params.k, T::DTYPE, total_k, hkv, d, tile.bk)?;
+        let tv = tensor_map(params.v, T::DTYPE, total_k, hkv, d, tile.bk)?;
+        // SAFETY: as below; the tensor maps describe q, k and v at their checked lengths.
+        unsafe {
+            stream
+                .launch_builder(&func)
+                .arg(&tq)
+                .arg(&tk)
+                .arg(&tv)
+                .arg(&params)
+                .launch(cfg)
+        }?;
+        return Ok(());
+    }
     // SAFETY: `params` matches the kernel's struct; every pointer is a live allocation of the
     // length checked above (index buffers are checked against the sequences' row count, and
     // column values are trusted to be causal block numbers as `BlockIndex::validate` checks);
