@@ -138,10 +138,12 @@ extern "C" __global__ void __launch_bounds__(NT, 1)
         mbar_expect_tx(q_full, Q_BYTES);
 #pragma unroll
         for (int a = 0; a < D / 64; ++a) tma_load(sQ + a * BQ * 128, tq, q_full, a * 64, head, qt);
+        // The next tile's first key is read one iteration ahead (a CSR load off the issue path).
+        int k0 = walk.k0(0);
         for (int it = 0; it < n_iter; ++it) {
             const int st = it % STAGES;
             const uint32_t ph = ((it / STAGES) & 1) ^ 1;  // a fresh barrier passes parity 1
-            const int k0 = walk.k0(it);
+            const int k0_next = it + 1 < n_iter ? walk.k0(it + 1) : 0;
             mbar_wait(k_empty(st), ph);
             mbar_expect_tx(k_full(st), KV_BYTES);
 #pragma unroll
@@ -152,6 +154,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1)
 #pragma unroll
             for (int a = 0; a < D / 64; ++a)
                 tma_load(sV + st * KV_BYTES + a * BK * 128, tv, v_full(st), a * 64, kvh, kt + k0);
+            k0 = k0_next;
         }
         return;
     }
@@ -220,10 +223,14 @@ extern "C" __global__ void __launch_bounds__(NT, 1)
         wgmma_wait<0>();
         fence_regs(sacc);
         release(k_empty(0));
+        // First key of tile it + 1 (for its mask), read one iteration ahead like the producer.
+        int k0_next = n_iter > 1 ? walk.k0(1) : 0;
         online_softmax(sacc, walk.k0(0), pos_first, kv_len, wrow, lane, sl2, m, l, alpha);
         pack_p(sacc, pa);
         for (int it = 1; it < n_iter; ++it) {
             const int st = it % STAGES, pst = (it - 1) % STAGES;
+            const int k0 = k0_next;
+            k0_next = it + 1 < n_iter ? walk.k0(it + 1) : 0;
             mbar_wait(k_full(st), phase(it));
             turn_begin();
             issue_qk(sacc, it);
@@ -234,7 +241,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1)
             wgmma_wait<1>();  // S_it landed; P_{it-1}·V_{it-1} may still run
             fence_regs(sacc);
             release(k_empty(st));
-            online_softmax(sacc, walk.k0(it), pos_first, kv_len, wrow, lane, sl2, m, l, alpha);
+            online_softmax(sacc, k0, pos_first, kv_len, wrow, lane, sl2, m, l, alpha);
             wgmma_wait<0>();
             fence_regs(o);
             release(v_empty(pst));

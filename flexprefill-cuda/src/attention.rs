@@ -5,6 +5,11 @@
 //! through `mma.sync` m16n8k16, `ldmatrix`, a `cp.async` ring) with one change: each CTA walks
 //! the key blocks listed in its row of the [`BlockIndex`] instead of every causal block. With
 //! no index it walks every causal block, which is this crate's dense attention.
+//!
+//! On Hopper two more kernels run the same walk: `kernels/attention_sm90.cu` (wgmma, every
+//! thread loads and computes) and `kernels/attention_ws.cu` (warp-specialized: a TMA producer
+//! and two wgmma consumer warpgroups, docs/CUDA.md draws its pipeline); [`AttnTile::auto_for`]
+//! picks among them.
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use flexprefill_core::{AttentionShape, BlockIndex, DType, Sequence};
@@ -153,19 +158,23 @@ impl AttnTile {
         }
     }
 
-    /// The tile we ship for a device of compute capability `arch`: on Hopper for head_dim 64
-    /// and 128 the wgmma kernel (two warpgroups, 128 query rows, 128-key tiles for block 128;
-    /// one warpgroup and 64-key tiles for block 64), [`AttnTile::auto`] elsewhere.
+    /// The tile we ship for a device of compute capability `arch`: on Hopper for block 128 the
+    /// warp-specialized TMA kernel ([`AttnTile::ws_for`], head_dim 64/128), else the wgmma
+    /// kernel for head_dim 64 and 128 (two warpgroups, 128 query rows, 128-key tiles for block
+    /// 128 and up; one warpgroup and 64-key tiles for block 64), [`AttnTile::auto`] elsewhere.
+    /// Dense attention walks 128-blocks, so it always gets the warp-specialized kernel there.
+    /// At block 64 the warp-specialized kernel (one consumer warpgroup) timed 1–2% behind the
+    /// wgmma one on sparse indexes, so it is opt-in there.
     ///
-    /// `FLEXPREFILL_ATTN` overrides the Hopper choice: `ws` runs the warp-specialized TMA
-    /// kernel ([`AttnTile::ws_for`]) where it takes the shape, `wgmma` the wgmma kernel, `mma`
-    /// the portable one (for A/B timing and as an escape hatch).
+    /// `FLEXPREFILL_ATTN` overrides the Hopper choice (A/B timing, and an escape hatch):
+    /// `wgmma` never runs the warp-specialized kernel, `ws` runs it for every shape it takes,
+    /// `mma` runs the portable kernel.
     pub fn auto_for(arch: (i32, i32), head_dim: usize, block_size: usize) -> Self {
         let choice = std::env::var("FLEXPREFILL_ATTN").unwrap_or_default();
         if arch != (9, 0) || choice == "mma" {
             return Self::auto(head_dim, block_size);
         }
-        if choice == "ws" {
+        if choice == "ws" || (choice != "wgmma" && block_size == 128) {
             if let Some(t) = Self::ws_for(head_dim, block_size) {
                 return t;
             }
@@ -180,20 +189,15 @@ impl AttnTile {
 
     /// The warp-specialized tile for `(head_dim, block_size)` on Hopper, if the kernel takes
     /// the shape (head_dim 64/128, block 64/128): 128 query rows over two consumer warpgroups
-    /// and 128-key tiles for block 128, one consumer warpgroup and 64-key tiles for block 64;
-    /// the deepest K/V ring that fits in shared memory, at most 3.
+    /// and 128-key tiles for block 128, one consumer warpgroup and 64-key tiles for block 64.
+    /// Ring depth as timed on the H200 (dense, 32k): 2 for 128-row tiles (607 against 599
+    /// TFLOP/s at head_dim 128, 458 against 435 at 64), 3 for 64-row tiles (390 against 383).
     pub fn ws_for(head_dim: usize, block_size: usize) -> Option<Self> {
         if !(head_dim == 64 || head_dim == 128) || !(block_size == 64 || block_size == 128) {
             return None;
         }
-        let t = Self::ws(block_size, block_size, 2);
-        let deeper = Self { stages: 3, ..t };
-        // 227 KiB is Hopper's per-block limit.
-        Some(if deeper.smem_bytes(head_dim) <= 227 * 1024 {
-            deeper
-        } else {
-            t
-        })
+        let stages = if block_size == 128 { 2 } else { 3 };
+        Some(Self::ws(block_size, block_size, stages))
     }
 
     /// A warp-specialized tile of `bq` query rows (64 per consumer warpgroup), `bk`-key steps
@@ -799,4 +803,26 @@ pub fn fill_normal<T: DeviceElem>(
             .launch(cfg)
     }?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AttnTile;
+
+    #[test]
+    fn warp_specialized_tiles_are_valid_and_fit_shared_memory() {
+        for d in [64, 128] {
+            for bs in [64, 128] {
+                let t = AttnTile::ws_for(d, bs).expect("head_dim 64/128, block 64/128");
+                assert!(t.ws && t.wgmma && t.bq == bs && t.warps == bs / 16 + 4);
+                t.check(d, bs).unwrap();
+                assert!(t.smem_bytes(d) <= 227 * 1024, "{t:?} d{d}");
+            }
+        }
+        assert_eq!(AttnTile::ws_for(96, 128), None);
+        assert_eq!(AttnTile::ws_for(128, 256), None);
+        // A 128-row tile would straddle two 64-blocks (two CSR rows).
+        assert!(AttnTile::ws(128, 128, 2).check(128, 64).is_err());
+        assert!(AttnTile::ws(128, 128, 5).check(128, 128).is_err());
+    }
 }
