@@ -31,15 +31,11 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp inside it
-    const int head = blockIdx.x, seq = blockIdx.y;
-    const int tile = (int)p.num_tiles - 1 - (int)blockIdx.z;  // heavy rows first
-    const SeqInfo s = p.seqs[seq];
-    const int q_len = (int)s.q_len, kv_len = (int)s.kv_len;
-    const int q_lo = tile * BQ;
-    if (q_lo >= q_len) return;
-    const int rows_here = min(BQ, q_len - q_lo);
-    const int pos_first = kv_len - q_len + q_lo;
-    const int pos_last = pos_first + rows_here - 1;
+    const QueryTile qt = query_tile(p);
+    if (qt.empty()) return;
+    const int head = qt.head, seq = qt.seq, q_lo = qt.q_lo, rows_here = qt.rows_here;
+    const int pos_first = qt.pos_first, pos_last = qt.pos_last, kv_len = qt.kv_len;
+    const SeqInfo s = qt.s;
     const int kvh = head / (int)p.group;
 
     const KeyWalk walk = key_walk(p, seq, head, q_lo, pos_last);

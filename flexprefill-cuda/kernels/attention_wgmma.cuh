@@ -152,6 +152,29 @@ FP_DEVICE void mma_pv<64>(float (&o)[32], const uint32_t (&a)[4], uint64_t db) {
 template <>
 FP_DEVICE void mma_pv<128>(float (&o)[64], const uint32_t (&a)[4], uint64_t db) { wgmma_rs_m64n128_tb(o, a, db); }
 
+// The query tile of this CTA: grid (heads, sequences, query tiles), tiles walked last-first so
+// the longest causal rows start first. `rows_here` rows exist (a sequence's last tile is short);
+// query row r sits at position pos_first + r. Empty when the sequence has fewer tiles.
+struct QueryTile {
+    int head, seq, q_lo, rows_here, pos_first, pos_last, kv_len;
+    SeqInfo s;
+    FP_DEVICE bool empty() const { return rows_here <= 0; }
+};
+
+FP_DEVICE QueryTile query_tile(const AttnParams& p) {
+    QueryTile t;
+    t.head = blockIdx.x;
+    t.seq = blockIdx.y;
+    t.s = p.seqs[t.seq];
+    const int q_len = (int)t.s.q_len;
+    t.kv_len = (int)t.s.kv_len;
+    t.q_lo = ((int)p.num_tiles - 1 - (int)blockIdx.z) * BQ;
+    t.rows_here = min(BQ, q_len - t.q_lo);
+    t.pos_first = t.kv_len - q_len + t.q_lo;
+    t.pos_last = t.pos_first + t.rows_here - 1;
+    return t;
+}
+
 // The key tiles one query tile visits, walked in descending key order (the first tiles are the
 // only ones that need the causal / kv_len mask): the listed blocks of its CSR row, or every
 // causal block (dense), split in KPB tiles each, tiles wholly after the tile's last query

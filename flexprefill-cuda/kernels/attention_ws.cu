@@ -105,15 +105,11 @@ extern "C" __global__ void __launch_bounds__(NT, 1)
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wg = warp >> 2, wq = warp & 3;  // warpgroup (0: producer), warp inside it
-    const int head = blockIdx.x, seq = blockIdx.y;
-    const int tile = (int)p.num_tiles - 1 - (int)blockIdx.z;  // heavy rows first
-    const SeqInfo s = p.seqs[seq];
-    const int q_len = (int)s.q_len, kv_len = (int)s.kv_len;
-    const int q_lo = tile * BQ;
-    if (q_lo >= q_len) return;
-    const int rows_here = min(BQ, q_len - q_lo);
-    const int pos_first = kv_len - q_len + q_lo;
-    const int pos_last = pos_first + rows_here - 1;
+    const QueryTile qt = query_tile(p);
+    if (qt.empty()) return;
+    const int head = qt.head, seq = qt.seq, q_lo = qt.q_lo, rows_here = qt.rows_here;
+    const int pos_first = qt.pos_first, pos_last = qt.pos_last, kv_len = qt.kv_len;
+    const SeqInfo s = qt.s;
     const KeyWalk walk = key_walk(p, seq, head, q_lo, pos_last);
     const int n_iter = walk.n_iter;
 
@@ -134,10 +130,10 @@ extern "C" __global__ void __launch_bounds__(NT, 1)
         if constexpr (WG == 2) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
         if (warp != 0 || lane != 0 || n_iter == 0) return;
         const int kvh = head / (int)p.group;
-        const int qt = (int)(s.q_start + q_lo), kt = (int)s.k_start;
+        const int q_tok = (int)(s.q_start + q_lo), k_tok = (int)s.k_start;
         mbar_expect_tx(q_full, Q_BYTES);
 #pragma unroll
-        for (int a = 0; a < D / 64; ++a) tma_load(sQ + a * BQ * 128, tq, q_full, a * 64, head, qt);
+        for (int a = 0; a < D / 64; ++a) tma_load(sQ + a * BQ * 128, tq, q_full, a * 64, head, q_tok);
         // The next tile's first key is read one iteration ahead (a CSR load off the issue path).
         int k0 = walk.k0(0);
         for (int it = 0; it < n_iter; ++it) {
@@ -148,12 +144,12 @@ extern "C" __global__ void __launch_bounds__(NT, 1)
             mbar_expect_tx(k_full(st), KV_BYTES);
 #pragma unroll
             for (int a = 0; a < D / 64; ++a)
-                tma_load(sK + st * KV_BYTES + a * BK * 128, tk, k_full(st), a * 64, kvh, kt + k0);
+                tma_load(sK + st * KV_BYTES + a * BK * 128, tk, k_full(st), a * 64, kvh, k_tok + k0);
             mbar_wait(v_empty(st), ph);
             mbar_expect_tx(v_full(st), KV_BYTES);
 #pragma unroll
             for (int a = 0; a < D / 64; ++a)
-                tma_load(sV + st * KV_BYTES + a * BK * 128, tv, v_full(st), a * 64, kvh, kt + k0);
+                tma_load(sV + st * KV_BYTES + a * BK * 128, tv, v_full(st), a * 64, kvh, k_tok + k0);
             k0 = k0_next;
         }
         return;

@@ -11,11 +11,12 @@
 //! and two wgmma consumer warpgroups, docs/CUDA.md draws its pipeline); [`AttnTile::auto_for`]
 //! picks among them.
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use flexprefill_core::{AttentionShape, BlockIndex, DType, Sequence};
 
 use crate::device::CudaDevice;
 use crate::error::{CudaError, Result};
+use crate::launch::Launch;
 use crate::registry::{KernelFamily, KernelKey};
 
 /// The attention kernel family (mma.sync, compute capability 8.0 and newer).
@@ -737,34 +738,30 @@ pub fn launch_attention<T: DeviceElem>(
         num_tiles: num_tiles as u32,
         scale_log2: scale * std::f32::consts::LOG2_E,
     };
-    let cfg = LaunchConfig {
-        // Heads fastest (a GQA group's CTAs run side by side and share K/V in L2), query tiles
-        // slowest and walked last-first by the kernel (heavy rows first).
-        grid_dim: (h as u32, seqs.len() as u32, num_tiles as u32),
-        block_dim: ((tile.warps * 32) as u32, 1, 1),
-        shared_mem_bytes: smem as u32,
+    // The warp-specialized kernel takes three tensor maps (q, k, v) before the parameters.
+    let maps = if tile.ws {
+        Some([
+            tensor_map(params.q, T::DTYPE, total_q, h, d, tile.bq)?,
+            tensor_map(params.k, T::DTYPE, total_k, hkv, d, tile.bk)?,
+            tensor_map(params.v, T::DTYPE, total_k, hkv, d, tile.bk)?,
+        ])
+    } else {
+        None
     };
-    if tile.ws {
-        let tq = tensor_map(params.q, T::DTYPE, total_q, h, d, tile.bq)?;
-        let tk = tensor_map(params.k, T::DTYPE, total_k, hkv, d, tile.bk)?;
-        let tv = tensor_map(params.v, T::DTYPE, total_k, hkv, d, tile.bk)?;
-        // SAFETY: as below; the tensor maps describe q, k and v at their checked lengths.
-        unsafe {
-            stream
-                .launch_builder(&func)
-                .arg(&tq)
-                .arg(&tk)
-                .arg(&tv)
-                .arg(&params)
-                .launch(cfg)
-        }?;
-        return Ok(());
+    // Heads fastest (a GQA group's CTAs run side by side and share K/V in L2), query tiles
+    // slowest and walked last-first by the kernel (heavy rows first).
+    let grid = (h as u32, seqs.len() as u32, num_tiles as u32);
+    let mut launch = Launch::new(stream, &func, grid, (tile.warps * 32) as u32, smem);
+    if let Some(maps) = &maps {
+        launch = launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]);
     }
+    let launch = launch.arg(&params);
     // SAFETY: `params` matches the kernel's struct; every pointer is a live allocation of the
     // length checked above (index buffers are checked against the sequences' row count, and
     // column values are trusted to be causal block numbers as `BlockIndex::validate` checks);
-    // `out` and `lse` are exclusively borrowed for the launch.
-    unsafe { stream.launch_builder(&func).arg(&params).launch(cfg) }?;
+    // `out` and `lse` are exclusively borrowed for the launch; the tensor maps describe q, k
+    // and v at those lengths.
+    unsafe { launch.launch() }?;
     Ok(())
 }
 
@@ -787,21 +784,13 @@ pub fn fill_normal<T: DeviceElem>(
     let f = dev.function(&UTIL, &key, "fill_normal", 0)?;
     let n = x.len() as u64;
     let blocks = (dev.info().sm_count * 8) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let launch = Launch::new(stream, &f, (blocks, 1, 1), 256, 0)
+        .arg(x)
+        .arg(&n)
+        .arg(&seed)
+        .arg(&amp);
     // SAFETY: the kernel writes x[0..n) and nothing else; argument types match its signature.
-    unsafe {
-        stream
-            .launch_builder(&f)
-            .arg(x)
-            .arg(&n)
-            .arg(&seed)
-            .arg(&amp)
-            .launch(cfg)
-    }?;
+    unsafe { launch.launch() }?;
     Ok(())
 }
 
