@@ -75,17 +75,8 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
     const float sl2 = p.scale_log2;
 
     // S = Q·K_it for this warpgroup's 64 rows (issued, not waited).
-    auto issue_qk = [&](float (&sacc)[BK / 2], int it) {
-        const uint32_t kst = sK + (it % STAGES) * BK * D * 2;
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const uint32_t koff = (kk & 3) * 32;  // 16 elements = 32 bytes into the 128-byte row
-            const uint64_t da = desc(sQ + (kk >> 2) * BQ * 128 + wg * 64 * 128 + koff, 16, 1024);
-            const uint64_t db = desc(kst + (kk >> 2) * BK * 128 + koff, 16, 1024);
-            mma_qk<BK>(sacc, da, db, kk > 0 ? 1 : 0);
-        }
-        wgmma_commit();
+    auto qk_at = [&](float (&sacc)[BK / 2], int it) {
+        issue_qk(sacc, sQ + wg * 64 * 128, sK + (it % STAGES) * BK * D * 2);
     };
     // Mask, online softmax (rescales o), P as A fragments.
     auto softmax = [&](float (&sacc)[BK / 2], int it, uint32_t (&pa)[BK / 16][4]) {
@@ -95,16 +86,8 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
         pack_p(sacc, pa);
     };
     // O += P·V_it, P from registers (issued, not waited).
-    auto issue_pv = [&](const uint32_t (&pa)[BK / 16][4], int it) {
-        const uint32_t vst = sV + (it % STAGES) * BK * D * 2;
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-            // 16 keys = two 8-row core groups (SBO 1024); the D/64 atoms along d at LBO.
-            const uint64_t db = desc(vst + kk * 16 * 128, BK * 128, 1024);
-            mma_pv<D>(o, pa[kk], db);
-        }
-        wgmma_commit();
+    auto pv_at = [&](const uint32_t (&pa)[BK / 16][4], int it) {
+        issue_pv(o, pa, sV + (it % STAGES) * BK * D * 2);
     };
 
     if (!OVERLAP) {
@@ -117,12 +100,12 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
             if (it + 1 < n_iter) load_kv(it + 1);
             cp_async_commit();
             float sacc[BK / 2];
-            issue_qk(sacc, it);
+            qk_at(sacc, it);
             wgmma_wait<0>();
             fence_regs(sacc);
             uint32_t pa[BK / 16][4];
             softmax(sacc, it, pa);
-            issue_pv(pa, it);
+            pv_at(pa, it);
             wgmma_wait<0>();
             fence_regs(o);
         }
@@ -137,7 +120,7 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
             cp_async_wait<1>();
             fence_proxy_async();
             __syncthreads();
-            issue_qk(sa, 0);
+            qk_at(sa, 0);
             wgmma_wait<0>();
             fence_regs(sa);
         }
@@ -148,10 +131,10 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
             __syncthreads();  // ...for every thread; and stage (it+2)%3 is free
             if (it + 2 < n_iter) load_kv(it + 2);
             cp_async_commit();
-            if (it + 1 < n_iter) issue_qk(nxt, it + 1);
+            if (it + 1 < n_iter) qk_at(nxt, it + 1);
             uint32_t pa[BK / 16][4];
             softmax(cur, it, pa);
-            issue_pv(pa, it);
+            pv_at(pa, it);
             wgmma_wait<0>();
             fence_regs(nxt);
             fence_regs(o);

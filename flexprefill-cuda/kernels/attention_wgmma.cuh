@@ -152,23 +152,50 @@ FP_DEVICE void mma_pv<64>(float (&o)[32], const uint32_t (&a)[4], uint64_t db) {
 template <>
 FP_DEVICE void mma_pv<128>(float (&o)[64], const uint32_t (&a)[4], uint64_t db) { wgmma_rs_m64n128_tb(o, a, db); }
 
+// S = Q·K for one warpgroup's 64 query rows, issued and committed, not waited: `q_rows` is the
+// warpgroup's first row in the [BQ][D] Q tile, `k_tile` a [BK][D] K tile (both atom layout).
+FP_DEVICE void issue_qk(float (&sacc)[BK / 2], uint32_t q_rows, uint32_t k_tile) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t koff = (kk & 3) * 32;  // 16 elements = 32 bytes into the 128-byte row
+        const uint64_t da = desc(q_rows + (kk >> 2) * BQ * 128 + koff, 16, 1024);
+        const uint64_t db = desc(k_tile + (kk >> 2) * BK * 128 + koff, 16, 1024);
+        mma_qk<BK>(sacc, da, db, kk > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+}
+
+// O += P·V with P from registers, issued and committed, not waited; `v_tile` a [BK][D] V tile.
+FP_DEVICE void issue_pv(float (&o)[D / 2], const uint32_t (&pa)[BK / 16][4], uint32_t v_tile) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+        // 16 keys = two 8-row core groups (SBO 1024); the D/64 atoms along d at LBO.
+        const uint64_t db = desc(v_tile + kk * 16 * 128, BK * 128, 1024);
+        mma_pv<D>(o, pa[kk], db);
+    }
+    wgmma_commit();
+}
+
 // The query tile of this CTA: grid (heads, sequences, query tiles), tiles walked last-first so
 // the longest causal rows start first. `rows_here` rows exist (a sequence's last tile is short);
 // query row r sits at position pos_first + r. Empty when the sequence has fewer tiles.
 struct QueryTile {
     int head, seq, q_lo, rows_here, pos_first, pos_last, kv_len;
     SeqInfo s;
-    FP_DEVICE bool empty() const { return rows_here <= 0; }
+    FP_DEVICE bool empty() const { return q_lo >= (int)s.q_len; }
 };
 
 FP_DEVICE QueryTile query_tile(const AttnParams& p) {
     QueryTile t;
     t.head = blockIdx.x;
     t.seq = blockIdx.y;
+    const int tile = (int)p.num_tiles - 1 - (int)blockIdx.z;
     t.s = p.seqs[t.seq];
     const int q_len = (int)t.s.q_len;
     t.kv_len = (int)t.s.kv_len;
-    t.q_lo = ((int)p.num_tiles - 1 - (int)blockIdx.z) * BQ;
+    t.q_lo = tile * BQ;
     t.rows_here = min(BQ, q_len - t.q_lo);
     t.pos_first = t.kv_len - q_len + t.q_lo;
     t.pos_last = t.pos_first + t.rows_here - 1;

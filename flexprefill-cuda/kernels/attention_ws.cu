@@ -182,28 +182,11 @@ extern "C" __global__ void __launch_bounds__(NT, 1)
         __syncwarp();
         if (lane == 0) mbar_arrive(bar);
     };
-    auto issue_qk = [&](float (&sacc)[BK / 2], int it) {
-        const uint32_t kst = sK + (it % STAGES) * KV_BYTES;
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const uint32_t koff = (kk & 3) * 32;  // 16 elements = 32 bytes into the 128-byte row
-            const uint64_t da = desc(sQ + (kk >> 2) * BQ * 128 + cw * 64 * 128 + koff, 16, 1024);
-            const uint64_t db = desc(kst + (kk >> 2) * BK * 128 + koff, 16, 1024);
-            mma_qk<BK>(sacc, da, db, kk > 0 ? 1 : 0);
-        }
-        wgmma_commit();
+    auto qk_at = [&](float (&sacc)[BK / 2], int it) {
+        issue_qk(sacc, sQ + cw * 64 * 128, sK + (it % STAGES) * KV_BYTES);
     };
-    auto issue_pv = [&](const uint32_t (&pa)[BK / 16][4], int it) {
-        const uint32_t vst = sV + (it % STAGES) * KV_BYTES;
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-            // 16 keys = two 8-row core groups (SBO 1024); the D/64 atoms along d at LBO.
-            const uint64_t db = desc(vst + kk * 16 * 128, BK * 128, 1024);
-            mma_pv<D>(o, pa[kk], db);
-        }
-        wgmma_commit();
+    auto pv_at = [&](const uint32_t (&pa)[BK / 16][4], int it) {
+        issue_pv(o, pa, sV + (it % STAGES) * KV_BYTES);
     };
     auto phase = [](int it) { return (uint32_t)((it / STAGES) & 1); };
 
@@ -214,7 +197,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1)
         uint32_t pa[BK / 16][4];
         mbar_wait(k_full(0), 0);
         turn_begin();
-        issue_qk(sacc, 0);
+        qk_at(sacc, 0);
         turn_end();
         wgmma_wait<0>();
         fence_regs(sacc);
@@ -229,10 +212,10 @@ extern "C" __global__ void __launch_bounds__(NT, 1)
             k0_next = it + 1 < n_iter ? walk.k0(it + 1) : 0;
             mbar_wait(k_full(st), phase(it));
             turn_begin();
-            issue_qk(sacc, it);
+            qk_at(sacc, it);
             rescale_o(o, alpha);
             mbar_wait(v_full(pst), phase(it - 1));
-            issue_pv(pa, it - 1);
+            pv_at(pa, it - 1);
             turn_end();
             wgmma_wait<1>();  // S_it landed; P_{it-1}·V_{it-1} may still run
             fence_regs(sacc);
@@ -247,7 +230,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1)
         rescale_o(o, alpha);
         mbar_wait(v_full(lst), phase(n_iter - 1));
         turn_begin();
-        issue_pv(pa, n_iter - 1);
+        pv_at(pa, n_iter - 1);
         turn_end();
         wgmma_wait<0>();
         fence_regs(o);
