@@ -1,8 +1,9 @@
 // attention_wgmma.cuh: what the two Hopper attention kernels share (attention_sm90.cu, the
 // single-role wgmma kernel, and attention_ws.cu, the warp-specialized TMA kernel): the wgmma
-// wrappers and descriptors, the parameter block, the key-tile walk of one query tile, the
+// wrappers and descriptors, the key-tile walk of one query tile, the
 // masked online softmax on a warpgroup's score accumulators, and the epilogue (normalise,
-// LSE, staged 16-byte stores). src/attention.rs compiles it in front of either kernel.
+// LSE, staged 16-byte stores). src/attention.rs compiles it in front of either kernel (after
+// attention_params.cuh).
 //
 // Tiles live in shared memory in the canonical 128-byte-swizzled layouts wgmma reads through
 // descriptors (and TMA writes with CU_TENSOR_MAP_SWIZZLE_128B): a [rows][D] tile is stored as
@@ -87,31 +88,6 @@ static_assert(D == 64 || D == 128, "the wgmma kernels take head_dim 64 or 128");
 static_assert(BQ == 64 || BQ == 128, "one or two warpgroups of 64 query rows");
 static_assert(BK == 64 || BK == 128, "wgmma n of the score tile");
 static_assert(BS % BQ == 0 && BS % BK == 0, "tiles must not straddle index rows");
-
-#define NEG_INF (-__int_as_float(0x7f800000))
-constexpr float LN2 = 0.6931471805599453f;
-
-struct SeqInfo {
-    uint32_t q_start, k_start, q_len, kv_len;
-};
-
-// Must match `AttnParams` in src/attention.rs field for field.
-struct AttnParams {
-    const uint16_t* q;
-    const uint16_t* k;
-    const uint16_t* v;
-    uint16_t* out;
-    float* lse;
-    const uint32_t* head_row_start;
-    const uint32_t* row_offsets;
-    const uint32_t* col_indices;
-    const SeqInfo* seqs;
-    uint32_t num_heads;
-    uint32_t num_kv_heads;
-    uint32_t group;
-    uint32_t num_tiles;
-    float scale_log2;
-};
 
 // Byte offset of element column `col` (a multiple of 8) of row `r` in a [rows][D] tile stored
 // as 128B-swizzled atoms.

@@ -22,13 +22,17 @@ use crate::registry::{KernelFamily, KernelKey};
 /// The attention kernel family (mma.sync, compute capability 8.0 and newer).
 pub static ATTENTION: KernelFamily = KernelFamily {
     name: "attention",
-    source: include_str!("../kernels/attention.cu"),
+    source: concat!(
+        include_str!("../kernels/attention_params.cuh"),
+        include_str!("../kernels/attention.cu")
+    ),
 };
 
 /// The Hopper attention kernel family (wgmma, sm_90a): same parameters and semantics.
 pub static ATTENTION_SM90: KernelFamily = KernelFamily {
     name: "attention_sm90",
     source: concat!(
+        include_str!("../kernels/attention_params.cuh"),
         include_str!("../kernels/attention_wgmma.cuh"),
         include_str!("../kernels/attention_sm90.cu")
     ),
@@ -39,6 +43,7 @@ pub static ATTENTION_SM90: KernelFamily = KernelFamily {
 pub static ATTENTION_WS: KernelFamily = KernelFamily {
     name: "attention_ws",
     source: concat!(
+        include_str!("../kernels/attention_params.cuh"),
         include_str!("../kernels/attention_wgmma.cuh"),
         include_str!("../kernels/attention_ws.cu")
     ),
@@ -502,7 +507,8 @@ impl DeviceBlockIndex {
     }
 }
 
-/// Kernel parameters, passed by value. Must match `AttnParams` in `kernels/attention.cu`.
+/// Kernel parameters, passed by value. Must match `AttnParams` in
+/// `kernels/attention_params.cuh`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 struct AttnParams {
