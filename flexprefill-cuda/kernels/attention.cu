@@ -21,6 +21,7 @@
 //   KEY_HEAD_DIM (D), KEY_BLOCK_SIZE (BS, the index's block), ATT_BQ (query rows per CTA,
 //   divides BS), ATT_BK (keys per tile, divides BS), ATT_WARPS, ATT_STAGES, ATT_Q_IN_REGS,
 //   ATT_MINB (min CTAs per SM for __launch_bounds__).
+// Compiled after attention_params.cuh (the parameter block; src/attention.rs joins them).
 #include "flexprefill_common.cuh"
 
 #ifndef ATT_BQ
@@ -67,31 +68,6 @@ static_assert(BS % BQ == 0, "a query tile must not straddle two index rows");
 static_assert(BS % BK == 0 && BK % 16 == 0, "key tiles must split the block in 16-key steps");
 static_assert(STAGES >= 2, "the ring needs two stages");
 static_assert(!Q_IN_REGS || MT == 1, "Q fragments in registers only with one m-tile per warp");
-
-#define NEG_INF (-__int_as_float(0x7f800000))
-constexpr float LN2 = 0.6931471805599453f;
-
-struct SeqInfo {
-    uint32_t q_start, k_start, q_len, kv_len;
-};
-
-// Must match `AttnParams` in src/attention.rs field for field.
-struct AttnParams {
-    const uint16_t* q;
-    const uint16_t* k;
-    const uint16_t* v;
-    uint16_t* out;
-    float* lse;                      // null: not asked for
-    const uint32_t* head_row_start;  // null: dense (every causal key block)
-    const uint32_t* row_offsets;
-    const uint32_t* col_indices;
-    const SeqInfo* seqs;
-    uint32_t num_heads;
-    uint32_t num_kv_heads;
-    uint32_t group;      // q heads per kv head
-    uint32_t num_tiles;  // gridDim.z: query tiles of the longest sequence
-    float scale_log2;    // softmax_scale * log2(e)
-};
 
 // Element offset of 16-byte chunk `c` of row `r` in a [rows][D] tile, XOR-swizzled so that the
 // 8 rows an ldmatrix phase reads (same logical chunk) land in 8 different bank groups.

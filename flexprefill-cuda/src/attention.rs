@@ -5,6 +5,11 @@
 //! through `mma.sync` m16n8k16, `ldmatrix`, a `cp.async` ring) with one change: each CTA walks
 //! the key blocks listed in its row of the [`BlockIndex`] instead of every causal block. With
 //! no index it walks every causal block, which is this crate's dense attention.
+//!
+//! On Hopper two more kernels run the same walk: `kernels/attention_sm90.cu` (wgmma, every
+//! thread loads and computes) and `kernels/attention_ws.cu` (warp-specialized: a TMA producer
+//! and two wgmma consumer warpgroups, docs/CUDA.md draws its pipeline); [`AttnTile::auto_for`]
+//! picks among them.
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use flexprefill_core::{AttentionShape, BlockIndex, DType, Sequence};
@@ -17,13 +22,31 @@ use crate::registry::{KernelFamily, KernelKey};
 /// The attention kernel family (mma.sync, compute capability 8.0 and newer).
 pub static ATTENTION: KernelFamily = KernelFamily {
     name: "attention",
-    source: include_str!("../kernels/attention.cu"),
+    source: concat!(
+        include_str!("../kernels/attention_params.cuh"),
+        include_str!("../kernels/attention.cu")
+    ),
 };
 
 /// The Hopper attention kernel family (wgmma, sm_90a): same parameters and semantics.
 pub static ATTENTION_SM90: KernelFamily = KernelFamily {
     name: "attention_sm90",
-    source: include_str!("../kernels/attention_sm90.cu"),
+    source: concat!(
+        include_str!("../kernels/attention_params.cuh"),
+        include_str!("../kernels/attention_wgmma.cuh"),
+        include_str!("../kernels/attention_sm90.cu")
+    ),
+};
+
+/// The warp-specialized Hopper attention kernel family (TMA producer warp, two wgmma consumer
+/// warpgroups, mbarrier ring; sm_90a): same semantics, plus three tensor maps.
+pub static ATTENTION_WS: KernelFamily = KernelFamily {
+    name: "attention_ws",
+    source: concat!(
+        include_str!("../kernels/attention_params.cuh"),
+        include_str!("../kernels/attention_wgmma.cuh"),
+        include_str!("../kernels/attention_ws.cu")
+    ),
 };
 
 /// 16-bit element types the attention kernel reads (bf16, f16).
@@ -89,6 +112,10 @@ pub struct AttnTile {
     /// `warps` = `bq / 16`, `q_in_regs` unused; `stages` 3 turns on the overlap of the next
     /// tile's Q·Kᵀ with the current softmax (2: no overlap).
     pub wgmma: bool,
+    /// Run the warp-specialized Hopper kernel (`kernels/attention_ws.cu`; `wgmma` is set too):
+    /// a TMA producer warpgroup plus `bq / 64` consumer warpgroups (`warps` = `bq / 16 + 4`),
+    /// `stages` the depth of the K/V ring.
+    pub ws: bool,
 }
 
 impl AttnTile {
@@ -111,6 +138,7 @@ impl AttnTile {
             q_in_regs: false,
             min_blocks: 2,
             wgmma: false,
+            ws: false,
         };
         if head_dim > 128 {
             // The O accumulator is head_dim/2 floats per thread per 16 rows: one m-tile.
@@ -136,15 +164,60 @@ impl AttnTile {
         }
     }
 
-    /// The tile we ship for a device of compute capability `arch`: the wgmma kernel on Hopper
-    /// for head_dim 64 and 128 (two warpgroups, 128 query rows, 128-key tiles for block 128;
-    /// one warpgroup and 64-key tiles for block 64), [`AttnTile::auto`] elsewhere.
+    /// The tile we ship for a device of compute capability `arch`: on Hopper for block 128 the
+    /// warp-specialized TMA kernel ([`AttnTile::ws_for`], head_dim 64/128), else the wgmma
+    /// kernel for head_dim 64 and 128 (two warpgroups, 128 query rows, 128-key tiles for block
+    /// 128 and up; one warpgroup and 64-key tiles for block 64), [`AttnTile::auto`] elsewhere.
+    /// Dense attention walks 128-blocks, so it always gets the warp-specialized kernel there.
+    /// At block 64 the warp-specialized kernel (one consumer warpgroup) timed 1–2% behind the
+    /// wgmma one on sparse indexes, so it is opt-in there.
+    ///
+    /// `FLEXPREFILL_ATTN` overrides the Hopper choice (A/B timing, and an escape hatch):
+    /// `wgmma` never runs the warp-specialized kernel, `ws` runs it for every shape it takes,
+    /// `mma` runs the portable kernel.
     pub fn auto_for(arch: (i32, i32), head_dim: usize, block_size: usize) -> Self {
-        if arch == (9, 0) && (head_dim == 64 || head_dim == 128) && block_size >= 64 {
+        let choice = std::env::var("FLEXPREFILL_ATTN").unwrap_or_default();
+        if arch != (9, 0) || choice == "mma" {
+            return Self::auto(head_dim, block_size);
+        }
+        if choice == "ws" || (choice != "wgmma" && block_size == 128) {
+            if let Some(t) = Self::ws_for(head_dim, block_size) {
+                return t;
+            }
+        }
+        if (head_dim == 64 || head_dim == 128) && block_size >= 64 {
             let bq = block_size.min(128);
             Self::wgmma(bq, block_size.min(128))
         } else {
             Self::auto(head_dim, block_size)
+        }
+    }
+
+    /// The warp-specialized tile for `(head_dim, block_size)` on Hopper, if the kernel takes
+    /// the shape (head_dim 64/128, block 64/128): 128 query rows over two consumer warpgroups
+    /// and 128-key tiles for block 128, one consumer warpgroup and 64-key tiles for block 64.
+    /// Ring depth as timed on the H200 (dense, 32k): 2 for 128-row tiles (607 against 599
+    /// TFLOP/s at head_dim 128, 458 against 435 at 64), 3 for 64-row tiles (390 against 383).
+    pub fn ws_for(head_dim: usize, block_size: usize) -> Option<Self> {
+        if !(head_dim == 64 || head_dim == 128) || !(block_size == 64 || block_size == 128) {
+            return None;
+        }
+        let stages = if block_size == 128 { 2 } else { 3 };
+        Some(Self::ws(block_size, block_size, stages))
+    }
+
+    /// A warp-specialized tile of `bq` query rows (64 per consumer warpgroup), `bk`-key steps
+    /// and a `stages`-deep K/V ring.
+    pub fn ws(bq: usize, bk: usize, stages: usize) -> Self {
+        Self {
+            bq,
+            bk,
+            warps: bq / 16 + 4,
+            stages,
+            q_in_regs: false,
+            min_blocks: 1,
+            wgmma: true,
+            ws: true,
         }
     }
 
@@ -158,6 +231,7 @@ impl AttnTile {
             q_in_regs: false,
             min_blocks: 1,
             wgmma: true,
+            ws: false,
         }
     }
 
@@ -168,6 +242,10 @@ impl AttnTile {
         let mut v = vec![
             Self::auto(head_dim, block_size),
             Self::wgmma(128, 128),
+            Self::ws(128, 128, 2),
+            Self::ws(128, 128, 3),
+            Self::ws(64, 64, 2),
+            Self::ws(64, 64, 3),
             Self {
                 stages: 3,
                 ..Self::wgmma(128, 128)
@@ -218,13 +296,16 @@ impl AttnTile {
             },
             Self { bk: 64, ..base },
         ];
-        v.retain(|t| t.check(head_dim, block_size).is_ok());
+        v.retain(|t| t.check(head_dim, block_size).is_ok() && t.smem_bytes(head_dim) <= 227 * 1024);
         v
     }
 
     /// Dynamic shared memory of one CTA, bytes: Q tile plus `stages` K and V tiles.
     pub fn smem_bytes(&self, head_dim: usize) -> usize {
-        if self.wgmma {
+        if self.ws {
+            // Plus the ring's mbarriers (q_full, and full/empty for K and V per stage).
+            (self.bq + 2 * self.stages * self.bk) * head_dim * 2 + 1024 + (1 + 4 * self.stages) * 8
+        } else if self.wgmma {
             // Tiles aligned to 1024 bytes (the swizzle reads address bits 7-9).
             (self.bq + 2 * self.stages * self.bk) * head_dim * 2 + 1024
         } else {
@@ -240,7 +321,9 @@ impl AttnTile {
 
     /// The kernel family this tile runs.
     pub fn family(&self) -> &'static KernelFamily {
-        if self.wgmma {
+        if self.ws {
+            &ATTENTION_WS
+        } else if self.wgmma {
             &ATTENTION_SM90
         } else {
             &ATTENTION
@@ -263,6 +346,23 @@ impl AttnTile {
             return bad(format!(
                 "block_size ({block_size}) must be 16, 32, 64, 128 or 256"
             ));
+        }
+        if self.ws {
+            let ok = self.wgmma
+                && (head_dim == 64 || head_dim == 128)
+                && (block_size == 64 || block_size == 128)
+                && (self.bq == 64 || self.bq == 128)
+                && self.bk == self.bq
+                && block_size.is_multiple_of(self.bq)
+                && self.warps == self.bq / 16 + 4
+                && (2..=4).contains(&self.stages);
+            return if ok {
+                Ok(())
+            } else {
+                bad(format!(
+                    "warp-specialized tile {self:?} invalid for head_dim {head_dim}, block {block_size}"
+                ))
+            };
         }
         if self.wgmma {
             let ok = (head_dim == 64 || head_dim == 128)
@@ -407,7 +507,8 @@ impl DeviceBlockIndex {
     }
 }
 
-/// Kernel parameters, passed by value. Must match `AttnParams` in `kernels/attention.cu`.
+/// Kernel parameters, passed by value. Must match `AttnParams` in
+/// `kernels/attention_params.cuh`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 struct AttnParams {
@@ -429,6 +530,71 @@ struct AttnParams {
 
 // SAFETY: plain old data, laid out as the kernel's struct (repr(C), same field order and types).
 unsafe impl DeviceRepr for AttnParams {}
+
+/// A TMA tensor map (`CUtensorMap`, 128 opaque bytes), passed to the warp-specialized kernel by
+/// value as a `__grid_constant__` parameter.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy)]
+struct TmaMap([u64; 16]);
+
+// SAFETY: plain old data, the 128 bytes cuTensorMapEncodeTiled wrote, laid out as the kernel's
+// `TmaMap` (64-byte aligned, 16 u64).
+unsafe impl DeviceRepr for TmaMap {}
+
+/// The tensor map of a `[tokens, heads, head_dim]` 16-bit tensor at `addr`, as a 3-d tensor
+/// (d, head, token) read in boxes of 64 elements (128 bytes, one swizzle atom row) × 1 head ×
+/// `rows` tokens, 128-byte swizzled: the atom layout the wgmma descriptors read. Tokens past
+/// the tensor's end read as zeros.
+fn tensor_map(
+    addr: u64,
+    dtype: DType,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    rows: usize,
+) -> Result<TmaMap> {
+    use cudarc::driver::sys;
+    let unsupported = |message: String| CudaError::Unsupported {
+        op: "attention",
+        message,
+    };
+    if !addr.is_multiple_of(16) {
+        return Err(unsupported(format!(
+            "TMA needs 16-byte aligned tensors, got address {addr:#x}"
+        )));
+    }
+    let data_type = match dtype {
+        DType::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+    };
+    let dims = [head_dim as u64, heads as u64, tokens.max(1) as u64];
+    // Byte strides of dims 1 and 2 (dim 0 is contiguous).
+    let strides = [(head_dim * 2) as u64, (heads * head_dim * 2) as u64];
+    let boxes = [64u32, 1, rows as u32];
+    let elem_strides = [1u32, 1, 1];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
+    // SAFETY: every array holds `rank` (or rank − 1 for the strides) entries and outlives the
+    // call; `map` is written by the driver before it is read; the address is a live device
+    // allocation of `tokens · heads · head_dim` elements (checked by the caller).
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            data_type,
+            3,
+            addr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()?;
+        Ok(TmaMap(map.assume_init().opaque))
+    }
+}
 
 /// Raw device address of a slice, for parameter structs. The crate's contexts run without
 /// cudarc's event tracking: ordering is the stream's, so the returned guard has nothing to do.
@@ -578,14 +744,29 @@ pub fn launch_attention<T: DeviceElem>(
         num_tiles: num_tiles as u32,
         scale_log2: scale * std::f32::consts::LOG2_E,
     };
+    // The warp-specialized kernel takes three tensor maps (q, k, v) before the parameters.
+    let maps = if tile.ws {
+        Some([
+            tensor_map(params.q, T::DTYPE, total_q, h, d, tile.bq)?,
+            tensor_map(params.k, T::DTYPE, total_k, hkv, d, tile.bk)?,
+            tensor_map(params.v, T::DTYPE, total_k, hkv, d, tile.bk)?,
+        ])
+    } else {
+        None
+    };
     // Heads fastest (a GQA group's CTAs run side by side and share K/V in L2), query tiles
     // slowest and walked last-first by the kernel (heavy rows first).
     let grid = (h as u32, seqs.len() as u32, num_tiles as u32);
-    let launch = Launch::new(stream, &func, grid, (tile.warps * 32) as u32, smem).arg(&params);
+    let mut launch = Launch::new(stream, &func, grid, (tile.warps * 32) as u32, smem);
+    if let Some(maps) = &maps {
+        launch = launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]);
+    }
+    let launch = launch.arg(&params);
     // SAFETY: `params` matches the kernel's struct; every pointer is a live allocation of the
     // length checked above (index buffers are checked against the sequences' row count, and
     // column values are trusted to be causal block numbers as `BlockIndex::validate` checks);
-    // `out` and `lse` are exclusively borrowed for the launch.
+    // `out` and `lse` are exclusively borrowed for the launch; the tensor maps describe q, k
+    // and v at those lengths.
     unsafe { launch.launch() }?;
     Ok(())
 }
@@ -617,4 +798,26 @@ pub fn fill_normal<T: DeviceElem>(
     // SAFETY: the kernel writes x[0..n) and nothing else; argument types match its signature.
     unsafe { launch.launch() }?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AttnTile;
+
+    #[test]
+    fn warp_specialized_tiles_are_valid_and_fit_shared_memory() {
+        for d in [64, 128] {
+            for bs in [64, 128] {
+                let t = AttnTile::ws_for(d, bs).expect("head_dim 64/128, block 64/128");
+                assert!(t.ws && t.wgmma && t.bq == bs && t.warps == bs / 16 + 4);
+                t.check(d, bs).unwrap();
+                assert!(t.smem_bytes(d) <= 227 * 1024, "{t:?} d{d}");
+            }
+        }
+        assert_eq!(AttnTile::ws_for(96, 128), None);
+        assert_eq!(AttnTile::ws_for(128, 256), None);
+        // A 128-row tile would straddle two 64-blocks (two CSR rows).
+        assert!(AttnTile::ws(128, 128, 2).check(128, 64).is_err());
+        assert!(AttnTile::ws(128, 128, 5).check(128, 128).is_err());
+    }
 }

@@ -302,7 +302,13 @@ fn run() -> Result<(), Box<dyn Error>> {
                 })?;
                 table.push((
                     n,
-                    format!("sparse v-s wgmma bq{} bk{} st{}", t.bq, t.bk, t.stages),
+                    format!(
+                        "sparse v-s {} bq{} bk{} st{}",
+                        if t.ws { "ws" } else { "wgmma" },
+                        t.bq,
+                        t.bk,
+                        t.stages
+                    ),
                     density,
                     ms,
                     flops / ms / 1e9,
@@ -332,7 +338,13 @@ fn run() -> Result<(), Box<dyn Error>> {
                         n,
                         format!(
                             "dense {} bq{} bk{} w{} st{} qr{} mb{}",
-                            if t.wgmma { "wgmma" } else { "mma" },
+                            if t.ws {
+                                "ws"
+                            } else if t.wgmma {
+                                "wgmma"
+                            } else {
+                                "mma"
+                            },
                             t.bq,
                             t.bk,
                             t.warps,

@@ -1,0 +1,34 @@
+// attention_params.cuh: the parameter block every attention kernel family takes (attention.cu,
+// attention_sm90.cu, attention_ws.cu), and the constants of their softmax. src/attention.rs
+// compiles it in front of each family.
+#include "flexprefill_common.cuh"
+
+namespace {
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+constexpr float LN2 = 0.6931471805599453f;
+
+struct SeqInfo {
+    uint32_t q_start, k_start, q_len, kv_len;
+};
+
+// Must match `AttnParams` in src/attention.rs field for field.
+struct AttnParams {
+    const uint16_t* q;
+    const uint16_t* k;
+    const uint16_t* v;
+    uint16_t* out;
+    float* lse;                      // null: not asked for
+    const uint32_t* head_row_start;  // null: dense (every causal key block)
+    const uint32_t* row_offsets;
+    const uint32_t* col_indices;
+    const SeqInfo* seqs;
+    uint32_t num_heads;
+    uint32_t num_kv_heads;
+    uint32_t group;      // q heads per kv head
+    uint32_t num_tiles;  // gridDim.z: query tiles of the longest sequence
+    float scale_log2;    // softmax_scale * log2(e)
+};
+
+}  // namespace
+
