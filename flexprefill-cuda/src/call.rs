@@ -9,8 +9,8 @@ use std::time::Duration;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use flexprefill_core::{
-    payoff, AttentionShape, FlexPrefillConfig, HeadStatistics, SelectionMode, Sequence,
-    SparsityReport, Timings,
+    payoff, AttentionShape, Backend as _, FlexPrefillConfig, HeadStatistics, SelectionMode,
+    Sequence, SparsityReport, Timings,
 };
 
 use crate::attention::{AttentionArgs, DeviceElem};
@@ -136,7 +136,8 @@ fn rep_masses(stream: &Arc<CudaStream>, st: &DeviceStats) -> Result<Vec<HeadStat
 }
 
 /// The whole FlexPrefill call on device buffers, queued on `stream` with no host sync:
-/// core's dense-or-sparse decision ([`payoff::dense_reason`] with [`MIN_SPARSE_KV_LEN`]), then
+/// core's dense-or-sparse decision ([`payoff::dense_reason`] with the backend's threshold,
+/// [`MIN_SPARSE_KV_LEN`] unless set otherwise), then
 /// either the dense kernel, or statistics, selection and block-sparse attention over the
 /// device index. `stream` must belong to the backend's context.
 pub fn flex_prefill_device<T: StatsElem + DeviceElem>(
@@ -206,7 +207,7 @@ pub(crate) fn run<T: StatsElem + DeviceElem>(
     let seqs = args.seqs.seqs();
     let mut run = DeviceRun {
         selection: None,
-        dense_reason: payoff::dense_reason(seqs, cfg, MIN_SPARSE_KV_LEN),
+        dense_reason: payoff::dense_reason(seqs, cfg, backend.min_sparse_kv_len()),
         stats: None,
         seqs: seqs.to_vec(),
         shape: args.shape,

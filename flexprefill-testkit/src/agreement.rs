@@ -27,7 +27,8 @@
 //! ```
 
 use flexprefill_core::{
-    AttentionShape, Backend, BlockIndex, DType, FlexPrefillConfig, QueryAwareCut, SelectionMode,
+    AttentionShape, Backend, BlockIndex, DType, FlexPrefillConfig, Pattern, QueryAwareCut,
+    SelectionMode,
 };
 use flexprefill_cpu::oracle::{self, OracleOutput};
 use flexprefill_cpu::CpuBackend;
@@ -596,17 +597,30 @@ pub fn check_case<B: Backend + ?Sized>(
             (_, Err(e)) => r.failures.push(format!("oracle failed: {e}")),
         }
     }
-    // 4. flex_prefill on its own index
+    // 4. flex_prefill on its own index, or dense attention where the backend's
+    // dense-or-sparse rule ran the call dense (its report says so, every head `dense`).
     if let Ok((bi, _)) = &own_sel {
-        match (
-            b.flex_prefill(&x, cfg),
-            oracle::masked_attention_f64(&x, bi),
-        ) {
-            (Ok((got, _)), Ok(want)) => {
-                r.flex_err = Some(check_out(&mut r, "flex_prefill", &got, &want))
+        match b.flex_prefill(&x, cfg) {
+            Ok((got, rep)) => {
+                let want = if rep.dense_fallback.is_some() {
+                    if let Some(h) = rep.heads.iter().find(|h| h.pattern != Pattern::Dense) {
+                        r.failures.push(format!(
+                            "flex_prefill ran dense ({}) but head {} reports {}",
+                            rep.dense_fallback.as_deref().unwrap_or_default(),
+                            h.head,
+                            h.pattern
+                        ));
+                    }
+                    oracle::dense_attention_f64(&x)
+                } else {
+                    oracle::masked_attention_f64(&x, bi)
+                };
+                match want {
+                    Ok(want) => r.flex_err = Some(check_out(&mut r, "flex_prefill", &got, &want)),
+                    Err(e) => r.failures.push(format!("oracle failed: {e}")),
+                }
             }
-            (Err(e), _) => r.failures.push(format!("flex_prefill failed: {e}")),
-            (_, Err(e)) => r.failures.push(format!("oracle failed: {e}")),
+            Err(e) => r.failures.push(format!("flex_prefill failed: {e}")),
         }
     }
     r.lse_err = Some(lse_worst);
