@@ -31,7 +31,10 @@ impl std::fmt::Display for Pattern {
 }
 
 /// One (sequence, head)'s decision.
+///
+/// `#[non_exhaustive]`: backends outside core build it with [`HeadReport::new`].
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct HeadReport {
     /// Sequence number in the batch.
     pub seq: usize,
@@ -54,8 +57,41 @@ pub struct HeadReport {
     pub estimated_mass: f32,
 }
 
+impl HeadReport {
+    /// One head's decision; `density` is derived (`selected_blocks / causal_blocks`, 1 when
+    /// there is no causal block) so it cannot disagree with the counts.
+    pub fn new(
+        seq: usize,
+        head: usize,
+        pattern: Pattern,
+        js_distance: f32,
+        selected_blocks: usize,
+        causal_blocks: usize,
+        estimated_mass: f32,
+    ) -> Self {
+        let density = if causal_blocks == 0 {
+            1.0
+        } else {
+            selected_blocks as f64 / causal_blocks as f64
+        };
+        Self {
+            seq,
+            head,
+            pattern,
+            js_distance,
+            selected_blocks,
+            causal_blocks,
+            density,
+            estimated_mass,
+        }
+    }
+}
+
 /// Wall-clock split of one call (host clock; device backends synchronise first).
+///
+/// `#[non_exhaustive]`: start from `Timings::default()` and set fields.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[non_exhaustive]
 pub struct Timings {
     /// Representative attention and the pattern decision.
     pub pattern_search: Duration,
@@ -66,7 +102,11 @@ pub struct Timings {
 }
 
 /// Everything FlexPrefill decided in one call.
+///
+/// `#[non_exhaustive]`: backends outside core build it with [`SparsityReport::new`] (or
+/// `Default`) and set the timings afterwards.
 #[derive(Debug, Clone, PartialEq, Default)]
+#[non_exhaustive]
 pub struct SparsityReport {
     /// One entry per (sequence, head), sequence-major.
     pub heads: Vec<HeadReport>,
@@ -77,6 +117,15 @@ pub struct SparsityReport {
 }
 
 impl SparsityReport {
+    /// The per-head decisions and the dense-fallback reason, with zero timings.
+    pub fn new(heads: Vec<HeadReport>, dense_fallback: Option<String>) -> Self {
+        Self {
+            heads,
+            dense_fallback,
+            timings: Timings::default(),
+        }
+    }
+
     /// Selected over causal blocks over all heads.
     pub fn density(&self) -> f64 {
         let sel: usize = self.heads.iter().map(|h| h.selected_blocks).sum();

@@ -151,12 +151,10 @@ fn main() -> Res<()> {
             }
             let dense = median(dense);
             for gamma in [0.9f32, 0.95] {
-                let cfg = FlexPrefillConfig {
-                    gamma,
-                    tau: 0.1,
-                    min_budget: 1024,
-                    ..Default::default()
-                };
+                let cfg = FlexPrefillConfig::default()
+                    .with_gamma(gamma)
+                    .with_tau(0.1)
+                    .with_min_budget(1024);
                 let layout = StatsLayout::new(&seqs, shape, cfg.block_size)?
                     .with_probes(cfg.selection == flexprefill_core::SelectionMode::Faithful);
                 let (scale, emulate) = estimation_scale(

@@ -54,14 +54,11 @@ fn main() -> Res<()> {
             let q: CudaSlice<bf16> = stream.clone_htod(&noise(n * H * d, 1 + n as u64))?;
             let k: CudaSlice<bf16> = stream.clone_htod(&noise(n * HKV * d, 2 + n as u64))?;
             for faithful in [true, false] {
-                let cfg = FlexPrefillConfig {
-                    selection: if faithful {
-                        SelectionMode::Faithful
-                    } else {
-                        SelectionMode::Original
-                    },
-                    ..Default::default()
-                };
+                let cfg = FlexPrefillConfig::default().with_selection(if faithful {
+                    SelectionMode::Faithful
+                } else {
+                    SelectionMode::Original
+                });
                 let layout = StatsLayout::new(&seqs, shape, cfg.block_size)?.with_probes(faithful);
                 let (scale, emulate) =
                     estimation_scale(shape, 1.0 / (d as f32).sqrt(), DType::BF16, &cfg);

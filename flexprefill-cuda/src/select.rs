@@ -619,16 +619,15 @@ impl DeviceSelection {
                     }
                     _ => f32::NAN,
                 };
-                reports.push(HeadReport {
-                    seq: si,
+                reports.push(HeadReport::new(
+                    si,
                     head,
-                    pattern: pat,
-                    js_distance: js[si * h + head],
-                    selected_blocks: selected,
-                    causal_blocks: causal,
-                    density: selected as f64 / causal as f64,
-                    estimated_mass: mass,
-                });
+                    pat,
+                    js[si * h + head],
+                    selected,
+                    causal,
+                    mass,
+                ));
                 heads.push(rows);
             }
         }
@@ -865,11 +864,7 @@ pub(crate) fn select_index(
         .map(|s| selection::dense_fallback(s, cfg))
         .collect::<Option<Vec<_>>>()
         .and_then(|r| r.into_iter().next());
-    let mut report = SparsityReport {
-        heads,
-        dense_fallback,
-        ..Default::default()
-    };
+    let mut report = SparsityReport::new(heads, dense_fallback);
     report.timings.index_build = t0.elapsed();
     Ok((index, report))
 }
@@ -888,51 +883,31 @@ mod tests {
     use flexprefill_testkit::workload::WorkloadKind;
 
     fn configs() -> Vec<(&'static str, FlexPrefillConfig)> {
-        let f = FlexPrefillConfig {
-            min_budget: 256,
-            ..FlexPrefillConfig::default()
-        };
-        let o = FlexPrefillConfig {
-            min_budget: 256,
-            ..FlexPrefillConfig::original()
-        };
+        let f = FlexPrefillConfig::default().with_min_budget(256);
+        let o = FlexPrefillConfig::original().with_min_budget(256);
         vec![
             ("faithful", f),
-            ("faithful tau 0.4", FlexPrefillConfig { tau: 0.4, ..f }),
+            ("faithful tau 0.4", f.with_tau(0.4)),
             (
                 "faithful per-row tau 0.4",
-                FlexPrefillConfig {
-                    tau: 0.4,
-                    query_aware_cut: QueryAwareCut::PerQueryBlock,
-                    ..f
-                },
+                f.with_tau(0.4)
+                    .with_query_aware_cut(QueryAwareCut::PerQueryBlock),
             ),
             (
                 "faithful gamma 0.95 bs 64",
-                FlexPrefillConfig {
-                    gamma: 0.95,
-                    block_size: 64,
-                    ..f
-                },
+                f.with_gamma(0.95).with_block_size(64),
             ),
             ("original", o),
-            ("original tau 0.4", FlexPrefillConfig { tau: 0.4, ..o }),
+            ("original tau 0.4", o.with_tau(0.4)),
             (
                 "original per-row tau 0.4 max budget",
-                FlexPrefillConfig {
-                    tau: 0.4,
-                    query_aware_cut: QueryAwareCut::PerQueryBlock,
-                    max_budget: Some(512),
-                    ..o
-                },
+                o.with_tau(0.4)
+                    .with_query_aware_cut(QueryAwareCut::PerQueryBlock)
+                    .with_max_budget(Some(512)),
             ),
             (
                 "original gamma 0.8 bs 64",
-                FlexPrefillConfig {
-                    gamma: 0.8,
-                    block_size: 64,
-                    ..o
-                },
+                o.with_gamma(0.8).with_block_size(64),
             ),
         ]
     }
@@ -1122,14 +1097,12 @@ mod tests {
         assert!(rep.dense_fallback.is_some());
         assert!(rep.heads.iter().all(|h| h.pattern == Pattern::Dense));
         // no forced blocks, min budget 1 block: the same blocks as the CPU path
-        let cfg = FlexPrefillConfig {
-            forced: ForcedBlocks {
+        let cfg = FlexPrefillConfig::default()
+            .with_forced(ForcedBlocks {
                 sink: false,
                 diagonal: false,
-            },
-            min_budget: 1,
-            ..FlexPrefillConfig::default()
-        };
+            })
+            .with_min_budget(1);
         let owned =
             workload(WorkloadKind::SinkLocal, 2000, 4, 2, 64, seed + 1).to_dtype(DType::BF16);
         let x = owned.input().expect("input");

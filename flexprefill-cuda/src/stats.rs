@@ -1177,37 +1177,25 @@ pub(crate) mod tests {
             (
                 "needle 2500 bf16 bs64",
                 workload(WorkloadKind::Needle, 2500, 2, 1, 128, seed + 4).to_dtype(DType::BF16),
-                FlexPrefillConfig {
-                    block_size: 64,
-                    ..faithful
-                },
+                faithful.with_block_size(64),
                 2e-3,
             ),
             (
                 "mixed 1800 bf16 bs256",
                 workload(WorkloadKind::Mixed, 1800, 4, 2, 128, seed + 5).to_dtype(DType::BF16),
-                FlexPrefillConfig {
-                    block_size: 256,
-                    ..faithful
-                },
+                faithful.with_block_size(256),
                 2e-3,
             ),
             (
                 "topics 1400 bf16 d96 bs32",
                 workload(WorkloadKind::Topics, 1400, 4, 2, 96, seed + 10).to_dtype(DType::BF16),
-                FlexPrefillConfig {
-                    block_size: 32,
-                    ..faithful
-                },
+                faithful.with_block_size(32),
                 2e-3,
             ),
             (
                 "stripes 1000 bf16 bs16",
                 workload(WorkloadKind::Stripes, 1000, 2, 1, 64, seed + 6).to_dtype(DType::BF16),
-                FlexPrefillConfig {
-                    block_size: 16,
-                    ..faithful
-                },
+                faithful.with_block_size(16),
                 2e-3,
             ),
         ];

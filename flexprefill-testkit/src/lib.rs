@@ -19,7 +19,7 @@
 //! assert!(w.attention_row(0, 0, 2047)[needle] > 0.3);
 //!
 //! // Any backend must keep the paper's gamma promise in the faithful mode.
-//! let cfg = flexprefill_core::FlexPrefillConfig { min_budget: 256, ..Default::default() };
+//! let cfg = flexprefill_core::FlexPrefillConfig::default().with_min_budget(256);
 //! properties::representative_mass_at_least_gamma(&CpuBackend::new(), &w.input(), &cfg)?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

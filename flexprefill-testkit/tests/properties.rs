@@ -159,11 +159,9 @@ fn appendix_a_bound_on_flexprefill_indices() {
             head_dim: 64,
             seed: 5,
         });
-        let cfg = FlexPrefillConfig {
-            min_budget: 128,
-            block_size: 64,
-            ..FlexPrefillConfig::original()
-        };
+        let cfg = FlexPrefillConfig::original()
+            .with_min_budget(128)
+            .with_block_size(64);
         let (index, _) = cpu().select_index(&w.input(), &cfg).unwrap();
         assert!(index.density() < 1.0, "{kind}: selection should be sparse");
         p::appendix_a_bound(&cpu(), &w.input(), &index).unwrap_or_else(|v| panic!("{kind}: {v}"));

@@ -217,12 +217,10 @@ fn case() -> (OwnedInput, BlockIndex, usize) {
 }
 
 fn cfg() -> FlexPrefillConfig {
-    FlexPrefillConfig {
-        block_size: 16,
-        min_budget: 0,
-        gamma: 0.8,
-        ..Default::default()
-    }
+    FlexPrefillConfig::default()
+        .with_block_size(16)
+        .with_min_budget(0)
+        .with_gamma(0.8)
 }
 
 /// Runs every property on `b`; returns the names of those that failed.
