@@ -13,6 +13,8 @@
 mod backend;
 mod compare;
 mod exec;
+#[cfg(test)]
+mod fuzz;
 mod io;
 mod npy;
 mod plot;

@@ -111,8 +111,8 @@ impl BlockIndex {
         let mut total = 0usize;
         for s in seqs {
             for r in 0..s.num_query_blocks(block_size) {
-                total = total
-                    .checked_add(s.causal_key_blocks(r, block_size) * num_heads)
+                total = (s.causal_key_blocks(r, block_size).checked_mul(num_heads))
+                    .and_then(|n| total.checked_add(n))
                     .filter(|&t| t <= u32::MAX as usize)
                     .ok_or_else(|| {
                         Error::Index(format!(
@@ -187,13 +187,18 @@ impl BlockIndex {
         self.seqs[seq].total_causal_blocks(self.block_size)
     }
 
-    /// Selected over causal blocks, over every sequence and head.
+    /// Selected over causal blocks, over every sequence and head; 1 when there is no causal
+    /// block at all (no sequence, or only empty ones), as [`crate::SparsityReport::density`].
     pub fn density(&self) -> f64 {
         let causal: usize = (0..self.seqs.len())
             .map(|s| self.causal_blocks(s))
             .sum::<usize>()
             * self.num_heads;
-        self.col_indices.len() as f64 / causal as f64
+        if causal == 0 {
+            1.0
+        } else {
+            self.col_indices.len() as f64 / causal as f64
+        }
     }
 
     /// Block mask of (`seq`, `head`), `[num_query_blocks, num_key_blocks]` row-major. Tests
@@ -437,6 +442,21 @@ mod tests {
             &[Sequence::whole(1 << 24)],
             1 << 20,
             16
+        )));
+        // found by the attention_input fuzz target (issue 15): no causal block gave 0/0 = NaN
+        for empty in [vec![], vec![Sequence::whole(0)]] {
+            assert_eq!(BlockIndex::dense(&empty, 2, 16).unwrap().density(), 1.0);
+        }
+        // found by the attention_input fuzz target: one row's blocks × heads overflowed
+        assert!(is_index_err(BlockIndex::dense(
+            &[Sequence {
+                q_start: 0,
+                k_start: 0,
+                q_len: 1,
+                kv_len: usize::MAX / 2
+            }],
+            1 << 20,
+            1
         )));
         // rows fit, blocks do not: checked before allocating
         assert!(is_index_err(BlockIndex::dense(

@@ -29,6 +29,7 @@
 
 pub mod agreement;
 pub mod error;
+pub mod fuzz;
 pub mod io;
 pub mod owned;
 pub mod properties;
