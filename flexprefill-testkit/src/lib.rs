@@ -27,6 +27,12 @@
 //! Depends on core and the CPU backend (whose `oracle` is the reference), never on a device
 //! crate: backends depend on the testkit (as a dev-dependency), not the other way round.
 
+/// The README's code blocks, run as doctests so its library example cannot go stale (the
+/// testkit is the crate that depends on both core and the CPU backend the example uses).
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 pub mod agreement;
 pub mod error;
 pub mod fuzz;
