@@ -75,7 +75,7 @@ fn assemble_and_build(q: Loaded, k: Loaded, v: Loaded) -> bool {
     true
 }
 
-fn npy_target(bytes: &[u8]) -> bool {
+pub(crate) fn npy_target(bytes: &[u8]) -> bool {
     let Ok(a) = npy::parse(bytes) else {
         return false;
     };
@@ -96,7 +96,7 @@ fn npy_target(bytes: &[u8]) -> bool {
     true
 }
 
-fn safetensors_target(bytes: &[u8]) -> bool {
+pub(crate) fn safetensors_target(bytes: &[u8]) -> bool {
     let names = ["q", "k", "v"].map(String::from);
     let Ok([q, k, v]) = safetensors_tensors(bytes, &names, "fuzz") else {
         return false;

@@ -757,7 +757,11 @@ fn demo_runs_small_and_reports_the_backend() {
         assert!((0.0..=1.0).contains(&f(h, "rows_below_gamma")), "{h}");
         worst = worst.max(max_abs);
     }
-    assert_eq!(f(&j, "max_abs_vs_dense"), worst, "the overall max is the heads' max");
+    assert_eq!(
+        f(&j, "max_abs_vs_dense"),
+        worst,
+        "the overall max is the heads' max"
+    );
     // Faithful gamma 0.9 keeps most of every row's mass: the mixed workload measures ~0.08;
     // 0.3 leaves room for other backends' rounding, not for a wrong block or a lost row.
     let rel_l2 = f(&j, "rel_l2_vs_dense");

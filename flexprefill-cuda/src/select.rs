@@ -726,8 +726,8 @@ pub fn upload_stats(
     )
 }
 
-/// Below this many keys (every sequence of the batch) the whole device call runs dense: the
-/// pattern search and index build cost about half a dense attention at 8k on an H200 (0.66 ms
+/// Below this many keys (every sequence of the batch) the whole device-resident call runs
+/// dense: the pattern search and index build cost about half a dense attention at 8k on an H200 (0.66 ms
 /// against 1.27 ms for 32 heads, d 128) and the sparse kernel needs a density under ~0.45 to
 /// win back the rest, while at 32k they cost 3 ms against 19 ms. Measured in
 /// docs/PERFORMANCE.md (bench_select).

@@ -17,7 +17,10 @@ fn constructor_returns_typed_error_without_driver() {
     let e = CudaBackend::new()
         .err()
         .expect("without libcuda.so the constructor must fail");
-    assert!(matches!(e, CudaError::NoDriver), "expected NoDriver, got {e}");
+    assert!(
+        matches!(e, CudaError::NoDriver),
+        "expected NoDriver, got {e}"
+    );
     assert_eq!(
         e.to_string(),
         "no CUDA driver found (libcuda.so not loadable)"

@@ -102,7 +102,7 @@ fn cu_seqlens(d: &mut Draw<'_>, n: usize) -> Vec<usize> {
     cu
 }
 
-fn target(bytes: &[u8]) -> bool {
+pub(crate) fn target(bytes: &[u8]) -> bool {
     let mut d = Draw(bytes);
     let shape = AttentionShape {
         num_heads: d.size(),
