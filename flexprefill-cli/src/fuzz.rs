@@ -2,7 +2,8 @@
 //! error, never a panic, and what is read is consistent (element count = product of the shape).
 //!
 //! `cargo test` runs a short smoke of each; the long runs recorded in `docs/TESTING.md` are
-//! `FLEXPREFILL_FUZZ_INPUTS=1000000 cargo test --release -p flexprefill-cli fuzz_ -- --ignored`.
+//! `FLEXPREFILL_FUZZ_INPUTS=1000000 cargo test -p flexprefill-cli fuzz_long -- --ignored` (the test
+//! profile keeps overflow checks on). `fuzz/` runs the same targets under cargo-fuzz.
 
 use std::path::Path;
 

@@ -54,7 +54,8 @@ impl AttentionShape {
         Ok(())
     }
 
-    /// Query heads per kv head.
+    /// Query heads per kv head. Panics on `num_kv_heads == 0`, which [`Self::new`] and
+    /// [`Self::validate`] reject.
     pub fn group_size(&self) -> usize {
         self.num_heads / self.num_kv_heads
     }
@@ -70,6 +71,11 @@ impl AttentionShape {
 /// Key blocks start at key position 0; query blocks start at the first query of the chunk. So
 /// with `q_len == kv_len` both grids coincide (the original's), and only the last block of each
 /// may be partial.
+///
+/// The geometry methods take a block size that the caller has already checked
+/// ([`crate::FlexPrefillConfig::validate`], or [`crate::BlockIndex`]'s constructors, which return
+/// typed errors): they are called per block in hot loops and stay infallible. They panic on a
+/// `block_size` of 0, and on `q_len > kv_len`, which [`AttentionInput`]'s constructors reject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sequence {
     /// First query token of this sequence in the packed q tensor.

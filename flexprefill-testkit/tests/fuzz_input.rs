@@ -5,7 +5,8 @@
 //! (tensor lengths match the layout, a dense index validates).
 //!
 //! `cargo test` runs a short smoke; the long run recorded in `docs/TESTING.md` is
-//! `FLEXPREFILL_FUZZ_INPUTS=1000000 cargo test --release -p flexprefill-testkit --test fuzz_input -- --ignored`.
+//! `FLEXPREFILL_FUZZ_INPUTS=1000000 cargo test -p flexprefill-testkit --test fuzz_input -- --ignored`
+//! (the test profile keeps overflow checks on). `fuzz/` runs the same target under cargo-fuzz.
 
 use flexprefill_core::{
     bf16, f16, AttentionInput, AttentionShape, BlockIndex, ForcedBlocks, Sequence, TensorRef,
