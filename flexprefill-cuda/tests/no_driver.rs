@@ -14,9 +14,9 @@ fn constructor_returns_typed_error_without_driver() {
         );
         return;
     }
-    let e = CudaBackend::new()
-        .err()
-        .expect("without libcuda.so the constructor must fail");
+    let Err(e) = CudaBackend::new() else {
+        panic!("without libcuda.so the constructor must fail");
+    };
     assert!(
         matches!(e, CudaError::NoDriver),
         "expected NoDriver, got {e}"

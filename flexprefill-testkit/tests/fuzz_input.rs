@@ -47,7 +47,7 @@ impl Draw<'_> {
 /// half of the time so that valid inputs are common.
 fn tensor_len(d: &mut Draw<'_>, want: Option<usize>) -> usize {
     match want.filter(|&w| w <= 8192) {
-        Some(w) if d.byte() % 2 == 0 => w,
+        Some(w) if d.byte().is_multiple_of(2) => w,
         _ => d.size().min(8192),
     }
 }
