@@ -11,13 +11,13 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream};
 use flexprefill_core::{bf16, AttentionShape, FlexPrefillConfig, Sequence};
 use flexprefill_cuda::attention::{AttentionArgs, DeviceSeqs};
+use flexprefill_cuda::internals::{estimation_scale, launch_stats, StatsLayout};
 use flexprefill_cuda::select::{flex_prefill_device, launch_select};
-use flexprefill_cuda::stats::{estimation_scale, launch_stats, StatsLayout};
 use flexprefill_cuda::CudaBackend;
 use flexprefill_testkit::workload::{generate, WorkloadKind, WorkloadSpec};
 
 mod common;
-use common::{median, Res, H, HKV};
+use common::{median, with_config, Res, H, HKV};
 
 const REPS: usize = 10;
 const D: usize = 128;
@@ -151,10 +151,11 @@ fn main() -> Res<()> {
             }
             let dense = median(dense);
             for gamma in [0.9f32, 0.95] {
-                let cfg = FlexPrefillConfig::default()
-                    .with_gamma(gamma)
-                    .with_tau(0.1)
-                    .with_min_budget(1024);
+                let cfg = with_config(FlexPrefillConfig::default(), |c| {
+                    c.gamma = gamma;
+                    c.tau = 0.1;
+                    c.min_budget = 1024;
+                });
                 let layout = StatsLayout::new(&seqs, shape, cfg.block_size)?
                     .with_probes(cfg.selection == flexprefill_core::SelectionMode::Faithful);
                 let (scale, emulate) = estimation_scale(
@@ -212,12 +213,12 @@ fn main() -> Res<()> {
                     reason = r.and_then(|r| r.dense_reason);
                 }
                 let whole_call = median(whole);
-                if flexprefill_cuda::stats::profile::enabled() && gamma == 0.9 {
-                    let _ = flexprefill_cuda::stats::profile_take();
+                if flexprefill_cuda::internals::profile::enabled() && gamma == 0.9 {
+                    let _ = flexprefill_cuda::internals::profile_take();
                     let mut st =
                         launch_stats(&dev, &stream, &q, &k, layout.clone(), scale, emulate)?;
                     let _sel = launch_select(&dev, &stream, Some(&q), &mut st, &cfg)?;
-                    let prof = flexprefill_cuda::stats::profile_take();
+                    let prof = flexprefill_cuda::internals::profile_take();
                     let line: Vec<String> =
                         prof.iter().map(|(n, ms)| format!("{n} {ms:.3}")).collect();
                     eprintln!("profile {n} {}: {}", dt.name, line.join(", "));

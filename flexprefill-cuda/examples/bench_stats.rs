@@ -8,11 +8,11 @@
 
 use cudarc::driver::CudaSlice;
 use flexprefill_core::{bf16, AttentionShape, DType, FlexPrefillConfig, SelectionMode, Sequence};
-use flexprefill_cuda::stats::{estimation_scale, launch_stats, profile, StatsLayout};
+use flexprefill_cuda::internals::{estimation_scale, launch_stats, profile, StatsLayout};
 use flexprefill_cuda::CudaBackend;
 
 mod common;
-use common::{median, Res, H, HKV};
+use common::{median, with_config, Res, H, HKV};
 
 const REPS: usize = 20;
 
@@ -54,10 +54,12 @@ fn main() -> Res<()> {
             let q: CudaSlice<bf16> = stream.clone_htod(&noise(n * H * d, 1 + n as u64))?;
             let k: CudaSlice<bf16> = stream.clone_htod(&noise(n * HKV * d, 2 + n as u64))?;
             for faithful in [true, false] {
-                let cfg = FlexPrefillConfig::default().with_selection(if faithful {
-                    SelectionMode::Faithful
-                } else {
-                    SelectionMode::Original
+                let cfg = with_config(FlexPrefillConfig::default(), |c| {
+                    c.selection = if faithful {
+                        SelectionMode::Faithful
+                    } else {
+                        SelectionMode::Original
+                    }
                 });
                 let layout = StatsLayout::new(&seqs, shape, cfg.block_size)?.with_probes(faithful);
                 let (scale, emulate) =

@@ -6,11 +6,12 @@
 //! the key blocks listed in its row of the [`BlockIndex`] instead of every causal block. With
 //! no index it walks every causal block, which is this crate's dense attention.
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use flexprefill_core::{AttentionShape, BlockIndex, DType, Sequence};
 
 use crate::device::CudaDevice;
 use crate::error::{CudaError, Result};
+use crate::launch::Launch;
 use crate::registry::{KernelFamily, KernelKey};
 
 /// The attention kernel family (mma.sync, compute capability 8.0 and newer).
@@ -577,18 +578,15 @@ pub fn launch_attention<T: DeviceElem>(
         num_tiles: num_tiles as u32,
         scale_log2: scale * std::f32::consts::LOG2_E,
     };
-    let cfg = LaunchConfig {
-        // Heads fastest (a GQA group's CTAs run side by side and share K/V in L2), query tiles
-        // slowest and walked last-first by the kernel (heavy rows first).
-        grid_dim: (h as u32, seqs.len() as u32, num_tiles as u32),
-        block_dim: ((tile.warps * 32) as u32, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
+    // Heads fastest (a GQA group's CTAs run side by side and share K/V in L2), query tiles
+    // slowest and walked last-first by the kernel (heavy rows first).
+    let grid = (h as u32, seqs.len() as u32, num_tiles as u32);
+    let launch = Launch::new(stream, &func, grid, (tile.warps * 32) as u32, smem).arg(&params);
     // SAFETY: `params` matches the kernel's struct; every pointer is a live allocation of the
     // length checked above (index buffers are checked against the sequences' row count, and
     // column values are trusted to be causal block numbers as `BlockIndex::validate` checks);
     // `out` and `lse` are exclusively borrowed for the launch.
-    unsafe { stream.launch_builder(&func).arg(&params).launch(cfg) }?;
+    unsafe { launch.launch() }?;
     Ok(())
 }
 
@@ -611,20 +609,12 @@ pub fn fill_normal<T: DeviceElem>(
     let f = dev.function(&UTIL, &key, "fill_normal", 0)?;
     let n = x.len() as u64;
     let blocks = (dev.info().sm_count * 8) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let launch = Launch::new(stream, &f, (blocks, 1, 1), 256, 0)
+        .arg(x)
+        .arg(&n)
+        .arg(&seed)
+        .arg(&amp);
     // SAFETY: the kernel writes x[0..n) and nothing else; argument types match its signature.
-    unsafe {
-        stream
-            .launch_builder(&f)
-            .arg(x)
-            .arg(&n)
-            .arg(&seed)
-            .arg(&amp)
-            .launch(cfg)
-    }?;
+    unsafe { launch.launch() }?;
     Ok(())
 }

@@ -73,39 +73,17 @@
 //!
 //! [`CudaSlice`]: cudarc::driver::CudaSlice
 
-/// Queues `kernel` on `stream` with the arguments in order (a `launch_builder` chain, written
-/// once). Expands to the unsafe launch: use it inside an `unsafe` block whose SAFETY comment
-/// says the argument list matches the kernel.
-macro_rules! launch {
-    ($stream:expr, $kernel:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
-        let kernel = &$kernel;
-        let mut b = $stream.launch_builder(kernel);
-        $( b.arg($arg); )*
-        b.launch($cfg)
-    }};
-}
-
-/// A launch configuration: `grid`, one-dimensional blocks of `threads`, `smem` bytes of dynamic
-/// shared memory.
-pub(crate) fn launch_cfg(
-    grid: (u32, u32, u32),
-    threads: u32,
-    smem: usize,
-) -> cudarc::driver::LaunchConfig {
-    cudarc::driver::LaunchConfig {
-        grid_dim: grid,
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: smem as u32,
-    }
-}
-
 pub mod attention;
 mod backend;
+#[cfg(test)]
+mod compile_tests;
 pub mod device;
 mod error;
-pub mod registry;
+pub mod internals;
+mod launch;
+mod registry;
 pub mod select;
-pub mod stats;
+mod stats;
 
 pub use attention::{AttentionArgs, AttnTile, DeviceBlockIndex, DeviceElem, DeviceSeqs};
 pub use backend::CudaBackend;

@@ -1,4 +1,4 @@
-//! Pattern search, block selection and index build on the GPU (`kernels/select.cu`).
+//! Pattern search, block selection and index build on the GPU (`kernels/select/`).
 //!
 //! [`launch_select`] queues, after [`crate::stats::launch_stats`], every step of Algorithms 2–4
 //! on the device and leaves a CSR block index there ([`DeviceSelection::index`], ready for the
@@ -8,7 +8,7 @@
 //!
 //! The rules are core's ([`flexprefill_core::selection`], both [`SelectionMode`]s, both
 //! [`QueryAwareCut`]s), replayed so that the GPU selects the same blocks as
-//! `selection::build_index` on the same statistics; `select.cu` says how each cut is found
+//! `selection::build_index` on the same statistics; `kernels/select/` says how each cut is found
 //! without a full sort and where the sums are replayed in core's order.
 //!
 //! [`SelectionMode`]: flexprefill_core::SelectionMode
@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DeviceRepr};
 use flexprefill_core::{
     selection, AttentionInput, BlockIndex, FlexPrefillConfig, HeadReport, HeadStatistics, Pattern,
     QueryAwareCut, SelectionMode, SparsityReport, TensorRef,
@@ -28,49 +28,37 @@ use crate::error::{CudaError, Result};
 use crate::registry::{KernelFamily, KernelKey};
 use crate::stats::{launch_pool_q, launch_stats, DeviceStats, StatsElem, StatsLayout};
 
-/// The selection kernel family.
-pub static SELECT: KernelFamily = KernelFamily {
+mod decide;
+mod index;
+mod plan;
+mod query_aware;
+mod vertical_slash;
+
+pub(crate) use plan::select_key;
+use plan::{params, Run, SelSeq};
+
+/// The selection kernel family, one NVRTC program: the shared `SeqDesc`, the selection
+/// header, then one file per stage.
+pub(crate) static SELECT: KernelFamily = KernelFamily {
     name: "select",
-    source: include_str!("../kernels/select.cu"),
+    source: concat!(
+        include_str!("../kernels/seq_desc.cuh"),
+        "\n",
+        include_str!("../kernels/select/common.cuh"),
+        "\n",
+        include_str!("../kernels/select/decide.cu"),
+        "\n",
+        include_str!("../kernels/select/vertical_slash.cu"),
+        "\n",
+        include_str!("../kernels/select/query_aware_map.cu"),
+        "\n",
+        include_str!("../kernels/select/query_aware_cut.cu"),
+        "\n",
+        include_str!("../kernels/select/query_aware_faithful.cu"),
+        "\n",
+        include_str!("../kernels/select/index.cu")
+    ),
 };
-
-/// Per-sequence offsets of the selection buffers. Must match `SelSeq` in select.cu.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-struct SelSeq {
-    words: u32,
-    mask_off: u32,
-    map_off: u32,
-    row_off: u32,
-    dist_off: u32,
-    dense: u32,
-    pad: [u32; 2],
-}
-// SAFETY: plain old data, laid out as the kernel's struct.
-unsafe impl DeviceRepr for SelSeq {}
-
-/// The configuration as the kernels read it. Must match `SelParams` in select.cu.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct SelParams {
-    num_heads: i32,
-    num_kv_heads: i32,
-    head_dim: i32,
-    block_size: i32,
-    gamma: f32,
-    tau: f32,
-    original: i32,
-    per_row: i32,
-    sink: i32,
-    diagonal: i32,
-    mb: i32,
-    cap: i32,
-    bf16_logits: i32,
-    pad: i32,
-    gamma_py: f64,
-}
-// SAFETY: plain old data (13 i32/f32, one pad, one f64 at offset 56), as the kernel's struct.
-unsafe impl DeviceRepr for SelParams {}
 
 /// Map entries per CTA of the flattened cut's histogram kernel (`sel_flat_hist`).
 const FLAT_CHUNK: u32 = 8192;
@@ -115,42 +103,6 @@ pub struct DeviceSelection {
     pub js: CudaSlice<f32>,
     /// Total CSR rows.
     pub rows: usize,
-}
-
-/// The original's gamma as the Python float a caller wrote (core's `python_float`).
-fn python_float(x: f32) -> f64 {
-    format!("{x}").parse().unwrap_or(x as f64)
-}
-
-fn params(layout: &StatsLayout, cfg: &FlexPrefillConfig) -> SelParams {
-    let s = layout.shape;
-    SelParams {
-        num_heads: s.num_heads as i32,
-        num_kv_heads: s.num_kv_heads as i32,
-        head_dim: s.head_dim as i32,
-        block_size: cfg.block_size as i32,
-        gamma: cfg.gamma,
-        tau: cfg.tau,
-        original: (cfg.selection == SelectionMode::Original) as i32,
-        per_row: (cfg.query_aware_cut == QueryAwareCut::PerQueryBlock) as i32,
-        sink: cfg.forced.sink as i32,
-        diagonal: cfg.forced.diagonal as i32,
-        mb: cfg.min_budget_blocks() as i32,
-        cap: cfg.max_budget_blocks().map_or(0, |m| m as i32),
-        bf16_logits: 0,
-        pad: 0,
-        gamma_py: python_float(cfg.gamma),
-    }
-}
-
-/// The selection module's key: the constants the kernels and the host must agree on.
-fn select_key() -> KernelKey {
-    KernelKey::new(&SELECT, None, 0, 0)
-        .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64)
-        .define("FLAT_CHUNK", FLAT_CHUNK as i64)
-        .define("EV_PER_CTA", EV_PER_CTA as i64)
-        .define("QM_COLS", QM_COLS as i64)
-        .define("FLAT_FULL_DIGITS", FLAT_FULL_DIGITS as i64)
 }
 
 /// Queues selection and index build for the statistics in `stats` (same block size as
@@ -246,20 +198,20 @@ pub fn launch_select<T: StatsElem>(
     // for exactly the heads that later read them, mask by sel_extend, map by sel_qa_map for
     // query-aware heads, counts/offsets/cols by the compaction).
     let (
-        mut vpool,
-        mut spool,
-        mut pattern,
-        mut js,
-        mut vkey,
-        mut kstar,
-        mut colsel,
-        mut offsel,
-        mut dist_prefix,
-        mut mapb,
-        mut maskb,
-        mut counts,
-        mut offsets,
-        mut cols,
+        vpool,
+        spool,
+        pattern,
+        js,
+        vkey,
+        kstar,
+        colsel,
+        offsel,
+        dist_prefix,
+        mapb,
+        maskb,
+        counts,
+        offsets,
+        cols,
     ) = unsafe {
         (
             stream.alloc::<f32>(nkb_all.max(1))?,
@@ -288,8 +240,9 @@ pub fn launch_select<T: StatsElem>(
     // memory (a few KiB at most here), or the driver refuses it.
     let dyn_limit = max_smem - 8 * 1024;
     // The top-up stages `topup_tile` floats per tile, two tiles aliasing the sort keys, then
-    // the ranking and one mask row (select.cu sel_qa_topup); smaller tiles where shared
-    // memory is short (a tile holds at least one key block's representative rows).
+    // the ranking and one mask row (kernels/select/query_aware_faithful.cu, sel_qa_topup);
+    // smaller tiles where shared memory is short (a tile holds at least one key block's
+    // representative rows).
     let topup_bytes = |tile: usize| (8 * n2).max(8 * tile) + 4 * n2 + 4 * max_nkb.div_ceil(32);
     let mut topup_tile = TOPUP_TILE;
     while topup_tile > TOPUP_MIN_TILE && topup_bytes(topup_tile) > dyn_limit {
@@ -352,16 +305,17 @@ pub fn launch_select<T: StatsElem>(
     let qb_all_u = qb_all as u32;
     // SAFETY: written by sel_flat_pick for every flattened query-aware head before
     // sel_qa_flat_mark / sel_qa_build read it (no other head reads it).
-    let mut kcut = unsafe { stream.alloc::<u64>((nseq * h).max(1)) }?;
+    let kcut = unsafe { stream.alloc::<u64>((nseq * h).max(1)) }?;
     // Faithful query-aware rows in rank order with running masses (map layout), the
     // calibrated targets, and the probe events of the vertical-slash stop (PROBE_QUERIES
-    // slots per key block). SAFETY: each is written by its producer kernel for exactly the heads whose
+    // slots per key block): each is written by its producer kernel for exactly the heads whose
     // consumers read it (same pattern test on both sides).
     let faithful_qa = any_qa && cfg.selection == SelectionMode::Faithful;
     let qa_len = if faithful_qa { (map * h).max(1) } else { 1 };
-    let mut order_b = unsafe { stream.alloc::<u32>(qa_len) }?;
-    let mut run_b = unsafe { stream.alloc::<f64>(qa_len) }?;
-    let mut t_b = unsafe { stream.alloc::<f64>((nseq * h).max(1)) }?;
+    // SAFETY (order_b, run_b, t_b): see above; sel_qa_sort / sel_qa_calib write them first.
+    let order_b = unsafe { stream.alloc::<u32>(qa_len) }?;
+    let run_b = unsafe { stream.alloc::<f64>(qa_len) }?;
+    let t_b = unsafe { stream.alloc::<f64>((nseq * h).max(1)) }?;
     // The top-up's transposed representative masses and column scores (rep_block_mass's
     // layout; sel_qa_topup_prep writes both for every faithful query-aware head, whose
     // sel_qa_topup alone reads them).
@@ -370,8 +324,9 @@ pub fn launch_select<T: StatsElem>(
     } else {
         1
     };
-    let mut mass_t = unsafe { stream.alloc::<f32>(topup_len) }?;
-    let mut col_sum = unsafe { stream.alloc::<f32>(topup_len) }?;
+    // SAFETY (mass_t, col_sum): written by sel_qa_topup_prep before sel_qa_topup reads them.
+    let mass_t = unsafe { stream.alloc::<f32>(topup_len) }?;
+    let col_sum = unsafe { stream.alloc::<f32>(topup_len) }?;
     let probes = layout.probes && cfg.selection == SelectionMode::Faithful;
     let probes_i = probes as i32;
     let ev_len = if probes {
@@ -379,186 +334,122 @@ pub fn launch_select<T: StatsElem>(
     } else {
         1
     };
-    let mut ev_key = unsafe { stream.alloc::<u64>(ev_len) }?;
-    let mut ev_w = unsafe { stream.alloc::<f64>(ev_len) }?;
+    // SAFETY (ev_key, ev_w): sel_fvs_probe_events writes every slot sel_fvs_stop reads (only
+    // with probes, when the stop reads them).
+    let ev_key = unsafe { stream.alloc::<u64>(ev_len) }?;
+    let ev_w = unsafe { stream.alloc::<f64>(ev_len) }?;
     // The query-aware calibration's candidate entries (same layout as the probe events; written
     // by sel_qa_calib before it reads them), and the flattened cut's state (6 u64 per head,
     // sel_flat_init) and digit histograms (zeroed here, cleared again by each sel_flat_pick).
     let cand_len = if faithful_qa && probes { ev_len } else { 1 };
-    let mut cand_key = unsafe { stream.alloc::<u64>(cand_len) }?;
-    let mut cand_w = unsafe { stream.alloc::<f64>(cand_len) }?;
-    let mut flat_cut = unsafe { stream.alloc::<u64>(6 * (nseq * h).max(1)) }?;
-    let mut cal = stream.alloc_zeros::<u64>(4 * (nseq * h).max(1))?;
+    // SAFETY (cand_key, cand_w, flat_cut): written by sel_qa_calib / sel_flat_init before any
+    // kernel reads them.
+    let cand_key = unsafe { stream.alloc::<u64>(cand_len) }?;
+    let cand_w = unsafe { stream.alloc::<f64>(cand_len) }?;
+    let flat_cut = unsafe { stream.alloc::<u64>(6 * (nseq * h).max(1)) }?;
+    let cal = stream.alloc_zeros::<u64>(4 * (nseq * h).max(1))?;
     // Each probe's total mass (sel_fvs_prep, for every faithful head with probes).
-    let mut probe_tot =
-        unsafe { stream.alloc::<f64>((nseq * h * selection::PROBE_QUERIES).max(1)) }?;
+    // SAFETY: sel_fvs_prep writes it before sel_fvs_probe_events / sel_qa_calib read it.
+    let probe_tot = unsafe { stream.alloc::<f64>((nseq * h * selection::PROBE_QUERIES).max(1)) }?;
     let hist_len = if any_qa { 256 * nseq * h } else { 1 };
-    let mut hist_cnt = stream.alloc_zeros::<u32>(hist_len)?;
-    let mut hist_sum = stream.alloc_zeros::<u64>(hist_len)?;
+    let hist_cnt = stream.alloc_zeros::<u32>(hist_len)?;
+    let hist_sum = stream.alloc_zeros::<u64>(hist_len)?;
     // The flattened cut's candidate list (map layout, written by sel_flat_compact up to
     // flat_len, read only that far) and its lengths (zeroed here).
-    let mut flat_list = unsafe { stream.alloc::<u32>(if any_qa { (map * h).max(1) } else { 1 }) }?;
-    let mut flat_len = stream.alloc_zeros::<u32>((nseq * h).max(1))?;
+    // SAFETY: read only below the length sel_flat_compact wrote.
+    let flat_list = unsafe { stream.alloc::<u32>(if any_qa { (map * h).max(1) } else { 1 }) }?;
+    let flat_len = stream.alloc_zeros::<u32>((nseq * h).max(1))?;
     // sel_fvs_lines' distance test per (r - c) for sel_extend: nkb + 1 entries per (sequence,
     // head). SAFETY: written by sel_fvs_lines for every faithful vertical-slash head, the only
     // heads whose extension reads it.
-    let mut diag_hit =
-        unsafe { stream.alloc::<u8>(((layout.total_key_blocks() + nseq) * h).max(1)) }?;
-    let f = |name: &'static str| {
-        let dynamic = matches!(
-            name,
-            "sel_fvs_stop"
-                | "sel_pool_lines"
-                | "sel_qa_map"
-                | "sel_qa_row"
-                | "sel_qa_topup"
-                | "sel_qa_sort"
-                | "sel_qa_build"
-        );
-        dev.function(&SELECT, &key, name, if dynamic { dyn_limit } else { 0 })
+    let diag_hit = unsafe { stream.alloc::<u8>(((layout.total_key_blocks() + nseq) * h).max(1)) }?;
+    let mut r = Run {
+        dev,
+        stream,
+        stats,
+        cfg,
+        key,
+        dyn_limit,
+        p,
+        sel_d,
+        qb_seq_d,
+        tiles_d,
+        qb_all_u,
+        probes_i,
+        h,
+        nseq,
+        bs,
+        qb_all,
+        max_nkb,
+        max_map,
+        total_rows,
+        any_qa,
+        faithful_qa,
+        probes,
+        sort_smem,
+        row_smem,
+        map_smem,
+        map_grid,
+        topup_tile,
+        topup_smem,
+        vpool,
+        spool,
+        pattern,
+        js,
+        vkey,
+        kstar,
+        colsel,
+        offsel,
+        dist_prefix,
+        mapb,
+        maskb,
+        counts,
+        offsets,
+        cols,
+        kcut,
+        order_b,
+        run_b,
+        t_b,
+        mass_t,
+        col_sum,
+        ev_key,
+        ev_w,
+        cand_key,
+        cand_w,
+        flat_cut,
+        cal,
+        probe_tot,
+        hist_cnt,
+        hist_sum,
+        flat_list,
+        flat_len,
+        diag_hit,
     };
-    let grid_heads = (h as u32, nseq as u32, 1);
-    let grid_rows = (qb_all as u32, h as u32, 1);
-    let lc = crate::launch_cfg;
-
-    // SAFETY (all launches): argument lists match the kernels in select.cu; buffers are sized
-    // by the plan above for every index the kernels compute.
-    unsafe {
-        let pool_grid = (max_nkb.div_ceil(32) as u32, h as u32, nseq as u32);
-        launch!(stream, f("sel_pool_lines")?, lc(pool_grid, 256, 2 * 32 * (bs + 1) * 4);
-            &stats.descs, &p, &stats.vertical, &stats.slash, &mut vpool, &mut spool)?;
-        launch!(stream, f("sel_decide")?, lc(grid_heads, 1024, 0);
-            &stats.descs, &sel_d, &p, &stats.estimate, &vpool, &mut pattern, &mut js)?;
-        crate::stats::profile::mark(stream, "sel_decide");
-    }
+    decide::launch(&mut r)?;
     if let Some(q) = q {
-        if any_qa {
-            launch_pool_q(dev, stream, q, stats, Some(&pattern))?;
+        if r.any_qa {
+            launch_pool_q(dev, stream, q, r.stats, Some(&r.pattern))?;
         }
     }
-    unsafe {
-        // The vertical-slash heads' chain (and the prep it shares with the calibration: column
-        // keys, probe totals) runs beside the query-aware one (each uses a few CTAs per head);
-        // cudarc's event tracking orders the shared buffers, both join before the mask.
-        let side = stream.fork()?;
-        launch!(side, f("sel_fvs_prep")?, lc(grid_heads, 512, 0);
-            &stats.descs, &p, &pattern, &stats.vertical, &stats.probe_block_mass, &probes_i,
-            &mut vkey, &mut probe_tot)?;
-        if probes {
-            let chunks = (selection::PROBE_QUERIES * max_nkb).div_ceil(EV_PER_CTA) as u32;
-            let grid = (chunks, h as u32, nseq as u32);
-            launch!(side, f("sel_fvs_probe_events")?, lc(grid, 256, 0);
-                &stats.descs, &p, &pattern, &stats.slash, &stats.probe_block_mass, &vkey,
-                &probe_tot, &mut ev_key, &mut ev_w)?;
-        }
-        launch!(side, f("sel_fvs_stop")?, lc(grid_heads, 512, sort_smem);
-            &stats.descs, &p, &pattern, &stats.slash, &stats.rep_block_mass, &probes_i, &ev_key,
-            &ev_w, &vkey, &mut kstar)?;
-        launch!(side, f("sel_fvs_lines")?, lc(grid_heads, 1024, 0);
-            &stats.descs, &sel_d, &p, &pattern, &stats.slash, &vkey, &kstar, &mut colsel,
-            &mut dist_prefix, &mut diag_hit)?;
-        launch!(side, f("sel_ovs")?, lc(grid_heads, 1024, 0);
-            &stats.descs, &p, &pattern, &stats.vertical, &stats.slash, &vpool, &spool, &mut colsel,
-            &mut offsel)?;
-        if faithful_qa {
-            // The top-up's prep needs only the statistics and the patterns: it runs here, off
-            // the query-aware chain's path (no profile mark: the marks time the main stream).
-            let grid = (max_nkb.div_ceil(TOPUP_COLS) as u32, h as u32, nseq as u32);
-            launch!(side, f("sel_qa_topup_prep")?, lc(grid, 256, 0);
-                &stats.descs, &p, &pattern, &stats.rep_block_mass, &mut mass_t, &mut col_sum)?;
-        }
-        if any_qa {
-            launch!(stream, f("sel_qa_map")?, lc(map_grid, QM_THREADS, map_smem);
-                &stats.descs, &sel_d, &tiles_d, &p, &pattern, &stats.q_pooled, &stats.k_pooled,
-                &mut mapb)?;
-            let softmax_grid = (qb_all.div_ceil(QS_ROWS * QS_WARPS) as u32, h as u32, 1);
-            launch!(stream, f("sel_qa_softmax")?, lc(softmax_grid, 32 * QS_WARPS as u32, 0);
-                &stats.descs, &sel_d, &qb_seq_d, &qb_all_u, &p, &pattern, &mut mapb)?;
-            crate::stats::profile::mark(stream, "sel_qa_map");
-            launch!(stream, f("sel_flat_init")?, lc(grid_heads, 32, 0);
-                &stats.descs, &p, &pattern, &mut flat_cut)?;
-            crate::stats::profile::mark(stream, "sel_flat_init");
-            // Per-row cuts rank every row; the flattened calibration only the probe rows.
-            let sort_grid = match (cfg.query_aware_cut, probes) {
-                (QueryAwareCut::PerQueryBlock, _) => grid_rows,
-                (QueryAwareCut::Flattened, true) => {
-                    (selection::PROBE_QUERIES as u32, h as u32, nseq as u32)
-                }
-                (QueryAwareCut::Flattened, false) => (0, 0, 0),
-            };
-            if sort_grid.0 > 0 {
-                launch!(stream, f("sel_qa_sort")?, lc(sort_grid, 256, sort_smem);
-                    &stats.descs, &sel_d, &qb_seq_d, &p, &pattern, &mapb, &mut order_b,
-                    &mut run_b)?;
-            }
-            crate::stats::profile::mark(stream, "sel_qa_sort");
-            launch!(stream, f("sel_qa_calib")?, lc(grid_heads, 1024, 0);
-                &stats.descs, &sel_d, &p, &pattern, &mapb, &order_b, &run_b,
-                &stats.probe_block_mass, &probe_tot, &probes_i, &mut cand_key, &mut cand_w,
-                &mut t_b, &mut flat_cut, &mut cal)?;
-            crate::stats::profile::mark(stream, "sel_qa_calib");
-            let chunks = (max_map as u32).div_ceil(FLAT_CHUNK);
-            launch!(stream, f("sel_calib_before")?, lc((chunks, h as u32, nseq as u32), 256, 0);
-                &stats.descs, &sel_d, &p, &mapb, &mut cal)?;
-            crate::stats::profile::mark(stream, "sel_calib_before");
-            launch!(stream, f("sel_calib_finish")?, lc(((nseq * h) as u32, 1, 1), 32, 0);
-                &stats.descs, &p, &cal, &mut t_b, &mut flat_cut)?;
-            crate::stats::profile::mark(stream, "sel_calib_finish");
-            // The flattened cut, one 8-bit digit per (histogram, pick) pair of launches.
-            let hist = f("sel_flat_hist")?;
-            let pick = f("sel_flat_pick")?;
-            for depth in 0..FLAT_FULL_DIGITS as i32 {
-                launch!(stream, hist, lc((chunks, h as u32, nseq as u32), 256, 0);
-                    &stats.descs, &sel_d, &p, &mapb, &flat_cut, &depth, &mut hist_cnt,
-                    &mut hist_sum)?;
-                crate::stats::profile::mark(stream, "flat_hist");
-                launch!(stream, pick, lc(((nseq * h) as u32, 1, 1), 256, 0);
-                    &depth, &mut flat_cut, &mut hist_cnt, &mut hist_sum, &mut kcut)?;
-                crate::stats::profile::mark(stream, "flat_pick");
-            }
-            // The remaining digits over the keys under the prefix only.
-            launch!(stream, f("sel_flat_compact")?, lc((chunks, h as u32, nseq as u32), 256, 0);
-                &stats.descs, &sel_d, &p, &mapb, &flat_cut, &mut flat_list, &mut flat_len)?;
-            launch!(stream, f("sel_flat_finish")?, lc(grid_heads, 1024, 0);
-                &stats.descs, &sel_d, &p, &mapb, &flat_cut, &flat_list, &flat_len, &mut kcut)?;
-            crate::stats::profile::mark(stream, "flat_finish");
-        }
-        stream.join(&side)?;
-        crate::stats::profile::mark(stream, "sel_vs_join");
-        let ext_grid = (qb_all.div_ceil(8) as u32, h as u32, 1);
-        launch!(stream, f("sel_extend")?, lc(ext_grid, 256, 0);
-            &stats.descs, &sel_d, &qb_seq_d, &qb_all_u, &p, &pattern, &colsel, &offsel, &dist_prefix,
-            &diag_hit, &mut maskb)?;
-        crate::stats::profile::mark(stream, "sel_extend");
-        if any_qa {
-            launch!(stream, f("sel_qa_flat_mark")?, lc(grid_rows, 64, 0);
-                &stats.descs, &sel_d, &qb_seq_d, &p, &pattern, &mapb, &kcut, &mut maskb)?;
-            crate::stats::profile::mark(stream, "sel_qa_flat_mark");
-            launch!(stream, f("sel_qa_row")?, lc(grid_rows, 256, row_smem);
-                &stats.descs, &sel_d, &qb_seq_d, &p, &pattern, &mapb, &mut maskb)?;
-            crate::stats::profile::mark(stream, "sel_qa_row");
-            launch!(stream, f("sel_qa_build")?, lc(grid_rows, 128, 4 * max_nkb.div_ceil(32));
-                &stats.descs, &sel_d, &qb_seq_d, &p, &pattern, &mapb, &order_b, &run_b, &t_b,
-                &kcut, &mut maskb)?;
-            crate::stats::profile::mark(stream, "sel_qa_build");
-            if faithful_qa {
-                let tile = topup_tile as u32;
-                launch!(stream, f("sel_qa_topup")?, lc(grid_heads, TOPUP_THREADS as u32, topup_smem);
-                    &stats.descs, &sel_d, &p, &pattern, &mass_t, &col_sum, &tile, &mut maskb)?;
-                crate::stats::profile::mark(stream, "sel_qa_topup");
-            }
-        }
-        launch!(stream, f("sel_count")?, lc(ext_grid, 256, 0);
-            &stats.descs, &sel_d, &qb_seq_d, &qb_all_u, &p, &maskb, &mut counts)?;
-        crate::stats::profile::mark(stream, "sel_count");
-        let rows_u = total_rows as u32;
-        launch!(stream, f("sel_scan")?, lc((1, 1, 1), 1024, 0);
-            &counts, &rows_u, &mut offsets)?;
-        crate::stats::profile::mark(stream, "sel_scan");
-        launch!(stream, f("sel_write")?, lc(grid_rows, 32, 0);
-            &stats.descs, &sel_d, &qb_seq_d, &qb_all_u, &p, &maskb, &offsets, &mut cols)?;
-        crate::stats::profile::mark(stream, "sel_write");
-    }
+    // The vertical-slash heads' chain (and the prep it shares with the calibration: column
+    // keys, probe totals) runs beside the query-aware one (each uses a few CTAs per head);
+    // cudarc's event tracking orders the shared buffers, both join before the mask.
+    let side = stream.fork()?;
+    vertical_slash::launch(&mut r, &side)?;
+    query_aware::topup_prep(&mut r, &side)?;
+    query_aware::map_and_cut(&mut r)?;
+    stream.join(&side)?;
+    crate::stats::profile::mark(stream, "sel_vs_join");
+    vertical_slash::extend(&mut r)?;
+    query_aware::build(&mut r)?;
+    index::launch(&mut r)?;
+    let Run {
+        pattern,
+        js,
+        offsets,
+        cols,
+        ..
+    } = r;
     Ok(DeviceSelection {
         index: DeviceBlockIndex {
             block_size: bs,
@@ -571,159 +462,6 @@ pub fn launch_select<T: StatsElem>(
         js,
         rows: total_rows,
     })
-}
-
-impl DeviceSelection {
-    /// Downloads the index and the per-head decisions (synchronises). `stats` gives each
-    /// head's exact representative mass for the report; pass `None` to leave it NaN.
-    pub fn to_host(
-        &self,
-        stream: &Arc<CudaStream>,
-        layout: &StatsLayout,
-        stats: Option<&[HeadStatistics]>,
-    ) -> Result<(BlockIndex, Vec<HeadReport>)> {
-        let offsets = stream.clone_dtoh(&self.index.row_offsets)?;
-        let pattern = stream.clone_dtoh(&self.pattern)?;
-        let js = stream.clone_dtoh(&self.js)?;
-        stream.synchronize()?;
-        let nnz = offsets[self.rows] as usize;
-        let mut cols = vec![0u32; nnz];
-        if nnz > 0 {
-            stream.memcpy_dtoh(&self.index.col_indices.slice(..nnz), &mut cols)?;
-            stream.synchronize()?;
-        }
-        let h = layout.shape.num_heads;
-        let bs = self.index.block_size;
-        let mut heads = Vec::with_capacity(layout.seqs.len() * h);
-        let mut reports = Vec::with_capacity(layout.seqs.len() * h);
-        let mut row = 0usize;
-        for (si, s) in layout.seqs.iter().enumerate() {
-            let nqb = s.num_query_blocks(bs);
-            let nkb = s.num_key_blocks(bs);
-            let causal = s.total_causal_blocks(bs);
-            for head in 0..h {
-                let rows: Vec<Vec<u32>> = (row..row + nqb)
-                    .map(|i| cols[offsets[i] as usize..offsets[i + 1] as usize].to_vec())
-                    .collect();
-                row += nqb;
-                let selected: usize = rows.iter().map(Vec::len).sum();
-                let pat = match pattern[si * h + head] {
-                    PAT_QA => Pattern::QueryAware,
-                    PAT_DENSE => Pattern::Dense,
-                    _ => Pattern::VerticalSlash,
-                };
-                let mass = match (pat, stats) {
-                    (Pattern::Dense, _) => 1.0,
-                    (_, Some(st)) => {
-                        mean_rep_mass(&st[si * h + head].rep_block_mass, nkb, s, bs, &rows)
-                    }
-                    _ => f32::NAN,
-                };
-                reports.push(HeadReport::new(
-                    si,
-                    head,
-                    pat,
-                    js[si * h + head],
-                    selected,
-                    causal,
-                    mass,
-                ));
-                heads.push(rows);
-            }
-        }
-        let index = BlockIndex::from_rows(&layout.seqs, h, bs, heads)?;
-        Ok((index, reports))
-    }
-}
-
-/// Mean over the representative queries of the exact captured mass (core's
-/// `representative_mass`, f64 per query in ascending block order).
-fn mean_rep_mass(
-    m: &[f32],
-    nkb: usize,
-    s: &flexprefill_core::Sequence,
-    bs: usize,
-    rows: &[Vec<u32>],
-) -> f32 {
-    let rep = bs.min(s.q_len);
-    if m.len() != rep * nkb || rep == 0 {
-        return f32::NAN;
-    }
-    let mut total = 0f64;
-    for i in 0..rep {
-        let r = (s.q_len - rep + i) / bs;
-        let row = &m[i * nkb..(i + 1) * nkb];
-        total += rows[r].iter().map(|&c| row[c as usize] as f64).sum::<f64>() as f32 as f64;
-    }
-    (total / rep as f64) as f32
-}
-
-/// Uploads host statistics into device buffers laid out as `layout` (for running the device
-/// selection on the CPU's statistics: the exact agreement test).
-pub fn upload_stats(
-    stream: &Arc<CudaStream>,
-    layout: StatsLayout,
-    stats: &[HeadStatistics],
-    emulate: bool,
-) -> Result<DeviceStats> {
-    let h = layout.shape.num_heads;
-    let hkv = layout.shape.num_kv_heads;
-    let d = layout.shape.head_dim;
-    let bs = layout.block_size;
-    let seqs = layout.seqs.clone();
-    if stats.len() != seqs.len() * h {
-        return Err(flexprefill_core::Error::Shape(format!(
-            "{} head statistics for {} sequences × {h} heads",
-            stats.len(),
-            seqs.len()
-        ))
-        .into());
-    }
-    let tot_tok: usize = seqs.iter().map(|s| s.kv_len).sum();
-    let tot_kb = layout.total_key_blocks();
-    let tot_qb = layout.total_query_blocks();
-    let tot_rep: usize = (0..seqs.len())
-        .map(|i| layout.num_rep(i) * seqs[i].num_key_blocks(bs))
-        .sum();
-    let mut vertical = vec![0f32; tot_tok * h];
-    let mut slash = vec![0f32; tot_tok * h];
-    let mut estimate = vec![0f32; tot_kb * h];
-    let mut rbm = vec![0f32; tot_rep * h];
-    let mut kp = vec![0f32; tot_kb * hkv * d];
-    let mut qp = vec![0f32; tot_qb * h * d];
-    let probes = stats.iter().any(|st| !st.probe_block_mass.is_empty());
-    let layout = layout.with_probes(probes);
-    let tot_probe: usize = (0..seqs.len())
-        .map(|i| layout.num_probes(i) * seqs[i].num_key_blocks(bs))
-        .sum();
-    let mut pm = vec![0f32; tot_probe * h];
-    for (si, s) in seqs.iter().enumerate() {
-        let (nkb, nqb) = (s.num_key_blocks(bs), s.num_query_blocks(bs));
-        for head in 0..h {
-            let st = &stats[si * h + head];
-            let lo = layout.line_offset(si, head);
-            vertical[lo..lo + s.kv_len].copy_from_slice(&st.vertical);
-            slash[lo..lo + s.kv_len].copy_from_slice(&st.slash);
-            let eo = layout.estimate_offset(si, head);
-            estimate[eo..eo + nkb].copy_from_slice(&st.estimate);
-            let ro = layout.rep_offset(si, head);
-            rbm[ro..ro + st.rep_block_mass.len()].copy_from_slice(&st.rep_block_mass);
-            let ko = layout.k_pooled_offset(si, layout.shape.kv_head(head));
-            kp[ko..ko + nkb * d].copy_from_slice(&st.k_pooled);
-            let qo = layout.q_pooled_offset(si, head);
-            qp[qo..qo + nqb * d].copy_from_slice(&st.q_pooled);
-            if probes {
-                let po = layout.probe_offset(si, head);
-                pm[po..po + st.probe_block_mass.len()].copy_from_slice(&st.probe_block_mass);
-            }
-        }
-    }
-    DeviceStats::from_parts(
-        stream,
-        layout,
-        [vertical, slash, estimate, rbm, kp, qp, pm],
-        emulate,
-    )
 }
 
 /// Below this many keys (every sequence of the batch) the whole device-resident call runs
@@ -870,248 +608,4 @@ pub(crate) fn select_index(
 }
 
 #[cfg(test)]
-mod tests {
-    //! GPU tests (ignored without a GPU). The exact test feeds the CPU's statistics to the
-    //! device selection, so both paths see identical numbers and must pick identical blocks;
-    //! the end-to-end test runs everything on the device and counts disagreements.
-
-    use super::*;
-    use crate::stats::tests::{device, ragged, seed, workload};
-    use flexprefill_core::{Backend, DType, ForcedBlocks};
-    use flexprefill_cpu::CpuBackend;
-    use flexprefill_testkit::owned::OwnedInput;
-    use flexprefill_testkit::workload::WorkloadKind;
-
-    fn configs() -> Vec<(&'static str, FlexPrefillConfig)> {
-        let f = FlexPrefillConfig::default().with_min_budget(256);
-        let o = FlexPrefillConfig::original().with_min_budget(256);
-        vec![
-            ("faithful", f),
-            ("faithful tau 0.4", f.with_tau(0.4)),
-            (
-                "faithful per-row tau 0.4",
-                f.with_tau(0.4)
-                    .with_query_aware_cut(QueryAwareCut::PerQueryBlock),
-            ),
-            (
-                "faithful gamma 0.95 bs 64",
-                f.with_gamma(0.95).with_block_size(64),
-            ),
-            ("original", o),
-            ("original tau 0.4", o.with_tau(0.4)),
-            (
-                "original per-row tau 0.4 max budget",
-                o.with_tau(0.4)
-                    .with_query_aware_cut(QueryAwareCut::PerQueryBlock)
-                    .with_max_budget(Some(512)),
-            ),
-            (
-                "original gamma 0.8 bs 64",
-                o.with_gamma(0.8).with_block_size(64),
-            ),
-        ]
-    }
-
-    fn inputs(seed: u64) -> Vec<(&'static str, OwnedInput)> {
-        let long = workload(WorkloadKind::Mixed, 3000, 8, 2, 128, seed + 10);
-        vec![
-            (
-                "mixed 4096",
-                workload(WorkloadKind::Mixed, 4096, 8, 2, 128, seed).to_dtype(DType::BF16),
-            ),
-            (
-                "topics 3000",
-                workload(WorkloadKind::Topics, 3000, 4, 2, 128, seed + 1).to_dtype(DType::BF16),
-            ),
-            (
-                "stripes 2500 f16",
-                workload(WorkloadKind::Stripes, 2500, 4, 1, 64, seed + 2).to_dtype(DType::F16),
-            ),
-            (
-                "random 2048",
-                workload(WorkloadKind::Random, 2048, 4, 2, 128, seed + 3).to_dtype(DType::BF16),
-            ),
-            (
-                "needle 3333",
-                workload(WorkloadKind::Needle, 3333, 4, 2, 128, seed + 4).to_dtype(DType::BF16),
-            ),
-            (
-                "chunk 2200..3000",
-                long.chunk(2200, 3000).expect("chunk").to_dtype(DType::BF16),
-            ),
-            ("ragged 900 + 2100 + 300", {
-                let a = ragged(
-                    &workload(WorkloadKind::SinkLocal, 900, 8, 2, 128, seed + 5),
-                    &workload(WorkloadKind::Topics, 2100, 8, 2, 128, seed + 6),
-                );
-                ragged(
-                    &a,
-                    &workload(WorkloadKind::Stripes, 300, 8, 2, 128, seed + 7),
-                )
-                .to_dtype(DType::BF16)
-            }),
-        ]
-    }
-
-    fn diff_heads(a: &BlockIndex, b: &BlockIndex) -> Vec<(usize, usize)> {
-        let mut out = Vec::new();
-        for s in 0..a.seqs().len() {
-            for h in 0..a.num_heads() {
-                let nqb = a.seqs()[s].num_query_blocks(a.block_size());
-                if (0..nqb).any(|r| a.row(s, h, r) != b.row(s, h, r)) {
-                    out.push((s, h));
-                }
-            }
-        }
-        out
-    }
-
-    #[test]
-    #[ignore = "needs NVRTC (libnvrtc.so)"]
-    fn stats_and_select_kernels_compile() {
-        use crate::registry::compile_offline;
-        for arch in [(9, 0), (8, 0)] {
-            let key = select_key();
-            compile_offline(&SELECT, &key, arch)
-                .unwrap_or_else(|e| panic!("select sm{arch:?}: {e}"));
-            for dtype in [DType::BF16, DType::F16] {
-                for d in [64, 128, 256] {
-                    let key = KernelKey::new(&crate::stats::STATS, Some(dtype), d, 0)
-                        .define("PROBE_QUERIES", selection::PROBE_QUERIES as i64)
-                        .define("FLAT_CHUNK", FLAT_CHUNK as i64)
-                        .define("EV_PER_CTA", EV_PER_CTA as i64)
-                        .define("QM_COLS", QM_COLS as i64)
-                        .define("FLAT_FULL_DIGITS", FLAT_FULL_DIGITS as i64);
-                    compile_offline(&crate::stats::STATS, &key, arch)
-                        .unwrap_or_else(|e| panic!("stats {dtype} d{d} sm{arch:?}: {e}"));
-                }
-            }
-        }
-    }
-
-    #[test]
-    #[ignore = "needs an NVIDIA GPU"]
-    fn device_selection_equals_core_on_the_same_statistics() {
-        let dev = device();
-        let stream = dev.stream().clone();
-        let cpu = CpuBackend::new();
-        let seed = seed();
-        let mut checked = 0;
-        let mut qa_heads = 0;
-        for (what, owned) in inputs(seed) {
-            let x = owned.input().expect("input");
-            for (cname, cfg) in configs() {
-                let stats = cpu.head_statistics(&x, &cfg).expect("cpu stats");
-                let (want, want_rep) =
-                    selection::build_index(&x.seqs, x.shape, &cfg, &stats).expect("core");
-                want.validate(cfg.forced).expect("core index valid");
-                let layout = StatsLayout::new(&x.seqs, x.shape, cfg.block_size).expect("layout");
-                let emulate = stats.first().is_some_and(|s| s.bf16_pooled_logits);
-                let mut dst =
-                    upload_stats(&stream, layout.clone(), &stats, emulate).expect("upload");
-                let sel = launch_select::<half::bf16>(&dev, &stream, None, &mut dst, &cfg)
-                    .expect("select");
-                let (got, got_rep) = sel
-                    .to_host(&stream, &layout, Some(&stats))
-                    .expect("download");
-                got.validate(cfg.forced).expect("device index valid");
-                for (g, w) in got_rep.iter().zip(&want_rep) {
-                    assert_eq!(
-                        g.pattern, w.pattern,
-                        "{what} / {cname}: seq {} head {} pattern (js gpu {} cpu {})",
-                        g.seq, g.head, g.js_distance, w.js_distance
-                    );
-                    qa_heads += (g.pattern == Pattern::QueryAware) as usize;
-                }
-                let bad = diff_heads(&got, &want);
-                assert!(
-                    bad.is_empty(),
-                    "{what} / {cname}: heads {bad:?} select other blocks; first: gpu {:?} cpu {:?}",
-                    bad.first().map(
-                        |&(s, h)| (0..want.seqs()[s].num_query_blocks(cfg.block_size))
-                            .map(|r| got.row(s, h, r).to_vec())
-                            .collect::<Vec<_>>()
-                    ),
-                    bad.first().map(
-                        |&(s, h)| (0..want.seqs()[s].num_query_blocks(cfg.block_size))
-                            .map(|r| want.row(s, h, r).to_vec())
-                            .collect::<Vec<_>>()
-                    )
-                );
-                checked += want_rep.len();
-            }
-        }
-        eprintln!("identical selection on {checked} heads ({qa_heads} query-aware)");
-        assert!(
-            qa_heads > 0,
-            "the configurations should exercise query-aware heads"
-        );
-    }
-
-    #[test]
-    #[ignore = "needs an NVIDIA GPU"]
-    fn device_path_end_to_end_agrees_with_cpu_path() {
-        let dev = device();
-        let cpu = CpuBackend::new();
-        let seed = seed();
-        let (mut heads, mut differ) = (0usize, 0usize);
-        for (what, owned) in inputs(seed + 100) {
-            let x = owned.input().expect("input");
-            for (cname, cfg) in configs() {
-                let (want, want_rep) = cpu.select_index(&x, &cfg).expect("cpu");
-                let (got, got_rep) = select_index(&dev, &x, &cfg).expect("gpu");
-                got.validate(cfg.forced).expect("device index valid");
-                assert_eq!(got_rep.heads.len(), want_rep.heads.len());
-                let bad = diff_heads(&got, &want);
-                for &(s, h) in &bad {
-                    let (g, w) = (
-                        &got_rep.heads[s * x.shape.num_heads + h],
-                        &want_rep.heads[s * x.shape.num_heads + h],
-                    );
-                    eprintln!("{what} / {cname}: seq {s} head {h} differs: gpu {:?} js {} blocks {} | cpu {:?} js {} blocks {}",
-                        g.pattern, g.js_distance, g.selected_blocks, w.pattern, w.js_distance, w.selected_blocks);
-                }
-                heads += want_rep.heads.len();
-                differ += bad.len();
-            }
-        }
-        eprintln!(
-            "end to end: {differ} of {heads} heads differ (statistics differ in the last bits)"
-        );
-        // Statistics are computed differently (tensor cores vs CPU sgemm), so a head sitting on
-        // a decision boundary may differ; more than 2% would be a bug, not rounding.
-        assert!(differ * 50 <= heads, "{differ} of {heads} heads differ");
-    }
-
-    #[test]
-    #[ignore = "needs an NVIDIA GPU"]
-    fn dense_fallback_and_forced_blocks() {
-        let dev = device();
-        let seed = seed();
-        // 900 tokens ≤ min_budget 1024: every head dense, every causal block listed.
-        let owned = workload(WorkloadKind::Random, 900, 4, 2, 64, seed).to_dtype(DType::BF16);
-        let x = owned.input().expect("input");
-        let cfg = FlexPrefillConfig::default();
-        let (idx, rep) = select_index(&dev, &x, &cfg).expect("gpu");
-        assert_eq!(idx, BlockIndex::dense(&x.seqs, 4, 128).expect("dense"));
-        assert!(rep.dense_fallback.is_some());
-        assert!(rep.heads.iter().all(|h| h.pattern == Pattern::Dense));
-        // no forced blocks, min budget 1 block: the same blocks as the CPU path
-        let cfg = FlexPrefillConfig::default()
-            .with_forced(ForcedBlocks {
-                sink: false,
-                diagonal: false,
-            })
-            .with_min_budget(1);
-        let owned =
-            workload(WorkloadKind::SinkLocal, 2000, 4, 2, 64, seed + 1).to_dtype(DType::BF16);
-        let x = owned.input().expect("input");
-        let (idx, _) = select_index(&dev, &x, &cfg).expect("gpu");
-        let (want, _) = CpuBackend::new().select_index(&x, &cfg).expect("cpu");
-        assert!(
-            diff_heads(&idx, &want).len() <= 1,
-            "{:?}",
-            diff_heads(&idx, &want)
-        );
-    }
-}
+mod tests;

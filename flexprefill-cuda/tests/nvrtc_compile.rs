@@ -4,8 +4,8 @@
 
 use flexprefill_core::DType;
 use flexprefill_cuda::attention::{AttnTile, ATTENTION, UTIL};
-use flexprefill_cuda::registry::compile_offline;
-use flexprefill_cuda::registry::KernelKey;
+use flexprefill_cuda::internals::compile_offline;
+use flexprefill_cuda::internals::KernelKey;
 
 #[test]
 #[ignore = "needs NVRTC (libnvrtc.so)"]
@@ -126,48 +126,4 @@ fn probe_tile() {
     let key = tile.kernel_key(DType::BF16, v[3], v[4]);
     let (_, log) = compile_offline(tile.family(), &key, (9, 0)).unwrap_or_else(|e| panic!("{e}"));
     println!("{tile:?}\n{log}");
-}
-
-/// The Hopper statistics passes (`kernels/stats_sm90.cu`, appended to the stats family and
-/// compiled in with `STATS_WGMMA=1`) build for sm_90a without spills, for every shape the host
-/// sends them (bf16/f16, head_dim 64/128, the original's bf16 emulation on or off).
-#[test]
-#[ignore = "needs NVRTC (libnvrtc.so)"]
-fn wgmma_stats_passes_compile_for_hopper() {
-    use flexprefill_cuda::stats::STATS;
-    for dtype in [DType::BF16, DType::F16] {
-        for d in [64, 128] {
-            for (emulate, overlap) in [(0, 0), (1, 0), (0, 1)] {
-                // as stats.rs `key` builds it for the wgmma path
-                let key = KernelKey::new(&STATS, Some(dtype), d, 0)
-                    .define(
-                        "PROBE_QUERIES",
-                        flexprefill_core::selection::PROBE_QUERIES as i64,
-                    )
-                    .define("STATS_EMULATE", emulate)
-                    .define("STATS_WGMMA", 1)
-                    .define("STATS_OVERLAP", overlap);
-                let (cubin, log) = compile_offline(&STATS, &key, (9, 0))
-                    .unwrap_or_else(|e| panic!("stats wgmma {dtype} d{d}: {e}"));
-                assert!(!cubin.is_empty());
-                let regs: Vec<&str> = log.lines().filter(|l| l.contains("registers")).collect();
-                println!(
-                    "sm90a stats wgmma {dtype} d{d} emulate {emulate} overlap {overlap}: {regs:?}"
-                );
-                for name in ["stats_pass1_sm90", "stats_pass2_sm90"] {
-                    assert!(log.contains(name), "{name} missing: {log}");
-                }
-                assert!(
-                    log.lines()
-                        .filter(|l| l.contains("spill stores"))
-                        .all(|l| l.contains(" 0 bytes spill stores")),
-                    "spills: {log}"
-                );
-                assert!(
-                    !log.contains("serialized") && !log.contains("is injected"),
-                    "wgmma serialized or waits injected: {log}"
-                );
-            }
-        }
-    }
 }

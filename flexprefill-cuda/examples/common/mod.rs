@@ -11,3 +11,13 @@ pub fn median(mut v: Vec<f32>) -> f32 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
+
+/// `base` with `set` applied (configurations are built from a default plus field
+/// assignments, never a struct literal: the config struct is open to new fields).
+pub fn with_config(
+    mut base: flexprefill_core::FlexPrefillConfig,
+    set: impl FnOnce(&mut flexprefill_core::FlexPrefillConfig),
+) -> flexprefill_core::FlexPrefillConfig {
+    set(&mut base);
+    base
+}

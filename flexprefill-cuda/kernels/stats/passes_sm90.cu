@@ -1,10 +1,10 @@
 // Representative-attention statistics passes on Hopper (sm_90a): the same outputs, row states
-// and fixed-order reductions as stats_pass1 / stats_pass2 (stats.cu, read its header), with
-// every Q̂·Kᵀ tile on wgmma instead of mma.sync. This file is appended to stats.cu by the host
-// (one module: the merge, slash finalize, pooling and estimate kernels are shared) and compiled
+// and fixed-order reductions as stats_pass1 / stats_pass2 (stats/passes.cu; the module's overview is stats/common.cuh's header), with
+// every Q̂·Kᵀ tile on wgmma instead of mma.sync. This file is the last part of the `stats` module
+// (src/stats.rs; the merge, slash finalize, pooling and estimate kernels are shared) and compiled
 // only with STATS_WGMMA=1 (sm_90a, head_dim 64 or 128).
 //
-// What changes against stats.cu:
+// What changes against stats/passes.cu:
 //  - Q̂ (the representative rows) and the key tiles live in shared memory in the canonical
 //    128-byte-swizzled K-major layout wgmma reads through descriptors (attention_sm90.cu's
 //    layout: a [rows][D] tile is D/64 atoms of [rows][64], 16-byte chunk c of row r at chunk
@@ -12,7 +12,7 @@
 //    64 x 64 logit tile with D/16 m64n64k16 steps; warp w of the CTA still owns rows
 //    16w..16w+15 of the row group, and the wgmma accumulator layout per warp is the mma.sync
 //    m16n8 C layout (acc[nt][e]: row lane/4 + 8(e/2), column 8nt + 2(lane%4) + e%2), so the
-//    masking, softmax and reductions below are stats.cu's, unchanged, in the same order.
+//    masking, softmax and reductions below are stats/common.cuh's, unchanged, in the same order.
 //  - Key tiles by cp.async: pass 1 a 3-stage ring loaded two tiles ahead, pass 2 (whose
 //    shared memory is the larger) double-buffered, one tile ahead, so both fit two CTAs per SM.
 //  - Work unit = (key tile, row group of 128 rows). Default: per unit issue, wait, reduce;
@@ -267,19 +267,7 @@ stats_pass1_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                 if (np && (int)j0 + warp * 8 <= pmax) {
                     float pa[4];
                     probe_tile_sw(pa, qp, kst, warp, lane);
-#pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        const int lim = plast[r] - ((int)j0 + warp * 8 + 2 * q4);
-                        const float x0 = (0 <= lim) ? raw_logit(pa[2 * r]) : (-F32_INF);
-                        const float x1 = (1 <= lim) ? raw_logit(pa[2 * r + 1]) : (-F32_INF);
-                        const float m_new = fmaxf(pm[r], fmaxf(x0, x1));
-                        if (m_new != (-F32_INF)) {
-                            const float ms = m_new * sl;
-                            pl[r] = pl[r] * fast_exp2((pm[r] - m_new) * sl) +
-                                    (fast_exp2(fmaf(x0, sl, -ms)) + fast_exp2(fmaf(x1, sl, -ms)));
-                            pm[r] = m_new;
-                        }
-                    }
+                    pass1_probe_update(pa, plast, j0, warp, lane, sl, pm, pl);
                 }
             }
             swg_issue_qk(cur, sq, rq, gi * ROWS + wg * 64, sk + (ti % KSTAGES) * KTB);
@@ -321,19 +309,7 @@ stats_pass1_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         if (np && (int)j0 + warp * 8 <= pmax) {
             float pa[4];
             probe_tile_sw(pa, qp, kst, warp, lane);
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int lim = plast[r] - ((int)j0 + warp * 8 + 2 * q4);
-                const float x0 = (0 <= lim) ? raw_logit(pa[2 * r]) : (-F32_INF);
-                const float x1 = (1 <= lim) ? raw_logit(pa[2 * r + 1]) : (-F32_INF);
-                const float m_new = fmaxf(pm[r], fmaxf(x0, x1));
-                if (m_new != (-F32_INF)) {
-                    const float ms = m_new * sl;
-                    pl[r] = pl[r] * fast_exp2((pm[r] - m_new) * sl) +
-                            (fast_exp2(fmaf(x0, sl, -ms)) + fast_exp2(fmaf(x1, sl, -ms)));
-                    pm[r] = m_new;
-                }
-            }
+            pass1_probe_update(pa, plast, j0, warp, lane, sl, pm, pl);
         }
     }
 #endif
@@ -423,12 +399,7 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const float* lse_rows = lse2 + ((size_t)wk.x * num_heads + h) * rs + warp * 16 + (lane / 4);
     float plse[2];
     int plast[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        plse[r] = np ? lse2[((size_t)wk.x * num_heads + h) * rs + rp + (lane / 4) + 8 * r] : F32_INF;
-        plast[r] = np ? last_key(sd, 1, block_size, (lane / 4) + 8 * r) : -1;
-    }
-    const int pmax = np ? last_key(sd, 1, block_size, np - 1) : -1;
+    const int pmax = pass2_probe_rows(plse, plast, lse2, sd, wk.x, h, num_heads, rs, rp, np, lane, block_size);
     // Running block mass of the two rows this thread reduces (blocks >= KT span several
     // tiles): group in flight (bm0) and the other group (bm1), swapped after each group.
     float bm0[2] = {0.f, 0.f}, bm1[2] = {0.f, 0.f};
@@ -561,7 +532,7 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     float* out = slash_part + ((size_t)(sd.split_off + sp) * num_heads + h) * sl_stride;
     for (int i = threadIdx.x; i < sl_stride; i += NTHREADS) out[i] = slash_acc[i] * inv_r;
     if (np) {
-        float* pbm_out = probe_block_mass + (size_t)sd.pad0 * num_heads + (size_t)h * np * sd.nkb;
+        float* pbm_out = probe_block_mass + (size_t)sd.probe_off * num_heads + (size_t)h * np * sd.nkb;
         for (int i = threadIdx.x; i < PQ * nbs; i += NTHREADS) {
             const unsigned row = i / nbs, c = J0 / block_size + i % nbs;
             if (row < np && c < sd.nkb) pbm_out[(size_t)row * sd.nkb + c] = pacc[i];

@@ -1,0 +1,56 @@
+//! Offline NVRTC compile of every statistics and selection module variant the crate launches
+//! (no driver, no GPU). With `FLEXPREFILL_PTXAS_OUT=FILE` the `ptxas -v` report of every
+//! variant is written to FILE, so a refactor of the kernel sources can be checked for
+//! unchanged registers, stack and spills (diff the files from before and after).
+
+use std::fmt::Write as _;
+
+use flexprefill_core::DType;
+
+use crate::registry::compile_offline;
+use crate::select::{select_key, SELECT};
+use crate::stats::{key as stats_key, PassPath, STATS};
+
+/// The `ptxas -v` lines of a log with the NVRTC program name dropped (it names the source).
+fn report(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains("ptxas info"))
+        .map(|l| l.trim().to_string() + "\n")
+        .collect()
+}
+
+#[test]
+#[ignore = "needs NVRTC (libnvrtc.so)"]
+fn every_stats_and_select_variant_compiles() {
+    let mut out = String::new();
+    for arch in [(9, 0), (8, 0)] {
+        let (_, log) = compile_offline(&SELECT, &select_key(), arch)
+            .unwrap_or_else(|e| panic!("select sm{arch:?}: {e}"));
+        let _ = writeln!(out, "== select sm{arch:?}\n{}", report(&log));
+        for dtype in [DType::BF16, DType::F16] {
+            for d in [64, 96, 128, 256] {
+                let mut paths = vec![PassPath::Mma];
+                if arch == (9, 0) && (d == 64 || d == 128) {
+                    paths.push(PassPath::Wgmma { overlap: false });
+                    paths.push(PassPath::Wgmma { overlap: true });
+                }
+                for path in paths {
+                    for emulate in [false, true] {
+                        let key = stats_key(dtype, d, emulate, path);
+                        let (_, log) = compile_offline(&STATS, &key, arch).unwrap_or_else(|e| {
+                            panic!("stats {dtype} d{d} {path:?} emulate {emulate} sm{arch:?}: {e}")
+                        });
+                        let _ = writeln!(
+                            out,
+                            "== stats {dtype} d{d} {path:?} emulate {emulate} sm{arch:?}\n{}",
+                            report(&log)
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if let Some(path) = std::env::var_os("FLEXPREFILL_PTXAS_OUT") {
+        std::fs::write(&path, out).expect("write the ptxas report");
+    }
+}

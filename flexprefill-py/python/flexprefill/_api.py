@@ -1,0 +1,158 @@
+"""The two public calls. Thin on purpose: argument plumbing here, every check in the native
+module, which names the argument at fault."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+import numpy as np
+
+from . import _native
+from ._errors import InvalidInputError
+from .report import SparsityReport
+
+
+def flex_prefill_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    gamma: float = 0.9,
+    tau: float = 0.1,
+    min_budget: int = 1024,
+    max_budget: Optional[int] = None,
+    block_size: int = 128,
+    softmax_scale: Optional[float] = None,
+    selection: Optional[str] = None,
+    return_lse: bool = False,
+    return_report: bool = False,
+    causal: bool = True,
+    dropout_p: float = 0.0,
+):
+    """Causal FlexPrefill attention on ``[batch, seq, heads, head_dim]`` tensors.
+
+    q is ``[batch, q_len, num_heads, head_dim]``, k and v ``[batch, kv_len, num_kv_heads,
+    head_dim]`` (GQA: num_heads a multiple of num_kv_heads). ``q_len < kv_len`` is a chunk whose
+    queries are the last q_len positions (bottom-right causal, as flash-attn). NumPy arrays and
+    torch CPU tensors, float32 / float16 / bfloat16, contiguous; read without a copy. Returns the
+    output in the input's framework and dtype, ``[batch, q_len, num_heads, head_dim]``; with
+    ``return_lse`` also the natural-log log-sum-exp as flash-attn lays it out,
+    ``[batch, num_heads, q_len]`` float32; with ``return_report`` also a
+    :class:`SparsityReport`. Knobs after v are keyword-only; ``causal`` and ``dropout_p`` exist
+    so a flash-attn call switches by its name alone (only ``True`` and ``0.0`` are accepted).
+    """
+    return _call(q, k, v, None, None, None, None, gamma, tau, min_budget, max_budget,
+                 block_size, softmax_scale, selection, return_lse, return_report, causal,
+                 dropout_p)
+
+
+def flex_prefill_varlen(
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    *,
+    gamma: float = 0.9,
+    tau: float = 0.1,
+    min_budget: int = 1024,
+    max_budget: Optional[int] = None,
+    block_size: int = 128,
+    softmax_scale: Optional[float] = None,
+    selection: Optional[str] = None,
+    return_lse: bool = False,
+    return_report: bool = False,
+    causal: bool = True,
+    dropout_p: float = 0.0,
+):
+    """Causal FlexPrefill attention on a ragged batch packed along tokens (flash_attn_varlen_func).
+
+    q is ``[total_q, num_heads, head_dim]``, k and v ``[total_k, num_kv_heads, head_dim]``;
+    sequence i owns queries ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` and keys
+    ``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` (int32/int64 arrays or tensors, or lists). The
+    ``max_seqlen_*`` are checked against the cu_seqlens when given. Returns as
+    :func:`flex_prefill_attention`; the LSE is ``[num_heads, total_q]``.
+    """
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        which = "cu_seqlens_q" if cu_seqlens_q is None else "cu_seqlens_k"
+        raise InvalidInputError(f"{which} is required (use flex_prefill_attention for "
+                                "uniform batches)", which)
+    return _call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gamma, tau,
+                 min_budget, max_budget, block_size, softmax_scale, selection, return_lse,
+                 return_report, causal, dropout_p)
+
+
+def _call(q, k, v, cu_q, cu_k, max_q, max_k, gamma, tau, min_budget, max_budget, block_size,
+          softmax_scale, selection, return_lse, return_report, causal, dropout_p):
+    if causal is not True:
+        raise InvalidInputError("causal must be True: FlexPrefill is causal prefill attention",
+                                "causal")
+    if dropout_p != 0.0:
+        raise InvalidInputError(f"dropout_p ({dropout_p}) must be 0.0: FlexPrefill is an "
+                                "inference kernel", "dropout_p")
+    is_torch = _is_torch(q)
+    bf16 = False
+    if not is_torch:
+        q, k, v, bf16 = _ml_bf16_as_u16(q, k, v)
+    out, lse, rep = _native.attention(
+        q, k, v, cu_q, cu_k, _opt_int(max_q), _opt_int(max_k), float(gamma), float(tau),
+        int(min_budget), _opt_int(max_budget), int(block_size),
+        None if softmax_scale is None else float(softmax_scale), selection, bool(return_lse),
+        bool(return_report), _cuda_stream(q) if is_torch else None, bf16)
+    out = _adopt(out, is_torch, bf16)
+    if not (return_lse or return_report):
+        return out
+    result = (out,)
+    if return_lse:
+        lse = _adopt(lse, is_torch, False)
+        # Token-major from the backends; flash-attn's layout is heads before tokens (a view).
+        lse = lse.transpose(1, 2) if lse.ndim == 3 and is_torch else (
+            lse.transpose(0, 2, 1) if lse.ndim == 3 else lse.T)
+        result += (lse,)
+    if return_report:
+        result += (SparsityReport._from_native(rep),)
+    return result
+
+
+def _opt_int(x):
+    return None if x is None else int(x)
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _cuda_stream(q) -> Optional[int]:
+    """The caller's current stream for a torch CUDA tensor (the CUDA path runs on it)."""
+    if not getattr(q, "is_cuda", False):
+        return None
+    import torch
+
+    return torch.cuda.current_stream(q.device).cuda_stream
+
+
+def _ml_bf16_as_u16(q, k, v):
+    """NumPy cannot export bfloat16 (ml_dtypes) by DLPack: view such arrays as uint16."""
+    if not any(isinstance(t, np.ndarray) and t.dtype.name == "bfloat16" for t in (q, k, v)):
+        return q, k, v, False
+    view = [t.view(np.uint16) if isinstance(t, np.ndarray) and t.dtype.name == "bfloat16"
+            else t for t in (q, k, v)]
+    return view[0], view[1], view[2], True
+
+
+def _adopt(buf, is_torch: bool, ml_bf16: bool):
+    """Hands a native buffer to the caller's framework without a copy."""
+    if is_torch:
+        import torch
+
+        return torch.from_dlpack(buf)
+    arr = np.asarray(buf)
+    if buf.dtype == "bfloat16":
+        ml_dtypes = sys.modules.get("ml_dtypes")
+        if ml_dtypes is None:
+            import ml_dtypes  # noqa: F811  (NumPy bfloat16 output needs it)
+        arr = arr.view(ml_dtypes.bfloat16)
+    return arr
