@@ -13,6 +13,8 @@
 mod backend;
 mod compare;
 mod exec;
+#[cfg(test)]
+mod fuzz;
 mod io;
 mod npy;
 mod plot;
@@ -102,23 +104,21 @@ struct Knobs {
 
 impl Knobs {
     fn config(&self) -> FlexPrefillConfig {
-        FlexPrefillConfig {
-            gamma: self.gamma,
-            tau: self.tau,
-            block_size: self.block_size,
-            min_budget: self.min_budget,
-            max_budget: self.max_budget,
-            query_aware_cut: match self.query_aware_cut {
+        FlexPrefillConfig::default()
+            .with_gamma(self.gamma)
+            .with_tau(self.tau)
+            .with_block_size(self.block_size)
+            .with_min_budget(self.min_budget)
+            .with_max_budget(self.max_budget)
+            .with_query_aware_cut(match self.query_aware_cut {
                 CutArg::Flattened => QueryAwareCut::Flattened,
                 CutArg::PerQueryBlock => QueryAwareCut::PerQueryBlock,
-            },
-            selection: match self.selection {
+            })
+            .with_selection(match self.selection {
                 SelectionArg::Faithful => SelectionMode::Faithful,
                 SelectionArg::Original => SelectionMode::Original,
                 SelectionArg::Sampled => SelectionMode::Sampled,
-            },
-            ..FlexPrefillConfig::default()
-        }
+            })
     }
 }
 

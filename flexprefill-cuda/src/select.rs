@@ -536,11 +536,7 @@ pub(crate) fn select_index(
         .map(|s| selection::dense_fallback(s, cfg))
         .collect::<Option<Vec<_>>>()
         .and_then(|r| r.into_iter().next());
-    let mut report = SparsityReport {
-        heads,
-        dense_fallback,
-        ..Default::default()
-    };
+    let mut report = SparsityReport::new(heads, dense_fallback);
     report.timings.index_build = Some(t0.elapsed());
     Ok((index, report))
 }

@@ -251,18 +251,12 @@ fn case(
             dtype: DType::F32,
             seed,
         },
-        config: FlexPrefillConfig {
-            block_size,
-            ..config
-        },
+        config: config.with_block_size(block_size),
     }
 }
 
 fn sparse_cfg(min_budget: usize) -> FlexPrefillConfig {
-    FlexPrefillConfig {
-        min_budget,
-        ..Default::default()
-    }
+    FlexPrefillConfig::default().with_min_budget(min_budget)
 }
 
 /// The full list for a device backend: every workload kind at block 64 (d 64, GQA 2) and 128
@@ -365,10 +359,7 @@ pub fn standard_cases() -> Vec<AgreementCase> {
         128,
         (8, 2, 128),
         &[(3000, 3000)],
-        FlexPrefillConfig {
-            min_budget: 512,
-            ..FlexPrefillConfig::original()
-        },
+        FlexPrefillConfig::original().with_min_budget(512),
         "original",
         37,
     ));
@@ -377,11 +368,9 @@ pub fn standard_cases() -> Vec<AgreementCase> {
         64,
         (4, 2, 64),
         &[(1600, 1600)],
-        FlexPrefillConfig {
-            min_budget: 128,
-            query_aware_cut: QueryAwareCut::PerQueryBlock,
-            ..Default::default()
-        },
+        FlexPrefillConfig::default()
+            .with_min_budget(128)
+            .with_query_aware_cut(QueryAwareCut::PerQueryBlock),
         "per_row_cut",
         38,
     ));
@@ -390,12 +379,10 @@ pub fn standard_cases() -> Vec<AgreementCase> {
         64,
         (4, 2, 64),
         &[(1600, 1600)],
-        FlexPrefillConfig {
-            min_budget: 128,
-            tau: 0.0,
-            gamma: 0.95,
-            ..Default::default()
-        },
+        FlexPrefillConfig::default()
+            .with_min_budget(128)
+            .with_tau(0.0)
+            .with_gamma(0.95),
         "tau0",
         39,
     ));
@@ -404,12 +391,10 @@ pub fn standard_cases() -> Vec<AgreementCase> {
         64,
         (4, 2, 96),
         &[(1111, 1111)],
-        FlexPrefillConfig {
-            min_budget: 128,
-            max_budget: Some(512),
-            selection: SelectionMode::Faithful,
-            ..Default::default()
-        },
+        FlexPrefillConfig::default()
+            .with_min_budget(128)
+            .with_max_budget(Some(512))
+            .with_selection(SelectionMode::Faithful),
         "max_budget",
         40,
     ));
@@ -437,10 +422,7 @@ pub fn quick_cases() -> Vec<AgreementCase> {
             32,
             (2, 1, 48),
             &[(333, 333)],
-            FlexPrefillConfig {
-                min_budget: 64,
-                ..FlexPrefillConfig::original()
-            },
+            FlexPrefillConfig::original().with_min_budget(64),
             "original",
             4,
         ),
