@@ -140,47 +140,6 @@ pub fn launch_select<T: StatsElem>(
     let nkb_all = layout.total_key_blocks() * h;
     let qb_all = layout.total_query_blocks();
 
-    let key = select_key();
-    let max_smem = dev.info().max_smem_per_block;
-    let n2 = max_nkb.next_power_of_two();
-    let sort_smem = 12 * n2;
-    // The registry raises a function's dynamic-smem limit once, at first use, so ask for the
-    // most any launch may need; the limit must leave room for the kernel's static shared
-    // memory (a few KiB at most here), or the driver refuses it.
-    let dyn_limit = max_smem - 8 * 1024;
-    // The top-up stages `topup_tile` floats per tile, two tiles aliasing the sort keys, then
-    // the ranking and one mask row (kernels/select/query_aware_faithful.cu, sel_qa_topup);
-    // smaller tiles where shared memory is short (a tile holds at least one key block's
-    // representative rows).
-    let topup_bytes = |tile: usize| (8 * n2).max(8 * tile) + 4 * n2 + 4 * max_nkb.div_ceil(32);
-    let mut topup_tile = TOPUP_TILE;
-    while topup_tile > TOPUP_MIN_TILE && topup_bytes(topup_tile) > dyn_limit {
-        topup_tile /= 2;
-    }
-    let topup_smem = topup_bytes(topup_tile);
-    // sel_qa_topup runs one thread per representative row (rep ≤ block_size ≤ 256, which
-    // the config's validation guarantees).
-    if max_rep > TOPUP_THREADS {
-        return Err(CudaError::Unsupported {
-            op: "select",
-            message: format!(
-                "{max_rep} representative rows exceed the top-up's {TOPUP_THREADS} threads"
-            ),
-        });
-    }
-    let row_smem = 16 * n2 + 4 * max_nkb.div_ceil(32);
-    if topup_smem > max_smem {
-        return Err(CudaError::Unsupported {
-            op: "select",
-            message: format!("{max_nkb} key blocks per sequence need {topup_smem} bytes of shared memory to rank (device: {max_smem}); use a larger block_size"),
-        });
-    }
-    if topup_smem.max(row_smem) > dyn_limit {
-        return Err(CudaError::Unsupported {
-            op: "select",
-            message: format!("{max_nkb} key blocks per sequence need {topup_smem} bytes of shared memory to rank (device: {dyn_limit}); use a larger block_size"),
-        });
-    }
     let sel_d = stream.clone_htod(&plan.sel)?;
     let qb_seq: Vec<u32> = layout
         .seqs
@@ -227,6 +186,47 @@ pub fn launch_select<T: StatsElem>(
         )
     };
 
+    let key = select_key();
+    let max_smem = dev.info().max_smem_per_block;
+    let n2 = max_nkb.next_power_of_two();
+    let sort_smem = 12 * n2;
+    // The registry raises a function's dynamic-smem limit once, at first use, so ask for the
+    // most any launch may need; the limit must leave room for the kernel's static shared
+    // memory (a few KiB at most here), or the driver refuses it.
+    let dyn_limit = max_smem - 8 * 1024;
+    // The top-up stages `topup_tile` floats per tile, two tiles aliasing the sort keys, then
+    // the ranking and one mask row (kernels/select/query_aware_faithful.cu, sel_qa_topup);
+    // smaller tiles where shared memory is short (a tile holds at least one key block's
+    // representative rows).
+    let topup_bytes = |tile: usize| (8 * n2).max(8 * tile) + 4 * n2 + 4 * max_nkb.div_ceil(32);
+    let mut topup_tile = TOPUP_TILE;
+    while topup_tile > TOPUP_MIN_TILE && topup_bytes(topup_tile) > dyn_limit {
+        topup_tile /= 2;
+    }
+    let topup_smem = topup_bytes(topup_tile);
+    // sel_qa_topup runs one thread per representative row (rep ≤ block_size ≤ 256, which
+    // the config's validation guarantees).
+    if max_rep > TOPUP_THREADS {
+        return Err(CudaError::Unsupported {
+            op: "select",
+            message: format!(
+                "{max_rep} representative rows exceed the top-up's {TOPUP_THREADS} threads"
+            ),
+        });
+    }
+    let row_smem = 16 * n2 + 4 * max_nkb.div_ceil(32);
+    if topup_smem > max_smem {
+        return Err(CudaError::Unsupported {
+            op: "select",
+            message: format!("{max_nkb} key blocks per sequence need {topup_smem} bytes of shared memory to rank (device: {max_smem}); use a larger block_size"),
+        });
+    }
+    if topup_smem.max(row_smem) > dyn_limit {
+        return Err(CudaError::Unsupported {
+            op: "select",
+            message: format!("{max_nkb} key blocks per sequence need {topup_smem} bytes of shared memory to rank (device: {dyn_limit}); use a larger block_size"),
+        });
+    }
     // Query-aware map tiles (QM_ROWS query-block rows × QM_COLS key blocks of one sequence)
     // that touch the causal region: the whole tiles first, then those the diagonal crosses
     // (lighter: their warps above the diagonal only stage), so the tail of the launch is short.
