@@ -30,15 +30,8 @@ fn gpu() -> Option<CudaBackend> {
 }
 
 fn workload(kind: WorkloadKind, len: usize, h: usize, hkv: usize, seed: u64) -> OwnedInput {
-    let spec = WorkloadSpec {
-        kind,
-        batch: 1,
-        seq_len: len,
-        num_heads: h,
-        num_kv_heads: hkv,
-        head_dim: 128,
-        seed,
-    };
+    let mut spec = WorkloadSpec::new(kind, len);
+    (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.seed) = (h, hkv, 128, seed);
     generate(&spec).owned().to_dtype(DType::BF16)
 }
 
