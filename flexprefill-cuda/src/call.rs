@@ -226,6 +226,8 @@ pub(crate) fn run<T: StatsElem + DeviceElem>(
             .softmax_scale
             .unwrap_or(1.0 / (args.shape.head_dim as f32).sqrt());
         let (scale, emulate) = crate::stats::estimation_scale(args.shape, scale, input_dtype, cfg);
+        // Sizes the selection kernels cannot address fail here, before the statistics launch.
+        crate::select::check_sizes(&layout, cfg)?;
         let mut st = launch_stats(dev, stream, args.q, args.k, layout, scale, emulate)?;
         ev_stats = record()?;
         let sel = launch_select(dev, stream, Some(args.q), &mut st, cfg)?;
