@@ -396,7 +396,8 @@ FP_DEVICE Pass2Rows pass2_rows(const SplitCta& cta, const float* __restrict__ ls
 // The cross-warp step of pass 2 for one tile (keys j0..j0+KT), run by every thread of the CTA
 // once all warps have written the tile's partials (set `wc` / `dpt` per row group, `pwt`):
 // column sums (threads < KT, warps in order) into the vertical line, diagonal sums (threads
-// KT..KT+KT+ROWS-2, warps in order) into the split's slash accumulator, probe block partials
+// >= KT, one slash entry each, warps then row groups in order) into the split's slash
+// accumulator, probe block partials
 // (threads < PQ · blocks per tile) into the split's probe block masses.
 FP_DEVICE void pass2_combine(const SeqDesc& sd, int ng, unsigned j0, unsigned J0, unsigned J1,
                              int block_size, int nbs, int sl_stride, unsigned np, float inv_r,
@@ -404,26 +405,38 @@ FP_DEVICE void pass2_combine(const SeqDesc& sd, int ng, unsigned j0, unsigned J0
                              float* slash_acc, float* pacc, float* vert_out) {
     const int t = threadIdx.x;
     float vs = 0.f;
-    for (int g = 0; g < ng; ++g) {
-        const float* wcg = wc + g * NWARPS * KT;
-        const float* dpg = dpt + g * NWARPS * DPITCH;
-        if (t < KT) {
+    if (t < KT) {
+        for (int g = 0; g < ng; ++g) {
+            const float* wcg = wc + g * NWARPS * KT;
             float s = 0.f;
 #pragma unroll
             for (int w = 0; w < NWARPS; ++w) s += wcg[w * KT + t];
             vs += s;
-        } else if (t < KT + KT + ROWS - 1) {
-            // Diagonal e = ii - jj of the group's tile (e in [-(KT-1), ROWS-1]): warp w
-            // holds it at d' = e - 16w + 63 when that is in [0, NDIAG).
-            const int e = t - KT - (KT - 1);
-            float s = 0.f;
+        }
+    } else {
+        // Slash entries: group g's diagonal e (e in [-(KT-1), ROWS-1]) lands on entry
+        // L = J1 - 1 - j0 + g·ROWS + e, so the groups overlap on L. One thread owns each L and
+        // adds the groups in order (warp w holds diagonal e at d' = e - 16w + 63 when that is
+        // in [0, NDIAG)), so no two threads update one entry.
+        const int ne = KT + ng * ROWS - 1;
+        for (int i = t - KT; i < ne; i += (int)blockDim.x - KT) {
+            const int E = i - (KT - 1);
+            const int L = (int)(J1 - 1 - j0) + E;
+            if (L < 0 || L >= sl_stride) continue;
+            float a = slash_acc[L];
+            for (int g = 0; g < ng; ++g) {
+                const int e = E - g * ROWS;
+                if (e < -(KT - 1) || e > ROWS - 1) continue;
+                const float* dpg = dpt + g * NWARPS * DPITCH;
+                float s = 0.f;
 #pragma unroll
-            for (int w = 0; w < NWARPS; ++w) {
-                const int d = e - 16 * w + 63;
-                if (d >= 0 && d < NDIAG) s += dpg[w * DPITCH + d];
+                for (int w = 0; w < NWARPS; ++w) {
+                    const int d = e - 16 * w + 63;
+                    if (d >= 0 && d < NDIAG) s += dpg[w * DPITCH + d];
+                }
+                a += s;
             }
-            const int L = (int)(J1 - 1 - j0) + g * ROWS + e;
-            if (L >= 0 && L < sl_stride) slash_acc[L] += s;
+            slash_acc[L] = a;
         }
     }
     if (t < KT && j0 + t < sd.kv_len) vert_out[j0 + t] = vs * inv_r;
