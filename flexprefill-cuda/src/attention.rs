@@ -57,10 +57,10 @@ pub static DENSE_WALK: KernelFamily = KernelFamily {
 };
 
 /// Cost of one computed block on the sparse walk over one on the dense walk, for the
-/// warp-specialized Hopper kernel: on the H200 (bf16, 32 q / 8 kv heads, d 128) dense attention
-/// runs at 586–597 TFLOP/s and a vertical-slash index at density 0.29 at 511 TFLOP/s on its
-/// computed blocks (the scattered K/V tiles and CSR reads), 597 / 511 ≈ 1.17, rounded up to
-/// 1.2 (docs/CUDA.md's table).
+/// warp-specialized Hopper kernel at block 128: on the H200 (bf16, 32 q / 8 kv heads, d 128,
+/// 32k–128k) dense attention runs at 586–597 TFLOP/s and indexes of density ≈ 0.3 at 492–511
+/// TFLOP/s on their computed blocks (scattered K/V tiles, CSR reads), a ratio of 1.17–1.19,
+/// rounded up to 1.2 (docs/CUDA.md's table of the warp-specialized kernel).
 pub const SPARSE_BLOCK_COST: f64 = 1.2;
 
 /// Selected share of a head's causal blocks at and above which its sparse walk costs at least

@@ -330,6 +330,31 @@ fn unsupported_shapes_are_typed_errors() {
     assert!(e.to_string().contains("head_dim (40)"), "{e}");
 }
 
+/// Uploads bf16 q, k, v.
+fn upload_bf16(
+    stream: &std::sync::Arc<flexprefill_cuda::cudarc::driver::CudaStream>,
+    x: &Data,
+) -> (
+    flexprefill_cuda::cudarc::driver::CudaSlice<half::bf16>,
+    flexprefill_cuda::cudarc::driver::CudaSlice<half::bf16>,
+    flexprefill_cuda::cudarc::driver::CudaSlice<half::bf16>,
+) {
+    let up = |t: &HostTensor| match t {
+        HostTensor::BF16(v) => stream.clone_htod(v).unwrap(),
+        _ => unreachable!("bf16 data"),
+    };
+    (up(&x.q), up(&x.k), up(&x.v))
+}
+
+/// Every tile shape the bench compares and the automatic one, those the device can run.
+fn device_tiles(gpu: &CudaBackend, d: usize, bs: usize) -> Vec<AttnTile> {
+    let cc = gpu.device().info().compute_capability;
+    let mut tiles = AttnTile::variants(d, bs);
+    tiles.push(AttnTile::auto_for(cc, d, bs));
+    tiles.retain(|t| !t.wgmma || cc == (9, 0));
+    tiles
+}
+
 /// Both kernels (portable mma.sync, Hopper wgmma where the device has it) against the oracle
 /// through the device API, every tile shape the bench compares, on poisoned output buffers.
 #[test]
@@ -345,11 +370,7 @@ fn every_tile_shape_matches_oracle_through_device_api() {
         let inp = input(&x, shape, &layout, true);
         let index = random_index(&mut rng, &inp.seqs, 8, bs, 0.4, false);
         let want = oracle::masked_attention_f64(&inp, &index).unwrap();
-        let up = |t: &HostTensor| match t {
-            HostTensor::BF16(v) => stream.clone_htod(v).unwrap(),
-            _ => unreachable!("bf16 data"),
-        };
-        let (q, k, v) = (up(&x.q), up(&x.k), up(&x.v));
+        let (q, k, v) = upload_bf16(&stream, &x);
         let seqs = DeviceSeqs::new(&stream, &inp.seqs).unwrap();
         let dindex = DeviceBlockIndex::upload(&stream, &index).unwrap();
         let args = AttentionArgs {
@@ -363,16 +384,7 @@ fn every_tile_shape_matches_oracle_through_device_api() {
         let inp = inp.with_softmax_scale(0.1).unwrap();
         let want_scaled = oracle::masked_attention_f64(&inp, &index).unwrap();
         assert_ne!(want, want_scaled);
-        let mut tiles = AttnTile::variants(d, bs);
-        tiles.push(AttnTile::auto_for(
-            gpu.device().info().compute_capability,
-            d,
-            bs,
-        ));
-        for t in tiles {
-            if t.wgmma && gpu.device().info().compute_capability != (9, 0) {
-                continue;
-            }
+        for t in device_tiles(&gpu, d, bs) {
             let mut out = stream
                 .clone_htod(&vec![half::bf16::NAN; 730 * 8 * d])
                 .unwrap();
@@ -442,7 +454,6 @@ fn dense_walk_flags_dense_heads_and_walks_them_dense() {
         Err(e) => panic!("a CUDA device is needed: {e}"),
     };
     let stream = gpu.stream().clone();
-    let cc = gpu.device().info().compute_capability;
     let mut rng = Rng::fresh("dense walk");
     let h = 4;
     for (d, bs) in [(128, 128), (64, 128), (128, 64), (64, 64)] {
@@ -486,11 +497,7 @@ fn dense_walk_flags_dense_heads_and_walks_them_dense() {
         for (si, f) in want_flags.chunks(h).enumerate() {
             assert_eq!(f, [1, 1, 0, 0], "d{d} bs{bs} seq {si}: the index kinds");
         }
-        let up = |t: &HostTensor| match t {
-            HostTensor::BF16(v) => stream.clone_htod(v).unwrap(),
-            _ => unreachable!("bf16 data"),
-        };
-        let (q, k, v) = (up(&x.q), up(&x.k), up(&x.v));
+        let (q, k, v) = upload_bf16(&stream, &x);
         let seqs = DeviceSeqs::new(&stream, &inp.seqs).unwrap();
         let dindex = DeviceBlockIndex::upload(&stream, &index).unwrap();
         let args = AttentionArgs {
@@ -513,12 +520,7 @@ fn dense_walk_flags_dense_heads_and_walks_them_dense() {
             let got = stream.clone_dtoh(&f).unwrap();
             assert!(got.iter().all(|&x| x == want), "threshold {m}: {got:?}");
         }
-        let mut tiles = AttnTile::variants(d, bs);
-        tiles.push(AttnTile::auto_for(cc, d, bs));
-        for t in tiles {
-            if t.wgmma && cc != (9, 0) {
-                continue;
-            }
+        for t in device_tiles(&gpu, d, bs) {
             let run = |index: Option<&DeviceBlockIndex>, walk: Option<&_>| {
                 let mut out = stream
                     .clone_htod(&vec![half::bf16::NAN; tq * h * d])
