@@ -90,7 +90,7 @@ if [ "${CHECK_SAN:-1}" = 1 ]; then
     san stats_wgmma cuda_lib_tests -- --exact stats::tests::statistics_match_the_cpu_oracle
     san stats_mma cuda_lib_tests FLEXPREFILL_STATS_MMA=1 -- --exact stats::tests::statistics_match_the_cpu_oracle
     san select cuda_lib_tests -- --exact select::tests::device_selection_equals_core_on_the_same_statistics
-    san attention gpu_attention -- sparse_with_every_block rows_without_keys every_tile_shape odd_head_dims
+    san attention gpu_attention -- sparse_with_every_block rows_without_keys every_tile_shape odd_head_dims dense_walk
   else
     summary+=("compute-sanitizer not found")
   fi

@@ -37,7 +37,8 @@ macro_rules! with_elem {
 }
 
 use crate::attention::{
-    launch_attention, AttentionArgs, AttnTile, DeviceBlockIndex, DeviceElem, DeviceSeqs,
+    launch_attention, launch_attention_walk, AttentionArgs, AttnTile, DeviceBlockIndex, DeviceElem,
+    DeviceSeqs,
 };
 use crate::device::{driver_present, CudaDevice};
 use crate::error::{CudaError, Result};
@@ -116,13 +117,42 @@ impl CudaBackend {
         out: &mut CudaSlice<T>,
         lse: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
+        self.check_stream(stream)?;
+        launch_attention(&self.device, stream, args, index, tile, out, lse)
+    }
+
+    /// [`CudaBackend::attention_device`] with the dense-walk flags of the FlexPrefill call
+    /// (`attention::choose_dense_walk`), on the automatic tile.
+    pub(crate) fn attention_device_walk<T: DeviceElem>(
+        &self,
+        stream: &CudaStream,
+        args: &AttentionArgs<'_, T>,
+        index: Option<&DeviceBlockIndex>,
+        dense_walk: Option<&CudaSlice<u8>>,
+        out: &mut CudaSlice<T>,
+        lse: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        launch_attention_walk(
+            &self.device,
+            stream,
+            args,
+            index,
+            dense_walk,
+            None,
+            out,
+            lse,
+        )
+    }
+
+    fn check_stream(&self, stream: &CudaStream) -> Result<()> {
         if stream.context().cu_ctx() != self.device.context().cu_ctx() {
             return Err(CudaError::Unsupported {
                 op: "attention",
                 message: "the stream belongs to another CUDA context".into(),
             });
         }
-        launch_attention(&self.device, stream, args, index, tile, out, lse)
+        Ok(())
     }
 
     /// Host attention: uploads, runs (timed with CUDA events), downloads.
