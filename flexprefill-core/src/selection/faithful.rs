@@ -323,19 +323,7 @@ pub(crate) fn extend_columns_and_distances(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::input::Sequence;
-
-    fn grid(q_len: usize, kv_len: usize, bs: usize) -> Grid {
-        Grid::new(
-            &Sequence {
-                q_start: 0,
-                k_start: 0,
-                q_len,
-                kv_len,
-            },
-            bs,
-        )
-    }
+    use crate::selection::grid::test_grid as grid;
 
     #[test]
     fn a_distance_reaches_one_or_two_key_blocks_per_row() {

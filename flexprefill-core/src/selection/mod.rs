@@ -374,16 +374,15 @@ pub fn build_index(
                 select_head(&stats[si * h + head], seq, shape.head_dim, cfg)?
             };
             let selected: usize = sel.rows.iter().map(Vec::len).sum();
-            reports.push(HeadReport {
-                seq: si,
+            reports.push(HeadReport::new(
+                si,
                 head,
-                pattern: reported_pattern(sel.pattern, selected, causal),
-                js_distance: sel.js_distance,
-                selected_blocks: selected,
-                causal_blocks: causal,
-                density: selected as f64 / causal as f64,
-                estimated_mass: sel.mean_representative_mass(),
-            });
+                sel.pattern,
+                sel.js_distance,
+                selected,
+                causal,
+                sel.mean_representative_mass(),
+            ));
             heads.push(sel.rows);
         }
     }
@@ -477,8 +476,13 @@ mod tests {
             index.validate(Default::default()).unwrap();
             assert_eq!(reports.len(), 4);
             assert_eq!(reports[0].pattern, Pattern::Dense);
+            assert_eq!(
+                reports[0].dense_reason,
+                Some(crate::report::DenseReason::ShortSequence)
+            );
             assert_eq!(reports[0].density, 1.0);
             assert_eq!(reports[2].pattern, Pattern::VerticalSlash);
+            assert_eq!(reports[2].dense_reason, None);
             assert_eq!(reports[2].causal_blocks, 55);
             assert!(reports[2].density < 1.0);
             // the stripe column (key 70 → block 4): faithful finds it in every later row; the
@@ -501,12 +505,17 @@ mod tests {
         assert_eq!(reports[0].selected_blocks, reports[0].causal_blocks);
         assert_eq!(index.density(), 1.0);
         assert_eq!(reports[0].pattern, Pattern::Dense);
+        assert_eq!(
+            reports[0].dense_reason,
+            Some(crate::report::DenseReason::SelectedEveryBlock)
+        );
         assert!(reports[0].js_distance.is_finite());
         // a sparse selection keeps its pattern's name
         c.gamma = 0.5;
         let (_, reports) = build_index(&[s], shape, &c, &[st]).unwrap();
         assert!(reports[0].density < 1.0);
         assert_eq!(reports[0].pattern, Pattern::VerticalSlash);
+        assert_eq!(reports[0].dense_reason, None);
     }
 
     #[test]

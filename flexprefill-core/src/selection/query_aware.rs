@@ -335,17 +335,7 @@ fn estimated_row_mass(block_map: &[f32], nkb: usize, rows: &[Vec<u32>]) -> Vec<f
 mod tests {
     use super::*;
 
-    fn grid(q_len: usize, kv_len: usize, bs: usize) -> Grid {
-        Grid::new(
-            &Sequence {
-                q_start: 0,
-                k_start: 0,
-                q_len,
-                kv_len,
-            },
-            bs,
-        )
-    }
+    use crate::selection::grid::test_grid as grid;
 
     /// Mean over probes of the captured share under `rows`.
     fn probe_mean(g: &Grid, probe: &[f32], rows: &[Vec<u32>]) -> f64 {
@@ -450,6 +440,17 @@ mod tests {
         assert!(exact[2] > rounded[2]);
     }
 
+    /// The original's cut of [`map3`] (it reads no statistics).
+    fn original_cut(cfg: &FlexPrefillConfig) -> Vec<Vec<u32>> {
+        query_aware_index_search(
+            &map3(),
+            &HeadStatistics::default(),
+            &Sequence::whole(6),
+            cfg,
+        )
+        .unwrap()
+    }
+
     /// 3×3 map: row 0 = [1], row 1 = [0.6, 0.4], row 2 = [0.5, 0.3, 0.2]. Total mass 3.
     fn map3() -> Vec<f32> {
         vec![1.0, 0.0, 0.0, 0.6, 0.4, 0.0, 0.5, 0.3, 0.2]
@@ -464,7 +465,7 @@ mod tests {
             ..FlexPrefillConfig::original()
         };
         let none = HeadStatistics::default();
-        let rows = query_aware_index_search(&map3(), &none, &Sequence::whole(6), &cfg).unwrap();
+        let rows = original_cut(&cfg);
         assert_eq!(rows, vec![vec![0], vec![], vec![]]);
         // the paper's rule (faithful) includes the crossing element (row 1's block 0); no
         // forced blocks, mb 1 raises row 2 to one block; the representative queries (row 2)
@@ -498,13 +499,7 @@ mod tests {
             block_size: 2,
             ..FlexPrefillConfig::original()
         };
-        let rows = query_aware_index_search(
-            &map3(),
-            &HeadStatistics::default(),
-            &Sequence::whole(6),
-            &cfg,
-        )
-        .unwrap();
+        let rows = original_cut(&cfg);
         // row 2 keeps only 0.5 of its mass although gamma is 0.8
         assert_eq!(rows, vec![vec![0], vec![0], vec![0]]);
     }
@@ -517,13 +512,7 @@ mod tests {
             query_aware_cut: QueryAwareCut::PerQueryBlock,
             ..FlexPrefillConfig::original()
         };
-        let rows = query_aware_index_search(
-            &map3(),
-            &HeadStatistics::default(),
-            &Sequence::whole(6),
-            &cfg,
-        )
-        .unwrap();
+        let rows = original_cut(&cfg);
         assert_eq!(rows, vec![vec![0], vec![0, 1], vec![0, 1]]);
         let mass = estimated_row_mass(&map3(), 3, &rows);
         assert!(mass.iter().all(|&m| m >= 0.75), "{mass:?}");
