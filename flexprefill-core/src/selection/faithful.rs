@@ -1,5 +1,7 @@
-//! The faithful mode's rules: selections that keep gamma on the representative queries by
-//! construction (issue 6; the full rule set and its measurements are in `docs/SELECTION.md`).
+//! The faithful mode's exact-mass bookkeeping (`Coverage`, also used by the query-aware
+//! calibration in `query_aware.rs`) and its vertical-slash walk: selections that keep gamma
+//! on the representative queries by construction (the full rule set and its measurements are
+//! in `docs/SELECTION.md`).
 //!
 //! The representative queries' exact attention per key block (`rep_block_mass`) is known, so
 //! instead of converting token counts to block counts as the original does, every step here

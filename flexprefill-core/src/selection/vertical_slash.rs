@@ -5,7 +5,7 @@
 //! `K // 128 + 1` (a literal 128, whatever the block size), clamped to `[mb, Mb]`; the lines
 //! pooled to key blocks (vertical) and block-diagonal offsets (slash); the top-n of each, with
 //! the sink column and the diagonal forced; columns and offsets extended to every query block.
-//! The faithful mode's rules live in `faithful.rs`.
+//! The faithful mode's walk over token lines lives in `faithful.rs`.
 
 use crate::config::{FlexPrefillConfig, SelectionMode};
 use crate::error::Result;
