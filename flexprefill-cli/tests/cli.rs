@@ -419,6 +419,11 @@ fn run_json_has_every_key_and_consistent_numbers() {
             ["query_aware", "vertical_slash"].contains(&pattern),
             "{pattern}"
         );
+        // the key is there for every head, null for a sparse one
+        assert!(
+            h["dense_reason"].is_null() && h.get("dense_reason").is_some(),
+            "{h}"
+        );
         let (s, c) = (
             h["selected_blocks"].as_u64().unwrap(),
             h["causal_blocks"].as_u64().unwrap(),
@@ -475,9 +480,13 @@ fn output_round_trips_and_matches_naive_attention() {
         .as_array()
         .unwrap()
         .iter()
-        .all(|h| h["pattern"] == "dense"));
+        .all(|h| h["pattern"] == "dense" && h["dense_reason"] == "call_ran_dense"));
     let text = stdout(&ok(&["run", "--input", p(&f), "--backend", "cpu"]));
     assert!(!text.contains("pattern search"), "{text}");
+    assert!(
+        text.contains("dense_reason") && text.contains("call_ran_dense"),
+        "{text}"
+    );
     let (t, _) = read_st(&out);
     let (dtype, shape, o) = &t["o"];
     assert_eq!((*dtype, shape.clone()), (Dtype::F32, vec![b, n, h, d]));

@@ -31,6 +31,43 @@ impl std::fmt::Display for Pattern {
     }
 }
 
+/// Why a head computes every causal block ([`Pattern::Dense`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DenseReason {
+    /// The sequence is no longer than the sparse threshold `max(2·block_size, min_budget)`:
+    /// selection is skipped (`selection::dense_fallback`).
+    ShortSequence,
+    /// Selection ran and its blocks are every causal block of the sequence; the head's
+    /// `js_distance` still shows the pattern decision.
+    SelectedEveryBlock,
+    /// The whole call ran dense (`SparsityReport::dense_fallback` says why).
+    CallRanDense,
+    /// Selection kept so many blocks that block-sparse attention would cost more than the
+    /// dense walk (the CUDA backend decides this per head on the device); the head computed
+    /// every causal block.
+    SparseCostsMore,
+}
+
+impl DenseReason {
+    /// `short_sequence`, `selected_every_block`, `call_ran_dense` or `sparse_costs_more`, as in
+    /// reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            DenseReason::ShortSequence => "short_sequence",
+            DenseReason::SelectedEveryBlock => "selected_every_block",
+            DenseReason::CallRanDense => "call_ran_dense",
+            DenseReason::SparseCostsMore => "sparse_costs_more",
+        }
+    }
+}
+
+impl std::fmt::Display for DenseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One (sequence, head)'s decision.
 ///
 /// `#[non_exhaustive]`: backends outside core build it with [`HeadReport::new`].
@@ -56,11 +93,17 @@ pub struct HeadReport {
     /// (from `HeadStatistics::rep_block_mass`) for either pattern; 1 for dense heads, NaN when
     /// the backend did not measure the representative block masses (allowed in original mode).
     pub estimated_mass: f32,
+    /// Why the head is [`Pattern::Dense`]; `None` for a sparse head.
+    pub dense_reason: Option<DenseReason>,
 }
 
 impl HeadReport {
-    /// One head's decision; `density` is derived (`selected_blocks / causal_blocks`, 1 when
-    /// there is no causal block) so it cannot disagree with the counts.
+    /// The report of a head whose rule chose `pattern` and `selected_blocks` of
+    /// `causal_blocks`: a `pattern` of [`Pattern::Dense`] means the sequence was too short
+    /// for selection; a sparse pattern whose blocks are every causal block is reported
+    /// dense ([`crate::selection::reported_pattern`]), so a head that computes everything
+    /// never shows under a sparse pattern's name. Every backend builds its reports here, so
+    /// their patterns and reasons agree.
     pub fn new(
         seq: usize,
         head: usize,
@@ -70,20 +113,27 @@ impl HeadReport {
         causal_blocks: usize,
         estimated_mass: f32,
     ) -> Self {
-        let density = if causal_blocks == 0 {
-            1.0
-        } else {
-            selected_blocks as f64 / causal_blocks as f64
+        let reported = crate::selection::reported_pattern(pattern, selected_blocks, causal_blocks);
+        let dense_reason = match (pattern, reported) {
+            (Pattern::Dense, _) => Some(DenseReason::ShortSequence),
+            (_, Pattern::Dense) => Some(DenseReason::SelectedEveryBlock),
+            _ => None,
         };
         Self {
             seq,
             head,
-            pattern,
+            pattern: reported,
             js_distance,
             selected_blocks,
             causal_blocks,
-            density,
+            // derived, so it cannot disagree with the counts (1 when there is no causal block)
+            density: if causal_blocks == 0 {
+                1.0
+            } else {
+                selected_blocks as f64 / causal_blocks as f64
+            },
             estimated_mass,
+            dense_reason,
         }
     }
 }

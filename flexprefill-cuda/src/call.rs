@@ -9,7 +9,7 @@ use std::time::Duration;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use flexprefill_core::{
-    payoff, AttentionShape, Backend as _, FlexPrefillConfig, HeadStatistics, Pattern,
+    payoff, AttentionShape, Backend as _, DenseReason, FlexPrefillConfig, HeadStatistics, Pattern,
     SelectionMode, Sequence, SparsityReport, Timings,
 };
 
@@ -145,6 +145,7 @@ fn apply_dense_walk(report: &mut SparsityReport, walk: &[bool], max_density: f64
         selected += h.selected_blocks;
         causal += h.causal_blocks;
         h.pattern = Pattern::Dense;
+        h.dense_reason = Some(DenseReason::SparseCostsMore);
         h.selected_blocks = h.causal_blocks;
         h.density = 1.0;
         h.estimated_mass = 1.0;
@@ -332,6 +333,7 @@ mod tests {
         assert_eq!((h[0].estimated_mass, h[0].js_distance), (1.0, 0.5));
         assert_eq!(h[1], report().heads[1], "an unflagged head is left alone");
         assert_eq!(h[2].pattern, Pattern::Dense);
+        assert_eq!(h[0].dense_reason, Some(DenseReason::SparseCostsMore));
         assert_eq!(r.dense_fallback, None, "one head still ran sparse");
     }
 

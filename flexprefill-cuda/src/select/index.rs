@@ -90,7 +90,7 @@ impl DeviceSelection {
                 reports.push(HeadReport::new(
                     si,
                     head,
-                    flexprefill_core::selection::reported_pattern(pat, selected, causal),
+                    pat,
                     js[si * h + head],
                     selected,
                     causal,
