@@ -16,6 +16,7 @@
 #   cp target/release/deps/flexprefill_cuda-HASH .gpu/cuda_lib_tests
 #   cp target/release/deps/gpu_attention-HASH .gpu/gpu_attention
 #   cp target/release/deps/gpu_robustness-HASH .gpu/gpu_robustness
+#   cp target/release/deps/gpu_host-HASH .gpu/gpu_host
 #   cp target/release/deps/nvrtc_compile-HASH .gpu/nvrtc_compile
 #   cp target/release/deps/no_driver-HASH .gpu/no_driver
 # (gpu-bench.sh's executables go to the same folder.)
@@ -61,6 +62,10 @@ if [ "${CHECK_TESTS:-1}" = 1 ]; then
   fi
   run_test cuda_lib_tests lib_tests.log -- --skip compile
   run_test gpu_attention gpu_attention.log --
+  # The warp-specialized kernel forced at block 64 too (it is the default at block 128).
+  run_test gpu_attention gpu_attention_ws.log FLEXPREFILL_ATTN=ws --
+  # Host API == device call, the dense-or-sparse rule, raw-pointer entry, kernel cache.
+  run_test gpu_host gpu_host.log -- --nocapture
   # Size limits, out-of-memory, two threads on one backend, repeated runs bit for bit.
   run_test gpu_robustness gpu_robustness.log -- --nocapture
   # The other statistics passes on Hopper: mma.sync, and the wgmma issue-ahead variant.
