@@ -18,6 +18,7 @@ use crate::device::CudaDevice;
 use crate::error::{CudaError, Result};
 use crate::launch::Launch;
 use crate::registry::{KernelFamily, KernelKey};
+use crate::workspace::{Buf, Scratch};
 
 /// The attention kernel family (mma.sync, compute capability 8.0 and newer).
 pub static ATTENTION: KernelFamily = KernelFamily {
@@ -420,12 +421,22 @@ impl AttnTile {
 #[derive(Debug)]
 pub struct DeviceSeqs {
     host: Vec<Sequence>,
-    dev: CudaSlice<u32>,
+    dev: Buf<u32>,
 }
 
 impl DeviceSeqs {
     /// Uploads `seqs` on `stream`.
     pub fn new(stream: &std::sync::Arc<CudaStream>, seqs: &[Sequence]) -> Result<Self> {
+        Self::new_in(stream, &mut Scratch::alloc(), seqs)
+    }
+
+    /// Uploads `seqs` on `stream` into `scratch` (a workspace's pinned table, or a fresh
+    /// allocation).
+    pub(crate) fn new_in(
+        stream: &std::sync::Arc<CudaStream>,
+        scratch: &mut Scratch<'_>,
+        seqs: &[Sequence],
+    ) -> Result<Self> {
         if seqs.is_empty() {
             return Err(flexprefill_core::Error::Shape(
                 "no sequence: batch must be at least 1".into(),
@@ -443,7 +454,7 @@ impl DeviceSeqs {
         }
         Ok(Self {
             host: seqs.to_vec(),
-            dev: stream.clone_htod(&flat)?,
+            dev: scratch.upload(stream, &flat)?,
         })
     }
 
@@ -481,11 +492,11 @@ pub struct DeviceBlockIndex {
     /// Query heads.
     pub num_heads: usize,
     /// `[num_seqs * num_heads + 1]`: first CSR row of each (sequence, head).
-    pub head_row_start: CudaSlice<u32>,
+    pub head_row_start: Buf<u32>,
     /// `[rows + 1]` offsets into `col_indices`.
-    pub row_offsets: CudaSlice<u32>,
+    pub row_offsets: Buf<u32>,
     /// Key blocks, ascending within a row.
-    pub col_indices: CudaSlice<u32>,
+    pub col_indices: Buf<u32>,
 }
 
 impl DeviceBlockIndex {
@@ -500,9 +511,9 @@ impl DeviceBlockIndex {
         Ok(Self {
             block_size: index.block_size(),
             num_heads: index.num_heads(),
-            head_row_start: stream.clone_htod(index.head_row_start())?,
-            row_offsets: stream.clone_htod(index.row_offsets())?,
-            col_indices: stream.clone_htod(cols)?,
+            head_row_start: stream.clone_htod(index.head_row_start())?.into(),
+            row_offsets: stream.clone_htod(index.row_offsets())?.into(),
+            col_indices: stream.clone_htod(cols)?.into(),
         })
     }
 }

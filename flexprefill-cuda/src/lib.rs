@@ -95,12 +95,14 @@ mod registry;
 pub mod select;
 mod staging;
 mod stats;
+pub mod workspace;
 
 pub use attention::{AttentionArgs, AttnTile, DeviceBlockIndex, DeviceElem, DeviceSeqs};
 pub use backend::CudaBackend;
 pub use device::{CudaDevice, DeviceInfo};
 pub use error::{CudaError, Result};
 pub use kcache::{cache_key, KernelCache};
+pub use workspace::{Buf, Workspace, WorkspaceLimits, WorkspaceSize};
 
 /// cudarc, re-exported so callers of the device API use the same version.
 pub use cudarc;
