@@ -11,11 +11,13 @@
 #        tests/gpu_attention.rs (target/release/deps/gpu_attention-HASH)
 #        tests/nvrtc_compile.rs (target/release/deps/nvrtc_compile-HASH)
 #        tests/no_driver.rs (target/release/deps/no_driver-HASH)
+#        tests/gpu_graph.rs (target/release/deps/gpu_graph-HASH)
 #   mkdir -p .gpu
 #   cp target/release/deps/flexprefill_cuda-HASH .gpu/cuda_lib_tests
 #   cp target/release/deps/gpu_attention-HASH .gpu/gpu_attention
 #   cp target/release/deps/nvrtc_compile-HASH .gpu/nvrtc_compile
 #   cp target/release/deps/no_driver-HASH .gpu/no_driver
+#   cp target/release/deps/gpu_graph-HASH .gpu/gpu_graph
 # (gpu-bench.sh's executables go to the same folder.)
 #
 # The lib's NVRTC compile tests (names containing "compile") are skipped here: they need no GPU
@@ -59,6 +61,7 @@ if [ "${CHECK_TESTS:-1}" = 1 ]; then
   fi
   run_test cuda_lib_tests lib_tests.log -- --skip compile
   run_test gpu_attention gpu_attention.log --
+  run_test gpu_graph gpu_graph.log --
   # The other statistics passes on Hopper: mma.sync, and the wgmma issue-ahead variant.
   run_test cuda_lib_tests lib_tests_mma.log FLEXPREFILL_STATS_MMA=1 -- stats:: select:: --skip compile
   run_test cuda_lib_tests lib_tests_overlap.log FLEXPREFILL_STATS_OVERLAP=1 -- stats:: select:: --skip compile

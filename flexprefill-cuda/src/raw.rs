@@ -53,7 +53,7 @@ impl<T> Drop for Borrowed<T> {
 ///
 /// Everything is queued on `stream`; nothing waits for the GPU. The small descriptor upload
 /// (sequence table) and the selection's work buffers are allocated on `stream` too (stream
-/// ordered). The returned [`DeviceRun`] keeps those buffers; read the decisions with
+/// ordered); [`flex_prefill_raw_with`] takes them from a [`Workspace`] instead. The returned [`DeviceRun`] keeps those buffers; read the decisions with
 /// [`DeviceRun::report`] only when wanted (that synchronises), and drop it while `stream` is
 /// still alive.
 ///

@@ -482,7 +482,9 @@ pub(crate) fn launch_select_in<T: StatsElem>(
     })
 }
 
-pub use crate::call::{flex_prefill_device, DeviceRun, MIN_SPARSE_KV_LEN};
+pub use crate::call::{
+    flex_prefill_device, flex_prefill_device_with, DeviceRun, MIN_SPARSE_KV_LEN,
+};
 
 /// `SelectionMode::Sampled` has no device kernels yet: a typed error, never another mode's
 /// blocks under its name.

@@ -5,15 +5,15 @@
 //! Sizing is exact, not estimated: [`Workspace::new`] plans the call for the worst batches its
 //! [`WorkspaceLimits`] allow (one sequence of every token; `max_seqs` equal sequences; one long
 //! sequence beside `max_seqs - 1` one-token ones) with the launches switched off, and keeps the
-//! largest plan. The same planning loads every kernel those calls launch, so no NVRTC compile
+//! largest plan, plus a little slack for batches between those. The same planning loads every kernel those calls launch, so no NVRTC compile
 //! or module load happens in a later call. A call beyond the limits, or one whose plan would
 //! not fit (a batch shape none of the planned ones dominates), returns
 //! [`CudaError::ExceedsWorkspace`]; nothing is ever written past the allocation.
 //!
 //! Sequence tables are copied from pinned host memory the workspace owns, with async copies
-//! on the call's stream. Before a call rewrites that memory it waits (on the host) for the
-//! previous call's copies, which are the first work that call queued; it never waits for the
-//! previous call's kernels.
+//! on the call's stream. The pinned memory is a ring of [`TABLE_SLOTS`] slots, one per call:
+//! before a call rewrites its slot it waits (on the host) for the copies of the call
+//! `TABLE_SLOTS` calls back, so the host only waits when it runs that far ahead of the GPU.
 
 use std::cell::Cell;
 use std::mem::ManuallyDrop;
@@ -35,6 +35,8 @@ const ALIGN: usize = 256;
 /// Where a planning pass pretends the arena starts: a 256-aligned address that no launch ever
 /// sees (launches are off while planning).
 const PLAN_BASE: CUdeviceptr = 1 << 44;
+/// Calls whose sequence tables can be in flight at once (pinned slots of the table ring).
+pub const TABLE_SLOTS: usize = 4;
 
 thread_local! {
     /// Set while [`Workspace::new`] plans: [`crate::launch::Launch::launch`] and the
@@ -196,7 +198,7 @@ impl WorkspaceLimits {
 pub struct WorkspaceSize {
     /// Device bytes (the one allocation).
     pub device_bytes: usize,
-    /// Pinned host bytes (sequence tables).
+    /// Pinned host bytes of one table slot (the workspace holds `TABLE_SLOTS` of them).
     pub host_bytes: usize,
 }
 
@@ -219,8 +221,10 @@ pub struct Workspace {
     _pinned: PinnedHostSlice<u8>,
     host: *mut u8,
     side: Arc<CudaStream>,
-    /// Recorded after each table copy: the pinned memory is free again once it has run.
-    copied: CudaEvent,
+    /// Per slot, recorded after each table copy: the slot is free again once it has run.
+    copied: Vec<CudaEvent>,
+    /// The slot of the current call.
+    slot: usize,
     captured: bool,
 }
 
@@ -270,18 +274,25 @@ impl Workspace {
             size.device_bytes = size.device_bytes.max(s.device_bytes);
             size.host_bytes = size.host_bytes.max(s.host_bytes);
         }
-        let arena = Arc::new(stream.alloc_zeros::<u8>(size.device_bytes.max(ALIGN))?);
+        // Slack for batches between the planned ones (1/64 and 1 MiB device, 1/64 and 4 KiB
+        // pinned): mixed batches add per-sequence and per-block terms of both kinds.
+        size.device_bytes += size.device_bytes / 64 + (1 << 20);
+        size.host_bytes += size.host_bytes / 64 + 4096;
+        let arena = Arc::new(stream.alloc_zeros::<u8>(size.device_bytes)?);
         let base = arena.device_ptr(stream).0;
         // SAFETY: bytes only, written before every copy that reads them.
         let mut pinned = unsafe {
             backend
                 .device()
                 .context()
-                .alloc_pinned::<u8>(size.host_bytes.max(ALIGN))
+                .alloc_pinned::<u8>(TABLE_SLOTS * size.host_bytes)
         }?;
         let host = pinned.as_mut_ptr()?;
         let side = backend.device().context().new_stream()?;
-        let copied = backend.device().context().new_event(None)?;
+        let ctx = backend.device().context();
+        let copied = (0..TABLE_SLOTS)
+            .map(|_| ctx.new_event(None))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         Ok(Self {
             limits,
             arena,
@@ -291,6 +302,7 @@ impl Workspace {
             host,
             side,
             copied,
+            slot: 0,
             captured: false,
         })
     }
@@ -362,16 +374,18 @@ impl Workspace {
         Ok(())
     }
 
-    /// Starts a call on `stream`: waits for the previous call's table copies (host memory is
-    /// about to be rewritten), notes whether the stream is being captured.
+    /// Starts a call on `stream`: takes the next pinned table slot, waiting for the copies of
+    /// the call that used it last (`TABLE_SLOTS` calls back), and notes whether the stream is
+    /// being captured.
     pub(crate) fn begin(&mut self, stream: &Arc<CudaStream>) -> Result<Scratch<'_>> {
         let capturing = !matches!(
             stream.capture_status()?,
             CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
         );
+        self.slot = (self.slot + 1) % TABLE_SLOTS;
         if !capturing {
-            // The last recorded copy of the previous call (a never-recorded event is complete).
-            self.copied.synchronize()?;
+            // The last copy recorded from this slot (a never-recorded event is complete).
+            self.copied[self.slot].synchronize()?;
         }
         Ok(Scratch {
             mode: Mode::Arena {
@@ -567,7 +581,11 @@ impl Scratch<'_> {
                 // SAFETY: `h + bytes` is inside the pinned allocation (checked above); no copy
                 // still reads it (`Workspace::begin` waited for the previous call's copies).
                 unsafe {
-                    std::ptr::copy_nonoverlapping(src.as_ptr().cast::<u8>(), ws.host.add(h), bytes);
+                    std::ptr::copy_nonoverlapping(
+                        src.as_ptr().cast::<u8>(),
+                        ws.host.add(ws.slot * ws.size.host_bytes + h),
+                        bytes,
+                    );
                 }
                 let dst = ws.base + at as u64;
                 // SAFETY: pinned source and arena destination, both `bytes` long and live
@@ -576,12 +594,15 @@ impl Scratch<'_> {
                 unsafe {
                     cudarc::driver::result::memcpy_htod_async(
                         dst,
-                        std::slice::from_raw_parts(ws.host.add(h), bytes),
+                        std::slice::from_raw_parts(
+                            ws.host.add(ws.slot * ws.size.host_bytes + h),
+                            bytes,
+                        ),
                         stream.cu_stream(),
                     )
                 }?;
                 if !*capturing {
-                    ws.copied.record(stream)?;
+                    ws.copied[ws.slot].record(stream)?;
                 }
                 Ok(Self::view(stream, dst, src.len(), Some(ws.arena.clone())))
             }
@@ -635,4 +656,49 @@ impl Drop for PlanGuard {
 /// Fake q/k/v/out of `len` elements for a planning pass (never launched on).
 pub(crate) fn plan_input<T>(stream: &Arc<CudaStream>, len: usize) -> Buf<T> {
     Scratch::view(stream, PLAN_BASE, len.max(1), None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The planned batches are packed, causal-chunk-valid and reach the limits exactly, so the
+    /// plan covers the largest totals a call may bring.
+    #[test]
+    fn worst_batches_reach_the_limits() {
+        for (tq, tk, ns) in [
+            (1, 1, 1),
+            (100, 100, 1),
+            (97, 1025, 3),
+            (5, 5, 8),
+            (4096, 8192, 7),
+        ] {
+            let batches = worst_batches(tq, tk, ns);
+            assert_eq!(batches.len(), if ns.min(tq) > 1 { 3 } else { 1 });
+            for b in &batches {
+                assert!(b.len() <= ns);
+                let (mut q, mut k) = (0, 0);
+                for s in b {
+                    assert_eq!((s.q_start, s.k_start), (q, k), "packed");
+                    assert!(s.q_len >= 1 && s.q_len <= s.kv_len, "{s:?}");
+                    q += s.q_len;
+                    k += s.kv_len;
+                }
+                assert!(q <= tq && k <= tk);
+                assert!(tq - q < b.len() && tk - k < b.len(), "{tq} {tk}: {b:?}");
+            }
+            assert_eq!(batches[0][0].q_len, tq);
+            assert_eq!(batches[0][0].kv_len, tk);
+        }
+    }
+
+    #[test]
+    fn sub_allocations_are_aligned_and_disjoint() {
+        let mut off = 0;
+        let a = bump(&mut off, 3);
+        let b = bump(&mut off, 0);
+        let c = bump(&mut off, 1000);
+        assert_eq!((a, b, c), (0, 256, 512));
+        assert_eq!(off, 1512);
+    }
 }
