@@ -114,46 +114,28 @@ impl Io {
     }
 }
 
-/// The raw call on `io`'s buffers, with `ws` or (None) fresh allocations.
-fn call(gpu: &CudaBackend, ws: Option<&mut Workspace>, io: &Io) -> DeviceRun {
+/// The raw call on `io`'s buffers with `cfg`, with `ws` or (None) fresh allocations.
+fn try_call(
+    gpu: &CudaBackend,
+    ws: Option<&mut Workspace>,
+    io: &Io,
+    cfg: &FlexPrefillConfig,
+) -> Result<DeviceRun, CudaError> {
     let [q, k, v, o, l] = io.ptrs();
-    let cfg = FlexPrefillConfig::default();
+    let (st, dt, sh, sq) = (io.stream_id(), DType::BF16, shape(), seqs());
     // SAFETY: every pointer is a live allocation of `io` sized for `seqs()`, on the backend's
     // context, alive past every synchronize of this test; the stream is `io`'s own.
     unsafe {
         match ws {
-            Some(ws) => flex_prefill_raw_with(
-                gpu,
-                ws,
-                io.stream_id(),
-                DType::BF16,
-                q,
-                k,
-                v,
-                o,
-                l,
-                shape(),
-                &seqs(),
-                None,
-                &cfg,
-            ),
-            None => flex_prefill_raw(
-                gpu,
-                io.stream_id(),
-                DType::BF16,
-                q,
-                k,
-                v,
-                o,
-                l,
-                shape(),
-                &seqs(),
-                None,
-                &cfg,
-            ),
+            Some(ws) => flex_prefill_raw_with(gpu, ws, st, dt, q, k, v, o, l, sh, &sq, None, cfg),
+            None => flex_prefill_raw(gpu, st, dt, q, k, v, o, l, sh, &sq, None, cfg),
         }
     }
-    .unwrap()
+}
+
+/// [`try_call`] with the default config, which must succeed.
+fn call(gpu: &CudaBackend, ws: Option<&mut Workspace>, io: &Io) -> DeviceRun {
+    try_call(gpu, ws, io, &FlexPrefillConfig::default()).unwrap()
 }
 
 fn decisions(gpu: &CudaBackend, io: &Io, run: &DeviceRun) -> Vec<(Pattern, usize)> {
@@ -195,25 +177,12 @@ fn a_captured_call_replays_with_the_bits_of_a_direct_call() {
         .expect("the capture recorded the call");
     // The workspace now belongs to the graph.
     graph_io.write(0);
-    let [q, k, v, o, l] = graph_io.ptrs();
-    // SAFETY: as in `call`.
-    let again = unsafe {
-        flex_prefill_raw_with(
-            &gpu,
-            &mut ws_graph,
-            graph_io.stream_id(),
-            DType::BF16,
-            q,
-            k,
-            v,
-            o,
-            l,
-            shape(),
-            &seqs(),
-            None,
-            &FlexPrefillConfig::default(),
-        )
-    };
+    let again = try_call(
+        &gpu,
+        Some(&mut ws_graph),
+        &graph_io,
+        &FlexPrefillConfig::default(),
+    );
     assert!(matches!(again, Err(CudaError::Unsupported { .. })));
 
     let mut previous = None;
@@ -298,26 +267,9 @@ fn calls_beyond_the_workspace_are_typed_errors() {
         FlexPrefillConfig::default(),
     );
     let mut ws = Workspace::new(&gpu, &s, small).unwrap();
-    let [q, k, v, o, l] = io.ptrs();
     let cfg = FlexPrefillConfig::default();
-    // SAFETY: as in `call`; the call is refused before anything is queued.
-    let e = unsafe {
-        flex_prefill_raw_with(
-            &gpu,
-            &mut ws,
-            io.stream_id(),
-            DType::BF16,
-            q,
-            k,
-            v,
-            o,
-            l,
-            shape(),
-            &seqs(),
-            None,
-            &cfg,
-        )
-    };
+    // Refused before anything is queued.
+    let e = try_call(&gpu, Some(&mut ws), &io, &cfg);
     assert!(
         matches!(e, Err(CudaError::ExceedsWorkspace { got, max, .. }) if got == N && max == N / 2),
         "{e:?}"
@@ -326,23 +278,6 @@ fn calls_beyond_the_workspace_are_typed_errors() {
     let mut other = cfg;
     other.block_size = 64;
     let mut ws = Workspace::new(&gpu, &s, limits()).unwrap();
-    // SAFETY: as above.
-    let e = unsafe {
-        flex_prefill_raw_with(
-            &gpu,
-            &mut ws,
-            io.stream_id(),
-            DType::BF16,
-            q,
-            k,
-            v,
-            o,
-            l,
-            shape(),
-            &seqs(),
-            None,
-            &other,
-        )
-    };
+    let e = try_call(&gpu, Some(&mut ws), &io, &other);
     assert!(matches!(e, Err(CudaError::Unsupported { .. })), "{e:?}");
 }
