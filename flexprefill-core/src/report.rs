@@ -32,7 +32,10 @@ impl std::fmt::Display for Pattern {
 }
 
 /// One (sequence, head)'s decision.
+///
+/// `#[non_exhaustive]`: backends outside core build it with [`HeadReport::new`].
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct HeadReport {
     /// Sequence number in the batch.
     pub seq: usize,
@@ -55,6 +58,36 @@ pub struct HeadReport {
     pub estimated_mass: f32,
 }
 
+impl HeadReport {
+    /// One head's decision; `density` is derived (`selected_blocks / causal_blocks`, 1 when
+    /// there is no causal block) so it cannot disagree with the counts.
+    pub fn new(
+        seq: usize,
+        head: usize,
+        pattern: Pattern,
+        js_distance: f32,
+        selected_blocks: usize,
+        causal_blocks: usize,
+        estimated_mass: f32,
+    ) -> Self {
+        let density = if causal_blocks == 0 {
+            1.0
+        } else {
+            selected_blocks as f64 / causal_blocks as f64
+        };
+        Self {
+            seq,
+            head,
+            pattern,
+            js_distance,
+            selected_blocks,
+            causal_blocks,
+            density,
+            estimated_mass,
+        }
+    }
+}
+
 /// Time split of one call. A stage that did not run is `None`, never a zero: a call that ran
 /// dense has no pattern search and no index build, and a host backend has no transfers.
 ///
@@ -62,7 +95,10 @@ pub struct HeadReport {
 /// CUDA events around the queued work (`device_clock` is then `true`), so the stage times are
 /// what the GPU spent, not what the host waited; its host API also reports the copies of the
 /// inputs and outputs apart, so they are never mistaken for attention time.
+///
+/// `#[non_exhaustive]`: start from `Timings::default()` and set fields.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[non_exhaustive]
 pub struct Timings {
     /// Representative attention (the statistics of the last query block) and, on host
     /// backends, the pattern decision. On the CUDA backend: the statistics kernels.
@@ -92,7 +128,11 @@ impl Timings {
 }
 
 /// Everything FlexPrefill decided in one call.
+///
+/// `#[non_exhaustive]`: backends outside core build it with [`SparsityReport::new`] (or
+/// `Default`) and set the timings afterwards.
 #[derive(Debug, Clone, PartialEq, Default)]
+#[non_exhaustive]
 pub struct SparsityReport {
     /// One entry per (sequence, head), sequence-major.
     pub heads: Vec<HeadReport>,
@@ -103,6 +143,15 @@ pub struct SparsityReport {
 }
 
 impl SparsityReport {
+    /// The per-head decisions and the dense-fallback reason, with zero timings.
+    pub fn new(heads: Vec<HeadReport>, dense_fallback: Option<String>) -> Self {
+        Self {
+            heads,
+            dense_fallback,
+            timings: Timings::default(),
+        }
+    }
+
     /// Selected over causal blocks over all heads.
     pub fn density(&self) -> f64 {
         let sel: usize = self.heads.iter().map(|h| h.selected_blocks).sum();

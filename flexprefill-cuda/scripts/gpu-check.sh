@@ -9,12 +9,14 @@
 #   cargo test --release -p flexprefill-cuda --no-run 2>&1 | grep Executable
 #     -> unittests src/lib.rs (target/release/deps/flexprefill_cuda-HASH)
 #        tests/gpu_attention.rs (target/release/deps/gpu_attention-HASH)
+#        tests/gpu_robustness.rs (target/release/deps/gpu_robustness-HASH)
 #        tests/nvrtc_compile.rs (target/release/deps/nvrtc_compile-HASH)
 #        tests/no_driver.rs (target/release/deps/no_driver-HASH)
 #        tests/gpu_graph.rs (target/release/deps/gpu_graph-HASH)
 #   mkdir -p .gpu
 #   cp target/release/deps/flexprefill_cuda-HASH .gpu/cuda_lib_tests
 #   cp target/release/deps/gpu_attention-HASH .gpu/gpu_attention
+#   cp target/release/deps/gpu_robustness-HASH .gpu/gpu_robustness
 #   cp target/release/deps/nvrtc_compile-HASH .gpu/nvrtc_compile
 #   cp target/release/deps/no_driver-HASH .gpu/no_driver
 #   cp target/release/deps/gpu_graph-HASH .gpu/gpu_graph
@@ -62,6 +64,8 @@ if [ "${CHECK_TESTS:-1}" = 1 ]; then
   run_test cuda_lib_tests lib_tests.log -- --skip compile
   run_test gpu_attention gpu_attention.log --
   run_test gpu_graph gpu_graph.log --
+  # Size limits, out-of-memory, two threads on one backend, repeated runs bit for bit.
+  run_test gpu_robustness gpu_robustness.log -- --nocapture
   # The other statistics passes on Hopper: mma.sync, and the wgmma issue-ahead variant.
   run_test cuda_lib_tests lib_tests_mma.log FLEXPREFILL_STATS_MMA=1 -- stats:: select:: --skip compile
   run_test cuda_lib_tests lib_tests_overlap.log FLEXPREFILL_STATS_OVERLAP=1 -- stats:: select:: --skip compile

@@ -443,15 +443,7 @@ impl DeviceSeqs {
             )
             .into());
         }
-        let mut flat = Vec::with_capacity(seqs.len() * 4);
-        for s in seqs {
-            for v in [s.q_start, s.k_start, s.q_len, s.kv_len] {
-                flat.push(u32::try_from(v).map_err(|_| CudaError::Unsupported {
-                    op: "attention",
-                    message: format!("token offset {v} does not fit u32"),
-                })?);
-            }
-        }
+        let flat = seq_words(seqs)?;
         Ok(Self {
             host: seqs.to_vec(),
             dev: scratch.upload(stream, &flat)?,
@@ -477,6 +469,28 @@ impl DeviceSeqs {
     pub fn total_k(&self) -> usize {
         self.host.last().map_or(0, |s| s.k_start + s.kv_len)
     }
+}
+
+/// `[q_start, k_start, q_len, kv_len]` of every sequence as the kernel reads them: u32, and
+/// the kernel adds row numbers to the starts in 32-bit arithmetic, so each sequence's ends
+/// must fit too.
+pub(crate) fn seq_words(seqs: &[Sequence]) -> Result<Vec<u32>> {
+    let mut flat = Vec::with_capacity(seqs.len() * 4);
+    for s in seqs {
+        let ends = [
+            s.q_start.saturating_add(s.q_len),
+            s.k_start.saturating_add(s.kv_len),
+        ];
+        for v in ends {
+            u32::try_from(v).map_err(|_| CudaError::Unsupported {
+                op: "attention",
+                message: format!("token offset {v} does not fit u32"),
+            })?;
+        }
+        // Each value is at most one of the ends checked above.
+        flat.extend([s.q_start, s.k_start, s.q_len, s.kv_len].map(|v| v as u32));
+    }
+    Ok(flat)
 }
 
 /// A [`BlockIndex`] resident on the device, in the same CSR layout (rows ordered (sequence,

@@ -58,6 +58,8 @@ pub struct CudaBackend {
     device: Arc<CudaDevice>,
     /// Pinned chunks the host API copies through (one call at a time per backend clone set).
     staging: Arc<Mutex<Staging>>,
+    /// Below this many keys a FlexPrefill call runs dense ([`Backend::min_sparse_kv_len`]).
+    min_sparse_kv_len: usize,
 }
 
 impl CudaBackend {
@@ -79,7 +81,17 @@ impl CudaBackend {
         Ok(Self {
             device: CudaDevice::with_kernel_cache(ordinal, cache)?,
             staging: Arc::default(),
+            min_sparse_kv_len: crate::call::MIN_SPARSE_KV_LEN,
         })
+    }
+
+    /// The same backend with another dense-or-sparse threshold (keys of the longest sequence
+    /// below which a FlexPrefill call runs dense; default [`crate::call::MIN_SPARSE_KV_LEN`]).
+    /// 0 always runs the sparse path: agreement tests use it to exercise selection and
+    /// sparse attention on short inputs.
+    pub fn with_min_sparse_kv_len(mut self, keys: usize) -> Self {
+        self.min_sparse_kv_len = keys;
+        self
     }
 
     /// The device (context, stream, kernel registry).
@@ -386,7 +398,7 @@ impl Backend for CudaBackend {
     /// [`crate::call::MIN_SPARSE_KV_LEN`]: what the GPU's pattern search and index build cost
     /// against its dense kernel.
     fn min_sparse_kv_len(&self) -> usize {
-        crate::call::MIN_SPARSE_KV_LEN
+        self.min_sparse_kv_len
     }
 
     /// The device call between one upload and one download: the same decision, kernels and

@@ -9,8 +9,8 @@ use std::time::Duration;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use flexprefill_core::{
-    payoff, AttentionShape, FlexPrefillConfig, HeadStatistics, SelectionMode, Sequence,
-    SparsityReport, Timings,
+    payoff, AttentionShape, Backend as _, FlexPrefillConfig, HeadStatistics, SelectionMode,
+    Sequence, SparsityReport, Timings,
 };
 
 use crate::attention::{AttentionArgs, DeviceElem, DeviceSeqs};
@@ -137,7 +137,8 @@ fn rep_masses(stream: &Arc<CudaStream>, st: &DeviceStats) -> Result<Vec<HeadStat
 }
 
 /// The whole FlexPrefill call on device buffers, queued on `stream` with no host sync:
-/// core's dense-or-sparse decision ([`payoff::dense_reason`] with [`MIN_SPARSE_KV_LEN`]), then
+/// core's dense-or-sparse decision ([`payoff::dense_reason`] with the backend's threshold,
+/// [`MIN_SPARSE_KV_LEN`] unless set otherwise), then
 /// either the dense kernel, or statistics, selection and block-sparse attention over the
 /// device index. `stream` must belong to the backend's context.
 pub fn flex_prefill_device<T: StatsElem + DeviceElem>(
@@ -334,7 +335,7 @@ pub(crate) fn run_in<T: StatsElem + DeviceElem>(
     let mut run = DeviceRun {
         selection: None,
         dense_reason: match force_dense {
-            None => payoff::dense_reason(seqs, cfg, MIN_SPARSE_KV_LEN),
+            None => payoff::dense_reason(seqs, cfg, backend.min_sparse_kv_len()),
             Some(true) => Some("planning the dense path".into()),
             Some(false) => None,
         },
@@ -356,6 +357,8 @@ pub(crate) fn run_in<T: StatsElem + DeviceElem>(
             .softmax_scale
             .unwrap_or(1.0 / (args.shape.head_dim as f32).sqrt());
         let (scale, emulate) = crate::stats::estimation_scale(args.shape, scale, input_dtype, cfg);
+        // Sizes the selection kernels cannot address fail here, before the statistics launch.
+        crate::select::check_sizes(&layout, cfg)?;
         let mut st = launch_stats_in(dev, stream, scratch, args.q, args.k, layout, scale, emulate)?;
         ev_stats = record()?;
         let sel = launch_select_in(dev, stream, scratch, Some(args.q), &mut st, cfg)?;

@@ -412,12 +412,19 @@ fn every_tile_shape_matches_oracle_through_device_api() {
 #[ignore = "needs an NVIDIA GPU"]
 fn testkit_agreement_standard_cases() {
     use flexprefill_testkit::agreement::{self, AgreementOptions};
-    let gpu = gpu();
     let opts = AgreementOptions {
         dtypes: vec![DType::BF16],
         ..Default::default()
     };
-    let report = agreement::check_backend_with(&gpu, &agreement::standard_cases(), &opts);
-    println!("{report}");
-    assert!(report.passed(), "backend disagreement:\n{report}");
+    // The standard cases are short (at most a few thousand tokens), where the GPU's
+    // dense-or-sparse rule runs dense: threshold 0 exercises selection and sparse attention,
+    // the default threshold the dense decision (every head reported dense, dense output).
+    for (what, gpu) in [
+        ("sparse path (threshold 0)", gpu().with_min_sparse_kv_len(0)),
+        ("default threshold", gpu()),
+    ] {
+        let report = agreement::check_backend_with(&gpu, &agreement::standard_cases(), &opts);
+        println!("{what}:\n{report}");
+        assert!(report.passed(), "backend disagreement, {what}:\n{report}");
+    }
 }
