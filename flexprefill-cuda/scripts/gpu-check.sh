@@ -12,6 +12,7 @@
 #        tests/gpu_robustness.rs (target/release/deps/gpu_robustness-HASH)
 #        tests/nvrtc_compile.rs (target/release/deps/nvrtc_compile-HASH)
 #        tests/no_driver.rs (target/release/deps/no_driver-HASH)
+#        tests/gpu_graph.rs (target/release/deps/gpu_graph-HASH)
 #   mkdir -p .gpu
 #   cp target/release/deps/flexprefill_cuda-HASH .gpu/cuda_lib_tests
 #   cp target/release/deps/gpu_attention-HASH .gpu/gpu_attention
@@ -19,6 +20,7 @@
 #   cp target/release/deps/gpu_host-HASH .gpu/gpu_host
 #   cp target/release/deps/nvrtc_compile-HASH .gpu/nvrtc_compile
 #   cp target/release/deps/no_driver-HASH .gpu/no_driver
+#   cp target/release/deps/gpu_graph-HASH .gpu/gpu_graph
 # (gpu-bench.sh's executables go to the same folder.)
 #
 # The lib's NVRTC compile tests (names containing "compile") are skipped here: they need no GPU
@@ -66,6 +68,8 @@ if [ "${CHECK_TESTS:-1}" = 1 ]; then
   run_test gpu_attention gpu_attention_ws.log FLEXPREFILL_ATTN=ws --
   # Host API == device call, the dense-or-sparse rule, raw-pointer entry, kernel cache.
   run_test gpu_host gpu_host.log -- --nocapture
+  # A whole call captured in a CUDA graph and replayed; no allocation inside a workspace call.
+  run_test gpu_graph gpu_graph.log --
   # Size limits, out-of-memory, two threads on one backend, repeated runs bit for bit.
   run_test gpu_robustness gpu_robustness.log -- --nocapture
   # The other statistics passes on Hopper: mma.sync, and the wgmma issue-ahead variant.

@@ -18,6 +18,7 @@ use crate::device::CudaDevice;
 use crate::error::{CudaError, Result};
 use crate::launch::Launch;
 use crate::registry::{KernelFamily, KernelKey};
+use crate::workspace::{Buf, Scratch};
 
 /// The attention kernel family (mma.sync, compute capability 8.0 and newer).
 pub static ATTENTION: KernelFamily = KernelFamily {
@@ -89,6 +90,21 @@ pub fn choose_dense_walk(
     index: &DeviceBlockIndex,
     max_density: f64,
 ) -> Result<CudaSlice<u8>> {
+    let mut flags = stream.alloc_zeros::<u8>(seqs.seqs().len() * index.num_heads)?;
+    choose_dense_walk_into(dev, stream, seqs, index, max_density, &mut flags)?;
+    Ok(flags)
+}
+
+/// [`choose_dense_walk`] into `flags` (at least one byte per (sequence, head)), so that a
+/// workspace call allocates nothing.
+pub(crate) fn choose_dense_walk_into(
+    dev: &CudaDevice,
+    stream: &std::sync::Arc<CudaStream>,
+    seqs: &DeviceSeqs,
+    index: &DeviceBlockIndex,
+    max_density: f64,
+    flags: &mut CudaSlice<u8>,
+) -> Result<()> {
     let n = seqs.seqs().len();
     let h = index.num_heads;
     if index.head_row_start.len() != n * h + 1 || h == 0 || h > 65535 || n > 65535 {
@@ -99,7 +115,14 @@ pub fn choose_dense_walk(
         ))
         .into());
     }
-    let mut flags = stream.alloc_zeros::<u8>(n * h)?;
+    if flags.len() < n * h {
+        return Err(flexprefill_core::Error::Index(format!(
+            "dense-walk flags hold {} bytes, {n} sequences × {h} heads need {}",
+            flags.len(),
+            n * h
+        ))
+        .into());
+    }
     let key = KernelKey::new(&DENSE_WALK, None, 0, 0);
     let f = dev.function(&DENSE_WALK, &key, "dense_walk_choose", 0)?;
     let (h_u, bs_u) = (h as u32, index.block_size as u32);
@@ -110,11 +133,12 @@ pub fn choose_dense_walk(
         .arg(&h_u)
         .arg(&bs_u)
         .arg(&max_density)
-        .arg(&mut flags);
+        .arg(flags);
     // SAFETY: argument types match the kernel; it reads head_row_start[0..=n·h] (length checked),
-    // row_offsets at those values (the index's own offsets), seqs[0..n], and writes flags[0..n·h].
+    // row_offsets at those values (the index's own offsets), seqs[0..n], and writes flags[0..n·h]
+    // (length checked above).
     unsafe { launch.launch() }?;
-    Ok(flags)
+    Ok(())
 }
 
 /// 16-bit element types the attention kernel reads (bf16, f16).
@@ -488,12 +512,22 @@ impl AttnTile {
 #[derive(Debug)]
 pub struct DeviceSeqs {
     host: Vec<Sequence>,
-    dev: CudaSlice<u32>,
+    dev: Buf<u32>,
 }
 
 impl DeviceSeqs {
     /// Uploads `seqs` on `stream`.
     pub fn new(stream: &std::sync::Arc<CudaStream>, seqs: &[Sequence]) -> Result<Self> {
+        Self::new_in(stream, &mut Scratch::alloc(), seqs)
+    }
+
+    /// Uploads `seqs` on `stream` into `scratch` (a workspace's pinned table, or a fresh
+    /// allocation).
+    pub(crate) fn new_in(
+        stream: &std::sync::Arc<CudaStream>,
+        scratch: &mut Scratch<'_>,
+        seqs: &[Sequence],
+    ) -> Result<Self> {
         if seqs.is_empty() {
             return Err(flexprefill_core::Error::Shape(
                 "no sequence: batch must be at least 1".into(),
@@ -503,7 +537,7 @@ impl DeviceSeqs {
         let flat = seq_words(seqs)?;
         Ok(Self {
             host: seqs.to_vec(),
-            dev: stream.clone_htod(&flat)?,
+            dev: scratch.upload(stream, &flat)?,
         })
     }
 
@@ -563,11 +597,11 @@ pub struct DeviceBlockIndex {
     /// Query heads.
     pub num_heads: usize,
     /// `[num_seqs * num_heads + 1]`: first CSR row of each (sequence, head).
-    pub head_row_start: CudaSlice<u32>,
+    pub head_row_start: Buf<u32>,
     /// `[rows + 1]` offsets into `col_indices`.
-    pub row_offsets: CudaSlice<u32>,
+    pub row_offsets: Buf<u32>,
     /// Key blocks, ascending within a row.
-    pub col_indices: CudaSlice<u32>,
+    pub col_indices: Buf<u32>,
 }
 
 impl DeviceBlockIndex {
@@ -582,9 +616,9 @@ impl DeviceBlockIndex {
         Ok(Self {
             block_size: index.block_size(),
             num_heads: index.num_heads(),
-            head_row_start: stream.clone_htod(index.head_row_start())?,
-            row_offsets: stream.clone_htod(index.row_offsets())?,
-            col_indices: stream.clone_htod(cols)?,
+            head_row_start: stream.clone_htod(index.head_row_start())?.into(),
+            row_offsets: stream.clone_htod(index.row_offsets())?.into(),
+            col_indices: stream.clone_htod(cols)?.into(),
         })
     }
 }

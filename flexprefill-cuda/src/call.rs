@@ -13,10 +13,15 @@ use flexprefill_core::{
     SelectionMode, Sequence, SparsityReport, Timings,
 };
 
-use crate::attention::{choose_dense_walk, dense_walk_density, AttentionArgs, DeviceElem};
+use crate::attention::{
+    choose_dense_walk_into, dense_walk_density, AttentionArgs, DeviceElem, DeviceSeqs,
+};
 use crate::error::Result;
-use crate::select::{launch_select, DeviceSelection};
-use crate::stats::{launch_stats, DeviceStats, StatsElem, StatsLayout};
+use crate::select::{launch_select_in, DeviceSelection};
+use crate::stats::{launch_stats_in, DeviceStats, StatsElem, StatsLayout};
+use crate::workspace::{
+    plan_input, Buf, PlanGuard, Scratch, Workspace, WorkspaceLimits, WorkspaceSize,
+};
 
 /// The CUDA backend's [`flexprefill_core::Backend::min_sparse_kv_len`]: below this many keys
 /// (longest sequence of the batch) the call runs dense. On an H200 (32 heads, d 128) pattern
@@ -48,7 +53,7 @@ pub struct DeviceRun {
     /// Per (sequence, head), sequence-major: 1 where the selection was dense enough that the
     /// attention kernel walked every causal block instead (`attention::choose_dense_walk`);
     /// None when the call ran dense. Read with [`DeviceRun::dense_walk`].
-    dense_walk: Option<CudaSlice<u8>>,
+    dense_walk: Option<Buf<u8>>,
     /// The density threshold of that decision.
     dense_walk_density: f64,
     stats: Option<DeviceStats>,
@@ -228,9 +233,104 @@ pub fn flex_prefill_device_timed<T: StatsElem + DeviceElem>(
     )
 }
 
-/// The call; `input_dtype` is the caller's dtype before upload (the host API runs f32 inputs
-/// as bf16, but the original's bf16 rounding points are replayed only for real bf16 inputs, as
-/// on the CPU).
+/// [`flex_prefill_device`] with every buffer from `ws`: no device allocation, no module load,
+/// no host synchronisation (see [`Workspace`] for the one host wait on its table memory), so
+/// the call can be captured in a CUDA graph. A batch beyond the workspace's limits returns
+/// [`crate::CudaError::ExceedsWorkspace`] before anything is queued. The returned run's
+/// buffers are the workspace's: read its report before the next call with `ws`.
+pub fn flex_prefill_device_with<T: StatsElem + DeviceElem>(
+    backend: &crate::CudaBackend,
+    ws: &mut Workspace,
+    stream: &Arc<CudaStream>,
+    args: &AttentionArgs<'_, T>,
+    cfg: &FlexPrefillConfig,
+    out: &mut CudaSlice<T>,
+    lse: Option<&mut CudaSlice<f32>>,
+) -> Result<DeviceRun> {
+    ws.check(args.shape, <T as StatsElem>::DTYPE, args.seqs.seqs(), cfg)?;
+    let mut scratch = ws.begin(stream)?;
+    let r = run_in(
+        backend,
+        stream,
+        &mut scratch,
+        args,
+        cfg,
+        out,
+        lse,
+        false,
+        <T as StatsElem>::DTYPE,
+        None,
+    );
+    scratch.finish();
+    r
+}
+
+/// Plans a call on `seqs` with launches off: the workspace bytes it takes (sparse path, plus
+/// the raw entry's sequence table) and, as a side effect, every kernel it launches loaded.
+pub(crate) fn plan(
+    backend: &crate::CudaBackend,
+    stream: &Arc<CudaStream>,
+    limits: &WorkspaceLimits,
+    seqs: &[Sequence],
+) -> Result<WorkspaceSize> {
+    fn typed<T: StatsElem + DeviceElem>(
+        backend: &crate::CudaBackend,
+        stream: &Arc<CudaStream>,
+        limits: &WorkspaceLimits,
+        seqs: &[Sequence],
+    ) -> Result<WorkspaceSize> {
+        let _guard = PlanGuard::new();
+        let shape = limits.shape;
+        let tq = seqs.iter().map(|s| s.q_start + s.q_len).max().unwrap_or(0);
+        let tk = seqs.iter().map(|s| s.k_start + s.kv_len).max().unwrap_or(0);
+        let (h, hkv, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
+        let dseqs = DeviceSeqs::new_in(stream, &mut Scratch::plan(), seqs)?;
+        let q = plan_input::<T>(stream, tq * h * d);
+        let k = plan_input::<T>(stream, tk * hkv * d);
+        let mut out = plan_input::<T>(stream, tq * h * d);
+        let mut lse = plan_input::<f32>(stream, tq * h);
+        let args = AttentionArgs {
+            q: &q,
+            k: &k,
+            v: &k,
+            shape,
+            seqs: &dseqs,
+            softmax_scale: None,
+        };
+        let mut size = WorkspaceSize::default();
+        for dense in [false, true] {
+            // The raw entry's sequence table comes first, then the call's buffers.
+            let mut s = Scratch::plan();
+            let _ = DeviceSeqs::new_in(stream, &mut s, seqs)?;
+            run_in(
+                backend,
+                stream,
+                &mut s,
+                &args,
+                &limits.cfg,
+                &mut out,
+                Some(&mut lse),
+                false,
+                <T as StatsElem>::DTYPE,
+                Some(dense),
+            )?;
+            let used = s.used();
+            size.device_bytes = size.device_bytes.max(used.device_bytes);
+            size.host_bytes = size.host_bytes.max(used.host_bytes);
+        }
+        Ok(size)
+    }
+    match limits.dtype {
+        flexprefill_core::DType::BF16 => typed::<half::bf16>(backend, stream, limits, seqs),
+        flexprefill_core::DType::F16 => typed::<half::f16>(backend, stream, limits, seqs),
+        flexprefill_core::DType::F32 => Err(crate::CudaError::Unsupported {
+            op: "workspace",
+            message: "f32 tensors: the kernels take bf16 or f16".into(),
+        }),
+    }
+}
+
+/// The call with fresh allocations; see [`run_in`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run<T: StatsElem + DeviceElem>(
     backend: &crate::CudaBackend,
@@ -241,6 +341,37 @@ pub(crate) fn run<T: StatsElem + DeviceElem>(
     lse: Option<&mut CudaSlice<f32>>,
     timed: bool,
     input_dtype: flexprefill_core::DType,
+) -> Result<DeviceRun> {
+    let mut scratch = Scratch::alloc();
+    run_in(
+        backend,
+        stream,
+        &mut scratch,
+        args,
+        cfg,
+        out,
+        lse,
+        timed,
+        input_dtype,
+        None,
+    )
+}
+
+/// The call; `input_dtype` is the caller's dtype before upload (the host API runs f32 inputs
+/// as bf16, but the original's bf16 rounding points are replayed only for real bf16 inputs, as
+/// on the CPU). `force_dense` overrides the decision (a workspace plan sizes both paths).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_in<T: StatsElem + DeviceElem>(
+    backend: &crate::CudaBackend,
+    stream: &Arc<CudaStream>,
+    scratch: &mut Scratch<'_>,
+    args: &AttentionArgs<'_, T>,
+    cfg: &FlexPrefillConfig,
+    out: &mut CudaSlice<T>,
+    lse: Option<&mut CudaSlice<f32>>,
+    timed: bool,
+    input_dtype: flexprefill_core::DType,
+    force_dense: Option<bool>,
 ) -> Result<DeviceRun> {
     cfg.validate()?;
     let record = || -> Result<Option<CudaEvent>> {
@@ -253,7 +384,11 @@ pub(crate) fn run<T: StatsElem + DeviceElem>(
     let seqs = args.seqs.seqs();
     let mut run = DeviceRun {
         selection: None,
-        dense_reason: payoff::dense_reason(seqs, cfg, backend.min_sparse_kv_len()),
+        dense_reason: match force_dense {
+            None => payoff::dense_reason(seqs, cfg, backend.min_sparse_kv_len()),
+            Some(true) => Some("planning the dense path".into()),
+            Some(false) => None,
+        },
         dense_walk: None,
         dense_walk_density: dense_walk_density(),
         stats: None,
@@ -276,10 +411,18 @@ pub(crate) fn run<T: StatsElem + DeviceElem>(
         let (scale, emulate) = crate::stats::estimation_scale(args.shape, scale, input_dtype, cfg);
         // Sizes the selection kernels cannot address fail here, before the statistics launch.
         crate::select::check_sizes(&layout, cfg)?;
-        let mut st = launch_stats(dev, stream, args.q, args.k, layout, scale, emulate)?;
+        let mut st = launch_stats_in(dev, stream, scratch, args.q, args.k, layout, scale, emulate)?;
         ev_stats = record()?;
-        let sel = launch_select(dev, stream, Some(args.q), &mut st, cfg)?;
-        let walk = choose_dense_walk(dev, stream, args.seqs, &sel.index, run.dense_walk_density)?;
+        let sel = launch_select_in(dev, stream, scratch, Some(args.q), &mut st, cfg)?;
+        let mut walk = scratch.zeros::<u8>(stream, seqs.len() * args.shape.num_heads)?;
+        choose_dense_walk_into(
+            dev,
+            stream,
+            args.seqs,
+            &sel.index,
+            run.dense_walk_density,
+            &mut walk,
+        )?;
         ev_select = record()?;
         backend.attention_device_walk(stream, args, Some(&sel.index), Some(&walk), out, lse)?;
         run.dense_walk = Some(walk);

@@ -78,6 +78,16 @@ pub enum CudaError {
         /// The length needed.
         want: usize,
     },
+    /// A call larger than the [`crate::Workspace`] it was given was planned for.
+    #[error("cuda workspace: {what} ({got}) exceed the workspace's maximum ({max}); create a larger workspace")]
+    ExceedsWorkspace {
+        /// What ran over (sequences, query tokens, device bytes, ...).
+        what: String,
+        /// The call's amount.
+        got: usize,
+        /// The workspace's.
+        max: usize,
+    },
     /// An input error found by core's checks.
     #[error(transparent)]
     Core(#[from] flexprefill_core::Error),

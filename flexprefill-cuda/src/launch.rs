@@ -53,6 +53,10 @@ impl<'a> Launch<'a> {
     /// buffer must hold every element the kernel indexes for this geometry and these
     /// arguments.
     pub(crate) unsafe fn launch(mut self) -> Result<()> {
+        if crate::workspace::planning() {
+            // A workspace plan: buffers are fake addresses, nothing may run.
+            return Ok(());
+        }
         // SAFETY: the caller upholds the argument contract above; the builder keeps every
         // argument borrowed until the launch is queued.
         unsafe { self.args.launch(self.cfg) }?;

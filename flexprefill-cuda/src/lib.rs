@@ -46,6 +46,12 @@
 //! library (torch, or another cudarc). Compiled kernels persist on disk between processes
 //! ([`KernelCache`]).
 //!
+//! For engines that call it every step: a [`Workspace`], sized once for the largest batch
+//! ([`WorkspaceLimits`]), holds every buffer of a call in one allocation and loads every kernel
+//! up front; [`call::flex_prefill_device_with`] and [`raw::flex_prefill_raw_with`] then allocate
+//! nothing and never wait for the GPU, so a call can be captured in a CUDA graph and replayed
+//! (`docs/CUDA.md`, "Workspaces and CUDA graphs").
+//!
 //! An engine's prefill step, with q/k/v already on the GPU (token-major, packed sequences as
 //! in [`flexprefill_core::AttentionInput::packed`]):
 //!
@@ -95,12 +101,14 @@ mod registry;
 pub mod select;
 mod staging;
 mod stats;
+pub mod workspace;
 
 pub use attention::{AttentionArgs, AttnTile, DeviceBlockIndex, DeviceElem, DeviceSeqs};
 pub use backend::CudaBackend;
 pub use device::{CudaDevice, DeviceInfo};
 pub use error::{CudaError, Result};
 pub use kcache::{cache_key, KernelCache};
+pub use workspace::{Buf, Workspace, WorkspaceLimits, WorkspaceSize};
 
 /// cudarc, re-exported so callers of the device API use the same version.
 pub use cudarc;

@@ -14,9 +14,10 @@ use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use flexprefill_core::{AttentionShape, DType, FlexPrefillConfig, Sequence};
 
 use crate::attention::{AttentionArgs, DeviceElem, DeviceSeqs};
-use crate::call::{flex_prefill_device, DeviceRun};
+use crate::call::{run_in, DeviceRun};
 use crate::error::{CudaError, Result};
 use crate::stats::StatsElem;
+use crate::workspace::{Scratch, Workspace};
 use crate::CudaBackend;
 
 /// A borrowed device buffer seen as a `CudaSlice`: leaked (never freed) when dropped, on
@@ -52,7 +53,7 @@ impl<T> Drop for Borrowed<T> {
 ///
 /// Everything is queued on `stream`; nothing waits for the GPU. The small descriptor upload
 /// (sequence table) and the selection's work buffers are allocated on `stream` too (stream
-/// ordered). The returned [`DeviceRun`] keeps those buffers; read the decisions with
+/// ordered); [`flex_prefill_raw_with`] takes them from a [`Workspace`] instead. The returned [`DeviceRun`] keeps those buffers; read the decisions with
 /// [`DeviceRun::report`] only when wanted (that synchronises), and drop it while `stream` is
 /// still alive.
 ///
@@ -75,6 +76,78 @@ pub unsafe fn flex_prefill_raw(
     v: u64,
     out: u64,
     lse: u64,
+    shape: AttentionShape,
+    seqs: &[Sequence],
+    softmax_scale: Option<f32>,
+    cfg: &FlexPrefillConfig,
+) -> Result<DeviceRun> {
+    // SAFETY: the caller's contract.
+    unsafe {
+        entry(
+            backend,
+            None,
+            stream,
+            dtype,
+            [q, k, v, out, lse],
+            shape,
+            seqs,
+            softmax_scale,
+            cfg,
+        )
+    }
+}
+
+/// [`flex_prefill_raw`] with every buffer (sequence table included) from `ws`: no device
+/// allocation, no module load, no host synchronisation, so the call can be captured in a
+/// CUDA graph on `stream` ([`crate::call::flex_prefill_device_with`] says what the workspace
+/// promises and asks). A batch beyond the workspace's limits returns
+/// [`CudaError::ExceedsWorkspace`] before anything is queued.
+///
+/// # Safety
+/// [`flex_prefill_raw`]'s contract.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn flex_prefill_raw_with(
+    backend: &CudaBackend,
+    ws: &mut Workspace,
+    stream: u64,
+    dtype: DType,
+    q: u64,
+    k: u64,
+    v: u64,
+    out: u64,
+    lse: u64,
+    shape: AttentionShape,
+    seqs: &[Sequence],
+    softmax_scale: Option<f32>,
+    cfg: &FlexPrefillConfig,
+) -> Result<DeviceRun> {
+    // SAFETY: the caller's contract.
+    unsafe {
+        entry(
+            backend,
+            Some(ws),
+            stream,
+            dtype,
+            [q, k, v, out, lse],
+            shape,
+            seqs,
+            softmax_scale,
+            cfg,
+        )
+    }
+}
+
+/// Both raw entries: checks, then the call on fresh allocations or `ws`.
+///
+/// # Safety
+/// [`flex_prefill_raw`]'s contract.
+#[allow(clippy::too_many_arguments)]
+unsafe fn entry(
+    backend: &CudaBackend,
+    ws: Option<&mut Workspace>,
+    stream: u64,
+    dtype: DType,
+    [q, k, v, out, lse]: [u64; 5],
     shape: AttentionShape,
     seqs: &[Sequence],
     softmax_scale: Option<f32>,
@@ -125,8 +198,8 @@ pub unsafe fn flex_prefill_raw(
     // SAFETY: the caller's contract covers each of these (addresses, sizes, lifetime).
     unsafe {
         match dtype {
-            DType::BF16 => run::<half::bf16>(backend, &stream, &raw),
-            DType::F16 => run::<half::f16>(backend, &stream, &raw),
+            DType::BF16 => run::<half::bf16>(backend, ws, &stream, &raw),
+            DType::F16 => run::<half::f16>(backend, ws, &stream, &raw),
             DType::F32 => Err(CudaError::Unsupported {
                 op: "flex_prefill_raw",
                 message: "f32 tensors: the kernels take bf16 or f16; convert first".into(),
@@ -154,6 +227,7 @@ struct Raw<'a> {
 /// [`flex_prefill_raw`]'s contract.
 unsafe fn run<T: StatsElem + DeviceElem + DeviceRepr>(
     backend: &CudaBackend,
+    ws: Option<&mut Workspace>,
     stream: &Arc<CudaStream>,
     r: &Raw<'_>,
 ) -> Result<DeviceRun> {
@@ -171,7 +245,14 @@ unsafe fn run<T: StatsElem + DeviceElem + DeviceRepr>(
         cfg,
     } = *r;
     let (h, hkv, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
-    let dseqs = DeviceSeqs::new(stream, seqs)?;
+    let mut scratch = match ws {
+        Some(ws) => {
+            ws.check(shape, <T as StatsElem>::DTYPE, seqs, cfg)?;
+            ws.begin(stream)?
+        }
+        None => Scratch::alloc(),
+    };
+    let dseqs = DeviceSeqs::new_in(stream, &mut scratch, seqs)?;
     let qs = Borrowed::<T>::new(stream, q, total_q * h * d);
     let ks = Borrowed::<T>::new(stream, k, total_k * hkv * d);
     let vs = Borrowed::<T>::new(stream, v, total_k * hkv * d);
@@ -185,14 +266,20 @@ unsafe fn run<T: StatsElem + DeviceElem + DeviceRepr>(
         seqs: &dseqs,
         softmax_scale,
     };
-    flex_prefill_device(
+    let r = run_in(
         backend,
         stream,
+        &mut scratch,
         &args,
         cfg,
         &mut os.0,
         ls.as_mut().map(|l| &mut *l.0),
-    )
+        false,
+        <T as StatsElem>::DTYPE,
+        None,
+    );
+    scratch.finish();
+    r
 }
 
 /// The decisions of a [`flex_prefill_raw`] call ([`DeviceRun::report`]), read back on the

@@ -27,6 +27,7 @@ use crate::device::CudaDevice;
 use crate::error::{CudaError, Result};
 use crate::registry::{KernelFamily, KernelKey};
 use crate::stats::{launch_pool_q, launch_stats, DeviceStats, StatsElem, StatsLayout};
+use crate::workspace::{Buf, Scratch};
 
 mod decide;
 mod index;
@@ -98,9 +99,9 @@ pub struct DeviceSelection {
     /// CSR index (capacity: every causal block; entries past the last offset are unused).
     pub index: DeviceBlockIndex,
     /// `[num_seqs · H]`: 0 vertical-slash, 1 query-aware, 2 dense.
-    pub pattern: CudaSlice<i32>,
+    pub pattern: Buf<i32>,
     /// `[num_seqs · H]`: sqrt-JS distance of the decision (NaN for dense).
-    pub js: CudaSlice<f32>,
+    pub js: Buf<f32>,
     /// Total CSR rows.
     pub rows: usize,
 }
@@ -112,6 +113,18 @@ pub struct DeviceSelection {
 pub fn launch_select<T: StatsElem>(
     dev: &CudaDevice,
     stream: &Arc<CudaStream>,
+    q: Option<&CudaSlice<T>>,
+    stats: &mut DeviceStats,
+    cfg: &FlexPrefillConfig,
+) -> Result<DeviceSelection> {
+    launch_select_in(dev, stream, &mut Scratch::alloc(), q, stats, cfg)
+}
+
+/// [`launch_select`] with its buffers from `scratch` (a workspace's or fresh allocations).
+pub(crate) fn launch_select_in<T: StatsElem>(
+    dev: &CudaDevice,
+    stream: &Arc<CudaStream>,
+    scratch: &mut Scratch<'_>,
     q: Option<&CudaSlice<T>>,
     stats: &mut DeviceStats,
     cfg: &FlexPrefillConfig,
@@ -141,14 +154,14 @@ pub fn launch_select<T: StatsElem>(
     let nkb_all = layout.total_key_blocks() * h;
     let qb_all = layout.total_query_blocks();
 
-    let sel_d = stream.clone_htod(&plan.sel)?;
+    let sel_d = scratch.upload(stream, &plan.sel)?;
     let qb_seq: Vec<u32> = layout
         .seqs
         .iter()
         .enumerate()
         .flat_map(|(si, s)| std::iter::repeat_n(si as u32, s.num_query_blocks(bs)))
         .collect();
-    let qb_seq_d = stream.clone_htod(&qb_seq)?;
+    let qb_seq_d = scratch.upload(stream, &qb_seq)?;
     // SAFETY (allocations): each buffer is written by a kernel before any kernel reads it
     // (vpool/spool/pattern/js by sel_decide, vkey/kstar/colsel/dist by the mode's own kernels
     // for exactly the heads that later read them, mask by sel_extend, map by sel_qa_map for
@@ -170,20 +183,20 @@ pub fn launch_select<T: StatsElem>(
         cols,
     ) = unsafe {
         (
-            stream.alloc::<f32>(nkb_all.max(1))?,
-            stream.alloc::<f32>(nkb_all.max(1))?,
-            stream.alloc::<i32>((nseq * h).max(1))?,
-            stream.alloc::<f32>((nseq * h).max(1))?,
-            stream.alloc::<u64>(nkb_all.max(1))?,
-            stream.alloc::<u64>((nseq * h).max(1))?,
-            stream.alloc::<u8>(nkb_all.max(1))?,
-            stream.alloc::<u8>(nkb_all.max(1))?,
-            stream.alloc::<u32>((plan.dist * h).max(1))?,
-            stream.alloc::<f32>(if any_qa { (plan.map * h).max(1) } else { 1 })?,
-            stream.alloc::<u32>((plan.mask * h).max(1))?,
-            stream.alloc::<u32>(total_rows.max(1))?,
-            stream.alloc::<u32>(total_rows + 1)?,
-            stream.alloc::<u32>((plan.causal * h).max(1))?,
+            scratch.take::<f32>(stream, nkb_all.max(1))?,
+            scratch.take::<f32>(stream, nkb_all.max(1))?,
+            scratch.take::<i32>(stream, (nseq * h).max(1))?,
+            scratch.take::<f32>(stream, (nseq * h).max(1))?,
+            scratch.take::<u64>(stream, nkb_all.max(1))?,
+            scratch.take::<u64>(stream, (nseq * h).max(1))?,
+            scratch.take::<u8>(stream, nkb_all.max(1))?,
+            scratch.take::<u8>(stream, nkb_all.max(1))?,
+            scratch.take::<u32>(stream, (plan.dist * h).max(1))?,
+            scratch.take::<f32>(stream, if any_qa { (plan.map * h).max(1) } else { 1 })?,
+            scratch.take::<u32>(stream, (plan.mask * h).max(1))?,
+            scratch.take::<u32>(stream, total_rows.max(1))?,
+            scratch.take::<u32>(stream, total_rows + 1)?,
+            scratch.take::<u32>(stream, (plan.causal * h).max(1))?,
         )
     };
 
@@ -257,11 +270,11 @@ pub fn launch_select<T: StatsElem>(
         1,
         1,
     );
-    let tiles_d = stream.clone_htod(&tiles.concat())?;
+    let tiles_d = scratch.upload(stream, &tiles.concat())?;
     let qb_all_u = qb_all as u32;
     // SAFETY: written by sel_flat_pick for every flattened query-aware head before
     // sel_qa_flat_mark / sel_qa_build read it (no other head reads it).
-    let kcut = unsafe { stream.alloc::<u64>((nseq * h).max(1)) }?;
+    let kcut = unsafe { scratch.take::<u64>(stream, (nseq * h).max(1)) }?;
     // Faithful query-aware rows in rank order with running masses (map layout), the
     // calibrated targets, and the probe events of the vertical-slash stop (PROBE_QUERIES
     // slots per key block): each is written by its producer kernel for exactly the heads whose
@@ -273,9 +286,9 @@ pub fn launch_select<T: StatsElem>(
         1
     };
     // SAFETY (order_b, run_b, t_b): see above; sel_qa_sort / sel_qa_calib write them first.
-    let order_b = unsafe { stream.alloc::<u32>(qa_len) }?;
-    let run_b = unsafe { stream.alloc::<f64>(qa_len) }?;
-    let t_b = unsafe { stream.alloc::<f64>((nseq * h).max(1)) }?;
+    let order_b = unsafe { scratch.take::<u32>(stream, qa_len) }?;
+    let run_b = unsafe { scratch.take::<f64>(stream, qa_len) }?;
+    let t_b = unsafe { scratch.take::<f64>(stream, (nseq * h).max(1)) }?;
     // The top-up's transposed representative masses and column scores (rep_block_mass's
     // layout; sel_qa_topup_prep writes both for every faithful query-aware head, whose
     // sel_qa_topup alone reads them).
@@ -285,8 +298,8 @@ pub fn launch_select<T: StatsElem>(
         1
     };
     // SAFETY (mass_t, col_sum): written by sel_qa_topup_prep before sel_qa_topup reads them.
-    let mass_t = unsafe { stream.alloc::<f32>(topup_len) }?;
-    let col_sum = unsafe { stream.alloc::<f32>(topup_len) }?;
+    let mass_t = unsafe { scratch.take::<f32>(stream, topup_len) }?;
+    let col_sum = unsafe { scratch.take::<f32>(stream, topup_len) }?;
     let probes = layout.probes && cfg.selection == SelectionMode::Faithful;
     let probes_i = probes as i32;
     let ev_len = if probes {
@@ -296,33 +309,36 @@ pub fn launch_select<T: StatsElem>(
     };
     // SAFETY (ev_key, ev_w): sel_fvs_probe_events writes every slot sel_fvs_stop reads (only
     // with probes, when the stop reads them).
-    let ev_key = unsafe { stream.alloc::<u64>(ev_len) }?;
-    let ev_w = unsafe { stream.alloc::<f64>(ev_len) }?;
+    let ev_key = unsafe { scratch.take::<u64>(stream, ev_len) }?;
+    let ev_w = unsafe { scratch.take::<f64>(stream, ev_len) }?;
     // The query-aware calibration's candidate entries (same layout as the probe events; written
     // by sel_qa_calib before it reads them), and the flattened cut's state (6 u64 per head,
     // sel_flat_init) and digit histograms (zeroed here, cleared again by each sel_flat_pick).
     let cand_len = if faithful_qa && probes { ev_len } else { 1 };
     // SAFETY (cand_key, cand_w, flat_cut): written by sel_qa_calib / sel_flat_init before any
     // kernel reads them.
-    let cand_key = unsafe { stream.alloc::<u64>(cand_len) }?;
-    let cand_w = unsafe { stream.alloc::<f64>(cand_len) }?;
-    let flat_cut = unsafe { stream.alloc::<u64>(6 * (nseq * h).max(1)) }?;
-    let cal = stream.alloc_zeros::<u64>(4 * (nseq * h).max(1))?;
+    let cand_key = unsafe { scratch.take::<u64>(stream, cand_len) }?;
+    let cand_w = unsafe { scratch.take::<f64>(stream, cand_len) }?;
+    let flat_cut = unsafe { scratch.take::<u64>(stream, 6 * (nseq * h).max(1)) }?;
+    let cal = scratch.zeros::<u64>(stream, 4 * (nseq * h).max(1))?;
     // Each probe's total mass (sel_fvs_prep, for every faithful head with probes).
     // SAFETY: sel_fvs_prep writes it before sel_fvs_probe_events / sel_qa_calib read it.
-    let probe_tot = unsafe { stream.alloc::<f64>((nseq * h * selection::PROBE_QUERIES).max(1)) }?;
+    let probe_tot =
+        unsafe { scratch.take::<f64>(stream, (nseq * h * selection::PROBE_QUERIES).max(1)) }?;
     let hist_len = if any_qa { 256 * nseq * h } else { 1 };
-    let hist_cnt = stream.alloc_zeros::<u32>(hist_len)?;
-    let hist_sum = stream.alloc_zeros::<u64>(hist_len)?;
+    let hist_cnt = scratch.zeros::<u32>(stream, hist_len)?;
+    let hist_sum = scratch.zeros::<u64>(stream, hist_len)?;
     // The flattened cut's candidate list (map layout, written by sel_flat_compact up to
     // flat_len, read only that far) and its lengths (zeroed here).
     // SAFETY: read only below the length sel_flat_compact wrote.
-    let flat_list = unsafe { stream.alloc::<u32>(if any_qa { (plan.map * h).max(1) } else { 1 }) }?;
-    let flat_len = stream.alloc_zeros::<u32>((nseq * h).max(1))?;
+    let flat_list =
+        unsafe { scratch.take::<u32>(stream, if any_qa { (plan.map * h).max(1) } else { 1 }) }?;
+    let flat_len = scratch.zeros::<u32>(stream, (nseq * h).max(1))?;
     // sel_fvs_lines' distance test per (r - c) for sel_extend: nkb + 1 entries per (sequence,
     // head). SAFETY: written by sel_fvs_lines for every faithful vertical-slash head, the only
     // heads whose extension reads it.
-    let diag_hit = unsafe { stream.alloc::<u8>(((layout.total_key_blocks() + nseq) * h).max(1)) }?;
+    let diag_hit =
+        unsafe { scratch.take::<u8>(stream, ((layout.total_key_blocks() + nseq) * h).max(1)) }?;
     let mut r = Run {
         dev,
         stream,
@@ -394,7 +410,7 @@ pub fn launch_select<T: StatsElem>(
     // The vertical-slash heads' chain (and the prep it shares with the calibration: column
     // keys, probe totals) runs beside the query-aware one (each uses a few CTAs per head);
     // cudarc's event tracking orders the shared buffers, both join before the mask.
-    let side = stream.fork()?;
+    let side = scratch.side(stream)?;
     vertical_slash::launch(&mut r, &side)?;
     query_aware::topup_prep(&mut r, &side)?;
     query_aware::map_and_cut(&mut r)?;
@@ -414,7 +430,7 @@ pub fn launch_select<T: StatsElem>(
         index: DeviceBlockIndex {
             block_size: bs,
             num_heads: h,
-            head_row_start: stream.clone_htod(&plan.head_row_start)?,
+            head_row_start: scratch.upload(stream, &plan.head_row_start)?,
             row_offsets: offsets,
             col_indices: cols,
         },
@@ -424,7 +440,9 @@ pub fn launch_select<T: StatsElem>(
     })
 }
 
-pub use crate::call::{flex_prefill_device, DeviceRun, MIN_SPARSE_KV_LEN};
+pub use crate::call::{
+    flex_prefill_device, flex_prefill_device_with, DeviceRun, MIN_SPARSE_KV_LEN,
+};
 
 /// Refuses, before any device work, sizes the selection kernels cannot address (32-bit
 /// offsets, launch-grid limits): the whole call checks this before its statistics launch.

@@ -29,6 +29,7 @@ use flexprefill_core::{
 use crate::device::CudaDevice;
 use crate::error::{CudaError, Result};
 use crate::registry::{KernelFamily, KernelKey};
+use crate::workspace::{Buf, Scratch};
 
 mod estimate;
 mod layout;
@@ -38,6 +39,7 @@ pub mod profile;
 pub use estimate::launch_pool_q;
 pub(crate) use passes::key;
 pub use passes::launch_stats;
+pub(crate) use passes::launch_stats_in;
 pub use profile::take as profile_take;
 
 /// The statistics kernel family, one NVRTC program: the shared `SeqDesc`, the header the two
@@ -193,27 +195,27 @@ pub struct DeviceStats {
     /// The plan the buffers follow.
     pub layout: StatsLayout,
     /// Sequence descriptors (the selection kernels read them too).
-    pub(crate) descs: CudaSlice<SeqDesc>,
+    pub(crate) descs: Buf<SeqDesc>,
     /// `[Σ kv_len · H]`.
-    pub vertical: CudaSlice<f32>,
+    pub vertical: Buf<f32>,
     /// `[Σ kv_len · H]`, by distance.
-    pub slash: CudaSlice<f32>,
+    pub slash: Buf<f32>,
     /// `[Σ nkb · H]`.
-    pub estimate: CudaSlice<f32>,
+    pub estimate: Buf<f32>,
     /// `[Σ rep · nkb · H]`.
-    pub rep_block_mass: CudaSlice<f32>,
+    pub rep_block_mass: Buf<f32>,
     /// `[Σ probes · nkb · H]` when the layout measures probes (else one unused element).
-    pub probe_block_mass: CudaSlice<f32>,
+    pub probe_block_mass: Buf<f32>,
     /// `[Σ nkb · Hkv · D]` (per kv head: the query heads of a group share it).
-    pub k_pooled: CudaSlice<f32>,
+    pub k_pooled: Buf<f32>,
     /// `[Σ nqb · H · D]`; filled by [`launch_pool_q`].
-    pub q_pooled: CudaSlice<f32>,
+    pub q_pooled: Buf<f32>,
     /// Estimation scale `e` and whether the original's bf16 rounding is replayed.
     pub scale: f32,
     /// Replaying the original's bf16 rounding points.
     pub emulate: bool,
     dtype: DType,
-    qb_seq: CudaSlice<u32>,
+    qb_seq: Buf<u32>,
     /// The passes' implementation (selects the module `launch_pool_q` reuses).
     path: PassPath,
 }
@@ -252,17 +254,17 @@ impl DeviceStats {
         parts: [Vec<f32>; 7],
         emulate: bool,
     ) -> Result<Self> {
-        let up = |v: &Vec<f32>| -> Result<CudaSlice<f32>> {
+        let up = |v: &Vec<f32>| -> Result<Buf<f32>> {
             if v.is_empty() {
-                Ok(stream.clone_htod(&[0f32])?)
+                Ok(stream.clone_htod(&[0f32])?.into())
             } else {
-                Ok(stream.clone_htod(v)?)
+                Ok(stream.clone_htod(v)?.into())
             }
         };
         let [vertical, slash, estimate, rbm, kp, qp, pm] = &parts;
         Ok(Self {
-            descs: stream.clone_htod(&layout.descs)?,
-            qb_seq: stream.clone_htod(&layout.qb_seq)?,
+            descs: stream.clone_htod(&layout.descs)?.into(),
+            qb_seq: stream.clone_htod(&layout.qb_seq)?.into(),
             vertical: up(vertical)?,
             slash: up(slash)?,
             estimate: up(estimate)?,

@@ -82,6 +82,22 @@ pub fn launch_stats<T: StatsElem>(
     scale: f32,
     emulate: bool,
 ) -> Result<DeviceStats> {
+    let mut scratch = Scratch::alloc();
+    launch_stats_in(dev, stream, &mut scratch, q, k, layout, scale, emulate)
+}
+
+/// [`launch_stats`] with its buffers from `scratch` (a workspace's or fresh allocations).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_stats_in<T: StatsElem>(
+    dev: &CudaDevice,
+    stream: &Arc<CudaStream>,
+    scratch: &mut Scratch<'_>,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    layout: StatsLayout,
+    scale: f32,
+    emulate: bool,
+) -> Result<DeviceStats> {
     let shape = layout.shape;
     check_head_dim(shape.head_dim)?;
     let (h, hkv, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
@@ -123,23 +139,23 @@ pub fn launch_stats<T: StatsElem>(
 
     let nseq = layout.seqs.len();
     let total_splits = layout.work.len() / 2;
-    let descs = stream.clone_htod(&layout.descs)?;
-    let work = stream.clone_htod(&layout.work)?;
-    let kb_seq = stream.clone_htod(&layout.kb_seq)?;
-    let qb_seq = stream.clone_htod(&layout.qb_seq)?;
-    let poison = layout.poison;
-    let alloc = |n: usize| -> Result<CudaSlice<f32>> {
-        if poison {
-            return crate::backend::poisoned::<f32>(stream, n);
-        }
-        // SAFETY: every buffer below is fully written by the kernels before it is read
-        // (checked by the poisoned-buffer tests).
-        Ok(unsafe { stream.alloc::<f32>(n.max(1)) }?)
-    };
+    let descs = scratch.upload(stream, &layout.descs)?;
+    let work = scratch.upload(stream, &layout.work)?;
+    let kb_seq = scratch.upload(stream, &layout.kb_seq)?;
+    let qb_seq = scratch.upload(stream, &layout.qb_seq)?;
     let rs = layout.row_stride();
     // SAFETY: pass 1 writes the state of every row a later pass reads (the merge also combines
     // the padding rows of shorter sequences, into lse2 entries no pass reads).
-    let mut row_ml = unsafe { stream.alloc::<[f32; 2]>((total_splits * h * rs).max(1)) }?;
+    let mut row_ml = unsafe { scratch.take::<[f32; 2]>(stream, total_splits * h * rs) }?;
+    let poison = layout.poison && !scratch.is_pooled();
+    let mut alloc = |n: usize| -> Result<Buf<f32>> {
+        if poison {
+            return Ok(crate::backend::poisoned::<f32>(stream, n)?.into());
+        }
+        // SAFETY: every buffer below is fully written by the kernels before it is read
+        // (checked by the poisoned-buffer tests).
+        unsafe { scratch.take::<f32>(stream, n) }
+    };
     let mut lse2 = alloc(nseq * h * rs)?;
     let mut slash_part = alloc(total_splits * h * layout.sl_stride)?;
     let mut vertical = alloc(layout.total_tok * h)?;
