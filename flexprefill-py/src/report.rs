@@ -28,8 +28,14 @@ pub(crate) fn to_dict<'py>(
         ))?;
     }
     let timings = PyDict::new(py);
-    timings.set_item("pattern_search", r.timings.pattern_search.map(|d| d.as_secs_f64()))?;
-    timings.set_item("index_build", r.timings.index_build.map(|d| d.as_secs_f64()))?;
+    timings.set_item(
+        "pattern_search",
+        r.timings.pattern_search.map(|d| d.as_secs_f64()),
+    )?;
+    timings.set_item(
+        "index_build",
+        r.timings.index_build.map(|d| d.as_secs_f64()),
+    )?;
     timings.set_item("attention", r.timings.attention.map(|d| d.as_secs_f64()))?;
     timings.set_item("call", call_seconds)?;
     let d = PyDict::new(py);
