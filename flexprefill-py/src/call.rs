@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use flexprefill_core::{
-    bf16, f16, AttentionInput, AttentionShape, Backend, DType, Error, FlexPrefillConfig,
-    SelectionMode, Sequence, TensorRef,
+    bf16, f16, AttentionInput, AttentionShape, Backend, DType, FlexPrefillConfig, SelectionMode,
+    Sequence, TensorRef,
 };
 use flexprefill_cpu::CpuBackend;
 use pyo3::prelude::*;
@@ -375,49 +375,19 @@ impl Geometry {
     /// The packed sequences, checked as core checks an input (none empty, q_len ≤ kv_len): the
     /// CUDA path has no host tensors to build a core input from.
     pub fn seqs(&self, varlen: bool) -> Result<Vec<Sequence>, ArgError> {
-        let seqs: Vec<Sequence> = match self {
+        let core = |e| ArgError::from_core(e, varlen);
+        let seqs = match self {
             Geometry::Batched {
                 batch,
                 q_len,
                 kv_len,
                 ..
-            } => (0..*batch)
-                .map(|b| Sequence {
-                    q_start: b * q_len,
-                    k_start: b * kv_len,
-                    q_len: *q_len,
-                    kv_len: *kv_len,
-                })
-                .collect(),
-            Geometry::Varlen { cu_q, cu_k, .. } => cu_q
-                .windows(2)
-                .zip(cu_k.windows(2))
-                .map(|(wq, wk)| Sequence {
-                    q_start: wq[0],
-                    k_start: wk[0],
-                    q_len: wq[1] - wq[0],
-                    kv_len: wk[1] - wk[0],
-                })
-                .collect(),
+            } => Sequence::uniform(*batch, *q_len, *kv_len),
+            Geometry::Varlen { cu_q, cu_k, .. } => {
+                Sequence::from_cu_seqlens(cu_q, cu_k).map_err(core)?
+            }
         };
-        for (i, s) in seqs.iter().enumerate() {
-            let e = if s.q_len == 0 || s.kv_len == 0 {
-                Error::EmptySequence {
-                    seq: i,
-                    q_len: s.q_len,
-                    kv_len: s.kv_len,
-                }
-            } else if s.q_len > s.kv_len {
-                Error::QueryLongerThanKeys {
-                    seq: i,
-                    q_len: s.q_len,
-                    kv_len: s.kv_len,
-                }
-            } else {
-                continue;
-            };
-            return Err(ArgError::from_core(e, varlen));
-        }
+        Sequence::check_packed(&seqs).map_err(core)?;
         Ok(seqs)
     }
 }
