@@ -244,9 +244,9 @@ pub(crate) fn borrow_host<'py>(
     borrow(obj, name, Memory::Host)
 }
 
-/// [`borrow_host`] for tensors in `memory`. No stream is passed to `__dlpack__`: the CUDA path
-/// runs on the caller's current stream, the one the producer's writes are ordered on, so there
-/// is nothing for the producer to synchronise.
+/// [`borrow_host`] for tensors in `memory`. CUDA tensors are exported with `stream=-1`: the
+/// CUDA path runs on the caller's current stream, the one the producer's writes are ordered on,
+/// so there is nothing for the producer to synchronise.
 pub(crate) fn borrow<'py>(
     obj: &Bound<'py, PyAny>,
     name: &'static str,
@@ -254,15 +254,44 @@ pub(crate) fn borrow<'py>(
 ) -> Result<Borrowed<'py>, ArgError> {
     let py = obj.py();
     let kwargs = PyDict::new(py);
-    kwargs
-        .set_item("max_version", (1, 0))
-        .map_err(|e| ArgError::runtime(name, e.to_string()))?;
+    let set = |k: &str, v: Bound<'_, PyAny>| {
+        kwargs
+            .set_item(k, v)
+            .map_err(|e| ArgError::runtime(name, e.to_string()))
+    };
+    set(
+        "max_version",
+        (1, 0)
+            .into_pyobject(py)
+            .map_err(|e| ArgError::runtime(name, e.to_string()))?
+            .into_any(),
+    )?;
+    if memory == Memory::Cuda {
+        // DLPack's "no synchronisation" stream: we run on the stream the producer's writes
+        // are ordered on (without it torch would make its default stream wait for the current
+        // one, tying a side stream to the default stream).
+        set(
+            "stream",
+            (-1i64)
+                .into_pyobject(py)
+                .map_err(|e| ArgError::runtime(name, e.to_string()))?
+                .into_any(),
+        )?;
+    }
     let method = pyo3::intern!(py, "__dlpack__");
     let capsule = match obj.call_method(method, (), Some(&kwargs)) {
         Ok(c) => c,
-        Err(e) if e.is_instance_of::<PyTypeError>(py) => obj
-            .call_method0(method)
-            .map_err(|e| export_error(py, name, e))?,
+        Err(e) if e.is_instance_of::<PyTypeError>(py) => {
+            // An older producer: no max_version (and perhaps no stream) keyword.
+            let _ = kwargs.del_item("max_version");
+            match obj.call_method(method, (), Some(&kwargs)) {
+                Ok(c) => c,
+                Err(e) if e.is_instance_of::<PyTypeError>(py) => obj
+                    .call_method0(method)
+                    .map_err(|e| export_error(py, name, e))?,
+                Err(e) => return Err(export_error(py, name, e)),
+            }
+        }
         Err(e) => return Err(export_error(py, name, e)),
     };
     let capsule = capsule.cast_into::<PyCapsule>().map_err(|_| {

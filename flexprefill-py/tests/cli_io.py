@@ -15,15 +15,17 @@ _CODES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
 def find_cli():
-    """`$FLEXPREFILL_CLI`, else the workspace's release or debug build, else `flexprefill` on
-    PATH; None when there is none."""
+    """`$FLEXPREFILL_CLI`, else the newer of the workspace's release and debug builds (`cargo
+    test --workspace` builds the debug one), else `flexprefill` on PATH; None when there is
+    none."""
     env = os.environ.get("FLEXPREFILL_CLI")
     if env:
         return env if Path(env).is_file() else None
     root = Path(__file__).resolve().parents[2]
-    for p in (root / "target/release/flexprefill", root / "target/debug/flexprefill"):
-        if p.is_file():
-            return str(p)
+    built = [p for p in (root / "target/release/flexprefill", root / "target/debug/flexprefill")
+             if p.is_file()]
+    if built:
+        return str(max(built, key=lambda p: p.stat().st_mtime))
     return shutil.which("flexprefill")
 
 

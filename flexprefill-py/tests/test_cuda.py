@@ -169,12 +169,16 @@ def test_cuda_call_on_a_side_stream_is_ordered_after_its_producer_without_a_sync
 
 @needs_cuda_path
 def test_cuda_return_report_synchronises_only_the_calls_stream():
-    q, k, v = _qkv(2048, h=8, hk=2)
+    # Sparse, so the report reads the decisions back from the device.
+    q, k, v = _qkv(SPARSE_N, h=4, hk=2)
+    flexprefill.flex_prefill_attention(q, k, v)
+    torch.cuda.synchronize()
     other = torch.cuda.Stream()
     with torch.cuda.stream(other):
         torch.cuda._sleep(int(1e9))
     _, rep = flexprefill.flex_prefill_attention(q, k, v, return_report=True)
-    assert rep.backend == "cuda" and rep.timings.call > 0
+    assert rep.backend == "cuda" and rep.dense_fallback is None and rep.timings.call > 0
+    assert len(rep.heads) == 4 and all(0 < h.density <= 1 for h in rep.heads)
     assert not other.query()
     other.synchronize()
 
@@ -225,3 +229,27 @@ def test_cuda_output_is_the_cli_cuda_output_bit_for_bit(tmp_path, n):
     out = flexprefill.flex_prefill_attention(q, k, v, gamma=0.9)
     assert code == "BF16"
     assert np.array_equal(o_cli, out.cpu().view(torch.int16).numpy().view(np.uint16))
+
+
+@needs_cuda_path
+def test_transformers_model_on_the_gpu_prefills_through_the_cuda_backend():
+    transformers = pytest.importorskip("transformers", reason="transformers not installed")
+    import flexprefill.transformers as fpt
+
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=256,
+                                   num_hidden_layers=2, num_attention_heads=8,
+                                   num_key_value_heads=2, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval().to("cuda", torch.bfloat16)
+    name = fpt.register("flexprefill-cuda-test", collect_reports=True)
+    ids = torch.randint(0, 97, (1, 600), device="cuda")
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        want = model(ids).logits.float()
+        fpt.reports.clear()
+        model.set_attn_implementation(name)
+        got = model(ids).logits.float()
+        model.set_attn_implementation("sdpa")
+    assert len(fpt.reports) == 2 and all(r.backend == "cuda" for r in fpt.reports)
+    # Dense at 600 tokens on CUDA: the same attention as SDPA up to bf16 rounding.
+    torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
