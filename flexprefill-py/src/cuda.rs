@@ -67,6 +67,13 @@ pub(crate) fn flex_prefill_cuda<'py>(
     let (geo, out_shape, lse_shape) = geometry(&req.layout, &q, &k, &v)?;
     let seqs = geo.seqs(varlen)?;
     let shape = geo.shape();
+    // The device before the output: without a usable GPU nothing else matters.
+    let gpu = py.detach(|| backend(device.1)).map_err(|why| {
+        ArgError::runtime(
+            "q",
+            format!("no usable GPU for {}: {why}", device_name(device)),
+        )
+    })?;
     let Some(out_obj) = out else {
         return Err(ArgError::value(
             "q",
@@ -88,12 +95,6 @@ pub(crate) fn flex_prefill_cuda<'py>(
         }
         (false, _) => None,
     };
-    let gpu = py.detach(|| backend(device.1)).map_err(|why| {
-        ArgError::runtime(
-            "q",
-            format!("no usable GPU for {}: {why}", device_name(device)),
-        )
-    })?;
     let call = Call {
         stream: stream.unwrap_or(0) as u64,
         dtype,
