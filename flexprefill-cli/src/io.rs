@@ -85,18 +85,7 @@ pub fn load(source: &Source) -> Result<Qkv> {
 fn read_tensors(source: &Source) -> Result<(Loaded, Loaded, Loaded)> {
     let [q, k, v] = match source {
         Source::Safetensors { path, names } => {
-            let bytes = read(path)?;
-            let st = open_safetensors(&bytes)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            let mut out = Vec::with_capacity(3);
-            for (role, name) in ["q", "k", "v"].into_iter().zip(names) {
-                out.push(
-                    tensor_from_safetensors(&st, role, name)
-                        .with_context(|| format!("in {}", path.display()))?,
-                );
-            }
-            let [q, k, v]: [Loaded; 3] = out.try_into().expect("three roles pushed");
-            [q, k, v]
+            safetensors_tensors(&read(path)?, names, &path.display().to_string())?
         }
         Source::Npy { paths } => {
             let mut out = Vec::with_capacity(3);
@@ -116,6 +105,21 @@ fn read_tensors(source: &Source) -> Result<(Loaded, Loaded, Loaded)> {
         }
     };
     Ok((q, k, v))
+}
+
+/// q, k and v named `names` in the bytes of a safetensors file; `origin` names the file in
+/// messages. Taking bytes, not a path, makes it the entry point the fuzz tests drive.
+pub(crate) fn safetensors_tensors(
+    bytes: &[u8],
+    names: &[String; 3],
+    origin: &str,
+) -> Result<[Loaded; 3]> {
+    let st = open_safetensors(bytes).with_context(|| format!("cannot read {origin}"))?;
+    let mut out = Vec::with_capacity(3);
+    for (role, name) in ["q", "k", "v"].into_iter().zip(names) {
+        out.push(tensor_from_safetensors(&st, role, name).with_context(|| format!("in {origin}"))?);
+    }
+    Ok(out.try_into().expect("three roles pushed"))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {

@@ -13,6 +13,8 @@
 mod backend;
 mod compare;
 mod exec;
+#[cfg(test)]
+mod fuzz;
 mod io;
 mod npy;
 mod plot;
@@ -102,23 +104,21 @@ struct Knobs {
 
 impl Knobs {
     fn config(&self) -> FlexPrefillConfig {
-        FlexPrefillConfig {
-            gamma: self.gamma,
-            tau: self.tau,
-            block_size: self.block_size,
-            min_budget: self.min_budget,
-            max_budget: self.max_budget,
-            query_aware_cut: match self.query_aware_cut {
+        FlexPrefillConfig::default()
+            .with_gamma(self.gamma)
+            .with_tau(self.tau)
+            .with_block_size(self.block_size)
+            .with_min_budget(self.min_budget)
+            .with_max_budget(self.max_budget)
+            .with_query_aware_cut(match self.query_aware_cut {
                 CutArg::Flattened => QueryAwareCut::Flattened,
                 CutArg::PerQueryBlock => QueryAwareCut::PerQueryBlock,
-            },
-            selection: match self.selection {
+            })
+            .with_selection(match self.selection {
                 SelectionArg::Faithful => SelectionMode::Faithful,
                 SelectionArg::Original => SelectionMode::Original,
                 SelectionArg::Sampled => SelectionMode::Sampled,
-            },
-            ..FlexPrefillConfig::default()
-        }
+            })
     }
 }
 
@@ -210,9 +210,11 @@ struct DemoArgs {
     /// Planted structure.
     #[arg(long, value_enum, default_value_t = Kind::Mixed)]
     kind: Kind,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 16384)]
-    seq: usize,
+    /// Tokens per sequence [default: 16384, or four times the backend's dense-or-sparse
+    /// threshold where that is larger (65536 on CUDA), so that the demo shows a length where
+    /// sparsity pays off on the chosen backend].
+    #[arg(long)]
+    seq: Option<usize>,
     #[command(flatten)]
     head_shape: HeadShape,
     /// RNG seed.
@@ -358,10 +360,14 @@ fn file_names(paths: &[PathBuf]) -> String {
 }
 
 fn cmd_demo(a: DemoArgs) -> Result<()> {
+    let chosen = backend::open(a.outputs.backend, a.outputs.threads)?;
+    let seq = a
+        .seq
+        .unwrap_or_else(|| (4 * chosen.backend.min_sparse_kv_len()).max(16384));
     let spec = WorkloadSpec {
         kind: a.kind.workload(),
         batch: 1,
-        seq_len: a.seq,
+        seq_len: seq,
         num_heads: a.head_shape.heads,
         num_kv_heads: a.head_shape.kv_heads,
         head_dim: a.head_shape.dim,
@@ -370,7 +376,6 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
     let sp = progress::spinner("generating the planted workload");
     let (qkv, _) = synth::generate(&spec, a.dtype.dtype())?;
     sp.finish_and_clear();
-    let chosen = backend::open(a.outputs.backend, a.outputs.threads)?;
     let plan = Plan {
         cfg: a.knobs.config(),
         softmax_scale: a.knobs.softmax_scale,
@@ -380,12 +385,7 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
         output: None,
         mask_png: a.outputs.mask_png.as_deref(),
         input: format!("demo workload '{}' (seed {})", a.kind.name(), a.seed),
-        label: format!(
-            "demo '{}', seed {}, {} tokens",
-            a.kind.name(),
-            a.seed,
-            a.seq
-        ),
+        label: format!("demo '{}', seed {}, {} tokens", a.kind.name(), a.seed, seq),
     };
     let o = exec::execute(&chosen, &qkv, &plan)?;
     let planted = spec.head_kinds().into_iter().map(|k| k.name()).collect();

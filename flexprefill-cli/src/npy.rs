@@ -73,7 +73,9 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray> {
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .context("the .npy shape overflows")?;
     let elem = if dtype == DType::F32 { 4 } else { 2 };
-    let want = count * elem;
+    let want = count
+        .checked_mul(elem)
+        .with_context(|| format!("the .npy shape {shape:?} overflows the byte count"))?;
     let have = bytes.len() - data_start;
     if have < want {
         bail!("truncated .npy data: shape {shape:?} needs {want} bytes but the file holds {have}");
@@ -248,5 +250,21 @@ mod tests {
         assert!(e.contains("'<f8'"), "{e}");
         let e = parse(&replace(b"False", b"True ")).unwrap_err().to_string();
         assert!(e.contains("Fortran"), "{e}");
+    }
+
+    /// Found by the npy fuzz target (issue 15): a shape whose element count fits a usize but
+    /// whose byte count does not overflowed `count * 4` (a panic in debug builds, a wrapped and
+    /// too small byte count in release).
+    #[test]
+    fn issue15_shape_whose_byte_count_overflows_is_an_error() {
+        let good = to_bytes(&[4], &HostTensor::F32(vec![1.0; 4])).unwrap();
+        let at = good.windows(4).position(|w| w == b"(4,)").unwrap();
+        let mut b = good[..at].to_vec();
+        b.extend_from_slice(b"(9223372036854775808,)");
+        b.extend_from_slice(&good[at + 4..]);
+        let len = u16::from_le_bytes([good[8], good[9]]) + (b.len() - good.len()) as u16;
+        b[8..10].copy_from_slice(&len.to_le_bytes());
+        let e = parse(&b).unwrap_err().to_string();
+        assert!(e.contains("overflows"), "{e}");
     }
 }

@@ -72,6 +72,9 @@ pub struct HeadJson {
     pub head: usize,
     /// `query_aware`, `vertical_slash` or `dense` (dense fallback).
     pub pattern: &'static str,
+    /// Why the head is `dense`: `short_sequence`, `selected_every_block` or `call_ran_dense`;
+    /// `null` for a sparse head.
+    pub dense_reason: Option<&'static str>,
     /// The structure planted in this head (demo only): `sink_local`, `stripes`, `topics`,
     /// `needle` or `random`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -256,6 +259,7 @@ impl Measured<'_> {
                     batch: h.seq,
                     head: h.head,
                     pattern: h.pattern.name(),
+                    dense_reason: h.dense_reason.map(|r| r.name()),
                     planted: self.planted.as_ref().and_then(|p| p.get(h.head).copied()),
                     js_distance: h.js_distance.is_finite().then_some(h.js_distance),
                     selected_blocks: h.selected_blocks,
@@ -357,6 +361,7 @@ impl Measured<'_> {
         }
         let cmp = self.comparison.is_some();
         let planted = self.planted.is_some();
+        let reasons = j.heads.iter().any(|h| h.dense_reason.is_some());
         let _ = writeln!(s);
         let _ = write!(s, "{:>5} {:>4}  ", "batch", "head");
         if planted {
@@ -373,6 +378,9 @@ impl Measured<'_> {
                 " {:>9} {:>9} {:>7} {:>7} {:>7} {:>7}",
                 "rel_l2", "max_abs", "mass", "min", "rows<γ", "oracle"
             );
+        }
+        if reasons {
+            let _ = write!(s, "  dense_reason");
         }
         let _ = writeln!(s);
         for h in &j.heads {
@@ -403,6 +411,9 @@ impl Measured<'_> {
                         .flatten()
                         .map_or("-".into(), |d| format!("{:.1}%", 100.0 * d))
                 );
+            }
+            if let Some(r) = h.dense_reason {
+                let _ = write!(s, "  {r}");
             }
             let _ = writeln!(s);
         }

@@ -66,7 +66,23 @@ impl Default for ForcedBlocks {
 /// Defaults follow the original's README and the paper's experiments: `gamma` 0.9, `tau` 0.1,
 /// `block_size` 128, `min_budget` 1024 tokens. Tile sizes and other speed-only settings live in
 /// the backends, never here: everything in this struct changes *which* blocks are computed.
+///
+/// The struct is `#[non_exhaustive]` so a knob can be added without breaking callers: start
+/// from [`FlexPrefillConfig::default`] (or [`FlexPrefillConfig::original`]) and set fields or
+/// chain the `with_*` methods, then [`validate`](FlexPrefillConfig::validate) (backends do).
+///
+/// ```
+/// use flexprefill_core::FlexPrefillConfig;
+/// let cfg = FlexPrefillConfig::default().with_gamma(0.95).with_min_budget(512);
+/// cfg.validate()?;
+/// let mut same = FlexPrefillConfig::default();
+/// same.gamma = 0.95;
+/// same.min_budget = 512;
+/// assert_eq!(cfg, same);
+/// # Ok::<(), flexprefill_core::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct FlexPrefillConfig {
     /// Cumulative attention threshold: the chosen blocks should hold at least this share of
     /// the attention mass. In (0, 1].
@@ -111,6 +127,55 @@ impl FlexPrefillConfig {
             selection: SelectionMode::Original,
             ..Self::default()
         }
+    }
+
+    /// Sets [`gamma`](Self::gamma); the builders do not validate, [`validate`](Self::validate)
+    /// does once all knobs are set.
+    pub fn with_gamma(mut self, gamma: f32) -> Self {
+        self.gamma = gamma;
+        self
+    }
+
+    /// Sets [`tau`](Self::tau).
+    pub fn with_tau(mut self, tau: f32) -> Self {
+        self.tau = tau;
+        self
+    }
+
+    /// Sets [`block_size`](Self::block_size) (tokens).
+    pub fn with_block_size(mut self, block_size: usize) -> Self {
+        self.block_size = block_size;
+        self
+    }
+
+    /// Sets [`min_budget`](Self::min_budget) (tokens).
+    pub fn with_min_budget(mut self, min_budget: usize) -> Self {
+        self.min_budget = min_budget;
+        self
+    }
+
+    /// Sets [`max_budget`](Self::max_budget) (tokens, `None` for no cap).
+    pub fn with_max_budget(mut self, max_budget: Option<usize>) -> Self {
+        self.max_budget = max_budget;
+        self
+    }
+
+    /// Sets [`query_aware_cut`](Self::query_aware_cut).
+    pub fn with_query_aware_cut(mut self, cut: QueryAwareCut) -> Self {
+        self.query_aware_cut = cut;
+        self
+    }
+
+    /// Sets [`forced`](Self::forced).
+    pub fn with_forced(mut self, forced: ForcedBlocks) -> Self {
+        self.forced = forced;
+        self
+    }
+
+    /// Sets [`selection`](Self::selection).
+    pub fn with_selection(mut self, selection: SelectionMode) -> Self {
+        self.selection = selection;
+        self
     }
 
     /// Checks every knob; call before any work (backends do).

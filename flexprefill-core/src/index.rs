@@ -39,12 +39,18 @@ pub struct BlockIndex {
 impl BlockIndex {
     /// Builds from per-head row lists, given in (sequence, head) order: `heads[s * num_heads + h]`
     /// holds one list of key blocks per query block. Rows are sorted and deduplicated here.
+    ///
+    /// Sizes are checked, not trusted: a zero `block_size` or `num_heads`, a sequence with
+    /// `q_len > kv_len`, a row count that does not match the query blocks, or a key block past
+    /// the sequence's last key block is an [`Error`], never a panic. Causality and the forced
+    /// blocks are [`validate`](Self::validate)'s job.
     pub fn from_rows(
         seqs: &[Sequence],
         num_heads: usize,
         block_size: usize,
         heads: Vec<Vec<Vec<u32>>>,
     ) -> Result<Self> {
+        check_layout(seqs, num_heads, block_size)?;
         if heads.len() != seqs.len() * num_heads {
             return Err(Error::Index(format!(
                 "{} head row lists for {} sequences × {} heads",
@@ -69,9 +75,18 @@ impl BlockIndex {
                     nqb
                 )));
             }
-            for mut row in rows {
+            let nkb = seq.num_key_blocks(block_size);
+            for (r, mut row) in rows.into_iter().enumerate() {
                 row.sort_unstable();
                 row.dedup();
+                if let Some(&c) = row.last().filter(|&&c| c as usize >= nkb) {
+                    return Err(Error::Index(format!(
+                        "sequence {} head {} query block {r}: key block {c} is past the last key block ({})",
+                        i / num_heads,
+                        i % num_heads,
+                        nkb - 1
+                    )));
+                }
                 col_indices.extend_from_slice(&row);
                 row_offsets.push(to_u32(col_indices.len())?);
             }
@@ -88,7 +103,25 @@ impl BlockIndex {
     }
 
     /// Every causal block of every head: with this index sparse attention is dense attention.
+    ///
+    /// Same size checks as [`from_rows`](Self::from_rows), plus: the block count must fit the
+    /// index's `u32` offsets (checked before anything is allocated).
     pub fn dense(seqs: &[Sequence], num_heads: usize, block_size: usize) -> Result<Self> {
+        check_layout(seqs, num_heads, block_size)?;
+        let mut total = 0usize;
+        for s in seqs {
+            for r in 0..s.num_query_blocks(block_size) {
+                total = (s.causal_key_blocks(r, block_size).checked_mul(num_heads))
+                    .and_then(|n| total.checked_add(n))
+                    .filter(|&t| t <= u32::MAX as usize)
+                    .ok_or_else(|| {
+                        Error::Index(format!(
+                            "a dense index over these sequences and {num_heads} heads has more than {} blocks",
+                            u32::MAX
+                        ))
+                    })?;
+            }
+        }
         let heads = seqs
             .iter()
             .flat_map(|s| {
@@ -131,6 +164,9 @@ impl BlockIndex {
     }
 
     /// Key blocks of query block `r` of (`seq`, `head`).
+    ///
+    /// # Panics
+    /// If `seq`, `head` or `r` is out of range, as slice indexing does.
     pub fn row(&self, seq: usize, head: usize, r: usize) -> &[u32] {
         let i = self.head_row_start[seq * self.num_heads + head] as usize + r;
         &self.col_indices[self.row_offsets[i] as usize..self.row_offsets[i + 1] as usize]
@@ -151,13 +187,18 @@ impl BlockIndex {
         self.seqs[seq].total_causal_blocks(self.block_size)
     }
 
-    /// Selected over causal blocks, over every sequence and head.
+    /// Selected over causal blocks, over every sequence and head; 1 when there is no causal
+    /// block at all (no sequence, or only empty ones), as [`crate::SparsityReport::density`].
     pub fn density(&self) -> f64 {
         let causal: usize = (0..self.seqs.len())
             .map(|s| self.causal_blocks(s))
             .sum::<usize>()
             * self.num_heads;
-        self.col_indices.len() as f64 / causal as f64
+        if causal == 0 {
+            1.0
+        } else {
+            self.col_indices.len() as f64 / causal as f64
+        }
     }
 
     /// Block mask of (`seq`, `head`), `[num_query_blocks, num_key_blocks]` row-major. Tests
@@ -259,6 +300,45 @@ impl BlockIndex {
     }
 }
 
+/// The sizes every constructor relies on: a zero block size would divide by zero, a zero head
+/// count would make every density 0/0, `q_len > kv_len` would underflow the query offset, and a
+/// sequence within one block of `usize::MAX` would overflow the block geometry.
+fn check_layout(seqs: &[Sequence], num_heads: usize, block_size: usize) -> Result<()> {
+    if block_size == 0 {
+        return Err(Error::Index("block_size (0) must be at least 1".into()));
+    }
+    if num_heads == 0 {
+        return Err(Error::Index("num_heads (0) must be at least 1".into()));
+    }
+    for (seq, s) in seqs.iter().enumerate() {
+        if s.q_len > s.kv_len {
+            return Err(Error::QueryLongerThanKeys {
+                seq,
+                q_len: s.q_len,
+                kv_len: s.kv_len,
+            });
+        }
+        if s.kv_len.checked_add(block_size).is_none() {
+            return Err(Error::Index(format!(
+                "sequence {seq}: kv_len ({}) is too large for block_size {block_size}",
+                s.kv_len
+            )));
+        }
+    }
+    let rows = seqs
+        .iter()
+        .try_fold(0usize, |acc, s| {
+            acc.checked_add(s.num_query_blocks(block_size).checked_mul(num_heads)?)
+        })
+        .filter(|&r| r < u32::MAX as usize);
+    if rows.is_none() {
+        return Err(Error::Index(format!(
+            "the query block rows of these sequences × {num_heads} heads do not fit a u32 offset"
+        )));
+    }
+    Ok(())
+}
+
 fn to_u32(n: usize) -> Result<u32> {
     u32::try_from(n).map_err(|_| Error::Index(format!("{n} entries do not fit a u32 offset")))
 }
@@ -322,5 +402,67 @@ mod tests {
         ));
         assert!(BlockIndex::from_rows(&one(32), 1, 16, vec![vec![vec![0]]]).is_err());
         assert!(BlockIndex::from_rows(&one(32), 2, 16, vec![vec![vec![0], vec![0, 1]]]).is_err());
+    }
+
+    #[test]
+    fn bad_sizes_are_typed_errors_not_panics() {
+        let is_index_err = |r: Result<BlockIndex>| matches!(r, Err(Error::Index(_)));
+        assert!(is_index_err(BlockIndex::dense(&one(32), 1, 0)));
+        assert!(is_index_err(BlockIndex::from_rows(
+            &one(32),
+            1,
+            0,
+            vec![vec![vec![0]]]
+        )));
+        assert!(is_index_err(BlockIndex::dense(&one(32), 0, 16)));
+        // a key block past the sequence's last one (2 blocks: 0 and 1)
+        assert!(is_index_err(BlockIndex::from_rows(
+            &one(32),
+            1,
+            16,
+            vec![vec![vec![0], vec![0, 7]]]
+        )));
+        let chunk_too_long = Sequence {
+            q_start: 0,
+            k_start: 0,
+            q_len: 40,
+            kv_len: 20,
+        };
+        assert!(matches!(
+            BlockIndex::dense(&[chunk_too_long], 1, 16),
+            Err(Error::QueryLongerThanKeys { seq: 0, .. })
+        ));
+        assert!(is_index_err(BlockIndex::dense(
+            &[Sequence::whole(usize::MAX - 3)],
+            1,
+            16
+        )));
+        // every block of 2^20 blocks × 4096 heads: more rows than a u32 offset can count
+        assert!(is_index_err(BlockIndex::dense(
+            &[Sequence::whole(1 << 24)],
+            1 << 20,
+            16
+        )));
+        // found by the attention_input fuzz target (issue 15): no causal block gave 0/0 = NaN
+        for empty in [vec![], vec![Sequence::whole(0)]] {
+            assert_eq!(BlockIndex::dense(&empty, 2, 16).unwrap().density(), 1.0);
+        }
+        // found by the attention_input fuzz target: one row's blocks × heads overflowed
+        assert!(is_index_err(BlockIndex::dense(
+            &[Sequence {
+                q_start: 0,
+                k_start: 0,
+                q_len: 1,
+                kv_len: usize::MAX / 2
+            }],
+            1 << 20,
+            1
+        )));
+        // rows fit, blocks do not: checked before allocating
+        assert!(is_index_err(BlockIndex::dense(
+            &[Sequence::whole(1 << 24)],
+            64,
+            16
+        )));
     }
 }

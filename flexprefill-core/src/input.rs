@@ -54,7 +54,8 @@ impl AttentionShape {
         Ok(())
     }
 
-    /// Query heads per kv head.
+    /// Query heads per kv head. Panics on `num_kv_heads == 0`, which [`Self::new`] and
+    /// [`Self::validate`] reject.
     pub fn group_size(&self) -> usize {
         self.num_heads / self.num_kv_heads
     }
@@ -70,6 +71,11 @@ impl AttentionShape {
 /// Key blocks start at key position 0; query blocks start at the first query of the chunk. So
 /// with `q_len == kv_len` both grids coincide (the original's), and only the last block of each
 /// may be partial.
+///
+/// The geometry methods take a block size that the caller has already checked
+/// ([`crate::FlexPrefillConfig::validate`], or [`crate::BlockIndex`]'s constructors, which return
+/// typed errors): they are called per block in hot loops and stay infallible. They panic on a
+/// `block_size` of 0, and on `q_len > kv_len`, which [`AttentionInput`]'s constructors reject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sequence {
     /// First query token of this sequence in the packed q tensor.
@@ -128,7 +134,7 @@ impl Sequence {
         if seqs.is_empty() {
             return Err(Error::Shape("no sequence: batch must be at least 1".into()));
         }
-        let (mut q_next, mut k_next) = (0, 0);
+        let (mut q_next, mut k_next) = (0usize, 0usize);
         for (i, s) in seqs.iter().enumerate() {
             if s.q_len == 0 || s.kv_len == 0 {
                 return Err(Error::EmptySequence {
@@ -150,8 +156,14 @@ impl Sequence {
                     i.saturating_sub(1)
                 )));
             }
-            q_next += s.q_len;
-            k_next += s.kv_len;
+            let overflow = || {
+                Error::Shape(format!(
+                    "sequence {i}: token offsets overflow (q_len {}, kv_len {})",
+                    s.q_len, s.kv_len
+                ))
+            };
+            q_next = q_next.checked_add(s.q_len).ok_or_else(overflow)?;
+            k_next = k_next.checked_add(s.kv_len).ok_or_else(overflow)?;
         }
         Ok((q_next, k_next))
     }
@@ -247,8 +259,31 @@ impl<'a> AttentionInput<'a> {
         if batch == 0 {
             return Err(Error::Shape("batch (0) must be at least 1".into()));
         }
+        let (q, k, v) = (q.into(), k.into(), v.into());
+        shape.validate()?;
+        if q_len == 0 || kv_len == 0 {
+            return Err(Error::EmptySequence {
+                seq: 0,
+                q_len,
+                kv_len,
+            });
+        }
+        // Check the sizes against the tensors' lengths before building `batch` sequences, so a
+        // huge `batch` or length is a shape error, not an overflow or an allocation of that size.
+        for (name, t, len, heads) in [
+            ("q", &q, q_len, shape.num_heads),
+            ("k", &k, kv_len, shape.num_kv_heads),
+        ] {
+            if element_count(batch, len, heads, shape.head_dim) != Some(t.len()) {
+                return Err(Error::Shape(format!(
+                    "{name} has {} elements, expected batch {batch} × {len} tokens × {heads} heads × {} head_dim",
+                    t.len(),
+                    shape.head_dim
+                )));
+            }
+        }
         let seqs = Sequence::uniform(batch, q_len, kv_len);
-        Self::from_parts(q.into(), k.into(), v.into(), shape, seqs)
+        Self::from_parts(q, k, v, shape, seqs)
     }
 
     /// A ragged batch packed along tokens, with flash-attn style cumulative offsets:
@@ -354,8 +389,9 @@ impl<'a> AttentionInput<'a> {
             num_kv_heads,
             head_dim,
         } = self.shape;
-        let want_q = q_next * num_heads * head_dim;
-        let want_kv = k_next * num_kv_heads * head_dim;
+        // An element count that overflows cannot equal any real tensor's length.
+        let want_q = element_count(1, q_next, num_heads, head_dim).unwrap_or(usize::MAX);
+        let want_kv = element_count(1, k_next, num_kv_heads, head_dim).unwrap_or(usize::MAX);
         for (name, got, want, tokens, heads) in [
             ("q", self.q.len(), want_q, q_next, num_heads),
             ("k", self.k.len(), want_kv, k_next, num_kv_heads),
@@ -378,6 +414,14 @@ impl<'a> AttentionInput<'a> {
         }
         Ok(())
     }
+}
+
+/// `batch · tokens · heads · head_dim`, or `None` when it overflows.
+fn element_count(batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Option<usize> {
+    batch
+        .checked_mul(tokens)?
+        .checked_mul(heads)?
+        .checked_mul(head_dim)
 }
 
 fn check_cu_seqlens(name: &str, cu: &[usize]) -> Result<()> {
@@ -484,6 +528,35 @@ mod tests {
         assert!(matches!(
             AttentionInput::packed(&z, &kv, &kv, &[0, 0, 10], &[0, 0, 10], shape()),
             Err(Error::EmptySequence { seq: 0, .. })
+        ));
+        // sizes whose products overflow, or a batch far larger than the tensors
+        assert!(matches!(
+            AttentionInput::batched(&z, &kv, &kv, usize::MAX, 10, 10, shape()),
+            Err(Error::Shape(_))
+        ));
+        assert!(matches!(
+            AttentionInput::batched(&z, &kv, &kv, 2, usize::MAX / 2 + 1, usize::MAX, shape()),
+            Err(Error::Shape(_))
+        ));
+        assert!(matches!(
+            AttentionInput::batched(&z, &kv, &kv, 3, 0, 10, shape()),
+            Err(Error::EmptySequence { .. })
+        ));
+        let huge = AttentionShape {
+            num_heads: usize::MAX,
+            num_kv_heads: 1,
+            head_dim: 2,
+        };
+        assert!(AttentionInput::batched(&z, &kv, &kv, 1, 10, 10, huge).is_err());
+        assert!(matches!(
+            AttentionInput::packed(&z, &kv, &kv, &[0, usize::MAX], &[0, usize::MAX], shape()),
+            Err(Error::Shape(_))
+        ));
+        let seqs = vec![Sequence::whole(usize::MAX), Sequence::whole(usize::MAX)];
+        let t = |x: &'static [f32]| TensorRef::from(x);
+        assert!(matches!(
+            AttentionInput::from_parts(t(&[]), t(&[]), t(&[]), shape(), seqs),
+            Err(Error::Shape(_))
         ));
         let h: Vec<half::f16> = vec![half::f16::ONE; kv.len()];
         assert!(matches!(

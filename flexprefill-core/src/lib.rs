@@ -42,6 +42,6 @@ pub use error::{Error, Result};
 pub use half::{bf16, f16};
 pub use index::BlockIndex;
 pub use input::{AttentionInput, AttentionOutput, AttentionShape, Sequence};
-pub use report::{HeadReport, Pattern, SparsityReport, Timings};
+pub use report::{DenseReason, HeadReport, Pattern, SparsityReport, Timings};
 pub use selection::HeadStatistics;
 pub use tensor::{DType, HostTensor, TensorRef};

@@ -11,7 +11,7 @@
 
 use crate::config::FlexPrefillConfig;
 use crate::input::Sequence;
-use crate::report::{HeadReport, Pattern, SparsityReport};
+use crate::report::{DenseReason, HeadReport, Pattern, SparsityReport};
 use crate::selection;
 
 /// Why the whole call should run dense attention, or `None` when selection can pay off.
@@ -58,14 +58,8 @@ pub fn dense_report(
         .flat_map(|(si, s)| {
             let causal = s.total_causal_blocks(block_size);
             (0..num_heads).map(move |head| HeadReport {
-                seq: si,
-                head,
-                pattern: Pattern::Dense,
-                js_distance: f32::NAN,
-                selected_blocks: causal,
-                causal_blocks: causal,
-                density: 1.0,
-                estimated_mass: 1.0,
+                dense_reason: Some(DenseReason::CallRanDense),
+                ..HeadReport::new(si, head, Pattern::Dense, f32::NAN, causal, causal, 1.0)
             })
         })
         .collect();

@@ -422,10 +422,7 @@ fn bad_inputs_are_typed_errors_not_panics() {
         cpu.head_statistics(&short, &FlexPrefillConfig::default()),
         Err(Error::Shape(_))
     ));
-    let bad_cfg = FlexPrefillConfig {
-        block_size: 48,
-        ..Default::default()
-    };
+    let bad_cfg = FlexPrefillConfig::default().with_block_size(48);
     assert!(matches!(
         cpu.head_statistics(&x, &bad_cfg),
         Err(Error::Config(_))

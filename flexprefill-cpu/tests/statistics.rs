@@ -147,11 +147,9 @@ fn statistics_match_the_naive_definitions() {
         (SelectionMode::Original, 32),
         (SelectionMode::Faithful, 16),
     ] {
-        let cfg = FlexPrefillConfig {
-            block_size: bs,
-            selection: mode,
-            ..Default::default()
-        };
+        let cfg = FlexPrefillConfig::default()
+            .with_block_size(bs)
+            .with_selection(mode);
         // Original estimates with 1/√D whatever softmax_scale says; Faithful with it.
         let e = match mode {
             SelectionMode::Original => 1.0 / (24f64).sqrt(),
@@ -196,10 +194,7 @@ fn representative_block_mass_agrees_with_captured_mass() {
     let data = Data::new(5, &[(200, 200), (40, 150)], 4, 2, 16);
     let x = data.input();
     let bs = 32;
-    let cfg = FlexPrefillConfig {
-        block_size: bs,
-        ..Default::default()
-    };
+    let cfg = FlexPrefillConfig::default().with_block_size(bs);
     let stats = cpu.head_statistics(&x, &cfg).unwrap();
     let heads = x
         .seqs
@@ -255,14 +250,8 @@ fn original_mode_on_bf16_replays_the_rounding_points() {
     let x = AttentionInput::batched(q.as_ref(), k.as_ref(), v.as_ref(), 1, 300, 300, data.shape)
         .unwrap();
     let bs = 64;
-    let original = FlexPrefillConfig {
-        block_size: bs,
-        ..FlexPrefillConfig::original()
-    };
-    let faithful = FlexPrefillConfig {
-        block_size: bs,
-        ..Default::default()
-    };
+    let original = FlexPrefillConfig::original().with_block_size(bs);
+    let faithful = FlexPrefillConfig::default().with_block_size(bs);
     let emu = cpu.head_statistics(&x, &original).unwrap();
     let plain = cpu.head_statistics(&x, &faithful).unwrap();
     let is_bf16 = |v: f32| flexprefill_core::bf16::from_f32(v).to_f32() == v;

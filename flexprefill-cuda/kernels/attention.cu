@@ -96,10 +96,11 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
     const int pos_last = pos_first + rows_here - 1;
     const int kvh = head / (int)p.group;
 
-    // Key blocks of this tile's index row (ascending), or all causal blocks.
+    // Key blocks of this tile's index row (ascending), or all causal blocks (dense, or a head
+    // flagged in p.dense_walk).
     const uint32_t* cols = nullptr;
     int ncols;
-    if (p.head_row_start != nullptr) {
+    if (p.head_row_start != nullptr && !(p.dense_walk != nullptr && p.dense_walk[seq * p.num_heads + head] != 0)) {
         const uint32_t row = p.head_row_start[seq * p.num_heads + head] + (uint32_t)(q_lo / BS);
         const uint32_t a = p.row_offsets[row], b = p.row_offsets[row + 1];
         cols = p.col_indices + a;

@@ -22,6 +22,10 @@ struct AttnParams {
     const uint32_t* head_row_start;  // null: dense (every causal key block)
     const uint32_t* row_offsets;
     const uint32_t* col_indices;
+    // null: every row of the index is walked as listed. Else [num_seqs · num_heads] bytes
+    // (kernels/dense_walk.cu): a nonzero (sequence, head) walks every causal block instead,
+    // where its selection is too dense for the sparse walk to be cheaper.
+    const uint8_t* dense_walk;
     const SeqInfo* seqs;
     uint32_t num_heads;
     uint32_t num_kv_heads;

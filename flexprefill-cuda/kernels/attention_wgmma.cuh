@@ -180,8 +180,9 @@ FP_DEVICE QueryTile query_tile(const AttnParams& p) {
 
 // The key tiles one query tile visits, walked in descending key order (the first tiles are the
 // only ones that need the causal / kv_len mask): the listed blocks of its CSR row, or every
-// causal block (dense), split in KPB tiles each, tiles wholly after the tile's last query
-// dropped. Producer and consumers of the warp-specialized kernel each build the same walk.
+// causal block (dense, or a head flagged in p.dense_walk), split in KPB tiles each, tiles
+// wholly after the tile's last query dropped. Producer and consumers of the warp-specialized
+// kernel each build the same walk.
 struct KeyWalk {
     const uint32_t* cols;  // the CSR row; null: dense
     int top;               // index of the last tile in ascending order
@@ -198,7 +199,7 @@ struct KeyWalk {
 FP_DEVICE KeyWalk key_walk(const AttnParams& p, int seq, int head, int q_lo, int pos_last) {
     KeyWalk w;
     int ncols;
-    if (p.head_row_start != nullptr) {
+    if (p.head_row_start != nullptr && !(p.dense_walk != nullptr && p.dense_walk[seq * p.num_heads + head] != 0)) {
         const uint32_t row = p.head_row_start[seq * p.num_heads + head] + (uint32_t)(q_lo / BS);
         const uint32_t a = p.row_offsets[row], b = p.row_offsets[row + 1];
         w.cols = p.col_indices + a;

@@ -9,11 +9,14 @@
 #   cargo test --release -p flexprefill-cuda --no-run 2>&1 | grep Executable
 #     -> unittests src/lib.rs (target/release/deps/flexprefill_cuda-HASH)
 #        tests/gpu_attention.rs (target/release/deps/gpu_attention-HASH)
+#        tests/gpu_robustness.rs (target/release/deps/gpu_robustness-HASH)
 #        tests/nvrtc_compile.rs (target/release/deps/nvrtc_compile-HASH)
 #        tests/no_driver.rs (target/release/deps/no_driver-HASH)
 #   mkdir -p .gpu
 #   cp target/release/deps/flexprefill_cuda-HASH .gpu/cuda_lib_tests
 #   cp target/release/deps/gpu_attention-HASH .gpu/gpu_attention
+#   cp target/release/deps/gpu_robustness-HASH .gpu/gpu_robustness
+#   cp target/release/deps/gpu_host-HASH .gpu/gpu_host
 #   cp target/release/deps/nvrtc_compile-HASH .gpu/nvrtc_compile
 #   cp target/release/deps/no_driver-HASH .gpu/no_driver
 # (gpu-bench.sh's executables go to the same folder.)
@@ -59,6 +62,12 @@ if [ "${CHECK_TESTS:-1}" = 1 ]; then
   fi
   run_test cuda_lib_tests lib_tests.log -- --skip compile
   run_test gpu_attention gpu_attention.log --
+  # The warp-specialized kernel forced at block 64 too (it is the default at block 128).
+  run_test gpu_attention gpu_attention_ws.log FLEXPREFILL_ATTN=ws --
+  # Host API == device call, the dense-or-sparse rule, raw-pointer entry, kernel cache.
+  run_test gpu_host gpu_host.log -- --nocapture
+  # Size limits, out-of-memory, two threads on one backend, repeated runs bit for bit.
+  run_test gpu_robustness gpu_robustness.log -- --nocapture
   # The other statistics passes on Hopper: mma.sync, and the wgmma issue-ahead variant.
   run_test cuda_lib_tests lib_tests_mma.log FLEXPREFILL_STATS_MMA=1 -- stats:: select:: --skip compile
   run_test cuda_lib_tests lib_tests_overlap.log FLEXPREFILL_STATS_OVERLAP=1 -- stats:: select:: --skip compile
@@ -86,7 +95,7 @@ if [ "${CHECK_SAN:-1}" = 1 ]; then
     san stats_wgmma cuda_lib_tests -- --exact stats::tests::statistics_match_the_cpu_oracle
     san stats_mma cuda_lib_tests FLEXPREFILL_STATS_MMA=1 -- --exact stats::tests::statistics_match_the_cpu_oracle
     san select cuda_lib_tests -- --exact select::tests::device_selection_equals_core_on_the_same_statistics
-    san attention gpu_attention -- sparse_with_every_block rows_without_keys every_tile_shape odd_head_dims
+    san attention gpu_attention -- sparse_with_every_block rows_without_keys every_tile_shape odd_head_dims dense_walk
   else
     summary+=("compute-sanitizer not found")
   fi

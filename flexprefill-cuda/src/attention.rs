@@ -49,6 +49,74 @@ pub static ATTENTION_WS: KernelFamily = KernelFamily {
     ),
 };
 
+/// The dense-walk decision (`kernels/dense_walk.cu`): per (sequence, head), whether the
+/// attention kernels walk the index or every causal block.
+pub static DENSE_WALK: KernelFamily = KernelFamily {
+    name: "dense_walk",
+    source: include_str!("../kernels/dense_walk.cu"),
+};
+
+/// Cost of one computed block on the sparse walk over one on the dense walk, for the
+/// warp-specialized Hopper kernel at block 128: on the H200 (bf16, 32 q / 8 kv heads, d 128,
+/// 32k–128k) dense attention runs at 586–597 TFLOP/s and indexes of density ≈ 0.3 at 492–511
+/// TFLOP/s on their computed blocks (scattered K/V tiles, CSR reads), a ratio of 1.17–1.19,
+/// rounded up to 1.2 (docs/CUDA.md's table of the warp-specialized kernel).
+pub const SPARSE_BLOCK_COST: f64 = 1.2;
+
+/// Selected share of a head's causal blocks at and above which its sparse walk costs at least
+/// as much as the dense one (`1 / SPARSE_BLOCK_COST` ≈ 0.83): such a head walks every causal
+/// block. `FLEXPREFILL_DENSE_WALK_DENSITY` overrides it (see [`dense_walk_density`]).
+pub const DENSE_WALK_DENSITY: f64 = 1.0 / SPARSE_BLOCK_COST;
+
+/// [`DENSE_WALK_DENSITY`], or the value of `FLEXPREFILL_DENSE_WALK_DENSITY` when it parses as a
+/// number (benches: above 1 never walks dense, 0 always does); anything else is ignored.
+pub fn dense_walk_density() -> f64 {
+    std::env::var("FLEXPREFILL_DENSE_WALK_DENSITY")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| !v.is_nan())
+        .unwrap_or(DENSE_WALK_DENSITY)
+}
+
+/// Queues the dense-walk decision for `index` over `seqs` on `stream` (no host sync): a byte
+/// per (sequence, head), sequence-major, 1 where the head's selected blocks reach
+/// `max_density` of its causal blocks (core's `Sequence::total_causal_blocks`). Pass the
+/// result to [`launch_attention_walk`]; read it back for the report.
+pub fn choose_dense_walk(
+    dev: &CudaDevice,
+    stream: &std::sync::Arc<CudaStream>,
+    seqs: &DeviceSeqs,
+    index: &DeviceBlockIndex,
+    max_density: f64,
+) -> Result<CudaSlice<u8>> {
+    let n = seqs.seqs().len();
+    let h = index.num_heads;
+    if index.head_row_start.len() != n * h + 1 || h == 0 || h > 65535 || n > 65535 {
+        return Err(flexprefill_core::Error::Index(format!(
+            "device index has {} head starts and {h} heads, {n} sequences need {}",
+            index.head_row_start.len(),
+            n * h + 1
+        ))
+        .into());
+    }
+    let mut flags = stream.alloc_zeros::<u8>(n * h)?;
+    let key = KernelKey::new(&DENSE_WALK, None, 0, 0);
+    let f = dev.function(&DENSE_WALK, &key, "dense_walk_choose", 0)?;
+    let (h_u, bs_u) = (h as u32, index.block_size as u32);
+    let launch = Launch::new(stream, &f, (h_u, n as u32, 1), 32, 0)
+        .arg(&index.head_row_start)
+        .arg(&index.row_offsets)
+        .arg(seqs.device())
+        .arg(&h_u)
+        .arg(&bs_u)
+        .arg(&max_density)
+        .arg(&mut flags);
+    // SAFETY: argument types match the kernel; it reads head_row_start[0..=n·h] (length checked),
+    // row_offsets at those values (the index's own offsets), seqs[0..n], and writes flags[0..n·h].
+    unsafe { launch.launch() }?;
+    Ok(flags)
+}
+
 /// 16-bit element types the attention kernel reads (bf16, f16).
 pub trait DeviceElem: DeviceRepr + Copy + Default + Send + Sync + 'static {
     /// Its core dtype.
@@ -432,15 +500,7 @@ impl DeviceSeqs {
             )
             .into());
         }
-        let mut flat = Vec::with_capacity(seqs.len() * 4);
-        for s in seqs {
-            for v in [s.q_start, s.k_start, s.q_len, s.kv_len] {
-                flat.push(u32::try_from(v).map_err(|_| CudaError::Unsupported {
-                    op: "attention",
-                    message: format!("token offset {v} does not fit u32"),
-                })?);
-            }
-        }
+        let flat = seq_words(seqs)?;
         Ok(Self {
             host: seqs.to_vec(),
             dev: stream.clone_htod(&flat)?,
@@ -466,6 +526,28 @@ impl DeviceSeqs {
     pub fn total_k(&self) -> usize {
         self.host.last().map_or(0, |s| s.k_start + s.kv_len)
     }
+}
+
+/// `[q_start, k_start, q_len, kv_len]` of every sequence as the kernel reads them: u32, and
+/// the kernel adds row numbers to the starts in 32-bit arithmetic, so each sequence's ends
+/// must fit too.
+pub(crate) fn seq_words(seqs: &[Sequence]) -> Result<Vec<u32>> {
+    let mut flat = Vec::with_capacity(seqs.len() * 4);
+    for s in seqs {
+        let ends = [
+            s.q_start.saturating_add(s.q_len),
+            s.k_start.saturating_add(s.kv_len),
+        ];
+        for v in ends {
+            u32::try_from(v).map_err(|_| CudaError::Unsupported {
+                op: "attention",
+                message: format!("token offset {v} does not fit u32"),
+            })?;
+        }
+        // Each value is at most one of the ends checked above.
+        flat.extend([s.q_start, s.k_start, s.q_len, s.kv_len].map(|v| v as u32));
+    }
+    Ok(flat)
 }
 
 /// A [`BlockIndex`] resident on the device, in the same CSR layout (rows ordered (sequence,
@@ -520,6 +602,7 @@ struct AttnParams {
     head_row_start: u64,
     row_offsets: u64,
     col_indices: u64,
+    dense_walk: u64,
     seqs: u64,
     num_heads: u32,
     num_kv_heads: u32,
@@ -631,6 +714,23 @@ pub fn launch_attention<T: DeviceElem>(
     out: &mut CudaSlice<T>,
     lse: Option<&mut CudaSlice<f32>>,
 ) -> Result<()> {
+    launch_attention_walk(dev, stream, args, index, None, tile, out, lse)
+}
+
+/// [`launch_attention`] with the per-(sequence, head) flags of [`choose_dense_walk`]: a
+/// flagged head walks every causal block instead of its index rows (its output is then dense
+/// attention's, bit for bit); `None` walks the index as listed.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_attention_walk<T: DeviceElem>(
+    dev: &CudaDevice,
+    stream: &CudaStream,
+    args: &AttentionArgs<'_, T>,
+    index: Option<&DeviceBlockIndex>,
+    dense_walk: Option<&CudaSlice<u8>>,
+    tile: Option<AttnTile>,
+    out: &mut CudaSlice<T>,
+    lse: Option<&mut CudaSlice<f32>>,
+) -> Result<()> {
     const OP: &str = "attention";
     let shape = args.shape;
     shape.validate()?;
@@ -649,6 +749,16 @@ pub fn launch_attention<T: DeviceElem>(
                 name,
                 got,
                 want,
+            });
+        }
+    }
+    if let Some(f) = dense_walk {
+        if f.len() != seqs.len() * h {
+            return Err(CudaError::BufferLen {
+                op: OP,
+                name: "dense_walk",
+                got: f.len(),
+                want: seqs.len() * h,
             });
         }
     }
@@ -737,6 +847,7 @@ pub fn launch_attention<T: DeviceElem>(
         head_row_start: index.map_or(0, |i| dptr(&i.head_row_start, stream)),
         row_offsets: index.map_or(0, |i| dptr(&i.row_offsets, stream)),
         col_indices: index.map_or(0, |i| dptr(&i.col_indices, stream)),
+        dense_walk: dense_walk.map_or(0, |f| dptr(f, stream)),
         seqs: dptr(args.seqs.device(), stream),
         num_heads: h as u32,
         num_kv_heads: hkv as u32,
@@ -763,8 +874,9 @@ pub fn launch_attention<T: DeviceElem>(
     }
     let launch = launch.arg(&params);
     // SAFETY: `params` matches the kernel's struct; every pointer is a live allocation of the
-    // length checked above (index buffers are checked against the sequences' row count, and
-    // column values are trusted to be causal block numbers as `BlockIndex::validate` checks);
+    // length checked above (index buffers and dense_walk are checked against the sequences' row
+    // and head counts, and column values are trusted to be causal block numbers as
+    // `BlockIndex::validate` checks);
     // `out` and `lse` are exclusively borrowed for the launch; the tensor maps describe q, k
     // and v at those lengths.
     unsafe { launch.launch() }?;

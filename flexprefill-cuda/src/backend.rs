@@ -37,7 +37,8 @@ macro_rules! with_elem {
 }
 
 use crate::attention::{
-    launch_attention, AttentionArgs, AttnTile, DeviceBlockIndex, DeviceElem, DeviceSeqs,
+    launch_attention, launch_attention_walk, AttentionArgs, AttnTile, DeviceBlockIndex, DeviceElem,
+    DeviceSeqs,
 };
 use crate::device::{driver_present, CudaDevice};
 use crate::error::{CudaError, Result};
@@ -58,6 +59,8 @@ pub struct CudaBackend {
     device: Arc<CudaDevice>,
     /// Pinned chunks the host API copies through (one call at a time per backend clone set).
     staging: Arc<Mutex<Staging>>,
+    /// Below this many keys a FlexPrefill call runs dense ([`Backend::min_sparse_kv_len`]).
+    min_sparse_kv_len: usize,
 }
 
 impl CudaBackend {
@@ -79,7 +82,17 @@ impl CudaBackend {
         Ok(Self {
             device: CudaDevice::with_kernel_cache(ordinal, cache)?,
             staging: Arc::default(),
+            min_sparse_kv_len: crate::call::MIN_SPARSE_KV_LEN,
         })
+    }
+
+    /// The same backend with another dense-or-sparse threshold (keys of the longest sequence
+    /// below which a FlexPrefill call runs dense; default [`crate::call::MIN_SPARSE_KV_LEN`]).
+    /// 0 always runs the sparse path: agreement tests use it to exercise selection and
+    /// sparse attention on short inputs.
+    pub fn with_min_sparse_kv_len(mut self, keys: usize) -> Self {
+        self.min_sparse_kv_len = keys;
+        self
     }
 
     /// The device (context, stream, kernel registry).
@@ -104,13 +117,42 @@ impl CudaBackend {
         out: &mut CudaSlice<T>,
         lse: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
+        self.check_stream(stream)?;
+        launch_attention(&self.device, stream, args, index, tile, out, lse)
+    }
+
+    /// [`CudaBackend::attention_device`] with the dense-walk flags of the FlexPrefill call
+    /// (`attention::choose_dense_walk`), on the automatic tile.
+    pub(crate) fn attention_device_walk<T: DeviceElem>(
+        &self,
+        stream: &CudaStream,
+        args: &AttentionArgs<'_, T>,
+        index: Option<&DeviceBlockIndex>,
+        dense_walk: Option<&CudaSlice<u8>>,
+        out: &mut CudaSlice<T>,
+        lse: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        launch_attention_walk(
+            &self.device,
+            stream,
+            args,
+            index,
+            dense_walk,
+            None,
+            out,
+            lse,
+        )
+    }
+
+    fn check_stream(&self, stream: &CudaStream) -> Result<()> {
         if stream.context().cu_ctx() != self.device.context().cu_ctx() {
             return Err(CudaError::Unsupported {
                 op: "attention",
                 message: "the stream belongs to another CUDA context".into(),
             });
         }
-        launch_attention(&self.device, stream, args, index, tile, out, lse)
+        Ok(())
     }
 
     /// Host attention: uploads, runs (timed with CUDA events), downloads.
@@ -386,7 +428,7 @@ impl Backend for CudaBackend {
     /// [`crate::call::MIN_SPARSE_KV_LEN`]: what the GPU's pattern search and index build cost
     /// against its dense kernel.
     fn min_sparse_kv_len(&self) -> usize {
-        crate::call::MIN_SPARSE_KV_LEN
+        self.min_sparse_kv_len
     }
 
     /// The device call between one upload and one download: the same decision, kernels and

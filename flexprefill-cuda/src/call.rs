@@ -9,11 +9,11 @@ use std::time::Duration;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use flexprefill_core::{
-    payoff, AttentionShape, FlexPrefillConfig, HeadStatistics, SelectionMode, Sequence,
-    SparsityReport, Timings,
+    payoff, AttentionShape, Backend as _, DenseReason, FlexPrefillConfig, HeadStatistics, Pattern,
+    SelectionMode, Sequence, SparsityReport, Timings,
 };
 
-use crate::attention::{AttentionArgs, DeviceElem};
+use crate::attention::{choose_dense_walk, dense_walk_density, AttentionArgs, DeviceElem};
 use crate::error::Result;
 use crate::select::{launch_select, DeviceSelection};
 use crate::stats::{launch_stats, DeviceStats, StatsElem, StatsLayout};
@@ -45,6 +45,12 @@ pub struct DeviceRun {
     pub selection: Option<DeviceSelection>,
     /// Why the call ran dense, if it did (goes into the sparsity report).
     pub dense_reason: Option<String>,
+    /// Per (sequence, head), sequence-major: 1 where the selection was dense enough that the
+    /// attention kernel walked every causal block instead (`attention::choose_dense_walk`);
+    /// None when the call ran dense. Read with [`DeviceRun::dense_walk`].
+    dense_walk: Option<CudaSlice<u8>>,
+    /// The density threshold of that decision.
+    dense_walk_density: f64,
     stats: Option<DeviceStats>,
     seqs: Vec<Sequence>,
     shape: AttentionShape,
@@ -59,6 +65,19 @@ pub(crate) fn elapsed(a: &CudaEvent, b: &CudaEvent) -> Result<Duration> {
 }
 
 impl DeviceRun {
+    /// Per (sequence, head), sequence-major: whether attention walked every causal block
+    /// because the head's selected density reached the threshold where the sparse walk costs
+    /// at least as much as the dense one. `None` when the call ran dense. Synchronises
+    /// `stream` (the call's stream or one ordered after it).
+    pub fn dense_walk(&self, stream: &Arc<CudaStream>) -> Result<Option<Vec<bool>>> {
+        let Some(f) = &self.dense_walk else {
+            return Ok(None);
+        };
+        let v = stream.clone_dtoh(f)?;
+        stream.synchronize()?;
+        Ok(Some(v.into_iter().map(|b| b != 0).collect()))
+    }
+
     /// Device times of the stages, from the CUDA events of [`flex_prefill_device_timed`]
     /// (waits for the call's last event, not for the rest of the stream); `None` for a call
     /// queued without events. Stages that did not run stay `None`; transfers are not part of
@@ -97,6 +116,9 @@ impl DeviceRun {
                 let (_, heads) = sel.to_host(stream, &st.layout, Some(&masses))?;
                 let mut r = SparsityReport::default();
                 r.heads = heads;
+                if let Some(walk) = self.dense_walk(stream)? {
+                    apply_dense_walk(&mut r, &walk, self.dense_walk_density);
+                }
                 r
             }
             (None, reason) => payoff::dense_report(
@@ -110,6 +132,30 @@ impl DeviceRun {
             report.timings = t;
         }
         Ok(report)
+    }
+}
+
+/// Reports the heads attention walked densely as dense heads (every causal block computed,
+/// all of the mass; `js_distance` keeps the pattern decision), and when every head did, says
+/// why the call ended up dense.
+fn apply_dense_walk(report: &mut SparsityReport, walk: &[bool], max_density: f64) {
+    let (mut n, mut selected, mut causal) = (0usize, 0usize, 0usize);
+    for (h, _) in report.heads.iter_mut().zip(walk).filter(|(_, &w)| w) {
+        n += 1;
+        selected += h.selected_blocks;
+        causal += h.causal_blocks;
+        h.pattern = Pattern::Dense;
+        h.dense_reason = Some(DenseReason::SparseCostsMore);
+        h.selected_blocks = h.causal_blocks;
+        h.density = 1.0;
+        h.estimated_mass = 1.0;
+    }
+    if n > 0 && n == report.heads.len() && report.dense_fallback.is_none() {
+        let d = selected as f64 / causal.max(1) as f64;
+        report.dense_fallback = Some(format!(
+            "selected density {d:.2} ≥ {max_density:.2}: sparse attention would cost more \
+             than dense"
+        ));
     }
 }
 
@@ -136,7 +182,8 @@ fn rep_masses(stream: &Arc<CudaStream>, st: &DeviceStats) -> Result<Vec<HeadStat
 }
 
 /// The whole FlexPrefill call on device buffers, queued on `stream` with no host sync:
-/// core's dense-or-sparse decision ([`payoff::dense_reason`] with [`MIN_SPARSE_KV_LEN`]), then
+/// core's dense-or-sparse decision ([`payoff::dense_reason`] with the backend's threshold,
+/// [`MIN_SPARSE_KV_LEN`] unless set otherwise), then
 /// either the dense kernel, or statistics, selection and block-sparse attention over the
 /// device index. `stream` must belong to the backend's context.
 pub fn flex_prefill_device<T: StatsElem + DeviceElem>(
@@ -206,7 +253,9 @@ pub(crate) fn run<T: StatsElem + DeviceElem>(
     let seqs = args.seqs.seqs();
     let mut run = DeviceRun {
         selection: None,
-        dense_reason: payoff::dense_reason(seqs, cfg, MIN_SPARSE_KV_LEN),
+        dense_reason: payoff::dense_reason(seqs, cfg, backend.min_sparse_kv_len()),
+        dense_walk: None,
+        dense_walk_density: dense_walk_density(),
         stats: None,
         seqs: seqs.to_vec(),
         shape: args.shape,
@@ -225,11 +274,15 @@ pub(crate) fn run<T: StatsElem + DeviceElem>(
             .softmax_scale
             .unwrap_or(1.0 / (args.shape.head_dim as f32).sqrt());
         let (scale, emulate) = crate::stats::estimation_scale(args.shape, scale, input_dtype, cfg);
+        // Sizes the selection kernels cannot address fail here, before the statistics launch.
+        crate::select::check_sizes(&layout, cfg)?;
         let mut st = launch_stats(dev, stream, args.q, args.k, layout, scale, emulate)?;
         ev_stats = record()?;
         let sel = launch_select(dev, stream, Some(args.q), &mut st, cfg)?;
+        let walk = choose_dense_walk(dev, stream, args.seqs, &sel.index, run.dense_walk_density)?;
         ev_select = record()?;
-        backend.attention_device(stream, args, Some(&sel.index), None, out, lse)?;
+        backend.attention_device_walk(stream, args, Some(&sel.index), Some(&walk), out, lse)?;
+        run.dense_walk = Some(walk);
         run.selection = Some(sel);
         run.stats = Some(st);
     }
@@ -242,4 +295,65 @@ pub(crate) fn run<T: StatsElem + DeviceElem>(
         });
     }
     Ok(run)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three heads of a 1000-token sequence at block 128 (36 causal blocks each), selected
+    /// 33, 10 and 36.
+    fn report() -> SparsityReport {
+        let mut r = payoff::dense_report(&[Sequence::whole(1000)], 3, 128, String::new());
+        r.dense_fallback = None;
+        for (h, (sel, pat)) in r.heads.iter_mut().zip([
+            (33, Pattern::QueryAware),
+            (10, Pattern::VerticalSlash),
+            (36, Pattern::VerticalSlash),
+        ]) {
+            h.pattern = pat;
+            h.selected_blocks = sel;
+            h.density = sel as f64 / h.causal_blocks as f64;
+            h.estimated_mass = 0.9;
+            h.js_distance = 0.5;
+        }
+        r
+    }
+
+    #[test]
+    fn dense_walked_heads_are_reported_dense() {
+        let mut r = report();
+        assert_eq!(r.heads[0].causal_blocks, 36);
+        apply_dense_walk(&mut r, &[true, false, true], DENSE);
+        let h = &r.heads;
+        assert_eq!(
+            (h[0].pattern, h[0].selected_blocks, h[0].density),
+            (Pattern::Dense, 36, 1.0)
+        );
+        assert_eq!((h[0].estimated_mass, h[0].js_distance), (1.0, 0.5));
+        assert_eq!(h[1], report().heads[1], "an unflagged head is left alone");
+        assert_eq!(h[2].pattern, Pattern::Dense);
+        assert_eq!(h[0].dense_reason, Some(DenseReason::SparseCostsMore));
+        assert_eq!(r.dense_fallback, None, "one head still ran sparse");
+    }
+
+    #[test]
+    fn every_head_dense_walked_says_why() {
+        let mut r = report();
+        apply_dense_walk(&mut r, &[true; 3], DENSE);
+        let why = r.dense_fallback.clone().expect("every head walked dense");
+        // (33 + 10 + 36) / 108 selected.
+        assert_eq!(
+            why,
+            "selected density 0.73 ≥ 0.70: sparse attention would cost more than dense"
+        );
+        assert_eq!(r.density(), 1.0);
+        // A reason from before the attention (none here) is never overwritten.
+        let mut r = report();
+        r.dense_fallback = Some("kept".into());
+        apply_dense_walk(&mut r, &[true; 3], DENSE);
+        assert_eq!(r.dense_fallback.as_deref(), Some("kept"));
+    }
+
+    const DENSE: f64 = 0.7;
 }

@@ -35,7 +35,7 @@ mod query_aware;
 mod vertical_slash;
 
 pub(crate) use plan::select_key;
-use plan::{params, Run, SelSeq};
+use plan::{params, Run, SelPlan};
 
 /// The selection kernel family, one NVRTC program: the shared `SeqDesc`, the selection
 /// header, then one file per stage.
@@ -134,59 +134,14 @@ pub fn launch_select<T: StatsElem>(
     let mut p = params(&layout, cfg);
     p.bf16_logits = stats.emulate as i32;
 
-    // Host-side plan of the selection buffers (lengths only).
-    let mut sel = Vec::with_capacity(nseq);
-    let (mut mask, mut map, mut rows, mut dist, mut causal) =
-        (0usize, 0usize, 0usize, 0usize, 0usize);
-    let (mut max_nkb, mut max_rep, mut max_map) = (1usize, 1usize, 1usize);
-    // rep_block_mass per head (Σ rep·nkb), the top-up's scratch layout
-    let mut rep_mass = 0usize;
-    let mut head_row_start = vec![0u32];
-    for (si, s) in layout.seqs.iter().enumerate() {
-        let (nqb, nkb) = (s.num_query_blocks(bs), s.num_key_blocks(bs));
-        let words = nkb.div_ceil(32);
-        let u = |n: usize| -> Result<u32> {
-            u32::try_from(n).map_err(|_| CudaError::Unsupported {
-                op: "select",
-                message: format!("buffer offset {n} does not fit u32"),
-            })
-        };
-        sel.push(SelSeq {
-            words: u(words)?,
-            mask_off: u(mask)?,
-            map_off: u(map)?,
-            row_off: u(rows)?,
-            dist_off: u(dist)?,
-            dense: selection::dense_fallback(s, cfg).is_some() as u32,
-            pad: [0; 2],
-        });
-        mask += nqb * words;
-        map += nqb * nkb;
-        rows += nqb;
-        dist += s.kv_len + 1;
-        causal += s.total_causal_blocks(bs);
-        max_nkb = max_nkb.max(nkb);
-        max_map = max_map.max(nqb * nkb);
-        max_rep = max_rep.max(layout.num_rep(si));
-        rep_mass += layout.num_rep(si) * nkb;
-        for _ in 0..h {
-            let last = *head_row_start.last().expect("starts with 0");
-            head_row_start.push(u(last as usize + nqb)?);
-        }
-    }
-    u32::try_from(map * h).map_err(|_| CudaError::Unsupported {
-        op: "select",
-        message: format!(
-            "pooled map of {} entries does not fit u32 indexing",
-            map * h
-        ),
-    })?;
-    let total_rows = rows * h;
+    let plan = SelPlan::new(&layout, cfg)?;
+    let (max_nkb, max_rep) = (plan.max_nkb, plan.max_rep);
+    let total_rows = plan.rows * h;
     let any_qa = cfg.tau > 0.0;
     let nkb_all = layout.total_key_blocks() * h;
     let qb_all = layout.total_query_blocks();
 
-    let sel_d = stream.clone_htod(&sel)?;
+    let sel_d = stream.clone_htod(&plan.sel)?;
     let qb_seq: Vec<u32> = layout
         .seqs
         .iter()
@@ -223,12 +178,12 @@ pub fn launch_select<T: StatsElem>(
             stream.alloc::<u64>((nseq * h).max(1))?,
             stream.alloc::<u8>(nkb_all.max(1))?,
             stream.alloc::<u8>(nkb_all.max(1))?,
-            stream.alloc::<u32>((dist * h).max(1))?,
-            stream.alloc::<f32>(if any_qa { (map * h).max(1) } else { 1 })?,
-            stream.alloc::<u32>((mask * h).max(1))?,
+            stream.alloc::<u32>((plan.dist * h).max(1))?,
+            stream.alloc::<f32>(if any_qa { (plan.map * h).max(1) } else { 1 })?,
+            stream.alloc::<u32>((plan.mask * h).max(1))?,
             stream.alloc::<u32>(total_rows.max(1))?,
             stream.alloc::<u32>(total_rows + 1)?,
-            stream.alloc::<u32>((causal * h).max(1))?,
+            stream.alloc::<u32>((plan.causal * h).max(1))?,
         )
     };
 
@@ -312,7 +267,11 @@ pub fn launch_select<T: StatsElem>(
     // slots per key block): each is written by its producer kernel for exactly the heads whose
     // consumers read it (same pattern test on both sides).
     let faithful_qa = any_qa && cfg.selection == SelectionMode::Faithful;
-    let qa_len = if faithful_qa { (map * h).max(1) } else { 1 };
+    let qa_len = if faithful_qa {
+        (plan.map * h).max(1)
+    } else {
+        1
+    };
     // SAFETY (order_b, run_b, t_b): see above; sel_qa_sort / sel_qa_calib write them first.
     let order_b = unsafe { stream.alloc::<u32>(qa_len) }?;
     let run_b = unsafe { stream.alloc::<f64>(qa_len) }?;
@@ -321,7 +280,7 @@ pub fn launch_select<T: StatsElem>(
     // layout; sel_qa_topup_prep writes both for every faithful query-aware head, whose
     // sel_qa_topup alone reads them).
     let topup_len = if faithful_qa {
-        (rep_mass * h).max(1)
+        (plan.rep_mass * h).max(1)
     } else {
         1
     };
@@ -358,7 +317,7 @@ pub fn launch_select<T: StatsElem>(
     // The flattened cut's candidate list (map layout, written by sel_flat_compact up to
     // flat_len, read only that far) and its lengths (zeroed here).
     // SAFETY: read only below the length sel_flat_compact wrote.
-    let flat_list = unsafe { stream.alloc::<u32>(if any_qa { (map * h).max(1) } else { 1 }) }?;
+    let flat_list = unsafe { stream.alloc::<u32>(if any_qa { (plan.map * h).max(1) } else { 1 }) }?;
     let flat_len = stream.alloc_zeros::<u32>((nseq * h).max(1))?;
     // sel_fvs_lines' distance test per (r - c) for sel_extend: nkb + 1 entries per (sequence,
     // head). SAFETY: written by sel_fvs_lines for every faithful vertical-slash head, the only
@@ -382,7 +341,7 @@ pub fn launch_select<T: StatsElem>(
         bs,
         qb_all,
         max_nkb,
-        max_map,
+        max_map: plan.max_map,
         total_rows,
         any_qa,
         faithful_qa,
@@ -455,7 +414,7 @@ pub fn launch_select<T: StatsElem>(
         index: DeviceBlockIndex {
             block_size: bs,
             num_heads: h,
-            head_row_start: stream.clone_htod(&head_row_start)?,
+            head_row_start: stream.clone_htod(&plan.head_row_start)?,
             row_offsets: offsets,
             col_indices: cols,
         },
@@ -466,6 +425,12 @@ pub fn launch_select<T: StatsElem>(
 }
 
 pub use crate::call::{flex_prefill_device, DeviceRun, MIN_SPARSE_KV_LEN};
+
+/// Refuses, before any device work, sizes the selection kernels cannot address (32-bit
+/// offsets, launch-grid limits): the whole call checks this before its statistics launch.
+pub(crate) fn check_sizes(layout: &StatsLayout, cfg: &FlexPrefillConfig) -> Result<()> {
+    SelPlan::new(layout, cfg).map(|_| ())
+}
 
 /// `SelectionMode::Sampled` has no device kernels yet: a typed error, never another mode's
 /// blocks under its name.
@@ -493,6 +458,7 @@ pub(crate) fn select_index(
     let layout = StatsLayout::new(&x.seqs, x.shape, cfg.block_size)?
         .with_probes(cfg.selection == SelectionMode::Faithful);
     let (scale, emulate) = crate::stats::estimation_scale(x.shape, x.scale(), x.dtype(), cfg);
+    SelPlan::new(&layout, cfg)?;
     #[allow(clippy::too_many_arguments)]
     fn run<T: StatsElem + cudarc::driver::ValidAsZeroBits>(
         dev: &CudaDevice,
@@ -536,11 +502,7 @@ pub(crate) fn select_index(
         .map(|s| selection::dense_fallback(s, cfg))
         .collect::<Option<Vec<_>>>()
         .and_then(|r| r.into_iter().next());
-    let mut report = SparsityReport {
-        heads,
-        dense_fallback,
-        ..Default::default()
-    };
+    let mut report = SparsityReport::new(heads, dense_fallback);
     report.timings.index_build = Some(t0.elapsed());
     Ok((index, report))
 }

@@ -330,6 +330,31 @@ fn unsupported_shapes_are_typed_errors() {
     assert!(e.to_string().contains("head_dim (40)"), "{e}");
 }
 
+/// Uploads bf16 q, k, v.
+fn upload_bf16(
+    stream: &std::sync::Arc<flexprefill_cuda::cudarc::driver::CudaStream>,
+    x: &Data,
+) -> (
+    flexprefill_cuda::cudarc::driver::CudaSlice<half::bf16>,
+    flexprefill_cuda::cudarc::driver::CudaSlice<half::bf16>,
+    flexprefill_cuda::cudarc::driver::CudaSlice<half::bf16>,
+) {
+    let up = |t: &HostTensor| match t {
+        HostTensor::BF16(v) => stream.clone_htod(v).unwrap(),
+        _ => unreachable!("bf16 data"),
+    };
+    (up(&x.q), up(&x.k), up(&x.v))
+}
+
+/// Every tile shape the bench compares and the automatic one, those the device can run.
+fn device_tiles(gpu: &CudaBackend, d: usize, bs: usize) -> Vec<AttnTile> {
+    let cc = gpu.device().info().compute_capability;
+    let mut tiles = AttnTile::variants(d, bs);
+    tiles.push(AttnTile::auto_for(cc, d, bs));
+    tiles.retain(|t| !t.wgmma || cc == (9, 0));
+    tiles
+}
+
 /// Both kernels (portable mma.sync, Hopper wgmma where the device has it) against the oracle
 /// through the device API, every tile shape the bench compares, on poisoned output buffers.
 #[test]
@@ -345,11 +370,7 @@ fn every_tile_shape_matches_oracle_through_device_api() {
         let inp = input(&x, shape, &layout, true);
         let index = random_index(&mut rng, &inp.seqs, 8, bs, 0.4, false);
         let want = oracle::masked_attention_f64(&inp, &index).unwrap();
-        let up = |t: &HostTensor| match t {
-            HostTensor::BF16(v) => stream.clone_htod(v).unwrap(),
-            _ => unreachable!("bf16 data"),
-        };
-        let (q, k, v) = (up(&x.q), up(&x.k), up(&x.v));
+        let (q, k, v) = upload_bf16(&stream, &x);
         let seqs = DeviceSeqs::new(&stream, &inp.seqs).unwrap();
         let dindex = DeviceBlockIndex::upload(&stream, &index).unwrap();
         let args = AttentionArgs {
@@ -363,16 +384,7 @@ fn every_tile_shape_matches_oracle_through_device_api() {
         let inp = inp.with_softmax_scale(0.1).unwrap();
         let want_scaled = oracle::masked_attention_f64(&inp, &index).unwrap();
         assert_ne!(want, want_scaled);
-        let mut tiles = AttnTile::variants(d, bs);
-        tiles.push(AttnTile::auto_for(
-            gpu.device().info().compute_capability,
-            d,
-            bs,
-        ));
-        for t in tiles {
-            if t.wgmma && gpu.device().info().compute_capability != (9, 0) {
-                continue;
-            }
+        for t in device_tiles(&gpu, d, bs) {
             let mut out = stream
                 .clone_htod(&vec![half::bf16::NAN; 730 * 8 * d])
                 .unwrap();
@@ -412,12 +424,169 @@ fn every_tile_shape_matches_oracle_through_device_api() {
 #[ignore = "needs an NVIDIA GPU"]
 fn testkit_agreement_standard_cases() {
     use flexprefill_testkit::agreement::{self, AgreementOptions};
-    let gpu = gpu();
     let opts = AgreementOptions {
         dtypes: vec![DType::BF16],
         ..Default::default()
     };
-    let report = agreement::check_backend_with(&gpu, &agreement::standard_cases(), &opts);
-    println!("{report}");
-    assert!(report.passed(), "backend disagreement:\n{report}");
+    // The standard cases are short (at most a few thousand tokens), where the GPU's
+    // dense-or-sparse rule runs dense: threshold 0 exercises selection and sparse attention,
+    // the default threshold the dense decision (every head reported dense, dense output).
+    for (what, gpu) in [
+        ("sparse path (threshold 0)", gpu().with_min_sparse_kv_len(0)),
+        ("default threshold", gpu()),
+    ] {
+        let report = agreement::check_backend_with(&gpu, &agreement::standard_cases(), &opts);
+        println!("{what}:\n{report}");
+        assert!(report.passed(), "backend disagreement, {what}:\n{report}");
+    }
+}
+
+/// The dense-walk decision of the FlexPrefill call (`choose_dense_walk`): a head whose
+/// selection reaches the threshold is flagged and walks every causal block, so its output and
+/// LSE are dense attention's bit for bit even where its index leaves blocks out; an unflagged
+/// head walks its rows exactly as without flags. Every kernel family (every tile the bench
+/// compares, and the automatic one), heads with 4 kinds of index side by side.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn dense_walk_flags_dense_heads_and_walks_them_dense() {
+    use flexprefill_cuda::attention::{
+        choose_dense_walk, launch_attention_walk, DENSE_WALK_DENSITY,
+    };
+    let gpu = match CudaBackend::new() {
+        Ok(g) => g,
+        Err(flexprefill_cuda::CudaError::NoDriver) => {
+            println!("no NVIDIA driver: skipped");
+            return;
+        }
+        Err(e) => panic!("a CUDA device is needed: {e}"),
+    };
+    let stream = gpu.stream().clone();
+    let mut rng = Rng::fresh("dense walk");
+    let h = 4;
+    for (d, bs) in [(128, 128), (64, 128), (128, 64), (64, 64)] {
+        let shape = AttentionShape::new(h, 2, d).unwrap();
+        let layout = [(1100, 1100), (300, 1000)];
+        let (tq, tk) = (1400, 2100);
+        let x = data(&mut rng, DType::BF16, shape, tq, tk, 1.0);
+        let inp = input(&x, shape, &layout, true);
+        // Head 0: every causal block. Head 1: all but block 1 of rows with 3 or more (density
+        // about 0.9, above the threshold). Head 2: sink and diagonal. Head 3: random, p 0.3.
+        let sparse = random_index(&mut rng, &inp.seqs, h, bs, 0.3, false);
+        let mut all = Vec::new();
+        for (si, s) in inp.seqs.iter().enumerate() {
+            for head in 0..h {
+                let rows: Vec<Vec<u32>> = (0..s.num_query_blocks(bs))
+                    .map(|r| {
+                        let n = s.causal_key_blocks(r, bs) as u32;
+                        match head {
+                            0 => (0..n).collect(),
+                            1 => (0..n).filter(|&c| n < 3 || c != 1).collect(),
+                            2 => {
+                                let mut row = vec![0u32];
+                                row.extend(s.diagonal_key_blocks(r, bs).map(|c| c as u32));
+                                row
+                            }
+                            _ => sparse.row(si, head, r).to_vec(),
+                        }
+                    })
+                    .collect();
+                all.push(rows);
+            }
+        }
+        let index = BlockIndex::from_rows(&inp.seqs, h, bs, all).unwrap();
+        let want_flags: Vec<u8> = (0..inp.seqs.len())
+            .flat_map(|si| (0..h).map(move |head| (si, head)))
+            .map(|(si, head)| {
+                let sel = index.selected_blocks(si, head) as f64;
+                u8::from(sel >= DENSE_WALK_DENSITY * index.causal_blocks(si) as f64)
+            })
+            .collect();
+        for (si, f) in want_flags.chunks(h).enumerate() {
+            assert_eq!(f, [1, 1, 0, 0], "d{d} bs{bs} seq {si}: the index kinds");
+        }
+        let (q, k, v) = upload_bf16(&stream, &x);
+        let seqs = DeviceSeqs::new(&stream, &inp.seqs).unwrap();
+        let dindex = DeviceBlockIndex::upload(&stream, &index).unwrap();
+        let args = AttentionArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            shape,
+            seqs: &seqs,
+            softmax_scale: None,
+        };
+        let flags =
+            choose_dense_walk(gpu.device(), &stream, &seqs, &dindex, DENSE_WALK_DENSITY).unwrap();
+        assert_eq!(
+            stream.clone_dtoh(&flags).unwrap(),
+            want_flags,
+            "d{d} bs{bs}"
+        );
+        for (m, want) in [(1.01, 0u8), (0.0, 1u8)] {
+            let f = choose_dense_walk(gpu.device(), &stream, &seqs, &dindex, m).unwrap();
+            let got = stream.clone_dtoh(&f).unwrap();
+            assert!(got.iter().all(|&x| x == want), "threshold {m}: {got:?}");
+        }
+        for t in device_tiles(&gpu, d, bs) {
+            let run = |index: Option<&DeviceBlockIndex>, walk: Option<&_>| {
+                let mut out = stream
+                    .clone_htod(&vec![half::bf16::NAN; tq * h * d])
+                    .unwrap();
+                let mut lse = stream.clone_htod(&vec![f32::NAN; tq * h]).unwrap();
+                launch_attention_walk(
+                    gpu.device(),
+                    &stream,
+                    &args,
+                    index,
+                    walk,
+                    Some(t),
+                    &mut out,
+                    Some(&mut lse),
+                )
+                .unwrap();
+                let o: Vec<u16> = stream
+                    .clone_dtoh(&out)
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect();
+                let l: Vec<u32> = stream
+                    .clone_dtoh(&lse)
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect();
+                (o, l)
+            };
+            let dense = run(None, None);
+            let listed = run(Some(&dindex), None);
+            let walked = run(Some(&dindex), Some(&flags));
+            // (token, head) pairs of each head, through the sequences' flags.
+            let mut differs = [false; 4];
+            for (si, s) in inp.seqs.iter().enumerate() {
+                for tok in s.q_start..s.q_start + s.q_len {
+                    for head in 0..h {
+                        let (o, l) = (
+                            (tok * h + head) * d..(tok * h + head + 1) * d,
+                            tok * h + head,
+                        );
+                        let want = if want_flags[si * h + head] == 1 {
+                            &dense
+                        } else {
+                            &listed
+                        };
+                        assert_eq!(
+                            (&walked.0[o.clone()], walked.1[l]),
+                            (&want.0[o.clone()], want.1[l]),
+                            "tile {t:?} d{d} bs{bs} seq {si} token {tok} head {head}"
+                        );
+                        differs[head] |=
+                            listed.0[o.clone()] != dense.0[o] || listed.1[l] != dense.1[l];
+                    }
+                }
+            }
+            // The flag matters: head 1's index leaves blocks out; head 0's lists them all.
+            assert_eq!(differs, [false, true, true, true], "tile {t:?} d{d} bs{bs}");
+        }
+    }
 }

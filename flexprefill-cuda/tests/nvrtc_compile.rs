@@ -3,7 +3,7 @@
 //! with the NVRTC wheel and on the GPU machine.
 
 use flexprefill_core::DType;
-use flexprefill_cuda::attention::{AttnTile, ATTENTION, UTIL};
+use flexprefill_cuda::attention::{AttnTile, ATTENTION, DENSE_WALK, UTIL};
 use flexprefill_cuda::internals::compile_offline;
 use flexprefill_cuda::internals::KernelKey;
 
@@ -48,6 +48,18 @@ fn util_kernels_compile() {
     for dtype in [DType::BF16, DType::F16] {
         let key = KernelKey::new(&UTIL, Some(dtype), 0, 0);
         compile_offline(&UTIL, &key, (9, 0)).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+#[test]
+#[ignore = "needs NVRTC (libnvrtc.so)"]
+fn dense_walk_decision_compiles() {
+    for arch in [(9, 0), (8, 0)] {
+        let key = KernelKey::new(&DENSE_WALK, None, 0, 0);
+        let (cubin, log) = compile_offline(&DENSE_WALK, &key, arch)
+            .unwrap_or_else(|e| panic!("dense_walk sm{arch:?}: {e}"));
+        assert!(!cubin.is_empty());
+        println!("dense_walk sm{}{}\n{log}", arch.0, arch.1);
     }
 }
 

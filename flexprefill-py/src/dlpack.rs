@@ -424,7 +424,7 @@ unsafe fn read_tensor(
             ));
         }
         let align = elem.size().max(1);
-        if (data as usize) % align != 0 {
+        if !(data as usize).is_multiple_of(align) {
             return Err(ArgError::value(
                 name,
                 format!("{name}'s data is not aligned to its {align}-byte elements; pass a copy"),

@@ -97,11 +97,11 @@ fn timing_only(
         for &kind in kinds {
             let w = generate(&WorkloadSpec::new(kind, len));
             let x = w.input();
-            let cfg = |mode, gamma| FlexPrefillConfig {
-                selection: mode,
-                query_aware_cut: cut,
-                gamma,
-                ..FlexPrefillConfig::default()
+            let cfg = |mode, gamma| {
+                FlexPrefillConfig::default()
+                    .with_selection(mode)
+                    .with_query_aware_cut(cut)
+                    .with_gamma(gamma)
             };
             let mut stats_ms = [Vec::new(), Vec::new()];
             let mut stats = [Vec::new(), Vec::new()];
@@ -339,11 +339,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let dense_out = dense.out.to_f32_vec();
             eprintln!("{kind} {len}: dense {t_dense:.1} s");
             for &mode in &modes {
-                let base = FlexPrefillConfig {
-                    selection: mode,
-                    query_aware_cut: cut,
-                    ..FlexPrefillConfig::default()
-                };
+                let base = FlexPrefillConfig::default()
+                    .with_selection(mode)
+                    .with_query_aware_cut(cut);
                 // selection time: medians over `reps` runs (the machine is shared)
                 let mut t_stats = Vec::new();
                 let mut stats = Vec::new();
@@ -357,7 +355,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     stats.iter_mut().for_each(|s| s.probe_block_mass.clear());
                 }
                 for &gamma in &gammas {
-                    let cfg = FlexPrefillConfig { gamma, ..base };
+                    let cfg = base.with_gamma(gamma);
                     let mut t_build = Vec::new();
                     let mut built = None;
                     for _ in 0..reps.max(1) {

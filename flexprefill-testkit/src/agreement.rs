@@ -27,7 +27,8 @@
 //! ```
 
 use flexprefill_core::{
-    AttentionShape, Backend, BlockIndex, DType, FlexPrefillConfig, QueryAwareCut, SelectionMode,
+    AttentionShape, Backend, BlockIndex, DType, FlexPrefillConfig, Pattern, QueryAwareCut,
+    SelectionMode,
 };
 use flexprefill_cpu::oracle::{self, OracleOutput};
 use flexprefill_cpu::CpuBackend;
@@ -250,18 +251,12 @@ fn case(
             dtype: DType::F32,
             seed,
         },
-        config: FlexPrefillConfig {
-            block_size,
-            ..config
-        },
+        config: config.with_block_size(block_size),
     }
 }
 
 fn sparse_cfg(min_budget: usize) -> FlexPrefillConfig {
-    FlexPrefillConfig {
-        min_budget,
-        ..Default::default()
-    }
+    FlexPrefillConfig::default().with_min_budget(min_budget)
 }
 
 /// The full list for a device backend: every workload kind at block 64 (d 64, GQA 2) and 128
@@ -364,10 +359,7 @@ pub fn standard_cases() -> Vec<AgreementCase> {
         128,
         (8, 2, 128),
         &[(3000, 3000)],
-        FlexPrefillConfig {
-            min_budget: 512,
-            ..FlexPrefillConfig::original()
-        },
+        FlexPrefillConfig::original().with_min_budget(512),
         "original",
         37,
     ));
@@ -376,11 +368,9 @@ pub fn standard_cases() -> Vec<AgreementCase> {
         64,
         (4, 2, 64),
         &[(1600, 1600)],
-        FlexPrefillConfig {
-            min_budget: 128,
-            query_aware_cut: QueryAwareCut::PerQueryBlock,
-            ..Default::default()
-        },
+        FlexPrefillConfig::default()
+            .with_min_budget(128)
+            .with_query_aware_cut(QueryAwareCut::PerQueryBlock),
         "per_row_cut",
         38,
     ));
@@ -389,12 +379,10 @@ pub fn standard_cases() -> Vec<AgreementCase> {
         64,
         (4, 2, 64),
         &[(1600, 1600)],
-        FlexPrefillConfig {
-            min_budget: 128,
-            tau: 0.0,
-            gamma: 0.95,
-            ..Default::default()
-        },
+        FlexPrefillConfig::default()
+            .with_min_budget(128)
+            .with_tau(0.0)
+            .with_gamma(0.95),
         "tau0",
         39,
     ));
@@ -403,12 +391,10 @@ pub fn standard_cases() -> Vec<AgreementCase> {
         64,
         (4, 2, 96),
         &[(1111, 1111)],
-        FlexPrefillConfig {
-            min_budget: 128,
-            max_budget: Some(512),
-            selection: SelectionMode::Faithful,
-            ..Default::default()
-        },
+        FlexPrefillConfig::default()
+            .with_min_budget(128)
+            .with_max_budget(Some(512))
+            .with_selection(SelectionMode::Faithful),
         "max_budget",
         40,
     ));
@@ -436,10 +422,7 @@ pub fn quick_cases() -> Vec<AgreementCase> {
             32,
             (2, 1, 48),
             &[(333, 333)],
-            FlexPrefillConfig {
-                min_budget: 64,
-                ..FlexPrefillConfig::original()
-            },
+            FlexPrefillConfig::original().with_min_budget(64),
             "original",
             4,
         ),
@@ -596,17 +579,30 @@ pub fn check_case<B: Backend + ?Sized>(
             (_, Err(e)) => r.failures.push(format!("oracle failed: {e}")),
         }
     }
-    // 4. flex_prefill on its own index
+    // 4. flex_prefill on its own index, or dense attention where the backend's
+    // dense-or-sparse rule ran the call dense (its report says so, every head `dense`).
     if let Ok((bi, _)) = &own_sel {
-        match (
-            b.flex_prefill(&x, cfg),
-            oracle::masked_attention_f64(&x, bi),
-        ) {
-            (Ok((got, _)), Ok(want)) => {
-                r.flex_err = Some(check_out(&mut r, "flex_prefill", &got, &want))
+        match b.flex_prefill(&x, cfg) {
+            Ok((got, rep)) => {
+                let want = if rep.dense_fallback.is_some() {
+                    if let Some(h) = rep.heads.iter().find(|h| h.pattern != Pattern::Dense) {
+                        r.failures.push(format!(
+                            "flex_prefill ran dense ({}) but head {} reports {}",
+                            rep.dense_fallback.as_deref().unwrap_or_default(),
+                            h.head,
+                            h.pattern
+                        ));
+                    }
+                    oracle::dense_attention_f64(&x)
+                } else {
+                    oracle::masked_attention_f64(&x, bi)
+                };
+                match want {
+                    Ok(want) => r.flex_err = Some(check_out(&mut r, "flex_prefill", &got, &want)),
+                    Err(e) => r.failures.push(format!("oracle failed: {e}")),
+                }
             }
-            (Err(e), _) => r.failures.push(format!("flex_prefill failed: {e}")),
-            (_, Err(e)) => r.failures.push(format!("oracle failed: {e}")),
+            Err(e) => r.failures.push(format!("flex_prefill failed: {e}")),
         }
     }
     r.lse_err = Some(lse_worst);

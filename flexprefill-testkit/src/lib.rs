@@ -19,7 +19,7 @@
 //! assert!(w.attention_row(0, 0, 2047)[needle] > 0.3);
 //!
 //! // Any backend must keep the paper's gamma promise in the faithful mode.
-//! let cfg = flexprefill_core::FlexPrefillConfig { min_budget: 256, ..Default::default() };
+//! let cfg = flexprefill_core::FlexPrefillConfig::default().with_min_budget(256);
 //! properties::representative_mass_at_least_gamma(&CpuBackend::new(), &w.input(), &cfg)?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -27,8 +27,15 @@
 //! Depends on core and the CPU backend (whose `oracle` is the reference), never on a device
 //! crate: backends depend on the testkit (as a dev-dependency), not the other way round.
 
+/// The README's code blocks, run as doctests so its library example cannot go stale (the
+/// testkit is the crate that depends on both core and the CPU backend the example uses).
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 pub mod agreement;
 pub mod error;
+pub mod fuzz;
 pub mod io;
 pub mod oracle;
 pub mod owned;

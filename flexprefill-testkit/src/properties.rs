@@ -715,7 +715,8 @@ pub fn output_rows_finite<B: Backend + ?Sized>(
 }
 
 /// `flex_prefill` is `sparse_attention` on the index `select_index` chooses (bit-identical
-/// output): a backend that fuses the two steps must not change the result.
+/// output): a backend that fuses the two steps must not change the result. Only meaningful for
+/// a backend that overrides `flex_prefill`; with the provided method it holds by construction.
 pub fn flex_prefill_is_select_then_sparse<B: Backend + ?Sized>(
     b: &B,
     x: &AttentionInput<'_>,

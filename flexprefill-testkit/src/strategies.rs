@@ -308,33 +308,33 @@ pub fn config(block_size: usize) -> impl Strategy<Value = FlexPrefillConfig> {
         any::<bool>(),
     )
         .prop_map(
-            move |(gamma, tau, min_blocks, max_blocks, per_row, original)| FlexPrefillConfig {
-                gamma,
-                tau,
-                block_size,
-                min_budget: min_blocks * block_size,
-                max_budget: max_blocks.map(|b| b * block_size),
-                query_aware_cut: if per_row {
-                    QueryAwareCut::PerQueryBlock
-                } else {
-                    QueryAwareCut::Flattened
-                },
-                forced: ForcedBlocks::default(),
-                selection: if original {
-                    SelectionMode::Original
-                } else {
-                    SelectionMode::Faithful
-                },
+            move |(gamma, tau, min_blocks, max_blocks, per_row, original)| {
+                FlexPrefillConfig::default()
+                    .with_gamma(gamma)
+                    .with_tau(tau)
+                    .with_block_size(block_size)
+                    .with_min_budget(min_blocks * block_size)
+                    .with_max_budget(max_blocks.map(|b| b * block_size))
+                    .with_query_aware_cut(if per_row {
+                        QueryAwareCut::PerQueryBlock
+                    } else {
+                        QueryAwareCut::Flattened
+                    })
+                    .with_forced(ForcedBlocks::default())
+                    .with_selection(if original {
+                        SelectionMode::Original
+                    } else {
+                        SelectionMode::Faithful
+                    })
             },
         )
 }
 
 /// A faithful-mode config without `max_budget` (the setting where gamma is a promise).
 pub fn faithful_config(block_size: usize) -> impl Strategy<Value = FlexPrefillConfig> {
-    config(block_size).prop_map(|c| FlexPrefillConfig {
-        selection: SelectionMode::Faithful,
-        max_budget: None,
-        ..c
+    config(block_size).prop_map(|c| {
+        c.with_selection(SelectionMode::Faithful)
+            .with_max_budget(None)
     })
 }
 

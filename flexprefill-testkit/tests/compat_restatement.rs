@@ -222,14 +222,7 @@ proptest! {
 
     #[test]
     fn original_mode_equals_the_restatement((k, st, hd) in case()) {
-        let cfg = FlexPrefillConfig {
-            gamma: k.gamma,
-            tau: k.tau,
-            block_size: k.bs,
-            min_budget: k.min_budget,
-            max_budget: k.max_budget,
-            ..FlexPrefillConfig::original()
-        };
+        let cfg = FlexPrefillConfig::original().with_gamma(k.gamma).with_tau(k.tau).with_block_size(k.bs).with_min_budget(k.min_budget).with_max_budget(k.max_budget);
         let seq = Sequence { q_start: 0, k_start: 0, q_len: k.n, kv_len: k.n };
         let shape = AttentionShape::new(1, 1, hd).unwrap();
         let (index, _) = selection::build_index(&[seq], shape, &cfg, std::slice::from_ref(&st)).unwrap();

@@ -64,15 +64,13 @@ fn load(dir: &std::path::Path, name: &str) -> Case {
             .collect()
     };
     let u = |k: &str| meta[k].as_u64().unwrap() as usize;
-    let cfg = FlexPrefillConfig {
-        gamma: meta["gamma"].as_f64().unwrap() as f32,
-        tau: meta["tau"].as_f64().unwrap() as f32,
-        block_size: u("block_size"),
+    let cfg = FlexPrefillConfig::original()
+        .with_gamma(meta["gamma"].as_f64().unwrap() as f32)
+        .with_tau(meta["tau"].as_f64().unwrap() as f32)
+        .with_block_size(u("block_size"))
         // the original's `None` is 1 token
-        min_budget: meta["min_budget"].as_u64().map_or(1, |x| x as usize),
-        max_budget: meta["max_budget"].as_u64().map(|x| x as usize),
-        ..FlexPrefillConfig::original()
-    };
+        .with_min_budget(meta["min_budget"].as_u64().map_or(1, |x| x as usize))
+        .with_max_budget(meta["max_budget"].as_u64().map(|x| x as usize));
     let heads = meta["heads"]
         .as_array()
         .unwrap()

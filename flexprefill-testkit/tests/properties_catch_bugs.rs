@@ -28,6 +28,8 @@ enum Bug {
     BatchSkew,
     /// one output element is never written (NaN)
     Unwritten,
+    /// a fused `flex_prefill` that computes every causal block instead of the selected ones
+    FusedDense,
 }
 
 struct Mutant {
@@ -195,6 +197,20 @@ impl Backend for Mutant {
         }
         Ok((index, report))
     }
+
+    fn flex_prefill(
+        &self,
+        x: &AttentionInput<'_>,
+        cfg: &FlexPrefillConfig,
+    ) -> Result<(AttentionOutput, SparsityReport)> {
+        let (index, report) = self.select_index(x, cfg)?;
+        let out = if self.bug == Bug::FusedDense {
+            self.dense_attention(x)?
+        } else {
+            self.sparse_attention(x, &index)?
+        };
+        Ok((out, report))
+    }
 }
 
 fn case() -> (OwnedInput, BlockIndex, usize) {
@@ -217,12 +233,10 @@ fn case() -> (OwnedInput, BlockIndex, usize) {
 }
 
 fn cfg() -> FlexPrefillConfig {
-    FlexPrefillConfig {
-        block_size: 16,
-        min_budget: 0,
-        gamma: 0.8,
-        ..Default::default()
-    }
+    FlexPrefillConfig::default()
+        .with_block_size(16)
+        .with_min_budget(0)
+        .with_gamma(0.8)
 }
 
 /// Runs every property on `b`; returns the names of those that failed.
@@ -280,6 +294,7 @@ fn each_planted_bug_is_caught() {
             Bug::Unwritten,
             &["dense_equals_oracle", "output_rows_finite"][..],
         ),
+        (Bug::FusedDense, &["flex_prefill_is_select_then_sparse"][..]),
     ] {
         let bad = failing(&Mutant::new(bug));
         for name in must_catch {

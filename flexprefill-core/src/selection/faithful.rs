@@ -1,5 +1,7 @@
-//! The faithful mode's rules: selections that keep gamma on the representative queries by
-//! construction (issue 6; the full rule set and its measurements are in `docs/SELECTION.md`).
+//! The faithful mode's exact-mass bookkeeping (`Coverage`, also used by the query-aware
+//! calibration in `query_aware.rs`) and its vertical-slash walk: selections that keep gamma
+//! on the representative queries by construction (the full rule set and its measurements are
+//! in `docs/SELECTION.md`).
 //!
 //! The representative queries' exact attention per key block (`rep_block_mass`) is known, so
 //! instead of converting token counts to block counts as the original does, every step here
@@ -8,11 +10,11 @@
 //! the chunk ([`super::probe_queries`]), the selection also keeps the probes' mean captured
 //! mass at `gamma`: the last block alone cannot tell whether earlier rows look like it.
 
-use crate::config::{FlexPrefillConfig, QueryAwareCut};
+use crate::config::FlexPrefillConfig;
 
 use super::grid::{add_forced, normalise, Grid};
 use super::mass::LazyRanked;
-use super::{probe_queries, rank_order, HeadStatistics};
+use super::{probe_queries, HeadStatistics};
 
 /// Exact captured mass of tracked query rows (the representative queries, each of which
 /// must reach gamma, and optional probe queries, whose mean must reach gamma) while key
@@ -134,7 +136,7 @@ impl<'a> Coverage<'a> {
     }
 
     /// The probes' mean captured fraction reaches gamma (true without probes).
-    fn probes_done(&self) -> bool {
+    pub fn probes_done(&self) -> bool {
         self.probe_fraction_sum >= self.gamma * self.num_probes as f64 - 1e-12
     }
 
@@ -320,176 +322,10 @@ pub(crate) fn extend_columns_and_distances(
         .collect()
 }
 
-/// The faithful query-aware cuts of the pooled map at any target `t`, with the paper's
-/// convention (smallest top set reaching the target). The sets grow with `t`.
-struct QueryAwareCuts {
-    grid: Grid,
-    /// Each row's causal key blocks in rank order: (key block, running row mass, rank in the
-    /// flattened order — `Flattened` only).
-    orders: Vec<Vec<(u32, f64, usize)>>,
-    /// `Flattened`: the running mass over the whole map in its rank order.
-    running: Option<Vec<f64>>,
-    mb: usize,
-}
-
-impl QueryAwareCuts {
-    fn new(map: &[f32], grid: Grid, cut: QueryAwareCut, mb: usize) -> Self {
-        let nkb = grid.nkb;
-        let (orders, running) = match cut {
-            QueryAwareCut::PerQueryBlock => {
-                let orders = (0..grid.nqb)
-                    .map(|r| {
-                        let scores = &map[r * nkb..=r * nkb + grid.last_diag(r)];
-                        let mut acc = 0.0;
-                        super::ranked(scores)
-                            .into_iter()
-                            .map(|c| {
-                                acc += scores[c] as f64;
-                                (c as u32, acc, 0)
-                            })
-                            .collect()
-                    })
-                    .collect();
-                (orders, None)
-            }
-            QueryAwareCut::Flattened => {
-                // One sort of the whole map; each row's order is its subsequence (ties go to
-                // the lower flat id, i.e. the lower key block within a row, as `ranked`).
-                let mut ids: Vec<usize> = (0..grid.nqb)
-                    .flat_map(|r| r * nkb..=r * nkb + grid.last_diag(r))
-                    .collect();
-                ids.sort_unstable_by(|&a, &b| rank_order(map, a, b));
-                let mut orders: Vec<Vec<(u32, f64, usize)>> = (0..grid.nqb)
-                    .map(|r| Vec::with_capacity(grid.last_diag(r) + 1))
-                    .collect();
-                let mut row_acc = vec![0.0f64; grid.nqb];
-                let mut acc = 0.0;
-                let mut running = Vec::with_capacity(ids.len());
-                for (g, &id) in ids.iter().enumerate() {
-                    let r = id / nkb;
-                    row_acc[r] += map[id] as f64;
-                    orders[r].push(((id % nkb) as u32, row_acc[r], g));
-                    acc += map[id] as f64;
-                    running.push(acc);
-                }
-                (orders, Some(running))
-            }
-        };
-        Self {
-            grid,
-            orders,
-            running,
-            mb,
-        }
-    }
-
-    /// Row `r`'s blocks at target `t`: `PerQueryBlock`, its own smallest top set reaching
-    /// `t` of its mass; `Flattened`, its entries of the smallest top set of the whole map
-    /// reaching `t·nqb` (a prefix of the row's own ranking). Then at least `min(mb, causal)`.
-    fn row(&self, r: usize, t: f64) -> Vec<u32> {
-        let order = &self.orders[r];
-        let k = match &self.running {
-            None => {
-                let target = t * m_total(order);
-                (order.partition_point(|&(_, m, _)| m < target) + 1).min(order.len())
-            }
-            Some(running) => {
-                let target = t * self.grid.nqb as f64;
-                let kk = (running.partition_point(|&m| m < target) + 1).min(running.len());
-                order.partition_point(|&(_, _, g)| g < kk)
-            }
-        };
-        order[..k.max(self.mb.min(order.len()))]
-            .iter()
-            .map(|&(c, _, _)| c)
-            .collect()
-    }
-}
-
-fn m_total(order: &[(u32, f64, usize)]) -> f64 {
-    order.last().map_or(0.0, |&(_, m, _)| m)
-}
-
-/// Faithful query-aware selection.
-///
-/// The cut of Algorithm 4 (per query block as in Appendix F.4, or flattened as in Algorithm 4 —
-/// both with the paper's "smallest set reaching the target" convention) plus each row raised
-/// to `min(mb, causal)` blocks and the forced blocks. The target starts at `gamma`; with probes it is calibrated: the smallest
-/// target whose selection gives the probes an exact mean captured mass `≥ gamma` (bisection;
-/// the cut sets grow with the target). Then the representative query blocks are topped up
-/// exactly until every representative query holds `gamma`.
-pub(crate) fn query_aware(
-    block_map: &[f32],
-    stats: &HeadStatistics,
-    probe_block_mass: &[f32],
-    grid: &Grid,
-    cfg: &FlexPrefillConfig,
-) -> Vec<Vec<u32>> {
-    let cuts = QueryAwareCuts::new(
-        block_map,
-        *grid,
-        cfg.query_aware_cut,
-        cfg.min_budget_blocks(),
-    );
-    let build = |t: f64| {
-        let mut rows: Vec<Vec<u32>> = (0..grid.nqb).map(|r| cuts.row(r, t)).collect();
-        add_forced(&mut rows, grid, cfg.forced);
-        normalise(&mut rows);
-        rows
-    };
-    let mut t = cfg.gamma as f64;
-    if !probe_block_mass.is_empty() {
-        let probe_mean = |t: f64| {
-            let mut cov = Coverage::new(*grid, &[], probe_block_mass, cfg.gamma);
-            let mut rows: Vec<Vec<u32>> = vec![Vec::new(); grid.nqb];
-            for &r in &cov.blocks {
-                rows[r] = cuts.row(r, t);
-            }
-            add_forced(&mut rows, grid, cfg.forced);
-            cov.cover_rows(&rows);
-            cov.probes_done()
-        };
-        let (mut lo, mut hi) = (0.0f64, 1.0f64);
-        if probe_mean(hi) {
-            for _ in 0..16 {
-                let mid = 0.5 * (lo + hi);
-                if probe_mean(mid) {
-                    hi = mid;
-                } else {
-                    lo = mid;
-                }
-            }
-        } else {
-            // Even the whole estimated mass misses (blocks the map rounds to 0 hold probe
-            // mass): any target above 1 takes every causal block, which holds all of it.
-            hi = 2.0;
-        }
-        t = hi;
-    }
-    let mut rows = build(t);
-    let mut cov = Coverage::new(*grid, &stats.rep_block_mass, &[], cfg.gamma);
-    cov.cover_rows(&rows);
-    cov.top_up_representatives(&mut rows);
-    normalise(&mut rows);
-    rows
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::input::Sequence;
-
-    fn grid(q_len: usize, kv_len: usize, bs: usize) -> Grid {
-        Grid::new(
-            &Sequence {
-                q_start: 0,
-                k_start: 0,
-                q_len,
-                kv_len,
-            },
-            bs,
-        )
-    }
+    use crate::selection::grid::test_grid as grid;
 
     #[test]
     fn a_distance_reaches_one_or_two_key_blocks_per_row() {
@@ -622,75 +458,6 @@ mod tests {
         assert!(!without[5].contains(&1));
         let with = vertical_slash(&stats, &probe, &g, &cfg);
         assert!(with[5].contains(&1), "{with:?}");
-    }
-
-    /// Mean over probes of the captured share under `rows`.
-    fn probe_mean(g: &Grid, probe: &[f32], rows: &[Vec<u32>]) -> f64 {
-        let probes = probe_queries(&g.seq, g.bs);
-        let nkb = g.nkb;
-        probes
-            .iter()
-            .enumerate()
-            .map(|(k, &i)| {
-                rows[i / g.bs]
-                    .iter()
-                    .map(|&c| probe[k * nkb + c as usize] as f64)
-                    .sum::<f64>()
-            })
-            .sum::<f64>()
-            / probes.len() as f64
-    }
-
-    #[test]
-    fn query_aware_target_is_raised_until_the_probes_hold_gamma() {
-        // 8 blocks of 4 tokens; 7 probes, one in each block 0..6. The pooled map is sure that
-        // every row attends key block 0 (0.9) — the probes actually spread evenly.
-        let g = grid(32, 32, 4);
-        let (nqb, nkb) = (8, 8);
-        let mut map = vec![0.0f32; nqb * nkb];
-        for r in 0..nqb {
-            if r == 0 {
-                map[0] = 1.0;
-                continue;
-            }
-            map[r * nkb] = 0.9;
-            for c in 1..=r {
-                map[r * nkb + c] = 0.1 / r as f32;
-            }
-        }
-        let probes = probe_queries(&g.seq, 4);
-        assert_eq!(probes, vec![2, 6, 10, 14, 18, 22, 26]);
-        let mut probe = vec![0.0f32; probes.len() * nkb];
-        for (k, &i) in probes.iter().enumerate() {
-            let r = i / 4;
-            for c in 0..=r {
-                probe[k * nkb + c] = 1.0 / (r + 1) as f32;
-            }
-        }
-        let stats = HeadStatistics {
-            rep_block_mass: {
-                let mut m = vec![0.0f32; 4 * nkb];
-                (0..4).for_each(|i| m[i * nkb] = 1.0);
-                m
-            },
-            ..Default::default()
-        };
-        for cut in [QueryAwareCut::PerQueryBlock, QueryAwareCut::Flattened] {
-            let cfg = FlexPrefillConfig {
-                gamma: 0.8,
-                block_size: 4,
-                min_budget: 1,
-                query_aware_cut: cut,
-                ..Default::default()
-            };
-            let blind = query_aware(&map, &stats, &[], &g, &cfg);
-            assert!(probe_mean(&g, &probe, &blind) < 0.8, "{cut:?}");
-            let rows = query_aware(&map, &stats, &probe, &g, &cfg);
-            let m = probe_mean(&g, &probe, &rows);
-            assert!(m >= 0.8 - 1e-9, "{cut:?}: {m}");
-            // and not much more than needed: one block short of it would miss gamma
-            assert!(m < 0.95, "{cut:?}: {m}");
-        }
     }
 
     #[test]

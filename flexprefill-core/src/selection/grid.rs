@@ -64,6 +64,20 @@ impl Grid {
     }
 }
 
+/// The grid of a chunk of `q_len` queries at the end of `kv_len` keys (tests).
+#[cfg(test)]
+pub(crate) fn test_grid(q_len: usize, kv_len: usize, bs: usize) -> Grid {
+    Grid::new(
+        &Sequence {
+            q_start: 0,
+            k_start: 0,
+            q_len,
+            kv_len,
+        },
+        bs,
+    )
+}
+
 /// Adds the forced blocks to every row: the sink (key block 0) and the diagonal key block(s)
 /// holding the row's own queries (two when a chunk starts mid-block).
 pub(crate) fn add_forced(rows: &mut [Vec<u32>], grid: &Grid, forced: ForcedBlocks) {

@@ -2,8 +2,6 @@
 
 use std::cmp::Ordering;
 
-use crate::error::{Error, Result};
-
 /// The one total order of the whole workspace: score descending, then index ascending.
 ///
 /// Every backend ranks with it, so CPU and CUDA select identical blocks on equal scores.
@@ -82,48 +80,187 @@ impl Iterator for LazyRanked<'_> {
     }
 }
 
-/// Size of the smallest top set whose mass reaches `gamma · total`, where `total` is the sum
-/// of all scores (the paper's rule: `min{k : Σ_{i<k} s[I_i] ≥ gamma}` on normalised scores).
+/// Where a gamma cut stops relative to the block whose mass crosses the target: the one
+/// rule that differs between the modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CutRule {
+    /// The paper's rule (faithful and sampled modes): the smallest top set whose mass reaches
+    /// the target, crossing block kept.
+    Reach,
+    /// The original's query-aware `score_cover_idx`: blocks while the running sum stays
+    /// `≤ target`, crossing block dropped.
+    AtMost,
+    /// The original's Stage C `score_cover_topk`: the count of prefix sums `≤ target`, plus
+    /// one. Can exceed the number of scores by one, as the original's count does.
+    AtMostPlusOne,
+}
+
+/// One gamma cut: its target, its rule, and what it starts from and may not pass.
 ///
-/// `order` is `ranked(scores)`. Sums in f64, sequentially in rank order, so every backend can
-/// reproduce it. Returns at least 1 when `scores` is not empty, and `scores.len()` when even
-/// the whole set falls short through rounding. An `order` that is not a permutation of
-/// `scores`' indices (wrong length, an index out of range) is a typed error.
-pub fn cumulative_mass_cut(scores: &[f32], order: &[usize], gamma: f32) -> Result<usize> {
-    super::check_len("cumulative_mass_cut", "order", order.len(), scores.len())?;
-    if let Some(&i) = order.iter().find(|&&i| i >= scores.len()) {
-        return Err(Error::Shape(format!(
-            "cumulative_mass_cut: order holds index {i}, scores has {}",
-            scores.len()
-        )));
-    }
-    if scores.is_empty() {
-        return Ok(0);
-    }
-    let total: f64 = scores.iter().map(|&s| s.max(0.0) as f64).sum();
-    let target = gamma as f64 * total;
-    let mut acc = 0.0f64;
-    for (k, &i) in order.iter().enumerate() {
-        acc += scores[i].max(0.0) as f64;
-        if acc >= target {
-            return Ok(k + 1);
+/// Every selection mode states its cuts in these terms, so the arithmetic of "blocks in
+/// rank order until the mass reaches gamma" exists once and a device backend replays one
+/// loop.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GammaCut {
+    /// Absolute mass to reach (gamma times the caller's total: how the total is summed is
+    /// the caller's, since the modes sum it in different orders).
+    pub target: f64,
+    /// The crossing-block rule.
+    pub rule: CutRule,
+    /// Mass already held before the first ranked block (forced blocks taken first).
+    pub held: f64,
+    /// Blocks taken even past the target.
+    pub min_blocks: usize,
+    /// Blocks never exceeded, even short of the target (an explicit `max_budget`).
+    pub max_blocks: Option<usize>,
+}
+
+impl GammaCut {
+    /// The paper's cut at `target` from nothing held, at least one block (the convention of
+    /// `min{k : Σ_{i<k} s[I_i] ≥ gamma}`, which is never 0 on a non-empty set), no cap.
+    pub fn reach(target: f64) -> Self {
+        Self {
+            target,
+            rule: CutRule::Reach,
+            held: 0.0,
+            min_blocks: 1,
+            max_blocks: None,
         }
     }
-    Ok(scores.len())
+}
+
+/// Sum of `scores` in index order, f64, each counted as [`cumulative_mass_cut`] counts it:
+/// the total a per-row target `gamma · total` is taken of.
+pub fn block_total(scores: &[f32]) -> f64 {
+    scores.iter().map(|&s| block_mass(s)).sum()
+}
+
+/// A score as mass: NaN and negative scores hold none.
+#[inline]
+pub(crate) fn block_mass(s: f32) -> f64 {
+    if s.is_nan() {
+        0.0
+    } else {
+        s.max(0.0) as f64
+    }
+}
+
+/// The gamma cut (Eq. 3, Appendix B): how many of `masses`, given in [`rank_order`] (score
+/// descending, then block index ascending), the selection takes.
+///
+/// Blocks are added one at a time, f64, sequentially in the order given, starting from
+/// `cut.held`, so every backend reproduces the count; the cut stops before a block when
+/// `max_blocks` are taken, or when `min_blocks` are taken and the rule says the target is
+/// met (`Reach`: the running mass is `≥ target`; `AtMost`, `AtMostPlusOne`: the next block
+/// would take it `> target`). Returns at most the number of masses, plus one under
+/// `AtMostPlusOne`.
+pub fn cumulative_mass_cut(masses: impl IntoIterator<Item = f32>, cut: &GammaCut) -> usize {
+    let mut acc = cut.held;
+    let mut k = 0;
+    for s in masses {
+        if cut.max_blocks.is_some_and(|m| k >= m) {
+            break;
+        }
+        let m = block_mass(s);
+        if k >= cut.min_blocks {
+            let met = match cut.rule {
+                CutRule::Reach => acc >= cut.target,
+                CutRule::AtMost | CutRule::AtMostPlusOne => acc + m > cut.target,
+            };
+            if met {
+                break;
+            }
+        }
+        acc += m;
+        k += 1;
+    }
+    k + usize::from(cut.rule == CutRule::AtMostPlusOne)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The cut of `scores` at `gamma` of their total, the paper's rule.
+    fn reach(scores: &[f32], gamma: f32) -> usize {
+        let cut = GammaCut::reach(gamma as f64 * block_total(scores));
+        cumulative_mass_cut(ranked(scores).iter().map(|&i| scores[i]), &cut)
+    }
+
     #[test]
     fn the_style_guide_convention() {
-        // scores [0.5, 0.25, 0.25], gamma 0.75: the smallest set with mass ≥ gamma keeps 2
-        // (the original's "count of prefix sums ≤ gamma, plus one" would keep 3).
+        // scores [0.5, 0.25, 0.25], gamma 0.75: the smallest set with mass ≥ gamma keeps 2;
+        // the original's "count of prefix sums ≤ gamma, plus one" keeps 3.
         let s = [0.5, 0.25, 0.25];
-        let o = ranked(&s);
-        assert_eq!(o, vec![0, 1, 2]);
-        assert_eq!(cumulative_mass_cut(&s, &o, 0.75).unwrap(), 2);
+        assert_eq!(ranked(&s), vec![0, 1, 2]);
+        assert_eq!(reach(&s, 0.75), 2);
+        let plus_one = GammaCut {
+            rule: CutRule::AtMostPlusOne,
+            min_blocks: 0,
+            ..GammaCut::reach(0.75)
+        };
+        assert_eq!(cumulative_mass_cut(s, &plus_one), 3);
+        // and the query-aware `score_cover_idx` drops the crossing block: 2 (0.75 ≤ 0.75)
+        let at_most = GammaCut {
+            rule: CutRule::AtMost,
+            ..plus_one
+        };
+        assert_eq!(cumulative_mass_cut(s, &at_most), 2);
+        assert_eq!(
+            cumulative_mass_cut(
+                s,
+                &GammaCut {
+                    target: 0.7,
+                    ..at_most
+                }
+            ),
+            1
+        );
+        // every prefix sum ≤ 1: the count plus one passes the number of scores
+        assert_eq!(
+            cumulative_mass_cut(
+                s,
+                &GammaCut {
+                    target: 1.0,
+                    ..plus_one
+                }
+            ),
+            4
+        );
+    }
+
+    #[test]
+    fn held_mass_min_and_max_blocks() {
+        let s = [0.5f32, 0.2, 0.2, 0.1];
+        // 0.3 held: 0.5 brings 0.8 ≥ 0.75
+        let c = GammaCut {
+            held: 0.3,
+            ..GammaCut::reach(0.75)
+        };
+        assert_eq!(cumulative_mass_cut(s, &c), 1);
+        // held already past the target: nothing more without a minimum
+        let c0 = GammaCut {
+            held: 0.8,
+            min_blocks: 0,
+            ..c
+        };
+        assert_eq!(cumulative_mass_cut(s, &c0), 0);
+        assert_eq!(
+            cumulative_mass_cut(
+                s,
+                &GammaCut {
+                    min_blocks: 3,
+                    ..c0
+                }
+            ),
+            3
+        );
+        // the cap wins over the target
+        let capped = GammaCut {
+            max_blocks: Some(2),
+            ..GammaCut::reach(0.95)
+        };
+        assert_eq!(cumulative_mass_cut(s, &capped), 2);
     }
 
     #[test]
@@ -146,16 +283,13 @@ mod tests {
     #[test]
     fn cut_edges() {
         let s = [0.2, 0.7, 0.1];
-        let o = ranked(&s);
-        assert_eq!(cumulative_mass_cut(&s, &o, 0.7).unwrap(), 1);
-        assert_eq!(cumulative_mass_cut(&s, &o, 0.71).unwrap(), 2);
-        assert_eq!(cumulative_mass_cut(&s, &o, 1.0).unwrap(), 3);
-        assert_eq!(cumulative_mass_cut(&[], &[], 0.9).unwrap(), 0);
-        // unnormalised scores are normalised by their sum
-        let u = [2.0, 7.0, 1.0];
-        assert_eq!(cumulative_mass_cut(&u, &ranked(&u), 0.71).unwrap(), 2);
-        // a wrong order is a typed error, not a panic
-        assert!(cumulative_mass_cut(&s, &[0, 1], 0.5).is_err());
-        assert!(cumulative_mass_cut(&s, &[0, 1, 7], 0.5).is_err());
+        assert_eq!(reach(&s, 0.7), 1);
+        assert_eq!(reach(&s, 0.71), 2);
+        assert_eq!(reach(&s, 1.0), 3);
+        assert_eq!(reach(&[], 0.9), 0);
+        // unnormalised scores are cut at gamma of their sum
+        assert_eq!(reach(&[2.0, 7.0, 1.0], 0.71), 2);
+        // NaN and negative scores hold no mass
+        assert_eq!(reach(&[0.5, f32::NAN, -1.0, 0.5], 1.0), 2);
     }
 }

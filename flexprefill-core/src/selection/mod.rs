@@ -12,10 +12,13 @@
 //! | the gamma cut | Eq. 3, Appendix B | [`cumulative_mass_cut`] |
 //! | per-query-block cut (sampled mode) | Eq. 3 on each query block's own estimate | [`sampled_block_cut`] |
 //!
-//! `select_head` runs them: the pattern search always, [`vertical_slash_index_search`] for
-//! vertical-slash heads in the original and faithful modes, [`query_aware_index_search`] in
-//! the original mode (the faithful mode's query-aware path calibrates its target on the
-//! probes, `docs/SELECTION.md`), [`sampled_block_cut`] per query block in the sampled mode.
+//! `select_head` runs them in every mode: the pattern search always, then
+//! [`vertical_slash_index_search`] or [`query_aware_index_search`] (original and faithful
+//! modes), or [`sampled_block_cut`] per query block (sampled mode). Every cut of ranked scores
+//! at gamma, in every mode, is one call of [`cumulative_mass_cut`]; what the modes change is
+//! a [`GammaCut`]'s target, its [`CutRule`] and its bounds. The faithful vertical-slash walk
+//! is not such a cut: it stops on the exact mass of every representative query, not on a
+//! running sum of the scores it ranks.
 //! Every public function here checks the sizes of what it is given and answers a bad one
 //! with [`Error::Shape`], never a panic.
 
@@ -36,7 +39,7 @@ mod vertical_slash;
 
 pub use js::{js_distance, js_distance_original};
 pub(crate) use mass::ranked;
-pub use mass::{cumulative_mass_cut, rank_order};
+pub use mass::{block_total, cumulative_mass_cut, rank_order, CutRule, GammaCut};
 pub use pattern::sparse_pattern_search;
 pub use query_aware::{pooled_block_attention, query_aware_index_search};
 pub use sampled::{
@@ -259,7 +262,6 @@ pub fn select_head(
     cfg: &FlexPrefillConfig,
 ) -> Result<HeadSelection> {
     check_statistics(stats, seq, head_dim, cfg)?;
-    let probe_block_mass = &stats.probe_block_mass[..];
     let bs = cfg.block_size;
     let grid = Grid::new(seq, bs);
     let (pattern, js) = sparse_pattern_search(stats, bs, cfg)?;
@@ -281,7 +283,7 @@ pub fn select_head(
             let budgets = original_line_budgets(stats, grid.nkb, pattern, cfg);
             let mut rows = vertical_slash_index_search(stats, seq, cfg, budgets)?;
             if let Some(map) = &query_aware_map {
-                let qa = query_aware_index_search(map, seq, cfg)?;
+                let qa = query_aware_index_search(map, stats, seq, cfg)?;
                 for (row, extra) in rows.iter_mut().zip(qa) {
                     row.extend(extra);
                 }
@@ -289,9 +291,7 @@ pub fn select_head(
             }
             rows
         }
-        (SelectionMode::Faithful, Some(map)) => {
-            faithful::query_aware(map, stats, probe_block_mass, &grid, cfg)
-        }
+        (SelectionMode::Faithful, Some(map)) => query_aware_index_search(map, stats, seq, cfg)?,
         // The paper's Algorithm 3 entry point; in this mode it runs the faithful walk over the
         // statistics' own probe rows (budgets are the original's only).
         (SelectionMode::Faithful, None) => {
@@ -374,16 +374,15 @@ pub fn build_index(
                 select_head(&stats[si * h + head], seq, shape.head_dim, cfg)?
             };
             let selected: usize = sel.rows.iter().map(Vec::len).sum();
-            reports.push(HeadReport {
-                seq: si,
+            reports.push(HeadReport::new(
+                si,
                 head,
-                pattern: reported_pattern(sel.pattern, selected, causal),
-                js_distance: sel.js_distance,
-                selected_blocks: selected,
-                causal_blocks: causal,
-                density: selected as f64 / causal as f64,
-                estimated_mass: sel.mean_representative_mass(),
-            });
+                sel.pattern,
+                sel.js_distance,
+                selected,
+                causal,
+                sel.mean_representative_mass(),
+            ));
             heads.push(sel.rows);
         }
     }
@@ -477,8 +476,13 @@ mod tests {
             index.validate(Default::default()).unwrap();
             assert_eq!(reports.len(), 4);
             assert_eq!(reports[0].pattern, Pattern::Dense);
+            assert_eq!(
+                reports[0].dense_reason,
+                Some(crate::report::DenseReason::ShortSequence)
+            );
             assert_eq!(reports[0].density, 1.0);
             assert_eq!(reports[2].pattern, Pattern::VerticalSlash);
+            assert_eq!(reports[2].dense_reason, None);
             assert_eq!(reports[2].causal_blocks, 55);
             assert!(reports[2].density < 1.0);
             // the stripe column (key 70 → block 4): faithful finds it in every later row; the
@@ -501,12 +505,17 @@ mod tests {
         assert_eq!(reports[0].selected_blocks, reports[0].causal_blocks);
         assert_eq!(index.density(), 1.0);
         assert_eq!(reports[0].pattern, Pattern::Dense);
+        assert_eq!(
+            reports[0].dense_reason,
+            Some(crate::report::DenseReason::SelectedEveryBlock)
+        );
         assert!(reports[0].js_distance.is_finite());
         // a sparse selection keeps its pattern's name
         c.gamma = 0.5;
         let (_, reports) = build_index(&[s], shape, &c, &[st]).unwrap();
         assert!(reports[0].density < 1.0);
         assert_eq!(reports[0].pattern, Pattern::VerticalSlash);
+        assert_eq!(reports[0].dense_reason, None);
     }
 
     #[test]

@@ -14,7 +14,8 @@
 use crate::config::FlexPrefillConfig;
 
 use super::grid::{add_forced, normalise, Grid};
-use super::rank_order;
+use super::mass::{block_mass, block_total, CutRule, GammaCut};
+use super::{cumulative_mass_cut, rank_order};
 
 /// Rows sampled per query block (at most; a shorter block samples all its rows).
 pub const SAMPLED_ROWS: usize = 16;
@@ -59,30 +60,30 @@ pub fn sampled_block_cut(
     cap: Option<usize>,
 ) -> Vec<u32> {
     let n = scores.len();
-    let total: f64 = scores.iter().map(|&s| s.max(0.0) as f64).sum();
-    let goal = target * total;
     let mut taken = vec![false; n];
-    let mut acc = 0.0f64;
+    let mut held = 0.0f64;
     let mut count = 0;
     for &c in forced {
         let c = c as usize;
         if c < n && !taken[c] {
             taken[c] = true;
-            acc += scores[c].max(0.0) as f64;
+            held += block_mass(scores[c]);
             count += 1;
         }
     }
     let cap = cap.unwrap_or(n).max(count);
-    let min_blocks = min_blocks.min(n);
     let mut order: Vec<usize> = (0..n).filter(|&c| !taken[c]).collect();
     order.sort_unstable_by(|&a, &b| rank_order(scores, a, b));
-    for c in order {
-        if count >= cap || (acc >= goal && count >= min_blocks) {
-            break;
-        }
+    let cut = GammaCut {
+        target: target * block_total(scores),
+        rule: CutRule::Reach,
+        held,
+        min_blocks: min_blocks.min(n).saturating_sub(count),
+        max_blocks: Some(cap - count),
+    };
+    let k = cumulative_mass_cut(order.iter().map(|&c| scores[c]), &cut);
+    for &c in &order[..k] {
         taken[c] = true;
-        acc += scores[c].max(0.0) as f64;
-        count += 1;
     }
     (0..n).filter(|&c| taken[c]).map(|c| c as u32).collect()
 }

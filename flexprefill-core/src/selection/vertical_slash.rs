@@ -5,7 +5,7 @@
 //! `K // 128 + 1` (a literal 128, whatever the block size), clamped to `[mb, Mb]`; the lines
 //! pooled to key blocks (vertical) and block-diagonal offsets (slash); the top-n of each, with
 //! the sink column and the diagonal forced; columns and offsets extended to every query block.
-//! The faithful mode's rules live in `faithful.rs`.
+//! The faithful mode's walk over token lines lives in `faithful.rs`.
 
 use crate::config::{FlexPrefillConfig, SelectionMode};
 use crate::error::Result;
@@ -13,7 +13,8 @@ use crate::input::Sequence;
 use crate::report::Pattern;
 
 use super::grid::{add_forced, normalise, Grid};
-use super::{faithful, ranked, HeadStatistics};
+use super::mass::{CutRule, GammaCut};
+use super::{cumulative_mass_cut, faithful, ranked, HeadStatistics};
 
 /// How many block lines of each kind a vertical-slash extension takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,17 +73,12 @@ fn prefix_count_plus_one_sorted(line: &[f32], gamma: f32) -> usize {
         .map(|&x| if x.is_nan() { 0.0 } else { x })
         .collect();
     vals.sort_unstable_by(|a, b| b.total_cmp(a));
-    let g = gamma as f64;
-    let mut acc = 0.0f64;
-    let mut count = 0;
-    for x in vals {
-        acc += x as f64;
-        if acc > g {
-            break;
-        }
-        count += 1;
-    }
-    count + 1
+    let cut = GammaCut {
+        rule: CutRule::AtMostPlusOne,
+        min_blocks: 0,
+        ..GammaCut::reach(gamma as f64)
+    };
+    cumulative_mass_cut(vals, &cut)
 }
 
 /// The vertical line pooled to key blocks: `V[c] = Σ_{j ∈ block c} v[j]`, `[nkb]`.

@@ -97,6 +97,30 @@ FP_DEVICE size_t mask_row(const SelSeq& ss, const SeqDesc& sd, const SelParams& 
 FP_DEVICE size_t csr_row(const SelSeq& ss, const SeqDesc& sd, const SelParams& p, int h, unsigned r) {
     return (size_t)ss.row_off * p.num_heads + (size_t)h * sd.nqb + r;
 }
+// The row of a warp-per-row kernel: grid x covers the query blocks of the batch, one warp
+// each (blockDim / 32 per CTA), grid y the heads. `ok` is false for the warps past the last row.
+struct WarpRow {
+    bool ok;
+    int h;
+    unsigned s, r;
+    SeqDesc sd;
+    SelSeq ss;
+    FP_DEVICE size_t mask_at(const SelParams& p) const { return mask_row(ss, sd, p, h, r); }
+    FP_DEVICE size_t csr_at(const SelParams& p) const { return csr_row(ss, sd, p, h, r); }
+};
+FP_DEVICE WarpRow warp_row(const SeqDesc* seqs, const SelSeq* sel, const unsigned* qb_seq, unsigned total_qb) {
+    WarpRow w;
+    const unsigned gb = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    w.ok = gb < total_qb;
+    if (w.ok) {
+        w.h = blockIdx.y;
+        w.s = qb_seq[gb];
+        w.sd = seqs[w.s];
+        w.ss = sel[w.s];
+        w.r = gb - w.sd.qb_off;
+    }
+    return w;
+}
 
 FP_DEVICE bool is_forced(const Geo& g, const SelParams& p, unsigned r, unsigned c) {
     return (p.sink && c == 0) || (p.diagonal && c >= g.first_diag(r) && c <= g.last_diag(r));

@@ -8,19 +8,15 @@
 extern "C" __global__ void sel_count(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
                                      const unsigned* __restrict__ qb_seq, unsigned total_qb, SelParams p,
                                      const unsigned* __restrict__ mask, unsigned* __restrict__ counts) {
-    const unsigned gb = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (gb >= total_qb) return;
-    const int h = blockIdx.y;
-    const unsigned s = qb_seq[gb];
-    const SeqDesc sd = seqs[s];
-    const SelSeq ss = sel[s];
-    const unsigned r = gb - sd.qb_off;
-    const unsigned* row = mask + mask_row(ss, sd, p, h, r);
+    const WarpRow wr = warp_row(seqs, sel, qb_seq, total_qb);
+    if (!wr.ok) return;
+    const SelSeq& ss = wr.ss;
+    const unsigned* row = mask + wr.mask_at(p);
     unsigned n = 0;
     const unsigned lane = threadIdx.x % 32;
     for (unsigned w = lane; w < ss.words; w += 32) n += __popc(row[w]);
     for (int o = 16; o > 0; o >>= 1) n += __shfl_xor_sync(0xffffffffu, n, o);
-    if (lane == 0) counts[csr_row(ss, sd, p, h, r)] = n;
+    if (lane == 0) counts[wr.csr_at(p)] = n;
 }
 
 // Exclusive scan of the row counts into row_offsets [rows + 1]. One CTA of 1024 threads;
@@ -61,15 +57,11 @@ extern "C" __global__ void sel_write(const SeqDesc* __restrict__ seqs, const Sel
                                      const unsigned* __restrict__ qb_seq, unsigned total_qb, SelParams p,
                                      const unsigned* __restrict__ mask, const unsigned* __restrict__ offsets,
                                      unsigned* __restrict__ cols) {
-    const unsigned gb = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (gb >= total_qb) return;
-    const int h = blockIdx.y;
-    const unsigned s = qb_seq[gb];
-    const SeqDesc sd = seqs[s];
-    const SelSeq ss = sel[s];
-    const unsigned r = gb - sd.qb_off;
-    const unsigned* row = mask + mask_row(ss, sd, p, h, r);
-    unsigned pos = offsets[csr_row(ss, sd, p, h, r)];
+    const WarpRow wr = warp_row(seqs, sel, qb_seq, total_qb);
+    if (!wr.ok) return;
+    const SelSeq& ss = wr.ss;
+    const unsigned* row = mask + wr.mask_at(p);
+    unsigned pos = offsets[wr.csr_at(p)];
     const unsigned lane = threadIdx.x % 32;
     // 32 words per round, one per lane; then word by word, each selected block's lane writes
     // it at pos + (set bits below it): consecutive blocks to consecutive addresses.

@@ -358,20 +358,19 @@ extern "C" __global__ void sel_extend(const SeqDesc* __restrict__ seqs, const Se
                                       const int* __restrict__ pattern, const unsigned char* __restrict__ colsel,
                                       const unsigned char* __restrict__ offsel, const unsigned* __restrict__ dist_prefix,
                                       const unsigned char* __restrict__ diag_hit, unsigned* __restrict__ mask) {
-    const unsigned gb = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (gb >= total_qb) return;
-    const int h = blockIdx.y;
-    const unsigned s = qb_seq[gb];
-    const SeqDesc sd = seqs[s];
-    const SelSeq ss = sel[s];
+    const WarpRow wr = warp_row(seqs, sel, qb_seq, total_qb);
+    if (!wr.ok) return;
+    const int h = wr.h;
+    const unsigned s = wr.s, r = wr.r;
+    const SeqDesc& sd = wr.sd;
+    const SelSeq& ss = wr.ss;
     const Geo g = geo(sd, p.block_size);
-    const unsigned r = gb - sd.qb_off;
     const int pat = pattern[s * p.num_heads + h];
     const unsigned d = g.last_diag(r);
     const unsigned first = g.first_pos(r), last = g.last_pos(r), bs = g.bs;
     const size_t bo = (size_t)sd.kb_off * p.num_heads + (size_t)h * sd.nkb;
     const unsigned* pre = dist_prefix + (size_t)ss.dist_off * p.num_heads + (size_t)h * (sd.kv_len + 1);
-    unsigned* row = mask + mask_row(ss, sd, p, h, r);
+    unsigned* row = mask + wr.mask_at(p);
     // sel_fvs_lines' table of the distance test for full query blocks (index r - c + K0).
     const bool full = last - first == bs - 1;
     const unsigned k0 = (sd.kv_len - sd.q_len + bs - 1) / bs;

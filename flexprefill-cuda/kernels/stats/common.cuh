@@ -74,6 +74,30 @@ FP_DEVICE int last_key(const SeqDesc& sd, int probe, int bs, unsigned i) {
     return (int)(sd.kv_len - sd.q_len) + (int)row_query(sd, probe, bs, i);
 }
 
+// Which (sequence, head, key split) a pass-1 / pass-2 CTA reduces (grid (H, total splits)),
+// and the sizes every pass opens with: kv head, row groups of the representative rows, probe
+// rows, the split's keys [J0, J1).
+struct SplitCta {
+    int h, hk, ng;
+    unsigned s, sp, nrow, np, J0, J1;
+    SeqDesc sd;
+};
+FP_DEVICE SplitCta split_cta(const SeqDesc* seqs, const uint2* work, int num_heads, int num_kv_heads,
+                             int split_keys, int probes, int block_size) {
+    SplitCta c;
+    c.h = blockIdx.x;
+    const uint2 wk = work[blockIdx.y];
+    c.s = wk.x;
+    c.sd = seqs[wk.x];
+    c.sp = wk.y;
+    c.hk = c.h / (num_heads / num_kv_heads);
+    c.nrow = c.sd.rep;
+    c.ng = (c.nrow + ROWS - 1) / ROWS;
+    c.np = probes ? num_probes(c.sd, block_size) : 0;
+    c.J0 = c.sp * split_keys;
+    c.J1 = min(c.J0 + split_keys, c.sd.kv_len);
+    return c;
+}
 // Loads a KT x HEAD_DIM key tile (keys j0.., kv head hk) into shared, zero-filling keys >= kv_len.
 FP_DEVICE void load_k_tile(elem_t* ks, const elem_t* __restrict__ k,
                                             const SeqDesc& sd, unsigned j0, int hk, int num_kv_heads) {
@@ -333,25 +357,47 @@ FP_DEVICE void pass1_write_rows(const SeqDesc& sd, unsigned sp, int h, int num_h
     }
 }
 
-
-// Pass 2's probe rows as this thread sees them (both passes): the lse and last key of its two
-// rows of the m16 probe tile (F32_INF / -1 without probes), and the last key any probe row
-// sees (returned).
-FP_DEVICE int pass2_probe_rows(float (&plse)[2], int (&plast)[2], const float* __restrict__ lse2,
-                               const SeqDesc& sd, unsigned split, int h, int num_heads, int rs, int rp,
-                               unsigned np, int lane, int block_size) {
+// The last key each of this thread's two probe rows sees (rows lane/4 and lane/4 + 8 of the
+// m16 probe tile; -1 past the probes or without them), and the last key any probe row sees
+// (returned: the last probe sees most).
+FP_DEVICE int probe_last_keys(int (&plast)[2], const SeqDesc& sd, unsigned np, int block_size, int lane) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        plse[r] = np ? lse2[((size_t)split * num_heads + h) * rs + rp + (lane / 4) + 8 * r] : F32_INF;
-        plast[r] = np ? last_key(sd, 1, block_size, (lane / 4) + 8 * r) : -1;
-    }
+    for (int r = 0; r < 2; ++r) plast[r] = np ? last_key(sd, 1, block_size, (lane / 4) + 8 * r) : -1;
     return np ? last_key(sd, 1, block_size, np - 1) : -1;
+}
+
+// The per-thread state both pass-2 implementations open with: this thread's representative
+// rows' lse (re-read per tile: L1 hits, fewer live registers), the probe rows' lse and last keys
+// (pmax: the last probe sees most), and the CTA's slices of the vertical line and the
+// representative block masses.
+struct Pass2Rows {
+    const float* lse_rows;
+    float* vert_out;
+    float* rbm_out;
+    float plse[2];
+    int plast[2];
+    int pmax;
+};
+FP_DEVICE Pass2Rows pass2_rows(const SplitCta& cta, const float* __restrict__ lse2, float* vertical,
+                               float* rep_block_mass, int num_heads, int rs, int rp, int warp, int lane,
+                               int block_size) {
+    const SeqDesc& sd = cta.sd;
+    Pass2Rows pr;
+    pr.lse_rows = lse2 + ((size_t)cta.s * num_heads + cta.h) * rs + warp * 16 + (lane / 4);
+    pr.vert_out = vertical + (size_t)sd.tok_off * num_heads + (size_t)cta.h * sd.kv_len;
+    pr.rbm_out = rep_block_mass + (size_t)sd.rep_off * num_heads + (size_t)cta.h * sd.rep * sd.nkb;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+        pr.plse[r] = cta.np ? lse2[((size_t)cta.s * num_heads + cta.h) * rs + rp + (lane / 4) + 8 * r] : F32_INF;
+    pr.pmax = probe_last_keys(pr.plast, sd, cta.np, block_size, lane);
+    return pr;
 }
 
 // The cross-warp step of pass 2 for one tile (keys j0..j0+KT), run by every thread of the CTA
 // once all warps have written the tile's partials (set `wc` / `dpt` per row group, `pwt`):
 // column sums (threads < KT, warps in order) into the vertical line, diagonal sums (threads
-// KT..KT+KT+ROWS-2, warps in order) into the split's slash accumulator, probe block partials
+// >= KT, one slash entry each, warps then row groups in order) into the split's slash
+// accumulator, probe block partials
 // (threads < PQ · blocks per tile) into the split's probe block masses.
 FP_DEVICE void pass2_combine(const SeqDesc& sd, int ng, unsigned j0, unsigned J0, unsigned J1,
                              int block_size, int nbs, int sl_stride, unsigned np, float inv_r,
@@ -359,26 +405,38 @@ FP_DEVICE void pass2_combine(const SeqDesc& sd, int ng, unsigned j0, unsigned J0
                              float* slash_acc, float* pacc, float* vert_out) {
     const int t = threadIdx.x;
     float vs = 0.f;
-    for (int g = 0; g < ng; ++g) {
-        const float* wcg = wc + g * NWARPS * KT;
-        const float* dpg = dpt + g * NWARPS * DPITCH;
-        if (t < KT) {
+    if (t < KT) {
+        for (int g = 0; g < ng; ++g) {
+            const float* wcg = wc + g * NWARPS * KT;
             float s = 0.f;
 #pragma unroll
             for (int w = 0; w < NWARPS; ++w) s += wcg[w * KT + t];
             vs += s;
-        } else if (t < KT + KT + ROWS - 1) {
-            // Diagonal e = ii - jj of the group's tile (e in [-(KT-1), ROWS-1]): warp w
-            // holds it at d' = e - 16w + 63 when that is in [0, NDIAG).
-            const int e = t - KT - (KT - 1);
-            float s = 0.f;
+        }
+    } else {
+        // Slash entries: group g's diagonal e (e in [-(KT-1), ROWS-1]) lands on entry
+        // L = J1 - 1 - j0 + g·ROWS + e, so the groups overlap on L. One thread owns each L and
+        // adds the groups in order (warp w holds diagonal e at d' = e - 16w + 63 when that is
+        // in [0, NDIAG)), so no two threads update one entry.
+        const int ne = KT + ng * ROWS - 1;
+        for (int i = t - KT; i < ne; i += (int)blockDim.x - KT) {
+            const int E = i - (KT - 1);
+            const int L = (int)(J1 - 1 - j0) + E;
+            if (L < 0 || L >= sl_stride) continue;
+            float a = slash_acc[L];
+            for (int g = 0; g < ng; ++g) {
+                const int e = E - g * ROWS;
+                if (e < -(KT - 1) || e > ROWS - 1) continue;
+                const float* dpg = dpt + g * NWARPS * DPITCH;
+                float s = 0.f;
 #pragma unroll
-            for (int w = 0; w < NWARPS; ++w) {
-                const int d = e - 16 * w + 63;
-                if (d >= 0 && d < NDIAG) s += dpg[w * DPITCH + d];
+                for (int w = 0; w < NWARPS; ++w) {
+                    const int d = e - 16 * w + 63;
+                    if (d >= 0 && d < NDIAG) s += dpg[w * DPITCH + d];
+                }
+                a += s;
             }
-            const int L = (int)(J1 - 1 - j0) + g * ROWS + e;
-            if (L >= 0 && L < sl_stride) slash_acc[L] += s;
+            slash_acc[L] = a;
         }
     }
     if (t < KT && j0 + t < sd.kv_len) vert_out[j0 + t] = vs * inv_r;

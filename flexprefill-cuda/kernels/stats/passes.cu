@@ -13,22 +13,15 @@ stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             int num_heads, int num_kv_heads, int split_keys, int rp, int rs,
             float scale, float scale_log2, int probes, int block_size, float2* __restrict__ row_ml) {
     extern __shared__ __align__(16) unsigned char smem[];
-    const int h = blockIdx.x;
-    const uint2 wk = work[blockIdx.y];
-    const SeqDesc sd = seqs[wk.x];
-    const unsigned sp = wk.y;
-    const int hk = h / (num_heads / num_kv_heads);
-    const unsigned nrow = sd.rep;
-    const int ng = (nrow + ROWS - 1) / ROWS;
-    const unsigned np = probes ? num_probes(sd, block_size) : 0;
+    const SplitCta cta = split_cta(seqs, work, num_heads, num_kv_heads, split_keys, probes, block_size);
+    const int h = cta.h, hk = cta.hk, ng = cta.ng;
+    const unsigned sp = cta.sp, nrow = cta.nrow, np = cta.np, J0 = cta.J0, J1 = cta.J1;
+    const SeqDesc& sd = cta.sd;
     elem_t* qs = (elem_t*)smem;
     elem_t* qp = qs + ng * ROWS * DPAD;
     elem_t* ks = qp + (probes ? PQ * DPAD : 0);
     float2* pml = (float2*)(ks + 3 * KT * DPAD);  // [NWARPS][PQ] probe (m, l) per warp
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int q4 = lane % 4, g4 = lane / 4;
-    const unsigned J0 = sp * split_keys;
-    const unsigned J1 = min(J0 + split_keys, sd.kv_len);
     const float sl = scale_log2;
 
     load_rows(qs, q, sd, h, num_heads, ng * ROWS, STATS_EMULATE, scale, 0, block_size);
@@ -47,9 +40,7 @@ stats_pass1(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     // Probe rows: this thread's two rows (lane/4, lane/4 + 8) over the warp's 8 keys per tile.
     float pm[2] = {(-F32_INF), (-F32_INF)}, pl[2] = {0.f, 0.f};
     int plast[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) plast[r] = np ? last_key(sd, 1, block_size, g4 + 8 * r) : -1;
-    const int pmax = np ? last_key(sd, 1, block_size, np - 1) : -1;  // the last probe sees most
+    const int pmax = probe_last_keys(plast, sd, np, block_size, lane);
 
     int buf = 0;
     for (unsigned j0 = J0; j0 < J1; j0 += KT, buf = (buf == 2 ? 0 : buf + 1)) {
@@ -128,14 +119,10 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             float* __restrict__ vertical, float* __restrict__ rep_block_mass,
             float* __restrict__ slash_part, int probes, float* __restrict__ probe_block_mass) {
     extern __shared__ __align__(16) unsigned char smem[];
-    const int h = blockIdx.x;
-    const uint2 wk = work[blockIdx.y];
-    const SeqDesc sd = seqs[wk.x];
-    const unsigned sp = wk.y;
-    const int hk = h / (num_heads / num_kv_heads);
-    const unsigned nrow = sd.rep;
-    const int ng = (nrow + ROWS - 1) / ROWS;
-    const unsigned np = probes ? num_probes(sd, block_size) : 0;
+    const SplitCta cta = split_cta(seqs, work, num_heads, num_kv_heads, split_keys, probes, block_size);
+    const int h = cta.h, hk = cta.hk, ng = cta.ng;
+    const unsigned sp = cta.sp, nrow = cta.nrow, np = cta.np, J0 = cta.J0, J1 = cta.J1;
+    const SeqDesc& sd = cta.sd;
     const int nbs = split_keys / block_size;  // blocks per split
     elem_t* qs = (elem_t*)smem;
     elem_t* qp = qs + ng * ROWS * DPAD;
@@ -147,8 +134,6 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     float* pw = slash_acc + sl_stride;              // [2][NWARPS][PQ] probe block partials
     float* pacc = pw + 2 * NWARPS * PQ;             // [PQ][nbs] probe block masses of the split
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const unsigned J0 = sp * split_keys;
-    const unsigned J1 = min(J0 + split_keys, sd.kv_len);
     const float inv_r = 1.f / (float)sd.rep;
 
     for (int i = threadIdx.x; i < sl_stride; i += NTHREADS) slash_acc[i] = 0.f;
@@ -159,17 +144,11 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     cp_async_commit();
     const float sl = scale_log2;
 
-    // This thread's representative rows' lse (re-read per tile: L1 hits, fewer live registers).
-    const float* lse_rows = lse2 + ((size_t)wk.x * num_heads + h) * rs + warp * 16 + (lane / 4);
-    float plse[2];
-    int plast[2];
-    const int pmax = pass2_probe_rows(plse, plast, lse2, sd, wk.x, h, num_heads, rs, rp, np, lane, block_size);
+    const Pass2Rows pr = pass2_rows(cta, lse2, vertical, rep_block_mass, num_heads, rs, rp, warp, lane, block_size);
     // Running block mass of the two rows this thread reduces (blocks >= KT span several
     // tiles): group in flight (bm0) and the other group (bm1), swapped after each group.
     float bm0[2] = {0.f, 0.f}, bm1[2] = {0.f, 0.f};
 
-    float* vert_out = vertical + (size_t)sd.tok_off * num_heads + (size_t)h * sd.kv_len;
-    float* rbm_out = rep_block_mass + (size_t)sd.rep_off * num_heads + (size_t)h * sd.rep * sd.nkb;
     const int seg = block_size < KT ? block_size : KT;  // columns per block segment in a tile
     float* strip = strips + warp * 16 * PP;
     const int q4 = lane % 4, g4 = lane / 4;
@@ -185,21 +164,21 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         if (j0 > J0)
             pass2_combine(sd, ng, j0 - KT, J0, J1, block_size, nbs, sl_stride, np, inv_r,
                           wcol + (buf ^ 1) * ng * NWARPS * KT, dpart + (buf ^ 1) * ng * NWARPS * DPITCH,
-                          pw + (buf ^ 1) * NWARPS * PQ, slash_acc, pacc, vert_out);
+                          pw + (buf ^ 1) * NWARPS * PQ, slash_acc, pacc, pr.vert_out);
         const elem_t* kt = ks + buf * KT * DPAD;
         float* wc = wcol + buf * ng * NWARPS * KT;       // this tile's partials (set = buf)
         float* dpt = dpart + buf * ng * NWARPS * DPITCH;
         if (np) {
             // Probe rows: this warp's 8 keys (one block: block_size >= 16), summed per row.
             float s[2] = {0.f, 0.f};
-            if ((int)j0 + warp * 8 <= pmax) {
+            if ((int)j0 + warp * 8 <= pr.pmax) {
                 float pa[4];
                 probe_tile(pa, qp, kt, warp, lane);
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    const int lim = plast[r] - ((int)j0 + warp * 8 + 2 * q4);
-                    const float p0 = (0 <= lim) ? fast_exp2(fmaf(raw_logit(pa[2 * r]), sl, -plse[r])) : 0.f;
-                    const float p1 = (1 <= lim) ? fast_exp2(fmaf(raw_logit(pa[2 * r + 1]), sl, -plse[r])) : 0.f;
+                    const int lim = pr.plast[r] - ((int)j0 + warp * 8 + 2 * q4);
+                    const float p0 = (0 <= lim) ? fast_exp2(fmaf(raw_logit(pa[2 * r]), sl, -pr.plse[r])) : 0.f;
+                    const float p1 = (1 <= lim) ? fast_exp2(fmaf(raw_logit(pa[2 * r + 1]), sl, -pr.plse[r])) : 0.f;
                     s[r] = p0 + p1;
                 }
             }
@@ -218,7 +197,7 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             float acc[KT / 8][4];
             qk_tile_rows(acc, qs, kt, g, warp, lane, i0, nrow);
             // Probabilities in place of the logits: p = exp2(raw·s - lse).
-            pass2_reduce_tile(acc, sd, nrow, i0, j0, lse_rows, g, sl, lane, warp, strip, seg, block_size, rbm_out,
+            pass2_reduce_tile(acc, sd, nrow, i0, j0, pr.lse_rows, g, sl, lane, warp, strip, seg, block_size, pr.rbm_out,
                               bm0, bm1, dp, wc, ng);
         }
     }
@@ -230,7 +209,7 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         const int lb = (nt_tiles - 1) & 1;  // its partial set
         pass2_combine(sd, ng, jl, J0, J1, block_size, nbs, sl_stride, np, inv_r,
                       wcol + lb * ng * NWARPS * KT, dpart + lb * ng * NWARPS * DPITCH,
-                      pw + lb * NWARPS * PQ, slash_acc, pacc, vert_out);
+                      pw + lb * NWARPS * PQ, slash_acc, pacc, pr.vert_out);
     }
     __syncthreads();  // slash_acc and pacc are complete
     float* out = slash_part + ((size_t)(sd.split_off + sp) * num_heads + h) * sl_stride;

@@ -200,23 +200,16 @@ stats_pass1_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const uint32_t sbase = smem_u32(smem);
     const uint32_t sq = (sbase + 1023u) & ~1023u;
     unsigned char* gq = smem + (sq - sbase);
-    const int h = blockIdx.x;
-    const uint2 wk = work[blockIdx.y];
-    const SeqDesc sd = seqs[wk.x];
-    const unsigned sp = wk.y;
-    const int hk = h / (num_heads / num_kv_heads);
-    const unsigned nrow = sd.rep;
-    const int ng = (nrow + ROWS - 1) / ROWS;
+    const SplitCta cta = split_cta(seqs, work, num_heads, num_kv_heads, split_keys, probes, block_size);
+    const int h = cta.h, hk = cta.hk, ng = cta.ng;
+    const unsigned sp = cta.sp, nrow = cta.nrow, np = cta.np, J0 = cta.J0, J1 = cta.J1;
+    const SeqDesc& sd = cta.sd;
     const int rq = ng * ROWS;  // rows of the swizzled Q̂ tile
-    const unsigned np = probes ? num_probes(sd, block_size) : 0;
     const uint32_t sk = sq + rq * HEAD_DIM * 2;  // KSTAGES swizzled key tiles
     elem_t* qp = (elem_t*)(gq + rq * HEAD_DIM * 2 + KSTAGES * KTB);
     float2* pml = (float2*)(qp + (probes ? PQ * DPAD : 0));  // [NWARPS][PQ] probe (m, l) per warp
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int wg = warp / 4;  // warpgroup: rows 64wg..64wg+63 of each row group
-    const int q4 = lane % 4, g4 = lane / 4;
-    const unsigned J0 = sp * split_keys;
-    const unsigned J1 = min(J0 + split_keys, sd.kv_len);
     const int ntiles = (int)((J1 - J0 + KT - 1) / KT);
     const float sl = scale_log2;
 
@@ -234,9 +227,7 @@ stats_pass1_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     // Probe rows: this thread's two rows (lane/4, lane/4 + 8) over the warp's 8 keys per tile.
     float pm[2] = {(-F32_INF), (-F32_INF)}, pl[2] = {0.f, 0.f};
     int plast[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) plast[r] = np ? last_key(sd, 1, block_size, g4 + 8 * r) : -1;
-    const int pmax = np ? last_key(sd, 1, block_size, np - 1) : -1;  // the last probe sees most
+    const int pmax = probe_last_keys(plast, sd, np, block_size, lane);
 
 #if STATS_OVERLAP
     // Work unit u = (tile u / ng, row group u % ng). Iteration u issues unit u's Q̂·Kᵀ, then
@@ -362,15 +353,11 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const uint32_t sbase = smem_u32(smem);
     const uint32_t sq = (sbase + 1023u) & ~1023u;
     unsigned char* gq = smem + (sq - sbase);
-    const int h = blockIdx.x;
-    const uint2 wk = work[blockIdx.y];
-    const SeqDesc sd = seqs[wk.x];
-    const unsigned sp = wk.y;
-    const int hk = h / (num_heads / num_kv_heads);
-    const unsigned nrow = sd.rep;
-    const int ng = (nrow + ROWS - 1) / ROWS;
+    const SplitCta cta = split_cta(seqs, work, num_heads, num_kv_heads, split_keys, probes, block_size);
+    const int h = cta.h, hk = cta.hk, ng = cta.ng;
+    const unsigned sp = cta.sp, nrow = cta.nrow, np = cta.np, J0 = cta.J0, J1 = cta.J1;
+    const SeqDesc& sd = cta.sd;
     const int rq = ng * ROWS;  // rows of the swizzled Q̂ tile
-    const unsigned np = probes ? num_probes(sd, block_size) : 0;
     const int nbs = split_keys / block_size;  // blocks per split
     const uint32_t sk = sq + rq * HEAD_DIM * 2;  // K2STAGES swizzled key tiles
     elem_t* qp = (elem_t*)(gq + rq * HEAD_DIM * 2 + K2STAGES * KTB);
@@ -382,8 +369,6 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     float* pacc = pw + NSETS * NWARPS * PQ;           // [PQ][nbs] probe block masses of the split
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int wg = warp / 4;  // warpgroup: rows 64wg..64wg+63 of each row group
-    const unsigned J0 = sp * split_keys;
-    const unsigned J1 = min(J0 + split_keys, sd.kv_len);
     const int ntiles = (int)((J1 - J0 + KT - 1) / KT);
     const float inv_r = 1.f / (float)sd.rep;
 
@@ -395,17 +380,11 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     cp_async_commit();
     const float sl = scale_log2;
 
-    // This thread's representative rows' lse (re-read per tile: L1 hits, fewer live registers).
-    const float* lse_rows = lse2 + ((size_t)wk.x * num_heads + h) * rs + warp * 16 + (lane / 4);
-    float plse[2];
-    int plast[2];
-    const int pmax = pass2_probe_rows(plse, plast, lse2, sd, wk.x, h, num_heads, rs, rp, np, lane, block_size);
+    const Pass2Rows pr = pass2_rows(cta, lse2, vertical, rep_block_mass, num_heads, rs, rp, warp, lane, block_size);
     // Running block mass of the two rows this thread reduces (blocks >= KT span several
     // tiles): group in flight (bm0) and the other group (bm1), swapped after each group.
     float bm0[2] = {0.f, 0.f}, bm1[2] = {0.f, 0.f};
 
-    float* vert_out = vertical + (size_t)sd.tok_off * num_heads + (size_t)h * sd.kv_len;
-    float* rbm_out = rep_block_mass + (size_t)sd.rep_off * num_heads + (size_t)h * sd.rep * sd.nkb;
     const int seg = block_size < KT ? block_size : KT;  // columns per block segment in a tile
     float* strip = strips + warp * 16 * PP;
     const int q4 = lane % 4, g4 = lane / 4;
@@ -442,12 +421,12 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                     const int cb = (ti - 2) % NSETS;
                     pass2_combine(sd, ng, j0 - 2 * KT, J0, J1, block_size, nbs, sl_stride, np, inv_r,
                                   wcol + cb * ng * NWARPS * KT, dpart + cb * ng * NWARPS * DPITCH,
-                                  pw + cb * NWARPS * PQ, slash_acc, pacc, vert_out);
+                                  pw + cb * NWARPS * PQ, slash_acc, pacc, pr.vert_out);
                 }
                 const uint32_t kst = sk + (ti % K2STAGES) * KTB;
                 if (np) {
                     // Probe rows: this warp's 8 keys (one block: block_size >= 16), summed per row.
-                    pass2_probe_rows_sw(qp, kst, warp, lane, j0, pmax, plast, plse, sl, pw + buf * NWARPS * PQ);
+                    pass2_probe_rows_sw(qp, kst, warp, lane, j0, pr.pmax, pr.plast, pr.plse, sl, pw + buf * NWARPS * PQ);
                 }
             }
             swg_issue_qk(cur, sq, rq, gi * ROWS + wg * 64, sk + (ti % K2STAGES) * KTB);
@@ -461,7 +440,7 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             float* dp = dpt + (g * NWARPS + warp) * DPITCH;
             float(&acc)[KT / 8][4] = prev;
             // Probabilities in place of the logits: p = exp2(raw·s - lse).
-            pass2_reduce_tile(acc, sd, nrow, i0, j0, lse_rows, g, sl, lane, warp, strip, seg, block_size, rbm_out,
+            pass2_reduce_tile(acc, sd, nrow, i0, j0, pr.lse_rows, g, sl, lane, warp, strip, seg, block_size, pr.rbm_out,
                               bm0, bm1, dp, wc, ng);
         }
         swg_wait0();
@@ -478,7 +457,7 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         const int cb = t % NSETS;
         pass2_combine(sd, ng, J0 + t * KT, J0, J1, block_size, nbs, sl_stride, np, inv_r,
                       wcol + cb * ng * NWARPS * KT, dpart + cb * ng * NWARPS * DPITCH,
-                      pw + cb * NWARPS * PQ, slash_acc, pacc, vert_out);
+                      pw + cb * NWARPS * PQ, slash_acc, pacc, pr.vert_out);
     }
 #else
     for (int ti = 0; ti < ntiles; ++ti) {
@@ -496,13 +475,13 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         if (ti > 0)
             pass2_combine(sd, ng, j0 - KT, J0, J1, block_size, nbs, sl_stride, np, inv_r,
                           wcol + (buf ^ 1) * ng * NWARPS * KT, dpart + (buf ^ 1) * ng * NWARPS * DPITCH,
-                          pw + (buf ^ 1) * NWARPS * PQ, slash_acc, pacc, vert_out);
+                          pw + (buf ^ 1) * NWARPS * PQ, slash_acc, pacc, pr.vert_out);
         const uint32_t kst = sk + (ti % K2STAGES) * KTB;
         float* wc = wcol + buf * ng * NWARPS * KT;       // this tile's partials (set = buf)
         float* dpt = dpart + buf * ng * NWARPS * DPITCH;
         if (np) {
             // Probe rows: this warp's 8 keys (one block: block_size >= 16), summed per row.
-            pass2_probe_rows_sw(qp, kst, warp, lane, j0, pmax, plast, plse, sl, pw + buf * NWARPS * PQ);
+            pass2_probe_rows_sw(qp, kst, warp, lane, j0, pr.pmax, pr.plast, pr.plse, sl, pw + buf * NWARPS * PQ);
         }
 #pragma unroll 1
         for (int g = 0; g < ng; ++g) {
@@ -513,7 +492,7 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             swg_wait0();
             swg_fence_regs(acc);
             // Probabilities in place of the logits: p = exp2(raw·s - lse).
-            pass2_reduce_tile(acc, sd, nrow, i0, j0, lse_rows, g, sl, lane, warp, strip, seg, block_size, rbm_out,
+            pass2_reduce_tile(acc, sd, nrow, i0, j0, pr.lse_rows, g, sl, lane, warp, strip, seg, block_size, pr.rbm_out,
                               bm0, bm1, dp, wc, ng);
         }
     }
@@ -525,7 +504,7 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         const int lb = (nt_tiles - 1) & 1;  // its partial set
         pass2_combine(sd, ng, jl, J0, J1, block_size, nbs, sl_stride, np, inv_r,
                       wcol + lb * ng * NWARPS * KT, dpart + lb * ng * NWARPS * DPITCH,
-                      pw + lb * NWARPS * PQ, slash_acc, pacc, vert_out);
+                      pw + lb * NWARPS * PQ, slash_acc, pacc, pr.vert_out);
     }
 #endif
     __syncthreads();  // slash_acc and pacc are complete

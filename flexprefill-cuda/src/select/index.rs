@@ -87,16 +87,15 @@ impl DeviceSelection {
                     }
                     _ => f32::NAN,
                 };
-                reports.push(HeadReport {
-                    seq: si,
+                reports.push(HeadReport::new(
+                    si,
                     head,
-                    pattern: flexprefill_core::selection::reported_pattern(pat, selected, causal),
-                    js_distance: js[si * h + head],
-                    selected_blocks: selected,
-                    causal_blocks: causal,
-                    density: selected as f64 / causal as f64,
-                    estimated_mass: mass,
-                });
+                    pat,
+                    js[si * h + head],
+                    selected,
+                    causal,
+                    mass,
+                ));
                 heads.push(rows);
             }
         }

@@ -20,6 +20,119 @@ pub(super) struct SelSeq {
 unsafe impl DeviceRepr for SelSeq {}
 const _: () = assert!(std::mem::size_of::<SelSeq>() == 32);
 
+/// The host-side plan of the selection buffers: per-sequence offsets and the totals the
+/// allocations are sized from. Built from lengths alone, so a batch whose sizes the kernels
+/// cannot address is refused before anything is allocated or launched.
+#[derive(Debug)]
+pub(super) struct SelPlan {
+    pub(super) sel: Vec<SelSeq>,
+    /// Σ nqb·words, Σ nqb·nkb, Σ nqb, Σ (kv_len + 1), Σ causal blocks (each × H on the device).
+    pub(super) mask: usize,
+    pub(super) map: usize,
+    pub(super) rows: usize,
+    pub(super) dist: usize,
+    pub(super) causal: usize,
+    pub(super) max_nkb: usize,
+    pub(super) max_rep: usize,
+    pub(super) max_map: usize,
+    /// Σ rep·nkb: the top-up's scratch layout per head.
+    pub(super) rep_mass: usize,
+    /// First CSR row of each (sequence, head), then the total.
+    pub(super) head_row_start: Vec<u32>,
+}
+
+/// The largest grid x dimension; y and z stop at 65535.
+const GRID_X: usize = i32::MAX as usize;
+const GRID_YZ: usize = 65535;
+
+fn fits_u32(n: usize, what: &str) -> Result<u32> {
+    u32::try_from(n).map_err(|_| CudaError::Unsupported {
+        op: "select",
+        message: format!("{what} ({n}) does not fit the kernels' 32-bit offsets"),
+    })
+}
+
+fn fits_grid(n: usize, limit: usize, what: &str) -> Result<()> {
+    if n > limit {
+        return Err(CudaError::Unsupported {
+            op: "select",
+            message: format!("{what} ({n}) exceed the grid limit {limit}"),
+        });
+    }
+    Ok(())
+}
+
+impl SelPlan {
+    /// Offsets are u32 on the device (`SelSeq`, the CSR row offsets, the flattened cut's
+    /// candidate list), so every flat buffer, heads included, must be addressable with them;
+    /// the launch grids put heads and sequences on y / z and blocks on x.
+    pub(super) fn new(layout: &StatsLayout, cfg: &FlexPrefillConfig) -> Result<Self> {
+        let h = layout.shape.num_heads;
+        let bs = cfg.block_size;
+        let nseq = layout.seqs.len();
+        fits_grid(h, GRID_YZ, "heads")?;
+        fits_grid(nseq, GRID_YZ, "sequences")?;
+        fits_grid(nseq * h, GRID_X, "(sequence, head) pairs")?;
+        fits_grid(layout.total_query_blocks(), GRID_X, "query blocks")?;
+        let mut sel = Vec::with_capacity(nseq);
+        let (mut mask, mut map, mut rows, mut dist, mut causal) =
+            (0usize, 0usize, 0usize, 0usize, 0usize);
+        let (mut max_nkb, mut max_rep, mut max_map) = (1usize, 1usize, 1usize);
+        let mut rep_mass = 0usize;
+        let mut head_row_start = Vec::with_capacity(nseq * h + 1);
+        head_row_start.push(0u32);
+        for (si, s) in layout.seqs.iter().enumerate() {
+            let (nqb, nkb) = (s.num_query_blocks(bs), s.num_key_blocks(bs));
+            let words = nkb.div_ceil(32);
+            sel.push(SelSeq {
+                words: fits_u32(words, "mask words per row")?,
+                mask_off: fits_u32(mask, "mask offset")?,
+                map_off: fits_u32(map, "pooled-map offset")?,
+                row_off: fits_u32(rows, "CSR row offset")?,
+                dist_off: fits_u32(dist, "distance offset")?,
+                dense: selection::dense_fallback(s, cfg).is_some() as u32,
+                pad: [0; 2],
+            });
+            mask += nqb * words;
+            map += nqb * nkb;
+            rows += nqb;
+            dist += s.kv_len + 1;
+            causal += s.total_causal_blocks(bs);
+            max_nkb = max_nkb.max(nkb);
+            max_map = max_map.max(nqb * nkb);
+            max_rep = max_rep.max(layout.num_rep(si));
+            rep_mass += layout.num_rep(si) * nkb;
+            for _ in 0..h {
+                let last = head_row_start.last().map_or(0, |&l| l as usize);
+                head_row_start.push(fits_u32(last + nqb, "CSR rows")?);
+            }
+        }
+        for (n, what) in [
+            (mask, "mask words × heads"),
+            (map, "pooled-map entries × heads"),
+            (dist, "distance prefix entries × heads"),
+            (causal, "causal blocks × heads (CSR column offsets)"),
+            (rep_mass, "representative block masses × heads"),
+        ] {
+            fits_u32(n.saturating_mul(h), what)?;
+        }
+        fits_u32(rows.saturating_mul(h).saturating_add(1), "CSR row offsets")?;
+        Ok(Self {
+            sel,
+            mask,
+            map,
+            rows,
+            dist,
+            causal,
+            max_nkb,
+            max_rep,
+            max_map,
+            rep_mass,
+            head_row_start,
+        })
+    }
+}
+
 /// The configuration as the kernels read it. Must match `SelParams` in kernels/select/common.cuh.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -181,5 +294,83 @@ impl Run<'_> {
     /// Eight query blocks per CTA (sel_extend, sel_count).
     pub(super) fn ext_grid(&self) -> (u32, u32, u32) {
         (self.qb_all.div_ceil(8) as u32, self.h as u32, 1)
+    }
+}
+
+/// The size limits, checked on the host alone (no GPU needed).
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+    use flexprefill_core::{AttentionShape, Sequence};
+
+    fn cfg16() -> FlexPrefillConfig {
+        crate::stats::tests::with_config(FlexPrefillConfig::default(), |c| c.block_size = 16)
+    }
+
+    fn plan(len: usize, heads: usize) -> Result<SelPlan> {
+        let shape = AttentionShape::new(heads, 1, 64)?;
+        let layout = StatsLayout::new(&[Sequence::whole(len)], shape, 16)?;
+        SelPlan::new(&layout, &cfg16())
+    }
+
+    fn refused(r: Result<impl std::fmt::Debug>, what: &str) {
+        match r {
+            Err(CudaError::Unsupported { message, .. }) => {
+                assert!(message.contains(what), "{message:?} should name {what:?}")
+            }
+            other => panic!("expected an Unsupported error naming {what:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pooled_map_is_refused_past_u32() {
+        // 2^19 tokens in blocks of 16: 2^15 query × 2^15 key blocks = 2^30 map entries per
+        // head; three heads fit 32-bit offsets, four do not.
+        let ok = plan(1 << 19, 3).expect("3 · 2^30 entries fit u32");
+        assert_eq!(ok.map, 1 << 30);
+        assert_eq!(ok.head_row_start.len(), 4);
+        refused(plan(1 << 19, 4), "pooled-map entries");
+        // 2^20 tokens: 2^32 entries for a single head.
+        refused(plan(1 << 20, 1), "pooled-map entries");
+    }
+
+    #[test]
+    fn heads_and_splits_are_refused_past_the_grid() {
+        let shape = AttentionShape::new(70_000, 70_000, 64).expect("shape");
+        refused(
+            StatsLayout::new(&[Sequence::whole(1024)], shape, 128),
+            "heads",
+        );
+        // 64 sequences of 2^20 keys: 65536 key splits, one past the limit.
+        let seqs: Vec<Sequence> = (0..64)
+            .map(|i| Sequence {
+                q_start: i << 20,
+                k_start: i << 20,
+                ..Sequence::whole(1 << 20)
+            })
+            .collect();
+        let shape = AttentionShape::new(1, 1, 64).expect("shape");
+        refused(StatsLayout::new(&seqs, shape, 128), "key splits");
+        assert!(StatsLayout::new(&seqs[..63], shape, 128).is_ok());
+    }
+
+    #[test]
+    fn sequence_ends_must_fit_u32() {
+        let at = |q_start: usize| Sequence {
+            q_start,
+            ..Sequence::whole(1024)
+        };
+        assert!(crate::attention::seq_words(&[at(u32::MAX as usize - 1024)]).is_ok());
+        refused(
+            crate::attention::seq_words(&[at(u32::MAX as usize - 1023)]),
+            "token offset",
+        );
+        refused(
+            crate::attention::seq_words(&[Sequence {
+                k_start: usize::MAX,
+                ..Sequence::whole(1)
+            }]),
+            "token offset",
+        );
     }
 }

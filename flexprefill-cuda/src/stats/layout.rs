@@ -13,6 +13,13 @@ impl StatsLayout {
     /// Plans the buffers for `seqs` (packed, as [`AttentionInput`] holds them).
     pub fn new(seqs: &[Sequence], shape: AttentionShape, block_size: usize) -> Result<Self> {
         let h = shape.num_heads;
+        // Heads are a grid y / z dimension of every statistics launch.
+        if h > 65535 {
+            return Err(CudaError::Unsupported {
+                op: "head_statistics",
+                message: format!("{h} heads exceed the grid limit 65535"),
+            });
+        }
         let mut descs = Vec::with_capacity(seqs.len());
         let mut work = Vec::new();
         let (mut kb_seq, mut qb_seq) = (Vec::new(), Vec::new());
@@ -32,6 +39,14 @@ impl StatsLayout {
             let nkb = s.num_key_blocks(block_size);
             let nqb = s.num_query_blocks(block_size);
             let nsplit = s.kv_len.div_ceil(SPLIT_KEYS);
+            // Checked per sequence, so that a batch too long for the grid is refused before
+            // its per-block tables are built.
+            if split + nsplit > 65535 {
+                return Err(CudaError::Unsupported {
+                    op: "head_statistics",
+                    message: format!("{} key splits exceed the grid limit 65535", split + nsplit),
+                });
+            }
             max_rep = max_rep.max(rep);
             descs.push(SeqDesc {
                 q_start: to_u32(s.q_start, "q_start")?,
@@ -67,12 +82,7 @@ impl StatsLayout {
         // keep every product addressable.
         to_u32(tok * h, "vertical length")?;
         to_u32(rep_off * h, "rep_block_mass length")?;
-        if split > 65535 {
-            return Err(CudaError::Unsupported {
-                op: "head_statistics",
-                message: format!("{split} key splits exceed the grid limit 65535"),
-            });
-        }
+        to_u32(probe_off * h, "probe_block_mass length")?;
         let rp = max_rep.div_ceil(ROWS) * ROWS;
         Ok(Self {
             shape,

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::launch::Launch;
+use cudarc::driver::CudaFunction;
 
 /// The statistics module for `dtype`, `head_dim` and the rounding mode (`emulate`: the
 /// original's bf16 rounding points, compiled in or out).
@@ -18,6 +19,40 @@ pub(crate) fn key(dtype: DType, head_dim: usize, emulate: bool, path: PassPath) 
         PassPath::Wgmma { overlap } => k
             .define("STATS_WGMMA", 1)
             .define("STATS_OVERLAP", overlap as i64),
+    }
+}
+
+/// The arguments both passes open with (`stats_pass1`, `stats_pass2` and their wgmma twins):
+/// q, k, the sequence descriptors, the (sequence, split) work list, then heads, kv heads, keys
+/// per split, padded representative rows and the row stride.
+struct PassHead<'a, T> {
+    q: &'a CudaSlice<T>,
+    k: &'a CudaSlice<T>,
+    descs: &'a CudaSlice<SeqDesc>,
+    work: &'a CudaSlice<u32>,
+    sizes: [i32; 5],
+}
+
+impl<'a, T: DeviceRepr> PassHead<'a, T> {
+    /// A pass launch with the shared arguments pushed; the caller pushes the rest.
+    fn launch(
+        &'a self,
+        stream: &'a CudaStream,
+        f: &'a CudaFunction,
+        grid: (u32, u32, u32),
+        smem: usize,
+    ) -> Launch<'a> {
+        let [h, hkv, split, rp, rs] = &self.sizes;
+        Launch::new(stream, f, grid, NTHREADS, smem)
+            .arg(self.q)
+            .arg(self.k)
+            .arg(self.descs)
+            .arg(self.work)
+            .arg(h)
+            .arg(hkv)
+            .arg(split)
+            .arg(rp)
+            .arg(rs)
     }
 }
 
@@ -138,20 +173,18 @@ pub fn launch_stats<T: StatsElem>(
     // The probe rows ride along the representative passes (the key tiles are loaded once).
     let probes_i = layout.measures_probes() as i32;
     let grid_pass = (h as u32, total_splits as u32, 1);
+    let head = PassHead {
+        q,
+        k,
+        descs: &descs,
+        work: &work,
+        sizes: [h_i, hkv_i, split_i, rp_i, rs_i],
+    };
     profile::mark(stream, "start");
     // SAFETY (all launches): argument lists match the kernels' signatures in kernels/stats/; every
     // buffer is sized by StatsLayout for the indices the kernels compute.
     unsafe {
-        Launch::new(stream, &f_pass1, grid_pass, NTHREADS, smem1)
-            .arg(q)
-            .arg(k)
-            .arg(&descs)
-            .arg(&work)
-            .arg(&h_i)
-            .arg(&hkv_i)
-            .arg(&split_i)
-            .arg(&rp_i)
-            .arg(&rs_i)
+        head.launch(stream, &f_pass1, grid_pass, smem1)
             .arg(&scale)
             .arg(&scale_log2)
             .arg(&probes_i)
@@ -167,16 +200,7 @@ pub fn launch_stats<T: StatsElem>(
             .arg(&mut lse2)
             .launch()?;
         profile::mark(stream, "stats_merge");
-        Launch::new(stream, &f_pass2, grid_pass, NTHREADS, smem2)
-            .arg(q)
-            .arg(k)
-            .arg(&descs)
-            .arg(&work)
-            .arg(&h_i)
-            .arg(&hkv_i)
-            .arg(&split_i)
-            .arg(&rp_i)
-            .arg(&rs_i)
+        head.launch(stream, &f_pass2, grid_pass, smem2)
             .arg(&bs_i)
             .arg(&scale)
             .arg(&scale_log2)

@@ -19,12 +19,12 @@ pub fn planted_gamma_grid(seed: u64) -> (Workload, Vec<FlexPrefillConfig>) {
     let cfgs = [64, 128]
         .into_iter()
         .flat_map(|block_size| {
-            [0.9, 0.95].map(|gamma| FlexPrefillConfig {
-                gamma,
-                block_size,
-                min_budget: 256,
-                selection: SelectionMode::Faithful,
-                ..Default::default()
+            [0.9, 0.95].map(|gamma| {
+                FlexPrefillConfig::default()
+                    .with_gamma(gamma)
+                    .with_block_size(block_size)
+                    .with_min_budget(256)
+                    .with_selection(SelectionMode::Faithful)
             })
         })
         .collect();
