@@ -89,6 +89,85 @@ pub struct Sequence {
 }
 
 impl Sequence {
+    /// `batch` sequences of `q_len` queries over `kv_len` keys each, packed one after the
+    /// other (the batched layout seen as a packed one).
+    pub fn uniform(batch: usize, q_len: usize, kv_len: usize) -> Vec<Self> {
+        (0..batch)
+            .map(|b| Self {
+                q_start: b * q_len,
+                k_start: b * kv_len,
+                q_len,
+                kv_len,
+            })
+            .collect()
+    }
+
+    /// The sequences flash-attn style cumulative offsets describe: sequence `i` owns queries
+    /// `cu_seqlens_q[i]..cu_seqlens_q[i+1]` and keys `cu_seqlens_k[i]..cu_seqlens_k[i+1]`.
+    /// Checks the offsets themselves; [`Sequence::check_packed`] checks the lengths.
+    pub fn from_cu_seqlens(cu_seqlens_q: &[usize], cu_seqlens_k: &[usize]) -> Result<Vec<Self>> {
+        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q)?;
+        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k)?;
+        if cu_seqlens_q.len() != cu_seqlens_k.len() {
+            return Err(Error::CuSeqlens(format!(
+                "cu_seqlens_q has {} entries but cu_seqlens_k has {}",
+                cu_seqlens_q.len(),
+                cu_seqlens_k.len()
+            )));
+        }
+        Ok(cu_seqlens_q
+            .windows(2)
+            .zip(cu_seqlens_k.windows(2))
+            .map(|(wq, wk)| Self {
+                q_start: wq[0],
+                k_start: wk[0],
+                q_len: wq[1] - wq[0],
+                kv_len: wk[1] - wk[0],
+            })
+            .collect())
+    }
+
+    /// Checks a batch of sequences as every input is checked (at least one, none empty,
+    /// `q_len <= kv_len`, packed in order) and returns the query and key token totals. Callers
+    /// holding device pointers instead of host tensors check their sequences with this.
+    pub fn check_packed(seqs: &[Self]) -> Result<(usize, usize)> {
+        if seqs.is_empty() {
+            return Err(Error::Shape("no sequence: batch must be at least 1".into()));
+        }
+        let (mut q_next, mut k_next) = (0usize, 0usize);
+        for (i, s) in seqs.iter().enumerate() {
+            if s.q_len == 0 || s.kv_len == 0 {
+                return Err(Error::EmptySequence {
+                    seq: i,
+                    q_len: s.q_len,
+                    kv_len: s.kv_len,
+                });
+            }
+            if s.q_len > s.kv_len {
+                return Err(Error::QueryLongerThanKeys {
+                    seq: i,
+                    q_len: s.q_len,
+                    kv_len: s.kv_len,
+                });
+            }
+            if s.q_start != q_next || s.k_start != k_next {
+                return Err(Error::Shape(format!(
+                    "sequence {i} is not packed after sequence {}",
+                    i.saturating_sub(1)
+                )));
+            }
+            let overflow = || {
+                Error::Shape(format!(
+                    "sequence {i}: token offsets overflow (q_len {}, kv_len {})",
+                    s.q_len, s.kv_len
+                ))
+            };
+            q_next = q_next.checked_add(s.q_len).ok_or_else(overflow)?;
+            k_next = k_next.checked_add(s.kv_len).ok_or_else(overflow)?;
+        }
+        Ok((q_next, k_next))
+    }
+
     /// A whole sequence of `len` tokens (every query, no earlier chunk) alone at the start of
     /// the packed tensors: the single-sequence case that tests and examples spell most often.
     pub fn whole(len: usize) -> Self {
@@ -203,14 +282,7 @@ impl<'a> AttentionInput<'a> {
                 )));
             }
         }
-        let seqs = (0..batch)
-            .map(|b| Sequence {
-                q_start: b * q_len,
-                k_start: b * kv_len,
-                q_len,
-                kv_len,
-            })
-            .collect();
+        let seqs = Sequence::uniform(batch, q_len, kv_len);
         Self::from_parts(q, k, v, shape, seqs)
     }
 
@@ -225,25 +297,7 @@ impl<'a> AttentionInput<'a> {
         cu_seqlens_k: &[usize],
         shape: AttentionShape,
     ) -> Result<Self> {
-        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q)?;
-        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k)?;
-        if cu_seqlens_q.len() != cu_seqlens_k.len() {
-            return Err(Error::CuSeqlens(format!(
-                "cu_seqlens_q has {} entries but cu_seqlens_k has {}",
-                cu_seqlens_q.len(),
-                cu_seqlens_k.len()
-            )));
-        }
-        let seqs = cu_seqlens_q
-            .windows(2)
-            .zip(cu_seqlens_k.windows(2))
-            .map(|(wq, wk)| Sequence {
-                q_start: wq[0],
-                k_start: wk[0],
-                q_len: wq[1] - wq[0],
-                kv_len: wk[1] - wk[0],
-            })
-            .collect();
+        let seqs = Sequence::from_cu_seqlens(cu_seqlens_q, cu_seqlens_k)?;
         Self::from_parts(q.into(), k.into(), v.into(), shape, seqs)
     }
 
@@ -329,40 +383,7 @@ impl<'a> AttentionInput<'a> {
                 v: dv.name(),
             });
         }
-        if self.seqs.is_empty() {
-            return Err(Error::Shape("no sequence: batch must be at least 1".into()));
-        }
-        let (mut q_next, mut k_next) = (0usize, 0usize);
-        for (i, s) in self.seqs.iter().enumerate() {
-            if s.q_len == 0 || s.kv_len == 0 {
-                return Err(Error::EmptySequence {
-                    seq: i,
-                    q_len: s.q_len,
-                    kv_len: s.kv_len,
-                });
-            }
-            if s.q_len > s.kv_len {
-                return Err(Error::QueryLongerThanKeys {
-                    seq: i,
-                    q_len: s.q_len,
-                    kv_len: s.kv_len,
-                });
-            }
-            if s.q_start != q_next || s.k_start != k_next {
-                return Err(Error::Shape(format!(
-                    "sequence {i} is not packed after sequence {}",
-                    i.saturating_sub(1)
-                )));
-            }
-            let overflow = || {
-                Error::Shape(format!(
-                    "sequence {i}: token offsets overflow (q_len {}, kv_len {})",
-                    s.q_len, s.kv_len
-                ))
-            };
-            q_next = q_next.checked_add(s.q_len).ok_or_else(overflow)?;
-            k_next = k_next.checked_add(s.kv_len).ok_or_else(overflow)?;
-        }
+        let (q_next, k_next) = Sequence::check_packed(&self.seqs)?;
         let AttentionShape {
             num_heads,
             num_kv_heads,

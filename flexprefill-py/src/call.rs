@@ -1,11 +1,12 @@
 //! One call from Python: arguments checked and named, then the CPU path (borrow by DLPack, run
 //! with the GIL released, hand the output back without a copy).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use flexprefill_core::{
     bf16, f16, AttentionInput, AttentionShape, Backend, DType, FlexPrefillConfig, SelectionMode,
-    TensorRef,
+    Sequence, TensorRef,
 };
 use flexprefill_cpu::CpuBackend;
 use pyo3::prelude::*;
@@ -52,7 +53,7 @@ impl<'py> Layout<'py> {
         }
     }
 
-    fn is_varlen(&self) -> bool {
+    pub fn is_varlen(&self) -> bool {
         matches!(self, Layout::Varlen { .. })
     }
 }
@@ -138,10 +139,13 @@ fn config(k: &Knobs<'_>) -> Result<FlexPrefillConfig, ArgError> {
     cfg.selection = match k.selection {
         None | Some("faithful") => SelectionMode::Faithful,
         Some("original") => SelectionMode::Original,
+        Some("sampled") => SelectionMode::Sampled,
         Some(other) => {
             return Err(ArgError::value(
                 "selection",
-                format!("selection ({other:?}) must be None, \"faithful\" or \"original\""),
+                format!(
+                    "selection ({other:?}) must be None, \"faithful\", \"original\" or \"sampled\""
+                ),
             ))
         }
     };
@@ -159,6 +163,21 @@ fn config(k: &Knobs<'_>) -> Result<FlexPrefillConfig, ArgError> {
 /// What the native call returns to Python: output, LSE (or None), report dict (or None).
 pub(crate) type Outcome = (Py<PyAny>, Py<PyAny>, Py<PyAny>);
 
+/// Host seconds of the last call's Rust work (f64 bits), for `_native.last_call_seconds()`.
+static LAST_CALL: AtomicU64 = AtomicU64::new(0);
+
+/// Remembers the Rust-side seconds of a call: the whole backend call on the CPU, the queueing
+/// in `flex_prefill_raw` on CUDA.
+pub(crate) fn record_call_seconds(seconds: f64) {
+    LAST_CALL.store(seconds.to_bits(), Ordering::Relaxed);
+}
+
+/// The seconds [`record_call_seconds`] kept last (process-wide; the overhead bench reads it
+/// right after its own call).
+pub(crate) fn last_call_seconds() -> f64 {
+    f64::from_bits(LAST_CALL.load(Ordering::Relaxed))
+}
+
 /// The one CPU backend of the process (rayon's global pool).
 fn cpu() -> &'static CpuBackend {
     static CPU: OnceLock<CpuBackend> = OnceLock::new();
@@ -170,36 +189,9 @@ pub(crate) fn flex_prefill_cpu<'py>(
     py: Python<'py>,
     req: &Request<'py>,
 ) -> Result<Outcome, ArgError> {
-    let q_dev = dlpack::device_of(&req.q, "q")?;
-    for (name, t) in [("k", &req.k), ("v", &req.v)] {
-        let dev = dlpack::device_of(t, name)?;
-        if dlpack::is_cuda(dev.0) != dlpack::is_cuda(q_dev.0) {
-            return Err(ArgError::value(
-                name,
-                format!(
-                    "{name} is on {} but q is on {}: q, k and v must be on one device",
-                    device_name(dev),
-                    device_name(q_dev)
-                ),
-            ));
-        }
-    }
-    let q = dlpack::borrow_host(&req.q, "q")?;
-    let k = dlpack::borrow_host(&req.k, "k")?;
-    let v = dlpack::borrow_host(&req.v, "v")?;
+    let (q, k, v) = borrow_qkv(req, dlpack::Memory::Host)?;
     let dtype = input_dtype(q.elem, "q", req.bf16_as_u16)?;
-    for (name, t) in [("k", &k), ("v", &v)] {
-        if t.elem != q.elem {
-            return Err(ArgError::value(
-                name,
-                format!(
-                    "{name} has dtype {} but q has {}: q, k and v must share one dtype",
-                    shown(t.elem, req.bf16_as_u16),
-                    shown(q.elem, req.bf16_as_u16)
-                ),
-            ));
-        }
-    }
+    same_dtype(req, &q, &k, &v)?;
     let varlen = req.layout.is_varlen();
     let core = |e| ArgError::from_core(e, varlen);
     let (geometry, out_shape, lse_shape) = geometry(&req.layout, &q, &k, &v)?;
@@ -228,6 +220,7 @@ pub(crate) fn flex_prefill_cpu<'py>(
     let result = py.detach(|| backend.flex_prefill(&x, &cfg));
     let (out, rep) = result.map_err(core)?;
     let call_seconds = started.elapsed().as_secs_f64();
+    record_call_seconds(call_seconds);
     let out_buf = Py::new(py, HostBuffer::new(out.out, out_shape))
         .map_err(|e| ArgError::runtime("q", e.to_string()))?
         .into_any();
@@ -251,6 +244,60 @@ pub(crate) fn flex_prefill_cpu<'py>(
     Ok((out_buf, lse, rep))
 }
 
+/// Borrows q, k and v from `memory`, after checking that k and v are on q's device (before any
+/// capsule is made, so a mix gets an error naming the tensor, not a failed export).
+pub(crate) fn borrow_qkv<'py>(
+    req: &Request<'py>,
+    memory: dlpack::Memory,
+) -> Result<(Borrowed<'py>, Borrowed<'py>, Borrowed<'py>), ArgError> {
+    let q_dev = dlpack::device_of(&req.q, "q")?;
+    for (name, t) in [("k", &req.k), ("v", &req.v)] {
+        let dev = dlpack::device_of(t, name)?;
+        let same = if dlpack::is_cuda(q_dev.0) {
+            dlpack::is_cuda(dev.0) && dev.1 == q_dev.1
+        } else {
+            !dlpack::is_cuda(dev.0)
+        };
+        if !same {
+            return Err(ArgError::value(
+                name,
+                format!(
+                    "{name} is on {} but q is on {}: q, k and v must be on one device",
+                    device_name(dev),
+                    device_name(q_dev)
+                ),
+            ));
+        }
+    }
+    Ok((
+        dlpack::borrow(&req.q, "q", memory)?,
+        dlpack::borrow(&req.k, "k", memory)?,
+        dlpack::borrow(&req.v, "v", memory)?,
+    ))
+}
+
+/// k and v must have q's element type.
+pub(crate) fn same_dtype(
+    req: &Request<'_>,
+    q: &Borrowed<'_>,
+    k: &Borrowed<'_>,
+    v: &Borrowed<'_>,
+) -> Result<(), ArgError> {
+    for (name, t) in [("k", k), ("v", v)] {
+        if t.elem != q.elem {
+            return Err(ArgError::value(
+                name,
+                format!(
+                    "{name} has dtype {} but q has {}: q, k and v must share one dtype",
+                    shown(t.elem, req.bf16_as_u16),
+                    shown(q.elem, req.bf16_as_u16)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `cpu`, `cuda:0`, or the DLPack device number for anything else.
 pub(crate) fn device_name((ty, id): (i32, i32)) -> String {
     match ty {
@@ -260,7 +307,7 @@ pub(crate) fn device_name((ty, id): (i32, i32)) -> String {
     }
 }
 
-fn shown(e: Elem, bf16_as_u16: bool) -> String {
+pub(crate) fn shown(e: Elem, bf16_as_u16: bool) -> String {
     if bf16_as_u16 && e == Elem::U16 {
         "bfloat16".into()
     } else {
@@ -268,7 +315,11 @@ fn shown(e: Elem, bf16_as_u16: bool) -> String {
     }
 }
 
-fn input_dtype(e: Elem, name: &'static str, bf16_as_u16: bool) -> Result<DType, ArgError> {
+pub(crate) fn input_dtype(
+    e: Elem,
+    name: &'static str,
+    bf16_as_u16: bool,
+) -> Result<DType, ArgError> {
     match e {
         Elem::F32 => Ok(DType::F32),
         Elem::F16 => Ok(DType::F16),
@@ -300,7 +351,7 @@ unsafe fn as_ref<'a>(t: &'a Borrowed<'_>, dtype: DType) -> TensorRef<'a> {
     }
 }
 
-enum Geometry {
+pub(crate) enum Geometry {
     Batched {
         batch: usize,
         q_len: usize,
@@ -314,9 +365,36 @@ enum Geometry {
     },
 }
 
+impl Geometry {
+    pub fn shape(&self) -> AttentionShape {
+        match self {
+            Geometry::Batched { shape, .. } | Geometry::Varlen { shape, .. } => *shape,
+        }
+    }
+
+    /// The packed sequences, checked as core checks an input (none empty, q_len ≤ kv_len): the
+    /// CUDA path has no host tensors to build a core input from.
+    pub fn seqs(&self, varlen: bool) -> Result<Vec<Sequence>, ArgError> {
+        let core = |e| ArgError::from_core(e, varlen);
+        let seqs = match self {
+            Geometry::Batched {
+                batch,
+                q_len,
+                kv_len,
+                ..
+            } => Sequence::uniform(*batch, *q_len, *kv_len),
+            Geometry::Varlen { cu_q, cu_k, .. } => {
+                Sequence::from_cu_seqlens(cu_q, cu_k).map_err(core)?
+            }
+        };
+        Sequence::check_packed(&seqs).map_err(core)?;
+        Ok(seqs)
+    }
+}
+
 /// Checks the shapes of q, k, v (and the cu_seqlens) against the layout; returns the geometry
 /// and the shapes of the output and of the LSE (token-major, as the backends write them).
-fn geometry(
+pub(crate) fn geometry(
     layout: &Layout<'_>,
     q: &Borrowed<'_>,
     k: &Borrowed<'_>,

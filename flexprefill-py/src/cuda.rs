@@ -1,37 +1,249 @@
-//! Where CUDA tensors go. This build has no CUDA path yet: every CUDA call ends here with a
-//! `DeviceError` naming the device, before any memory is touched.
-//!
-//! The CUDA path plugs in here and nowhere else: `request` holds the checked knobs and the
-//! q/k/v objects (not yet exported), `device` is q's `(DLPack device type, ordinal)` and
-//! `stream` the caller's current torch stream (`cudaStream_t` as an integer, passed by the
-//! Python layer for torch CUDA tensors). The intended body: export q, k, v (and int32
-//! `cu_seqlens` on the device) with `__dlpack__(stream=stream)`, check them as `call.rs` does
-//! for host tensors, allocate the output (and LSE) with the caller's framework, call the CUDA
-//! backend's raw-pointer entry on `stream` with the GIL released, and return
-//! `(out, lse, report)` as the CPU path does. The Python layer adopts any object with
-//! `__dlpack__`, so nothing else changes.
+//! Where CUDA tensors go: q, k and v (and the output and LSE the Python layer allocated with
+//! torch on q's device) are borrowed by DLPack as device addresses, and the CUDA backend's
+//! raw-pointer entry queues the whole call on the caller's current torch stream. Nothing is
+//! copied, nothing waits for the GPU unless the report is asked for (reading it back
+//! synchronises that stream only).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use flexprefill_core::{DType, SelectionMode, Sequence, SparsityReport};
+use flexprefill_cuda::{raw, CudaBackend, CudaError};
 use pyo3::prelude::*;
 
-use crate::call::{device_name, Outcome};
+use crate::call::{self, borrow_qkv, device_name, geometry, input_dtype, same_dtype, Outcome};
+use crate::dlpack::{self, Borrowed, Elem, Memory};
 use crate::errors::ArgError;
-use crate::Request;
+use crate::{report, Request};
 
 /// Whether CUDA tensors run in this build (`flexprefill._native.CUDA`); the CUDA tests read it.
-pub(crate) const AVAILABLE: bool = false;
+pub(crate) const AVAILABLE: bool = true;
 
-pub(crate) fn flex_prefill_cuda(
-    _py: Python<'_>,
-    _request: &Request<'_>,
+/// A device's backend, or why it cannot run.
+type Opened = Result<Arc<CudaBackend>, String>;
+
+/// One backend per device ordinal for the whole process (context, kernel registry): the first
+/// call on a device pays the setup, later calls find it here. A device that cannot run keeps
+/// its reason, so every call on it gets the same error without retrying the driver.
+fn backend(ordinal: i32) -> Opened {
+    static BACKENDS: OnceLock<Mutex<HashMap<i32, Opened>>> = OnceLock::new();
+    let map = BACKENDS.get_or_init(Mutex::default);
+    let mut map = map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    map.entry(ordinal)
+        .or_insert_with(|| {
+            let o = usize::try_from(ordinal).map_err(|_| format!("device ordinal {ordinal}"))?;
+            CudaBackend::new_on(o)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+}
+
+/// The CUDA path. `out` (and `lse` when `return_lse`) are the caller-framework tensors the
+/// output is written into; `stream` is the caller's current stream (`cudaStream_t` as an
+/// integer; `None` means the legacy default stream).
+pub(crate) fn flex_prefill_cuda<'py>(
+    py: Python<'py>,
+    req: &Request<'py>,
     device: (i32, i32),
-    _stream: Option<usize>,
+    stream: Option<usize>,
+    out: Option<&Bound<'py, PyAny>>,
+    lse: Option<&Bound<'py, PyAny>>,
 ) -> Result<Outcome, ArgError> {
-    Err(ArgError::runtime(
-        "q",
-        format!(
-            "CUDA tensors are not supported by this build yet (q is on {}); move q, k and v \
-             to the CPU (.cpu()) to run on the CPU backend",
-            device_name(device)
-        ),
-    ))
+    let (q, k, v) = borrow_qkv(req, Memory::Cuda)?;
+    let dtype = match q.elem {
+        Elem::F32 => {
+            return Err(ArgError::value(
+                "q",
+                "q has dtype float32 on CUDA; the CUDA kernels take float16 or bfloat16 \
+                 (tensor cores): pass q, k and v as .to(torch.bfloat16), or CPU tensors",
+            ))
+        }
+        e => input_dtype(e, "q", false)?,
+    };
+    same_dtype(req, &q, &k, &v)?;
+    let varlen = req.layout.is_varlen();
+    let (geo, out_shape, lse_shape) = geometry(&req.layout, &q, &k, &v)?;
+    let seqs = geo.seqs(varlen)?;
+    let shape = geo.shape();
+    // The device before the output: without a usable GPU nothing else matters.
+    let gpu = py.detach(|| backend(device.1)).map_err(|why| {
+        ArgError::runtime(
+            "q",
+            format!("no usable GPU for {}: {why}", device_name(device)),
+        )
+    })?;
+    let Some(out_obj) = out else {
+        return Err(ArgError::value(
+            "q",
+            format!(
+                "q is on {}: CUDA tensors must be torch tensors (the output is allocated with \
+                 torch on q's device)",
+                device_name(device)
+            ),
+        ));
+    };
+    let out = destination(out_obj, "out", device, q.elem, &out_shape)?;
+    let lse_buf = match (req.return_lse, lse) {
+        (true, Some(l)) => Some(destination(l, "lse", device, Elem::F32, &lse_shape)?),
+        (true, None) => {
+            return Err(ArgError::value(
+                "lse",
+                "return_lse is set but no LSE tensor was allocated",
+            ))
+        }
+        (false, _) => None,
+    };
+    let call = Call {
+        stream: stream.unwrap_or(0) as u64,
+        dtype,
+        q: q.address(),
+        k: k.address(),
+        v: v.address(),
+        out: out.address(),
+        lse: lse_buf.as_ref().map_or(0, Borrowed::address),
+        seqs,
+        softmax_scale: req.softmax_scale,
+        report: req.return_report,
+    };
+    let cfg = req.cfg;
+    // SAFETY: q, k, v, out and lse are live device tensors of q's device (checked above:
+    // device, dtype, compact layout and the element counts the shape implies), held by their
+    // capsules for the whole call and by the caller's tensors after it; out and lse are fresh
+    // allocations of the Python layer, so they overlap nothing. The stream is the caller's
+    // current torch stream on that device, alive beyond this call, and the caller reads out
+    // and lse after us on it (or after an event recorded on it), as torch orders any kernel.
+    let (result, seconds) = py.detach(|| unsafe { call.run(&gpu, shape, &cfg) });
+    call::record_call_seconds(seconds);
+    let rep = result.map_err(|e| cuda_error(e, &cfg, varlen, device))?;
+    let rep = match rep {
+        Some(r) => report::to_dict(py, &r, "cuda", seconds)
+            .map_err(|e| ArgError::runtime("return_report", e.to_string()))?
+            .into_any()
+            .unbind(),
+        None => py.None(),
+    };
+    let lse_obj = match (req.return_lse, lse) {
+        (true, Some(l)) => l.clone().unbind(),
+        _ => py.None(),
+    };
+    Ok((out_obj.clone().unbind(), lse_obj, rep))
+}
+
+/// Borrows an output tensor and checks it is what the call writes: `elem` elements, `shape`,
+/// compact, on `device`.
+fn destination<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &'static str,
+    device: (i32, i32),
+    elem: Elem,
+    shape: &[usize],
+) -> Result<Borrowed<'py>, ArgError> {
+    let t = dlpack::borrow(obj, name, Memory::Cuda)?;
+    if t.device.1 != device.1 {
+        return Err(ArgError::value(
+            name,
+            format!(
+                "{name} is on {} but q is on {}",
+                device_name(t.device),
+                device_name(device)
+            ),
+        ));
+    }
+    if t.elem != elem || t.shape != shape {
+        return Err(ArgError::value(
+            name,
+            format!(
+                "{name} is {} {:?}, the call writes {} {shape:?}",
+                t.elem.name(),
+                t.shape,
+                elem.name()
+            ),
+        ));
+    }
+    Ok(t)
+}
+
+/// One call's device addresses and plain values (no Python object: it runs without the GIL).
+struct Call {
+    stream: u64,
+    dtype: DType,
+    q: u64,
+    k: u64,
+    v: u64,
+    out: u64,
+    lse: u64,
+    seqs: Vec<Sequence>,
+    softmax_scale: Option<f32>,
+    report: bool,
+}
+
+impl Call {
+    /// Queues the call; reads the report back (synchronising the stream) only when asked.
+    /// Returns the host seconds of `flex_prefill_raw` alone: what a Rust caller of the device
+    /// entry would spend, the base the binding's overhead is measured against.
+    ///
+    /// # Safety
+    /// `flex_prefill_raw`'s contract for the addresses and the stream.
+    unsafe fn run(
+        &self,
+        gpu: &CudaBackend,
+        shape: flexprefill_core::AttentionShape,
+        cfg: &flexprefill_core::FlexPrefillConfig,
+    ) -> (Result<Option<SparsityReport>, CudaError>, f64) {
+        let started = Instant::now();
+        // SAFETY: forwarded from the caller.
+        let run = unsafe {
+            raw::flex_prefill_raw(
+                gpu,
+                self.stream,
+                self.dtype,
+                self.q,
+                self.k,
+                self.v,
+                self.out,
+                self.lse,
+                shape,
+                &self.seqs,
+                self.softmax_scale,
+                cfg,
+            )
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        let result = run.and_then(|run| {
+            if self.report {
+                // SAFETY: the call's own stream.
+                unsafe { raw::report_raw(gpu, self.stream, &run) }.map(Some)
+            } else {
+                Ok(None)
+            }
+            // `run` drops here: its work buffers are freed in order on the stream.
+        });
+        (result, seconds)
+    }
+}
+
+/// The CUDA crate's error as Python sees it: input errors name their argument, a selection
+/// mode without device kernels names `selection`, everything else is a `DeviceError`.
+fn cuda_error(
+    e: CudaError,
+    cfg: &flexprefill_core::FlexPrefillConfig,
+    varlen: bool,
+    device: (i32, i32),
+) -> ArgError {
+    match e {
+        CudaError::Core(e) => ArgError::from_core(e, varlen),
+        CudaError::Unsupported { .. } if cfg.selection == SelectionMode::Sampled => {
+            ArgError::value(
+                "selection",
+                format!(
+                    "selection=\"sampled\" has no CUDA kernels yet ({e}); use \"faithful\" or \
+                     \"original\" on CUDA tensors, or pass CPU tensors"
+                ),
+            )
+        }
+        CudaError::Unsupported { .. } => ArgError::value("q", e.to_string()),
+        other => ArgError::runtime("q", format!("{}: {other}", device_name(device))),
+    }
 }

@@ -191,6 +191,8 @@ pub(crate) fn is_cuda(device_type: i32) -> bool {
 pub(crate) struct Borrowed<'py> {
     _capsule: Bound<'py, PyCapsule>,
     data: *const u8,
+    /// `(DLPack device type, ordinal)` as the capsule states it.
+    pub device: (i32, i32),
     pub elem: Elem,
     pub shape: Vec<usize>,
 }
@@ -217,23 +219,79 @@ impl Borrowed<'_> {
     }
 }
 
+/// Where a borrowed tensor must live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Memory {
+    /// Host memory (CPU, or CUDA pinned host memory): read through a slice.
+    Host,
+    /// CUDA device memory: only its address is used, by the CUDA backend.
+    Cuda,
+}
+
+impl Borrowed<'_> {
+    /// The device address of element 0 (a CUDA tensor's `data_ptr()`).
+    pub fn address(&self) -> u64 {
+        self.data as usize as u64
+    }
+}
+
 /// Asks `obj` for a DLPack capsule (versioned first, so NumPy ≥ 2 can export read-only
 /// arrays; older producers do not take `max_version`) and borrows its memory on the host.
 pub(crate) fn borrow_host<'py>(
     obj: &Bound<'py, PyAny>,
     name: &'static str,
 ) -> Result<Borrowed<'py>, ArgError> {
+    borrow(obj, name, Memory::Host)
+}
+
+/// [`borrow_host`] for tensors in `memory`. CUDA tensors are exported with `stream=-1`: the
+/// CUDA path runs on the caller's current stream, the one the producer's writes are ordered on,
+/// so there is nothing for the producer to synchronise.
+pub(crate) fn borrow<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &'static str,
+    memory: Memory,
+) -> Result<Borrowed<'py>, ArgError> {
     let py = obj.py();
     let kwargs = PyDict::new(py);
-    kwargs
-        .set_item("max_version", (1, 0))
-        .map_err(|e| ArgError::runtime(name, e.to_string()))?;
+    let set = |k: &str, v: Bound<'_, PyAny>| {
+        kwargs
+            .set_item(k, v)
+            .map_err(|e| ArgError::runtime(name, e.to_string()))
+    };
+    set(
+        "max_version",
+        (1, 0)
+            .into_pyobject(py)
+            .map_err(|e| ArgError::runtime(name, e.to_string()))?
+            .into_any(),
+    )?;
+    if memory == Memory::Cuda {
+        // DLPack's "no synchronisation" stream: we run on the stream the producer's writes
+        // are ordered on (without it torch would make its default stream wait for the current
+        // one, tying a side stream to the default stream).
+        set(
+            "stream",
+            (-1i64)
+                .into_pyobject(py)
+                .map_err(|e| ArgError::runtime(name, e.to_string()))?
+                .into_any(),
+        )?;
+    }
     let method = pyo3::intern!(py, "__dlpack__");
     let capsule = match obj.call_method(method, (), Some(&kwargs)) {
         Ok(c) => c,
-        Err(e) if e.is_instance_of::<PyTypeError>(py) => obj
-            .call_method0(method)
-            .map_err(|e| export_error(py, name, e))?,
+        Err(e) if e.is_instance_of::<PyTypeError>(py) => {
+            // An older producer: no max_version (and perhaps no stream) keyword.
+            let _ = kwargs.del_item("max_version");
+            match obj.call_method(method, (), Some(&kwargs)) {
+                Ok(c) => c,
+                Err(e) if e.is_instance_of::<PyTypeError>(py) => obj
+                    .call_method0(method)
+                    .map_err(|e| export_error(py, name, e))?,
+                Err(e) => return Err(export_error(py, name, e)),
+            }
+        }
         Err(e) => return Err(export_error(py, name, e)),
     };
     let capsule = capsule.cast_into::<PyCapsule>().map_err(|_| {
@@ -274,10 +332,11 @@ pub(crate) fn borrow_host<'py>(
     };
     let _ = read_only; // we only read
                        // SAFETY: `tensor` is the producer's DLTensor, alive while the capsule is.
-    let (data, elem, shape) = unsafe { read_tensor(tensor, name)? };
+    let (data, elem, shape) = unsafe { read_tensor(tensor, name, memory)? };
     Ok(Borrowed {
         _capsule: capsule,
         data,
+        device: (tensor.device.device_type, tensor.device.device_id),
         elem,
         shape,
     })
@@ -295,7 +354,7 @@ fn export_error(py: Python<'_>, name: &'static str, e: PyErr) -> ArgError {
     }
 }
 
-/// Checks a host DLTensor (device, dtype, compact row-major layout, alignment) and returns its
+/// Checks a DLTensor (device, dtype, compact row-major layout, alignment) and returns its
 /// data pointer, element type and shape.
 ///
 /// # Safety
@@ -303,14 +362,22 @@ fn export_error(py: Python<'_>, name: &'static str, e: PyErr) -> ArgError {
 unsafe fn read_tensor(
     t: &DLTensor,
     name: &'static str,
+    memory: Memory,
 ) -> Result<(*const u8, Elem, Vec<usize>), ArgError> {
     let dev = t.device.device_type;
-    if dev != DL_CPU && dev != DL_CUDA_HOST {
+    let fits = match memory {
+        Memory::Host => dev == DL_CPU || dev == DL_CUDA_HOST,
+        // Managed memory is addressable by the device as well.
+        Memory::Cuda => is_cuda(dev),
+    };
+    if !fits {
+        let wants = match memory {
+            Memory::Host => "host (CPU) memory",
+            Memory::Cuda => "CUDA device memory, like q",
+        };
         return Err(ArgError::value(
             name,
-            format!(
-                "{name} is on DLPack device type {dev}; this call takes host (CPU) memory here"
-            ),
+            format!("{name} is on DLPack device type {dev}; this call takes {wants} here"),
         ));
     }
     let ndim = usize::try_from(t.ndim)

@@ -2,9 +2,10 @@
 //!
 //! The native half of the `flexprefill` Python package (the other half, in `python/`, holds the
 //! public functions, the report classes and the transformers integration). It borrows q, k and
-//! v through DLPack without a copy, runs FlexPrefill with the GIL released, and hands the output
-//! back as a [`HostBuffer`] that NumPy (`__array_interface__`) and torch (`__dlpack__`) adopt
-//! without a copy.
+//! v through DLPack without a copy and runs FlexPrefill with the GIL released. On the CPU the
+//! output comes back as a [`HostBuffer`] that NumPy (`__array_interface__`) and torch
+//! (`__dlpack__`) adopt without a copy; CUDA tensors go to the CUDA backend on the caller's
+//! current stream, which writes into an output torch allocated (`cuda.rs`).
 //!
 //! Build the wheel with `maturin build --release -m flexprefill-py/Cargo.toml`, or install it
 //! with `pip install ./flexprefill-py`; `docs/PYTHON.md` documents the Python API.
@@ -123,7 +124,7 @@ impl HostBuffer {
 #[pyfunction]
 #[pyo3(signature = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gamma, tau,
     min_budget, max_budget, block_size, softmax_scale, selection, return_lse, return_report,
-    stream, bf16_as_u16))]
+    stream, bf16_as_u16, out=None, lse=None))]
 #[allow(clippy::too_many_arguments)] // mirrors the Python signature one to one
 fn attention<'py>(
     py: Python<'py>,
@@ -145,6 +146,8 @@ fn attention<'py>(
     return_report: bool,
     stream: Option<usize>,
     bf16_as_u16: bool,
+    out: Option<&Bound<'py, PyAny>>,
+    lse: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<(Py<PyAny>, Py<PyAny>, Py<PyAny>)> {
     let request = Request::parse(
         q,
@@ -167,7 +170,7 @@ fn attention<'py>(
     .map_err(|e| e.into_pyerr(py))?;
     let device = dlpack::device_of(q, "q").map_err(|e| e.into_pyerr(py))?;
     let outcome = if dlpack::is_cuda(device.0) {
-        cuda::flex_prefill_cuda(py, &request, device, stream)
+        cuda::flex_prefill_cuda(py, &request, device, stream, out, lse)
     } else {
         call::flex_prefill_cpu(py, &request)
     }
@@ -175,10 +178,19 @@ fn attention<'py>(
     Ok(outcome)
 }
 
+/// Host seconds of the last call's Rust work: on the CPU the whole backend call, on CUDA the
+/// time inside the CUDA crate's `flex_prefill_raw` (queueing the work, not running it). The
+/// base `benches/overhead.py` subtracts from a Python call's time.
+#[pyfunction]
+fn last_call_seconds() -> f64 {
+    call::last_call_seconds()
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<HostBuffer>()?;
     m.add_function(wrap_pyfunction!(attention, m)?)?;
+    m.add_function(wrap_pyfunction!(last_call_seconds, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("CUDA", cuda::AVAILABLE)?;
     Ok(())

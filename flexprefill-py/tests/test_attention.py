@@ -182,3 +182,14 @@ def test_threads_share_the_module(rng):
         t.join()
     for g in got:
         assert np.array_equal(g, want)
+
+
+def test_sampled_selection_runs_on_the_cpu(rng):
+    q, k, v = qkv(rng, 1, 512, 512, 4, 2, 32)
+    out, rep = flexprefill.flex_prefill_attention(q, k, v, block_size=32, min_budget=64,
+                                                  selection="sampled", return_report=True)
+    assert out.shape == q.shape and np.isfinite(out).all()
+    assert rep.dense_fallback is None and 0 < rep.density <= 1
+    with pytest.raises(flexprefill.InvalidInputError, match="sampled") as e:
+        flexprefill.flex_prefill_attention(q, k, v, selection="sampeld")
+    assert e.value.argument == "selection"

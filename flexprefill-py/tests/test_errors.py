@@ -106,3 +106,66 @@ def test_numpy_readonly_error_or_success(t):
         attn(q, k, v)                               # NumPy 2 exports read-only arrays
     else:
         raises("q", attn, q, k, v, match="read-only")
+
+
+def _libcuda_loads():
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+class _FakeCudaTensor:
+    """A DLPack producer that says its memory is on cuda:0 (never dereferenced here)."""
+
+    def __init__(self, shape):
+        import ctypes
+
+        class DLDevice(ctypes.Structure):
+            _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+        class DLDataType(ctypes.Structure):
+            _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8),
+                        ("lanes", ctypes.c_uint16)]
+
+        class DLTensor(ctypes.Structure):
+            _fields_ = [("data", ctypes.c_void_p), ("device", DLDevice), ("ndim", ctypes.c_int32),
+                        ("dtype", DLDataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
+                        ("strides", ctypes.c_void_p), ("byte_offset", ctypes.c_uint64)]
+
+        class DLManagedTensor(ctypes.Structure):
+            _fields_ = [("dl_tensor", DLTensor), ("manager_ctx", ctypes.c_void_p),
+                        ("deleter", ctypes.c_void_p)]
+
+        self._shape = (ctypes.c_int64 * len(shape))(*shape)
+        self._m = DLManagedTensor(DLTensor(0x100000, DLDevice(2, 0), len(shape),
+                                           DLDataType(4, 16, 1), self._shape, None, 0), None,
+                                  None)
+        new = ctypes.pythonapi.PyCapsule_New
+        new.restype = ctypes.py_object
+        new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+        self._new = lambda: new(ctypes.addressof(self._m), b"dltensor", None)
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+    def __dlpack__(self, stream=None):
+        return self._new()
+
+
+def test_cuda_tensors_without_a_usable_gpu_raise_a_device_error_naming_the_reason():
+    q = _FakeCudaTensor((1, 256, 4, 64))
+    k = v = _FakeCudaTensor((1, 256, 2, 64))
+    if _libcuda_loads():
+        # A driver is present: the fake gets past the device and is refused as a non-torch
+        # CUDA tensor instead.
+        with pytest.raises(flexprefill.InvalidInputError, match="torch tensors"):
+            flexprefill.flex_prefill_attention(q, k, v)
+        return
+    with pytest.raises(flexprefill.DeviceError, match="no usable GPU for cuda:0: no CUDA "
+                       "driver") as e:
+        flexprefill.flex_prefill_attention(q, k, v)
+    assert e.value.argument == "q"

@@ -35,7 +35,9 @@ def flex_prefill_attention(
     q is ``[batch, q_len, num_heads, head_dim]``, k and v ``[batch, kv_len, num_kv_heads,
     head_dim]`` (GQA: num_heads a multiple of num_kv_heads). ``q_len < kv_len`` is a chunk whose
     queries are the last q_len positions (bottom-right causal, as flash-attn). NumPy arrays and
-    torch CPU tensors, float32 / float16 / bfloat16, contiguous; read without a copy. Returns the
+    torch CPU tensors, float32 / float16 / bfloat16, contiguous; read without a copy. torch CUDA
+    tensors (float16 / bfloat16) run on the GPU, queued on the current torch stream without a
+    synchronisation (``return_report`` synchronises that stream). Returns the
     output in the input's framework and dtype, ``[batch, q_len, num_heads, head_dim]``; with
     ``return_lse`` also the natural-log log-sum-exp as flash-attn lays it out,
     ``[batch, num_heads, q_len]`` float32; with ``return_report`` also a
@@ -95,13 +97,16 @@ def _call(q, k, v, cu_q, cu_k, max_q, max_k, gamma, tau, min_budget, max_budget,
                                 "inference kernel", "dropout_p")
     is_torch = _is_torch(q)
     bf16 = False
+    stream = out = lse = None
     if not is_torch:
         q, k, v, bf16 = _ml_bf16_as_u16(q, k, v)
+    elif q.is_cuda:
+        stream, out, lse, cu_q, cu_k = _cuda_call(q, cu_q, cu_k, return_lse)
     out, lse, rep = _native.attention(
         q, k, v, cu_q, cu_k, _opt_int(max_q), _opt_int(max_k), float(gamma), float(tau),
         int(min_budget), _opt_int(max_budget), int(block_size),
         None if softmax_scale is None else float(softmax_scale), selection, bool(return_lse),
-        bool(return_report), _cuda_stream(q) if is_torch else None, bf16)
+        bool(return_report), stream, bf16, out, lse)
     out = _adopt(out, is_torch, bf16)
     if not (return_lse or return_report):
         return out
@@ -125,13 +130,50 @@ def _is_torch(x) -> bool:
     return type(x).__module__.startswith("torch")
 
 
-def _cuda_stream(q) -> Optional[int]:
-    """The caller's current stream for a torch CUDA tensor (the CUDA path runs on it)."""
-    if not getattr(q, "is_cuda", False):
-        return None
+def _cuda_call(q, cu_q, cu_k, return_lse):
+    """For a torch CUDA q: the caller's current stream on q's device (the call is queued on
+    it), the output and LSE allocated by torch's caching allocator on that device and stream
+    (the native call checks their shapes), and the cu_seqlens on the host (the sequence table
+    is built on the host; device cu_seqlens are copied, which waits for their producer)."""
     import torch
 
-    return torch.cuda.current_stream(q.device).cuda_stream
+    if not _NVRTC_TRIED:
+        _preload_nvrtc()
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = (torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+           if return_lse else None)
+    cu_q, cu_k = (c.cpu() if isinstance(c, torch.Tensor) and c.is_cuda else c
+                  for c in (cu_q, cu_k))
+    return stream, out, lse, cu_q, cu_k
+
+
+_NVRTC_TRIED = False
+
+
+def _preload_nvrtc():
+    """The CUDA backend compiles its kernels with NVRTC, which it opens by name
+    (``libnvrtc.so.13``, ...). torch's pip wheels ship NVRTC in the ``nvidia`` package rather
+    than on the loader path: load that copy globally once, so the name resolves to it without
+    a CUDA toolkit. A system NVRTC on the loader path works as well; failures are left to the
+    backend's own error."""
+    global _NVRTC_TRIED
+    _NVRTC_TRIED = True
+    import ctypes
+    import glob
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    for root in spec.submodule_search_locations:
+        for lib in sorted(glob.glob(os.path.join(root, "*", "lib", "libnvrtc.so.*"))):
+            try:
+                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+                return
+            except OSError:
+                continue
 
 
 def _ml_bf16_as_u16(q, k, v):
@@ -144,11 +186,12 @@ def _ml_bf16_as_u16(q, k, v):
 
 
 def _adopt(buf, is_torch: bool, ml_bf16: bool):
-    """Hands a native buffer to the caller's framework without a copy."""
+    """Hands a native buffer to the caller's framework without a copy (the CUDA path already
+    returns the torch tensors it wrote)."""
     if is_torch:
         import torch
 
-        return torch.from_dlpack(buf)
+        return buf if isinstance(buf, torch.Tensor) else torch.from_dlpack(buf)
     arr = np.asarray(buf)
     if buf.dtype == "bfloat16":
         ml_dtypes = sys.modules.get("ml_dtypes")

@@ -30,8 +30,9 @@ def register(name: str = "flexprefill", *, gamma: float = 0.9, tau: float = 0.1,
              compute_device: Optional[str] = None) -> str:
     """Registers FlexPrefill as attention implementation ``name`` (again: replaces its knobs).
 
-    ``compute_device="cpu"`` runs FlexPrefill on a CPU copy of the tensors of a model on a GPU
-    (for builds without the CUDA path; slow, meant for accuracy checks). Returns ``name``.
+    A model on a GPU in float16/bfloat16 runs FlexPrefill on the GPU, on the current stream;
+    ``compute_device="cpu"`` runs it on CPU copies instead (float32 GPU models, accuracy
+    checks against the CPU backend; slow). Returns ``name``.
     """
     import transformers
     from transformers.masking_utils import sdpa_mask
@@ -64,6 +65,7 @@ def _forward(cfg, module, query, key, value, attention_mask, scaling=None, dropo
     q_len, kv_len = query.shape[2], key.shape[2]
     causal_kv = _causal_kv_len(attention_mask, q_len, kv_len)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    gpu_ok = _HAS_CUDA and query.dtype in (torch.float16, torch.bfloat16)
     plain = (
         q_len > 1
         and causal_kv is not None
@@ -77,11 +79,12 @@ def _forward(cfg, module, query, key, value, attention_mask, scaling=None, dropo
         and not (window and causal_kv > window)
         and query.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and query.shape[-1] == value.shape[-1] <= 256
-        and (_HAS_CUDA or not query.is_cuda or cfg["compute_device"] == "cpu")
+        and (not query.is_cuda or cfg["compute_device"] == "cpu" or gpu_ok)
     )
-    if q_len > 1 and query.is_cuda and not _HAS_CUDA and cfg["compute_device"] != "cpu":
-        _warn_once("this flexprefill build has no CUDA path: prefill of CUDA tensors runs "
-                   "SDPA; register(..., compute_device='cpu') runs FlexPrefill on CPU copies")
+    if q_len > 1 and query.is_cuda and not gpu_ok and cfg["compute_device"] != "cpu":
+        _warn_once("FlexPrefill's CUDA kernels take float16/bfloat16 (and need a build with "
+                   "the CUDA path): prefill of these CUDA tensors runs SDPA; load the model in "
+                   "bfloat16, or register(..., compute_device='cpu') for CPU copies")
     if not plain:
         return _sdpa(module, query, key, value, attention_mask, scaling=scaling,
                      dropout=dropout, **kwargs)
