@@ -69,6 +69,8 @@ pub use sparse::Tiles;
 pub struct CpuBackend {
     pool: Option<Arc<rayon::ThreadPool>>,
     tiles: Tiles,
+    /// Below this many keys a FlexPrefill call runs dense ([`Backend::min_sparse_kv_len`]).
+    min_sparse_kv_len: usize,
 }
 
 impl CpuBackend {
@@ -91,8 +93,16 @@ impl CpuBackend {
             .map_err(|e| cpu_error(format!("cannot start {threads} threads: {e}")))?;
         Ok(Self {
             pool: Some(Arc::new(pool)),
-            tiles: Tiles::default(),
+            ..Self::default()
         })
+    }
+
+    /// The same backend with a dense-or-sparse threshold: a FlexPrefill call whose longest
+    /// sequence has fewer than `keys` keys runs dense (default 0: on the CPU the statistics
+    /// cost about `block_size / (n / 2)` of a dense call, so sparsity pays at any length).
+    pub fn with_min_sparse_kv_len(mut self, keys: usize) -> Self {
+        self.min_sparse_kv_len = keys;
+        self
     }
 
     /// Replaces the speed-only tiling knobs (see [`Tiles`]; results do not depend on them
@@ -142,6 +152,10 @@ fn cpu_error(message: String) -> Error {
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn min_sparse_kv_len(&self) -> usize {
+        self.min_sparse_kv_len
     }
 
     /// Exact causal attention in f32: the sparse kernel over every causal block, tiled with

@@ -140,6 +140,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=8192, help="context length (model max 8192)")
     ap.add_argument("--gammas", type=float, nargs="+", default=[0.9, 0.95])
+    ap.add_argument("--min-sparse-kv-len", type=int, default=None,
+                    help="keys below which a call runs dense (default: the backend's; 0: "
+                         "sparse at any length, to measure FlexPrefill's accuracy at 8k on "
+                         "a GPU, whose own threshold is 16k)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: bfloat16 on a GPU, float32 on the CPU")
@@ -176,7 +180,7 @@ def main():
     print(f"{'dense (sdpa)':<22} {dense_ppl:>10.4f} {'':>9} {1.0:>8.3f} {dense_s:>8.3f}s")
     for gamma in args.gammas:
         name = fpt.register(f"flexprefill-{gamma}", gamma=gamma, collect_reports=True,
-                            compute_device=compute)
+                            compute_device=compute, min_sparse_kv_len=args.min_sparse_kv_len)
         set_attention(model, name)
         ppl, secs = run(model, ids, args.device)
         sel = sum(h.selected_blocks for r in fpt.reports for h in r.heads)

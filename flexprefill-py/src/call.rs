@@ -68,6 +68,8 @@ pub(crate) struct Knobs<'a> {
     pub block_size: i64,
     pub softmax_scale: Option<f64>,
     pub selection: Option<&'a str>,
+    /// Keys below which the call runs dense; None: the backend's own threshold.
+    pub min_sparse_kv_len: Option<i64>,
 }
 
 /// A checked call, device not yet decided: the CPU path below and the CUDA path in `cuda.rs`
@@ -81,6 +83,8 @@ pub(crate) struct Request<'py> {
     pub softmax_scale: Option<f32>,
     pub return_lse: bool,
     pub return_report: bool,
+    /// Keys below which the call runs dense (None: the backend's own threshold).
+    pub min_sparse_kv_len: Option<usize>,
     /// The Python layer viewed ml_dtypes bfloat16 arrays as uint16.
     pub bf16_as_u16: bool,
 }
@@ -109,6 +113,15 @@ impl<'py> Request<'py> {
                 ))
             }
         };
+        let min_sparse_kv_len = match knobs.min_sparse_kv_len {
+            None => None,
+            Some(n) => Some(usize::try_from(n).map_err(|_| {
+                ArgError::value(
+                    "min_sparse_kv_len",
+                    format!("min_sparse_kv_len ({n}) must be ≥ 0 keys"),
+                )
+            })?),
+        };
         Ok(Self {
             q: q.clone(),
             k: k.clone(),
@@ -118,6 +131,7 @@ impl<'py> Request<'py> {
             softmax_scale,
             return_lse,
             return_report,
+            min_sparse_kv_len,
             bf16_as_u16,
         })
     }
@@ -216,7 +230,10 @@ pub(crate) fn flex_prefill_cpu<'py>(
         x = x.with_softmax_scale(s).map_err(core)?;
     }
     let cfg = req.cfg;
-    let backend = cpu();
+    let backend = match req.min_sparse_kv_len {
+        Some(n) => cpu().clone().with_min_sparse_kv_len(n),
+        None => cpu().clone(),
+    };
     let result = py.detach(|| backend.flex_prefill(&x, &cfg));
     let (out, rep) = result.map_err(core)?;
     let call_seconds = started.elapsed().as_secs_f64();

@@ -107,6 +107,10 @@ pub(crate) fn flex_prefill_cuda<'py>(
         softmax_scale: req.softmax_scale,
         report: req.return_report,
     };
+    let gpu = match req.min_sparse_kv_len {
+        Some(n) => gpu.as_ref().clone().with_min_sparse_kv_len(n),
+        None => gpu.as_ref().clone(),
+    };
     let cfg = req.cfg;
     // SAFETY: q, k, v, out and lse are live device tensors of q's device (checked above:
     // device, dtype, compact layout and the element counts the shape implies), held by their

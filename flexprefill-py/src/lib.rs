@@ -124,7 +124,7 @@ impl HostBuffer {
 #[pyfunction]
 #[pyo3(signature = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gamma, tau,
     min_budget, max_budget, block_size, softmax_scale, selection, return_lse, return_report,
-    stream, bf16_as_u16, out=None, lse=None))]
+    stream, bf16_as_u16, out=None, lse=None, min_sparse_kv_len=None))]
 #[allow(clippy::too_many_arguments)] // mirrors the Python signature one to one
 fn attention<'py>(
     py: Python<'py>,
@@ -148,6 +148,7 @@ fn attention<'py>(
     bf16_as_u16: bool,
     out: Option<&Bound<'py, PyAny>>,
     lse: Option<&Bound<'py, PyAny>>,
+    min_sparse_kv_len: Option<i64>,
 ) -> PyResult<(Py<PyAny>, Py<PyAny>, Py<PyAny>)> {
     let request = Request::parse(
         q,
@@ -162,6 +163,7 @@ fn attention<'py>(
             block_size,
             softmax_scale,
             selection,
+            min_sparse_kv_len,
         },
         return_lse,
         return_report,

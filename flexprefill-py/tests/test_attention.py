@@ -193,3 +193,22 @@ def test_sampled_selection_runs_on_the_cpu(rng):
     with pytest.raises(flexprefill.InvalidInputError, match="sampled") as e:
         flexprefill.flex_prefill_attention(q, k, v, selection="sampeld")
     assert e.value.argument == "selection"
+
+
+def test_min_sparse_kv_len_runs_short_calls_dense_and_says_why(rng):
+    q, k, v = qkv(rng, 1, 256, 256, 4, 2, 16)
+    sparse, rep = flexprefill.flex_prefill_attention(q, k, v, return_report=True, **SPARSE)
+    assert rep.dense_fallback is None and rep.density < 1.0
+    out, rep = flexprefill.flex_prefill_attention(q, k, v, return_report=True,
+                                                  min_sparse_kv_len=257, **SPARSE)
+    assert "256" in rep.dense_fallback and "257" in rep.dense_fallback
+    assert all(h.pattern == "dense" for h in rep.heads) and rep.density == 1.0
+    want, _ = dense_attention(q, k, v)
+    assert rel_err(out, want) < 1e-5
+    assert not np.array_equal(out, sparse)
+    same, rep = flexprefill.flex_prefill_attention(q, k, v, return_report=True,
+                                                   min_sparse_kv_len=256, **SPARSE)
+    assert rep.dense_fallback is None and np.array_equal(same, sparse)
+    with pytest.raises(flexprefill.InvalidInputError) as e:
+        flexprefill.flex_prefill_attention(q, k, v, min_sparse_kv_len=-1)
+    assert e.value.argument == "min_sparse_kv_len"

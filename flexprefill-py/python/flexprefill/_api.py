@@ -29,6 +29,7 @@ def flex_prefill_attention(
     return_report: bool = False,
     causal: bool = True,
     dropout_p: float = 0.0,
+    min_sparse_kv_len: Optional[int] = None,
 ):
     """Causal FlexPrefill attention on ``[batch, seq, heads, head_dim]`` tensors.
 
@@ -43,10 +44,14 @@ def flex_prefill_attention(
     ``[batch, num_heads, q_len]`` float32; with ``return_report`` also a
     :class:`SparsityReport`. Knobs after v are keyword-only; ``causal`` and ``dropout_p`` exist
     so a flash-attn call switches by its name alone (only ``True`` and ``0.0`` are accepted).
+    ``min_sparse_kv_len``: keys of the longest sequence below which the call runs dense and the
+    report says why (None: the backend's own threshold, 0 on the CPU and 16384 on CUDA, where
+    pattern search and index build would cost more than sparsity saves below it); 0 always
+    runs the sparse path, e.g. to measure FlexPrefill's accuracy on short prompts.
     """
     return _call(q, k, v, None, None, None, None, gamma, tau, min_budget, max_budget,
                  block_size, softmax_scale, selection, return_lse, return_report, causal,
-                 dropout_p)
+                 dropout_p, min_sparse_kv_len)
 
 
 def flex_prefill_varlen(
@@ -69,6 +74,7 @@ def flex_prefill_varlen(
     return_report: bool = False,
     causal: bool = True,
     dropout_p: float = 0.0,
+    min_sparse_kv_len: Optional[int] = None,
 ):
     """Causal FlexPrefill attention on a ragged batch packed along tokens (flash_attn_varlen_func).
 
@@ -76,7 +82,8 @@ def flex_prefill_varlen(
     sequence i owns queries ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` and keys
     ``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` (int32/int64 arrays or tensors, or lists). The
     ``max_seqlen_*`` are checked against the cu_seqlens when given. Returns as
-    :func:`flex_prefill_attention`; the LSE is ``[num_heads, total_q]``.
+    :func:`flex_prefill_attention`; the LSE is ``[num_heads, total_q]``. ``min_sparse_kv_len``
+    as in :func:`flex_prefill_attention`.
     """
     if cu_seqlens_q is None or cu_seqlens_k is None:
         which = "cu_seqlens_q" if cu_seqlens_q is None else "cu_seqlens_k"
@@ -84,11 +91,12 @@ def flex_prefill_varlen(
                                 "uniform batches)", which)
     return _call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gamma, tau,
                  min_budget, max_budget, block_size, softmax_scale, selection, return_lse,
-                 return_report, causal, dropout_p)
+                 return_report, causal, dropout_p, min_sparse_kv_len)
 
 
 def _call(q, k, v, cu_q, cu_k, max_q, max_k, gamma, tau, min_budget, max_budget, block_size,
-          softmax_scale, selection, return_lse, return_report, causal, dropout_p):
+          softmax_scale, selection, return_lse, return_report, causal, dropout_p,
+          min_sparse_kv_len=None):
     if causal is not True:
         raise InvalidInputError("causal must be True: FlexPrefill is causal prefill attention",
                                 "causal")
@@ -106,7 +114,8 @@ def _call(q, k, v, cu_q, cu_k, max_q, max_k, gamma, tau, min_budget, max_budget,
         q, k, v, cu_q, cu_k, _opt_int(max_q), _opt_int(max_k), float(gamma), float(tau),
         int(min_budget), _opt_int(max_budget), int(block_size),
         None if softmax_scale is None else float(softmax_scale), selection, bool(return_lse),
-        bool(return_report), stream, bf16, out, lse)
+        bool(return_report), stream, bf16, out, lse,
+        min_sparse_kv_len=_opt_int(min_sparse_kv_len))
     out = _adopt(out, is_torch, bf16)
     if not (return_lse or return_report):
         return out

@@ -27,19 +27,22 @@ reports: List[Any] = []
 def register(name: str = "flexprefill", *, gamma: float = 0.9, tau: float = 0.1,
              min_budget: int = 1024, max_budget: Optional[int] = None, block_size: int = 128,
              selection: Optional[str] = None, collect_reports: bool = False,
-             compute_device: Optional[str] = None) -> str:
+             compute_device: Optional[str] = None,
+             min_sparse_kv_len: Optional[int] = None) -> str:
     """Registers FlexPrefill as attention implementation ``name`` (again: replaces its knobs).
 
     A model on a GPU in float16/bfloat16 runs FlexPrefill on the GPU, on the current stream;
     ``compute_device="cpu"`` runs it on CPU copies instead (float32 GPU models, accuracy
-    checks against the CPU backend; slow). Returns ``name``.
+    checks against the CPU backend; slow). ``min_sparse_kv_len`` as in
+    :func:`flexprefill.flex_prefill_attention` (0: sparse at any prompt length). Returns ``name``.
     """
     import transformers
     from transformers.masking_utils import sdpa_mask
 
     _CONFIGS[name] = dict(gamma=gamma, tau=tau, min_budget=min_budget, max_budget=max_budget,
                           block_size=block_size, selection=selection,
-                          collect_reports=collect_reports, compute_device=compute_device)
+                          collect_reports=collect_reports, compute_device=compute_device,
+                          min_sparse_kv_len=min_sparse_kv_len)
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         return _forward(_CONFIGS[name], module, query, key, value, attention_mask, **kwargs)
@@ -98,7 +101,8 @@ def _forward(cfg, module, query, key, value, attention_mask, scaling=None, dropo
     out = flex_prefill_attention(
         q, k, v, gamma=cfg["gamma"], tau=cfg["tau"], min_budget=cfg["min_budget"],
         max_budget=cfg["max_budget"], block_size=cfg["block_size"], selection=cfg["selection"],
-        softmax_scale=scaling, return_report=cfg["collect_reports"])
+        softmax_scale=scaling, return_report=cfg["collect_reports"],
+        min_sparse_kv_len=cfg["min_sparse_kv_len"])
     if cfg["collect_reports"]:
         out, report = out
         reports.append(report)
