@@ -27,7 +27,8 @@
 # and run on the build machine (`cargo test -p flexprefill-cuda --lib -- --include-ignored
 # compile`); CHECK_NVRTC=1 runs them and the nvrtc_compile binary with this machine's NVRTC.
 #
-# Env: CHECK_TESTS=0 / CHECK_SAN=0 skip a part; SAN_S seconds per sanitizer run (default 240);
+# Env: CHECK_TESTS=0 / CHECK_SAN=0 skip a part; CHECK_ATTN_WS=0 skips the attention tests with
+# the warp-specialized kernel forced, CHECK_STATS_VARIANTS=0 the mma.sync and overlap passes; SAN_S seconds per sanitizer run (default 240);
 # SAN_FAMILIES (default "stats_wgmma stats_mma select attention") and SAN_TOOLS (default
 # "memcheck racecheck synccheck") pick the sanitizer runs, so that a machine with a per-command
 # time limit can take them in several commands.
@@ -65,7 +66,7 @@ if [ "${CHECK_TESTS:-1}" = 1 ]; then
   run_test cuda_lib_tests lib_tests.log -- --skip compile
   run_test gpu_attention gpu_attention.log --
   # The warp-specialized kernel forced at block 64 too (it is the default at block 128).
-  run_test gpu_attention gpu_attention_ws.log FLEXPREFILL_ATTN=ws --
+  [ "${CHECK_ATTN_WS:-1}" = 1 ] && run_test gpu_attention gpu_attention_ws.log FLEXPREFILL_ATTN=ws --
   # Host API == device call, the dense-or-sparse rule, raw-pointer entry, kernel cache.
   run_test gpu_host gpu_host.log -- --nocapture
   # A whole call captured in a CUDA graph and replayed; no allocation inside a workspace call.
@@ -73,8 +74,10 @@ if [ "${CHECK_TESTS:-1}" = 1 ]; then
   # Size limits, out-of-memory, two threads on one backend, repeated runs bit for bit.
   run_test gpu_robustness gpu_robustness.log -- --nocapture
   # The other statistics passes on Hopper: mma.sync, and the wgmma issue-ahead variant.
-  run_test cuda_lib_tests lib_tests_mma.log FLEXPREFILL_STATS_MMA=1 -- stats:: select:: --skip compile
-  run_test cuda_lib_tests lib_tests_overlap.log FLEXPREFILL_STATS_OVERLAP=1 -- stats:: select:: --skip compile
+  if [ "${CHECK_STATS_VARIANTS:-1}" = 1 ]; then
+    run_test cuda_lib_tests lib_tests_mma.log FLEXPREFILL_STATS_MMA=1 -- stats:: select:: --skip compile
+    run_test cuda_lib_tests lib_tests_overlap.log FLEXPREFILL_STATS_OVERLAP=1 -- stats:: select:: --skip compile
+  fi
 fi
 
 # san FAMILY EXE [ENV=VALUE...] -- TEST ARGS...: every tool on one family's tests.

@@ -27,8 +27,8 @@
 //! ```
 
 use flexprefill_core::{
-    AttentionShape, Backend, BlockIndex, DType, FlexPrefillConfig, Pattern, QueryAwareCut,
-    SelectionMode,
+    AttentionInput, AttentionShape, Backend, BlockIndex, DType, FlexPrefillConfig, Pattern,
+    QueryAwareCut, SelectionMode,
 };
 use flexprefill_cpu::oracle::{self, OracleOutput};
 use flexprefill_cpu::CpuBackend;
@@ -595,7 +595,12 @@ pub fn check_case<B: Backend + ?Sized>(
                     }
                     oracle::dense_attention_f64(&x)
                 } else {
-                    oracle::masked_attention_f64(&x, bi)
+                    // A backend may compute every causal block of a head whose selection is
+                    // so dense that sparse attention would cost more (it reports the head
+                    // `dense`): those heads are checked against dense attention.
+                    oracle::masked_attention_f64(&x, bi).and_then(|masked| {
+                        dense_heads_from(&x, masked, &rep.heads, || oracle::dense_attention_f64(&x))
+                    })
                 };
                 match want {
                     Ok(want) => r.flex_err = Some(check_out(&mut r, "flex_prefill", &got, &want)),
@@ -683,6 +688,30 @@ pub fn case_input(case: &AgreementCase, dtype: DType) -> crate::owned::OwnedInpu
     }
     .build()
     .with_lse(true)
+}
+
+/// `masked` with the rows of every (sequence, head) that `heads` reports [`Pattern::Dense`]
+/// taken from dense attention (computed only when such a head exists).
+fn dense_heads_from(
+    x: &AttentionInput<'_>,
+    mut masked: OracleOutput,
+    heads: &[flexprefill_core::HeadReport],
+    dense: impl FnOnce() -> flexprefill_core::Result<OracleOutput>,
+) -> flexprefill_core::Result<OracleOutput> {
+    if !heads.iter().any(|h| h.pattern == Pattern::Dense) {
+        return Ok(masked);
+    }
+    let dense = dense()?;
+    let (nh, d) = (x.shape.num_heads, x.shape.head_dim);
+    for h in heads.iter().filter(|h| h.pattern == Pattern::Dense) {
+        let s = &x.seqs[h.seq];
+        for t in s.q_start..s.q_start + s.q_len {
+            let row = t * nh + h.head;
+            masked.lse[row] = dense.lse[row];
+            masked.out[row * d..(row + 1) * d].copy_from_slice(&dense.out[row * d..(row + 1) * d]);
+        }
+    }
+    Ok(masked)
 }
 
 #[cfg(test)]
