@@ -67,7 +67,7 @@ if [ "${CHECK_TESTS:-1}" = 1 ]; then
   run_test gpu_attention gpu_attention.log --
   # The warp-specialized kernel forced at block 64 too (it is the default at block 128).
   [ "${CHECK_ATTN_WS:-1}" = 1 ] && run_test gpu_attention gpu_attention_ws.log FLEXPREFILL_ATTN=ws --
-  # Host API == device call, the dense-or-sparse rule, raw-pointer entry, kernel cache.
+  # Host API == device-resident call, the dense-or-sparse rule, raw-pointer entry, kernel cache.
   run_test gpu_host gpu_host.log -- --nocapture
   # A whole call captured in a CUDA graph and replayed; no allocation inside a workspace call.
   run_test gpu_graph gpu_graph.log --

@@ -192,7 +192,7 @@ impl CudaBackend {
         })
     }
 
-    /// The host API's FlexPrefill: one upload, the device call
+    /// The host API's FlexPrefill: one upload, the device-resident call
     /// ([`crate::call::flex_prefill_device_timed`]: the same dense-or-sparse decision, no host
     /// round trip between selection and attention), one download, then the decisions.
     fn flex_prefill_host(
@@ -431,7 +431,7 @@ impl Backend for CudaBackend {
         self.min_sparse_kv_len
     }
 
-    /// The device call between one upload and one download: the same decision, kernels and
+    /// The device-resident call between one upload and one download: the same decision, kernels and
     /// blocks as [`crate::select::flex_prefill_device`], stage times from CUDA events,
     /// transfers reported apart.
     fn flex_prefill(

@@ -86,7 +86,7 @@ impl DeviceRun {
     /// Device times of the stages, from the CUDA events of [`flex_prefill_device_timed`]
     /// (waits for the call's last event, not for the rest of the stream); `None` for a call
     /// queued without events. Stages that did not run stay `None`; transfers are not part of
-    /// a device call.
+    /// a device-resident call.
     #[allow(clippy::field_reassign_with_default)] // Default + assignment: Timings may grow
     pub fn timings(&self) -> Result<Option<Timings>> {
         let Some(ev) = &self.events else {

@@ -39,9 +39,9 @@
 //!   pattern decision, selection, index build and block-sparse attention, all queued on the
 //!   stream (at 128k on an H200: 113 ms, 3.8× SDPA's flash backend, `docs/PERFORMANCE.md`).
 //!
-//! The host API's [`flexprefill_core::Backend::flex_prefill`] is that same device call between
+//! The host API's [`flexprefill_core::Backend::flex_prefill`] is that same device-resident call between
 //! one upload (pinned staging, f16/bf16 as they are) and one download, with stage times from
-//! CUDA events and the transfers reported apart. [`raw::flex_prefill_raw`] is the device call on
+//! CUDA events and the transfers reported apart. [`raw::flex_prefill_raw`] is the device-resident call on
 //! raw device pointers and the caller's `CUstream`, for engines whose tensors live in another
 //! library (torch, or another cudarc). Compiled kernels persist on disk between processes
 //! ([`KernelCache`]).

