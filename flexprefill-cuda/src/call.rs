@@ -414,7 +414,9 @@ pub(crate) fn run_in<T: StatsElem + DeviceElem>(
         let mut st = launch_stats_in(dev, stream, scratch, args.q, args.k, layout, scale, emulate)?;
         ev_stats = record()?;
         let sel = launch_select_in(dev, stream, scratch, Some(args.q), &mut st, cfg)?;
-        let mut walk = scratch.zeros::<u8>(stream, seqs.len() * args.shape.num_heads)?;
+        // SAFETY: `dense_walk_choose` writes the flag of every (sequence, head) before
+        // attention reads any (one CTA per pair, unconditional store), so no memset.
+        let mut walk = unsafe { scratch.take::<u8>(stream, seqs.len() * args.shape.num_heads) }?;
         choose_dense_walk_into(
             dev,
             stream,
