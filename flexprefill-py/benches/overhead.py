@@ -143,7 +143,8 @@ def breakdown(q, k, v, kw, sync, iters, warmup):
                lambda: torch.empty(q.shape, dtype=q.dtype, device=q.device)),
               ("q.__dlpack__", lambda: q.__dlpack__(max_version=(1, 0), stream=-1)),
               ("q.__dlpack_device__", q.__dlpack_device__),
-              ("_C._to_dlpack_versioned", lambda: torch._C._to_dlpack_versioned(q))]
+              ("_C._to_dlpack_versioned",
+               lambda: getattr(torch._C, "_to_dlpack_versioned", torch._C._to_dlpack)(q))]
     if cuda:
         pieces.insert(1, ("current_stream",
                           lambda: torch.cuda.current_stream(q.device).cuda_stream))
