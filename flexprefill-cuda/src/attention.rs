@@ -58,10 +58,12 @@ pub static DENSE_WALK: KernelFamily = KernelFamily {
 };
 
 /// Cost of one computed block on the sparse walk over one on the dense walk, for the
-/// warp-specialized Hopper kernel at block 128: on the H200 (bf16, 32 q / 8 kv heads, d 128,
-/// 32k–128k) dense attention runs at 586–597 TFLOP/s and indexes of density ≈ 0.3 at 492–511
-/// TFLOP/s on their computed blocks (scattered K/V tiles, CSR reads), a ratio of 1.17–1.19,
-/// rounded up to 1.2 (docs/CUDA.md's table of the warp-specialized kernel).
+/// warp-specialized Hopper kernel at block 128. Measured on the H200 (bf16, 32 q / 8 kv heads,
+/// d 128, 32k–128k) at 1.17–1.19 before the chunked CTA order ([`tile_chunk`]) and 0.96–1.07
+/// since (dense 598–610 TFLOP/s, indexes of density ≈ 0.3 at 560–645). It stays 1.2: a head
+/// between the two thresholds (0.83–0.95 of its blocks) gains at most a few percent from its
+/// sparse walk, and the dense walk is the side that can never lose to dense attention
+/// (random data at 128k, gamma 0.95, density 0.93: whole call 1.02x dense with it).
 pub const SPARSE_BLOCK_COST: f64 = 1.2;
 
 /// Selected share of a head's causal blocks at and above which its sparse walk costs at least
