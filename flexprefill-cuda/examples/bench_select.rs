@@ -95,6 +95,19 @@ fn time_ms(stream: &Arc<CudaStream>, mut f: impl FnMut() -> Res<()>) -> Res<f32>
     Ok(a.elapsed_ms(&b)?)
 }
 
+/// Mean captured mass over every (row, head), and the lowest head mean: per row the share of
+/// the full softmax mass the sparse call kept, `exp(lse_sparse - lse_dense)` (token-major LSEs).
+fn captured_mass(dense: &[f32], sparse: &[f32]) -> (f64, f64) {
+    let mut per_head = vec![0.0f64; H];
+    for (i, (d, s)) in dense.iter().zip(sparse).enumerate() {
+        per_head[i % H] += f64::from(s - d).exp();
+    }
+    let rows = (dense.len() / H) as f64;
+    let means: Vec<f64> = per_head.iter().map(|m| m / rows).collect();
+    let mean = means.iter().sum::<f64>() / H as f64;
+    (mean, means.iter().copied().fold(f64::INFINITY, f64::min))
+}
+
 fn main() -> Res<()> {
     let sizes: Vec<usize> = std::env::args()
         .nth(1)
@@ -105,8 +118,8 @@ fn main() -> Res<()> {
     let stream = dev.stream().clone();
     println!("device: {} ({} SMs)", dev.info().name, dev.info().sm_count);
     let shape = AttentionShape::new(H, HKV, D)?;
-    println!("| seq | data | gamma | stats ms | select ms | search+index ms | sparse attn ms | sparse path ms | dense ms | sparse path/dense | whole call ms | whole/dense | density | QA heads |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| seq | data | gamma | stats ms | select ms | search+index ms | sparse attn ms | sparse path ms | dense ms | sparse path/dense | whole call ms | whole/dense | density | QA heads | mass mean | worst head mass |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &n in &sizes {
         // BENCH_DATA=random|mixed limits the run to one workload (profiling).
         let only = std::env::var("BENCH_DATA").ok();
@@ -150,6 +163,10 @@ fn main() -> Res<()> {
                 })?);
             }
             let dense = median(dense);
+            // Dense LSE per (token, head): the captured mass of a row is exp(lse_sparse - lse_dense).
+            let mut lse: CudaSlice<f32> = stream.alloc_zeros(n * H)?;
+            be.attention_device(&stream, &args, None, None, &mut out, Some(&mut lse))?;
+            let lse_dense = stream.clone_dtoh(&lse)?;
             for gamma in [0.9f32, 0.95] {
                 let cfg = with_config(FlexPrefillConfig::default(), |c| {
                     c.gamma = gamma;
@@ -234,6 +251,8 @@ fn main() -> Res<()> {
                     stream.synchronize()?;
                     cudarc::driver::profiler_stop()?;
                 }
+                flex_prefill_device(&be, &stream, &args, &cfg, &mut out, Some(&mut lse))?;
+                let (mass_mean, mass_worst) = captured_mass(&lse_dense, &stream.clone_dtoh(&lse)?);
                 let (sel, _st) = last.expect("ran");
                 let offs = stream.clone_dtoh(&sel.index.row_offsets)?;
                 let pat = stream.clone_dtoh(&sel.pattern)?;
@@ -248,7 +267,7 @@ fn main() -> Res<()> {
                     median(thost)
                 );
                 println!(
-                    "| {n} | {} | {gamma} | {a:.3} | {b:.3} | {:.3} | {c:.3} | {w:.3} | {dense:.3} | {:.2} | {whole_call:.3}{} | {:.2} | {density:.3} | {qa}/{H} |",
+                    "| {n} | {} | {gamma} | {a:.3} | {b:.3} | {:.3} | {c:.3} | {w:.3} | {dense:.3} | {:.2} | {whole_call:.3}{} | {:.2} | {density:.3} | {qa}/{H} | {mass_mean:.4} | {mass_worst:.4} |",
                     dt.name,
                     a + b,
                     w / dense,
