@@ -7,7 +7,13 @@ time of the Rust work inside it, paired call by call.
     ... --breakdown                                                 # and where the time goes
 
 What is measured. Each timed call starts with the device idle (synchronised before the clock
-starts, outside the timing) and the clock stops when the Python call returns. On CUDA the call
+starts, outside the timing), then the host thread spins for --spin-us (default 1000) so that it
+runs at full speed when the clock starts, and the clock stops when the Python call returns.
+Without the spin the first ~100 us after a synchronisation run slowly whoever runs them: on
+the H200 machine torch.empty(16) took 2.7 us after an idle synchronisation, 25 us after an 8k
+matmul and 85 us after a 32k FlexPrefill call, and that cost landed on the Python layer, which
+runs first (--spin-us 0 shows it). An engine's thread is busy with the model's Python code
+before it calls attention, as after the spin. On CUDA the call
 only queues its kernels on the current stream (no synchronisation), so its wall time is host
 time: the Python layer (argument plumbing, torch.empty of the output), the binding (DLPack
 export of q, k, v and the output, the current stream, checks, GIL release) and the Rust work a
@@ -47,6 +53,8 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu (NumPy), torch-cpu, or cuda (torch)")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--spin-us", type=float, default=1000.0,
+                    help="busy-wait after each synchronisation before the clock starts (0: none)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time each piece of a call (torch tensors)")
     a = ap.parse_args()
@@ -66,6 +74,14 @@ def main():
         if dev == "cuda":
             sync = torch.cuda.synchronize
     kw = dict(block_size=128, min_budget=min(1024, a.seq))
+    spin_s = a.spin_us / 1e6
+    idle = sync
+
+    def sync():  # noqa: F811  (the device idle, then the host thread running at full speed)
+        idle()
+        end = time.perf_counter() + spin_s
+        while time.perf_counter() < end:
+            pass
 
     def timed():
         sync()
@@ -83,7 +99,7 @@ def main():
     over = sorted(w - n for w, n in pairs)
     _, rep = flexprefill.flex_prefill_attention(q, k, v, **kw, return_report=True)
     mode = "dense" if rep.dense_fallback else f"sparse, density {rep.density:.3f}"
-    print(f"shape q {shapes[0]} kv {shapes[1]} {a.dtype} on {a.device} ({mode}), "
+    print(f"shape q {shapes[0]} kv {shapes[1]} {a.dtype} on {a.device} ({mode}), spin {a.spin_us:.0f} us, "
           f"{a.iters} calls")
     print(f"python call median {statistics.median(wall) * 1e6:10.1f} us (host)")
     print(f"rust call median   {statistics.median(native) * 1e6:10.1f} us (host)")
