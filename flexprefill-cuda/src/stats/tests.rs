@@ -141,6 +141,25 @@ pub(crate) fn compare(
             let d = l1(a, b);
             assert!(d <= line_tol, "{what} head {i} probe {r}: L1 {d:e}");
         }
+        assert_eq!(
+            g.sampled_block_mass.len(),
+            c.sampled_block_mass.len(),
+            "{what}: sampled_block_mass length"
+        );
+        for (r, (a, b)) in g
+            .sampled_block_mass
+            .chunks(nkb.max(1))
+            .zip(c.sampled_block_mass.chunks(nkb.max(1)))
+            .enumerate()
+        {
+            assert!(
+                a.iter().all(|x| x.is_finite()),
+                "{what} head {i} sampled row {r}: non-finite (unwritten?)"
+            );
+            let d = l1(a, b);
+            worst = worst.max(d);
+            assert!(d <= line_tol, "{what} head {i} sampled row {r}: L1 {d:e}");
+        }
         for (name, a, b) in [
             ("k_pooled", &g.k_pooled, &c.k_pooled),
             ("q_pooled", &g.q_pooled, &c.q_pooled),
@@ -386,5 +405,14 @@ fn statistics_match_the_cpu_oracle() {
         let want = cpu.head_statistics(&x, cfg).expect("cpu statistics");
         let got = head_statistics(&dev, &x, cfg).expect("gpu statistics");
         compare(&got, &want, *tol, what);
+        // The sampled mode's estimate on the same input (every block size, chunks, ragged,
+        // GQA 1 to 4, f16, head_dim 64 / 96 / 128).
+        if cfg.selection == SelectionMode::Faithful {
+            let cfg = with_config(*cfg, |c| c.selection = SelectionMode::Sampled);
+            let want = cpu.head_statistics(&x, &cfg).expect("cpu statistics");
+            let got = head_statistics(&dev, &x, &cfg).expect("gpu statistics");
+            assert!(got.iter().all(|st| !st.sampled_block_mass.is_empty()));
+            compare(&got, &want, *tol, &format!("{what} (sampled)"));
+        }
     }
 }

@@ -1,0 +1,211 @@
+// The sampled mode's estimate (SelectionMode::Sampled, core's selection/sampled.rs):
+//   sampled_block_mass[r, c] = mean over the S = min(SAMPLED_ROWS, rows) sampled rows of query
+//   block r of Σ_{j in key block c} softmax(q_i · Kᵀ · scale)[j], bottom-right causal.
+// Part of the `stats` module: compiled after kernels/seq_desc.cuh and stats/common.cuh (tile
+// geometry KT / DPAD, qk_tile, the element type).
+//
+// One CTA per (query block, kv head, slice of the GQA group): warp w holds the S sampled rows
+// of query head (group slice + w) as one m16 tile, and the CTA streams the key tiles of the
+// kv head once for all of them (cp.async, double-buffered), so the group's query heads share
+// every K load. Two passes over the block's causal keys, as the representative rows: pass 1
+// keeps each row's online (max, sum) of exp2, pass 2 recomputes the logits, takes
+// p = exp2(x·s − m·s) · (1/l) (the CPU's softmax_log2_row: max, sum, one reciprocal) and sums
+// them per key block (f32). The block's estimate is the mean of its S rows' block sums, f64,
+// rows in order, rounded to f32 once: the CPU's arithmetic except for the order of the f32
+// sums inside a row (tensor-core dot products, a quad tree instead of a sequential walk).
+// Blocks past the block's last diagonal are written 0, as on the CPU.
+
+#define SP_ROWS 16  // core's SAMPLED_ROWS: the sampled rows fill one m16 tile
+#ifndef SAMPLED_ROWS
+#define SAMPLED_ROWS SP_ROWS
+#endif
+static_assert(SAMPLED_ROWS == SP_ROWS, "the sampled rows must fill exactly one m16 tile");
+
+// The k-th sampled row of a query block of `rows` queries, relative to its first query
+// (core's sampled_rows_of_block: ⌊(k+1)·rows / S⌋ − 1, the last row always sampled).
+FP_DEVICE unsigned sampled_row(unsigned rows, unsigned s, unsigned k) { return (k + 1) * rows / s - 1; }
+
+// One KT × HEAD_DIM key tile (keys j0.., kv head hk) into shared, keys past `nkeys` zeroed;
+// every thread of the CTA takes part.
+FP_DEVICE void sampled_load_k(elem_t* ks, const elem_t* __restrict__ k, const SeqDesc& sd, unsigned j0,
+                              unsigned nkeys, int hk, int num_kv_heads) {
+    constexpr int CHUNKS = HEAD_DIM / 8;  // 16-byte chunks per row
+    for (int c = threadIdx.x; c < KT * CHUNKS; c += blockDim.x) {
+        const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
+        const unsigned j = j0 + r;
+        const bool valid = j < nkeys;
+        const elem_t* src = k + ((size_t)(sd.k_start + (valid ? j : 0)) * num_kv_heads + hk) * HEAD_DIM + col;
+        cp_async_16(smem_u32(ks + r * DPAD + col), src, valid);
+    }
+}
+
+// The mean of the warp's S row values (row i's value in lane 4·(i % 8), register i / 8), f64,
+// rows in order, as an f32 (core: the f64 sum of the rows' f32 block sums over the count).
+FP_DEVICE float sampled_row_mean(const float (&t)[2], unsigned S) {
+    double acc = 0.0;
+    for (unsigned i = 0; i < S; ++i) {
+        const float v = __shfl_sync(0xffffffffu, i < 8 ? t[0] : t[1], (int)(i % 8) * 4);
+        acc += (double)v;
+    }
+    return (float)(acc / (double)S);
+}
+
+// Grid (Σ nqb, Hkv, ceil(group / heads_per_cta)), 32·heads_per_cta threads; dynamic smem
+// (heads_per_cta·16 + 2·KT)·DPAD elements. Query blocks are taken from the last one of the batch
+// down (the longest rows first, so the short ones fill the tail of the launch). `sl` = scale ·
+// log2 e. out: [qk_off·H + (h·nqb + r)·nkb + c].
+extern "C" __global__ void __launch_bounds__(256)
+stats_sampled(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const SeqDesc* __restrict__ seqs,
+              const unsigned* __restrict__ qb_seq, unsigned total_qb, int num_heads, int num_kv_heads,
+              int heads_per_cta, int block_size, float sl, float* __restrict__ out) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int nwarps = blockDim.x / 32;
+    elem_t* qs = (elem_t*)smem_raw;             // [warp][16][DPAD]
+    elem_t* ks = qs + nwarps * SP_ROWS * DPAD;  // [2][KT][DPAD]
+    const unsigned gb = total_qb - 1 - blockIdx.x;
+    const unsigned s = qb_seq[gb];
+    const SeqDesc sd = seqs[s];
+    const unsigned r = gb - sd.qb_off;
+    const int group = num_heads / num_kv_heads, hk = blockIdx.y;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q4 = lane % 4, g4 = lane / 4;
+    const int g0 = blockIdx.z * heads_per_cta;  // first head of the group this CTA holds
+    const bool active = g0 + warp < group;
+    const int h = hk * group + g0 + warp;
+    const unsigned bs = block_size, first = r * bs;
+    const unsigned rows = min(bs, sd.q_len - first);
+    const unsigned S = min((unsigned)SP_ROWS, rows);
+    const int base = (int)(sd.kv_len - sd.q_len + first);  // position of the block's first query
+    const int last = base + (int)rows - 1;                  // the last key any sampled row sees
+    const unsigned nkeys = (unsigned)last + 1, ntiles = (nkeys + KT - 1) / KT;
+
+    // The sampled rows of every head of the slice (rows ≥ S and heads past the group zeroed).
+    {
+        constexpr int CHUNKS = HEAD_DIM / 8;
+        for (int c = threadIdx.x; c < nwarps * SP_ROWS * CHUNKS; c += blockDim.x) {
+            const int w = c / (SP_ROWS * CHUNKS), i = (c / CHUNKS) % SP_ROWS, col = (c % CHUNKS) * 8;
+            const bool valid = g0 + w < group && (unsigned)i < S;
+            const unsigned tok = sd.q_start + first + (valid ? sampled_row(rows, S, i) : 0u);
+            const int hh = hk * group + (valid ? g0 + w : 0);
+            const elem_t* src = q + ((size_t)tok * num_heads + hh) * HEAD_DIM + col;
+            cp_async_16(smem_u32(qs + (w * SP_ROWS + i) * DPAD + col), src, valid);
+        }
+    }
+    // The last key of this thread's two rows (g4, g4 + 8), -1 past the sampled rows.
+    int lim_row[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const unsigned i = g4 + 8 * rr;
+        lim_row[rr] = i < S ? base + (int)sampled_row(rows, S, i) : -1;
+    }
+    float m[2] = {-F32_INF, -F32_INF}, l[2] = {0.f, 0.f};  // pass 1: online max / sum (raw max)
+    float ms[2] = {0.f, 0.f}, inv[2] = {0.f, 0.f};         // pass 2: max · sl and 1 / sum
+    float bm[2] = {0.f, 0.f};                              // a block wider than a tile, so far
+    const int seg = bs < KT ? (int)bs : KT;                // keys of one block segment in a tile
+    float* orow = out + (size_t)sd.qk_off * num_heads + ((size_t)h * sd.nqb + r) * sd.nkb;
+
+    for (int pass = 0; pass < 2; ++pass) {
+        sampled_load_k(ks, k, sd, 0, nkeys, hk, num_kv_heads);
+        cp_async_commit();
+        for (unsigned t = 0; t < ntiles; ++t) {
+            if (t + 1 < ntiles) {
+                sampled_load_k(ks + ((t + 1) & 1) * KT * DPAD, k, sd, (t + 1) * KT, nkeys, hk, num_kv_heads);
+                cp_async_commit();
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            __syncthreads();
+            if (active) {
+                const unsigned j0 = t * KT;
+                float acc[KT / 8][4];
+                qk_tile(acc, qs, ks + (t & 1) * KT * DPAD, 0, warp, lane);
+                if (pass == 0) {
+#pragma unroll
+                    for (int rr = 0; rr < 2; ++rr) {
+                        const int lim = lim_row[rr] - (int)j0 - 2 * q4;
+                        float tmax = -F32_INF;
+#pragma unroll
+                        for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                            for (int e = 0; e < 2; ++e)
+                                if (nt * 8 + e <= lim) tmax = fmaxf(tmax, acc[nt][2 * rr + e]);
+                        const float m_new = fmaxf(m[rr], tmax);
+                        if (m_new != -F32_INF) {
+                            const float mss = m_new * sl;
+                            float sum = 0.f;
+#pragma unroll
+                            for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                                for (int e = 0; e < 2; ++e)
+                                    if (nt * 8 + e <= lim) sum += fast_exp2(fmaf(acc[nt][2 * rr + e], sl, -mss));
+                            l[rr] = l[rr] * fast_exp2((m[rr] - m_new) * sl) + sum;
+                            m[rr] = m_new;
+                        }
+                    }
+                } else {
+                    float segsum[2] = {0.f, 0.f};
+#pragma unroll
+                    for (int nt = 0; nt < KT / 8; ++nt) {
+#pragma unroll
+                        for (int rr = 0; rr < 2; ++rr) {
+                            const int lim = lim_row[rr] - (int)j0 - 2 * q4;
+#pragma unroll
+                            for (int e = 0; e < 2; ++e)
+                                if (nt * 8 + e <= lim)
+                                    segsum[rr] += fast_exp2(fmaf(acc[nt][2 * rr + e], sl, -ms[rr])) * inv[rr];
+                        }
+                        // End of a block segment inside the tile: the quad's sum, then emit or carry.
+                        if (((nt + 1) * 8) % seg == 0) {
+                            const unsigned seg_first = j0 + (nt + 1) * 8 - seg;
+                            if (seg_first < nkeys) {
+                                float tsum[2];
+#pragma unroll
+                                for (int rr = 0; rr < 2; ++rr) {
+                                    float x = segsum[rr];
+                                    x += __shfl_xor_sync(0xffffffffu, x, 1);
+                                    x += __shfl_xor_sync(0xffffffffu, x, 2);
+                                    segsum[rr] = 0.f;
+                                    tsum[rr] = x;
+                                }
+                                const unsigned c = seg_first / bs;
+                                if ((int)bs <= KT) {
+                                    const float v = sampled_row_mean(tsum, S);
+                                    if (lane == 0) orow[c] = v;
+                                } else {
+                                    bm[0] += tsum[0];
+                                    bm[1] += tsum[1];
+                                    if ((j0 + KT) % bs == 0 || j0 + KT >= nkeys) {
+                                        const float v = sampled_row_mean(bm, S);
+                                        if (lane == 0) orow[c] = v;
+                                        bm[0] = 0.f;
+                                        bm[1] = 0.f;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            __syncthreads();  // the buffer is refilled by the next iteration's load
+        }
+        if (pass == 0 && active) {
+            // Each row's (max, sum) over its quad (fixed xor tree: every lane of the quad gets
+            // the same values), then max·sl and the reciprocal of the sum.
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+#pragma unroll
+                for (int o = 1; o <= 2; o <<= 1) {
+                    const float om = __shfl_xor_sync(0xffffffffu, m[rr], o);
+                    const float ol = __shfl_xor_sync(0xffffffffu, l[rr], o);
+                    const float nm = fmaxf(m[rr], om);
+                    l[rr] = nm == -F32_INF ? 0.f : l[rr] * fast_exp2((m[rr] - nm) * sl) + ol * fast_exp2((om - nm) * sl);
+                    m[rr] = nm;
+                }
+                ms[rr] = m[rr] * sl;
+                inv[rr] = l[rr] > 0.f ? 1.f / l[rr] : 0.f;
+            }
+        }
+    }
+    if (active)
+        for (unsigned c = (unsigned)last / bs + 1 + lane; c < sd.nkb; c += 32) orow[c] = 0.f;
+}

@@ -1,0 +1,96 @@
+//! The sampled mode's estimate on the device (`kernels/stats/sampled.cu`):
+//! `HeadStatistics::sampled_block_mass` for every (sequence, head, query block).
+
+use super::*;
+use crate::launch::Launch;
+use flexprefill_core::selection::SAMPLED_ROWS;
+
+/// The kernel's rows per warp (one m16 tile) and the most query heads of a GQA group one CTA
+/// holds (one warp each; the group's heads share every key tile).
+const SAMPLED_TILE_ROWS: usize = 16;
+const MAX_HEADS_PER_CTA: usize = 8;
+const _: () = assert!(
+    SAMPLED_ROWS == SAMPLED_TILE_ROWS,
+    "the sampled rows must fill one m16 tile of the sampled statistics kernel"
+);
+
+/// Query heads per CTA for a GQA group of `group` query heads: the whole group up to 8 warps.
+fn heads_per_cta(group: usize) -> usize {
+    group.clamp(1, MAX_HEADS_PER_CTA)
+}
+
+/// Dynamic shared memory of `stats_sampled`: the sampled rows of each warp's head and a
+/// double-buffered key tile, rows padded by 8 elements (the kernels' `DPAD`).
+pub(super) fn smem(head_dim: usize, group: usize) -> usize {
+    (heads_per_cta(group) * SAMPLED_TILE_ROWS + 2 * KT) * (head_dim + 8) * 2
+}
+
+/// Queues `stats_sampled` into `out` (`[Σ nqb · nkb · H]`, every element written). `sl` is
+/// the estimation scale times log2 e. No host synchronisation.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn launch<T: StatsElem>(
+    dev: &CudaDevice,
+    stream: &Arc<CudaStream>,
+    kkey: &KernelKey,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    descs: &CudaSlice<SeqDesc>,
+    qb_seq: &CudaSlice<u32>,
+    layout: &StatsLayout,
+    sl: f32,
+    out: &mut Buf<f32>,
+) -> Result<()> {
+    let (h, hkv, d) = (
+        layout.shape.num_heads,
+        layout.shape.num_kv_heads,
+        layout.shape.head_dim,
+    );
+    let group = h / hkv;
+    let hpc = heads_per_cta(group);
+    let bytes = smem(d, group);
+    let max_smem = dev.info().max_smem_per_block;
+    if bytes > max_smem {
+        return Err(CudaError::Unsupported {
+            op: "head_statistics",
+            message: format!(
+                "the sampled estimate at head_dim {d} needs {bytes} bytes of shared memory (device: {max_smem})"
+            ),
+        });
+    }
+    if layout.total_qb == 0 {
+        return Ok(());
+    }
+    let f = dev.function(&STATS, kkey, "stats_sampled", max_smem)?;
+    let grid = (
+        layout::to_u32(layout.total_qb, "query blocks")?,
+        hkv as u32,
+        group.div_ceil(hpc) as u32,
+    );
+    let (total_qb, h_i, hkv_i, hpc_i, bs_i) = (
+        layout.total_qb as u32,
+        h as i32,
+        hkv as i32,
+        hpc as i32,
+        layout.block_size as i32,
+    );
+    // SAFETY: the arguments match `stats_sampled` in kernels/stats/sampled.cu; q and k hold
+    // every token of the layout's sequences (checked by the caller), qb_seq has Σ nqb entries,
+    // and `out` Σ nqb · nkb · H floats, the most the kernel indexes.
+    unsafe {
+        Launch::new(stream, &f, grid, (32 * hpc) as u32, bytes)
+            .arg(q)
+            .arg(k)
+            .arg(descs)
+            .arg(qb_seq)
+            .arg(&total_qb)
+            .arg(&h_i)
+            .arg(&hkv_i)
+            .arg(&hpc_i)
+            .arg(&bs_i)
+            .arg(&sl)
+            .arg(out)
+            .launch()?;
+    }
+    profile::mark(stream, "stats_sampled");
+    Ok(())
+}
