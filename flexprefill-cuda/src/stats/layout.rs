@@ -86,7 +86,6 @@ impl StatsLayout {
         to_u32(tok * h, "vertical length")?;
         to_u32(rep_off * h, "rep_block_mass length")?;
         to_u32(probe_off * h, "probe_block_mass length")?;
-        to_u32(qk.saturating_mul(h), "sampled_block_mass length")?;
         let rp = max_rep.div_ceil(ROWS) * ROWS;
         Ok(Self {
             shape,

@@ -45,6 +45,11 @@ pub(super) fn launch<T: StatsElem>(
         layout.shape.num_kv_heads,
         layout.shape.head_dim,
     );
+    // The kernel indexes the estimate with u32 block offsets times H (in size_t).
+    layout::to_u32(
+        layout.total_qk.saturating_mul(h),
+        "sampled_block_mass length",
+    )?;
     let group = h / hkv;
     let hpc = heads_per_cta(group);
     let bytes = smem(d, group);
