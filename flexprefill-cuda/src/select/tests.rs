@@ -128,7 +128,9 @@ fn device_selection_equals_core_on_the_same_statistics() {
     let mut qa_heads = 0;
     for (what, owned) in inputs(seed) {
         let x = owned.input().expect("input");
-        for (cname, cfg) in configs() {
+        // The sampled mode's cut too: its estimate uploaded from the CPU, its rule replayed
+        // in core's order, so the blocks are core's exactly.
+        for (cname, cfg) in configs().into_iter().chain(sampled_configs()) {
             let stats = cpu.head_statistics(&x, &cfg).expect("cpu stats");
             let (want, want_rep) =
                 selection::build_index(&x.seqs, x.shape, &cfg, &stats).expect("core");
@@ -218,52 +220,6 @@ fn sampled_configs() -> Vec<(&'static str, FlexPrefillConfig)> {
             }),
         ),
     ]
-}
-
-/// The device cut on the CPU's sampled estimate selects core's blocks exactly (the rule is
-/// replayed in core's order), chunked and ragged inputs included.
-#[test]
-#[ignore = "needs an NVIDIA GPU"]
-fn sampled_device_cut_equals_core_on_the_same_statistics() {
-    let dev = device();
-    let stream = dev.stream().clone();
-    let cpu = CpuBackend::new();
-    let seed = seed();
-    let mut checked = 0;
-    for (what, owned) in inputs(seed) {
-        let x = owned.input().expect("input");
-        for (cname, cfg) in sampled_configs() {
-            let stats = cpu.head_statistics(&x, &cfg).expect("cpu stats");
-            let (want, want_rep) =
-                selection::build_index(&x.seqs, x.shape, &cfg, &stats).expect("core");
-            let layout = StatsLayout::for_mode(&x.seqs, x.shape, &cfg).expect("layout");
-            let mut dst = upload_stats(&stream, layout.clone(), &stats, false).expect("upload");
-            let sel =
-                launch_select::<half::bf16>(&dev, &stream, None, &mut dst, &cfg).expect("select");
-            let (got, got_rep) = sel
-                .to_host(&stream, &layout, Some(&stats))
-                .expect("download");
-            got.validate(cfg.forced).expect("device index valid");
-            for (g, w) in got_rep.iter().zip(&want_rep) {
-                assert_eq!(
-                    (g.pattern, g.selected_blocks),
-                    (w.pattern, w.selected_blocks),
-                    "{what} / {cname}: seq {} head {}",
-                    g.seq,
-                    g.head
-                );
-            }
-            let bad = diff_heads(&got, &want);
-            assert!(
-                bad.is_empty(),
-                "{what} / {cname}: heads {bad:?} select other blocks; first rows gpu {:?} cpu {:?}",
-                bad.first().map(|&(s, h)| got.row(s, h, 0).to_vec()),
-                bad.first().map(|&(s, h)| want.row(s, h, 0).to_vec()),
-            );
-            checked += want_rep.len();
-        }
-    }
-    eprintln!("sampled: identical selection on {checked} heads");
 }
 
 /// The whole sampled path on the device (estimate and cut) against the CPU's: the estimates

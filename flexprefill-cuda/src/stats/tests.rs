@@ -105,60 +105,21 @@ pub(crate) fn compare(
             );
         }
         let nkb = c.estimate.len();
-        assert_eq!(
-            g.rep_block_mass.len(),
-            c.rep_block_mass.len(),
-            "{what}: rep_block_mass length"
-        );
-        for (r, (a, b)) in g
-            .rep_block_mass
-            .chunks(nkb)
-            .zip(c.rep_block_mass.chunks(nkb))
-            .enumerate()
-        {
-            assert!(
-                a.iter().all(|x| x.is_finite()),
-                "{what} head {i} rep row {r}: non-finite"
-            );
-            let d = l1(a, b);
-            assert!(d <= line_tol, "{what} head {i} rep row {r}: L1 {d:e}");
-        }
-        assert_eq!(
-            g.probe_block_mass.len(),
-            c.probe_block_mass.len(),
-            "{what}: probe_block_mass length"
-        );
-        for (r, (a, b)) in g
-            .probe_block_mass
-            .chunks(nkb.max(1))
-            .zip(c.probe_block_mass.chunks(nkb.max(1)))
-            .enumerate()
-        {
-            assert!(
-                a.iter().all(|x| x.is_finite()),
-                "{what} head {i} probe {r}: non-finite"
-            );
-            let d = l1(a, b);
-            assert!(d <= line_tol, "{what} head {i} probe {r}: L1 {d:e}");
-        }
-        assert_eq!(
-            g.sampled_block_mass.len(),
-            c.sampled_block_mass.len(),
-            "{what}: sampled_block_mass length"
-        );
-        for (r, (a, b)) in g
-            .sampled_block_mass
-            .chunks(nkb.max(1))
-            .zip(c.sampled_block_mass.chunks(nkb.max(1)))
-            .enumerate()
-        {
-            assert!(
-                a.iter().all(|x| x.is_finite()),
-                "{what} head {i} sampled row {r}: non-finite (unwritten?)"
-            );
-            let d = l1(a, b);
-            worst = worst.max(d);
-            assert!(d <= line_tol, "{what} head {i} sampled row {r}: L1 {d:e}");
+        // Per-row block masses: representative rows, probes, sampled query blocks.
+        for (name, a, b) in [
+            ("rep row", &g.rep_block_mass, &c.rep_block_mass),
+            ("probe", &g.probe_block_mass, &c.probe_block_mass),
+            ("sampled row", &g.sampled_block_mass, &c.sampled_block_mass),
+        ] {
+            assert_eq!(a.len(), b.len(), "{what}: {name} block masses length");
+            for (r, (a, b)) in a.chunks(nkb.max(1)).zip(b.chunks(nkb.max(1))).enumerate() {
+                assert!(
+                    a.iter().all(|x| x.is_finite()),
+                    "{what} head {i} {name} {r}: non-finite (unwritten?)"
+                );
+                let d = l1(a, b);
+                assert!(d <= line_tol, "{what} head {i} {name} {r}: L1 {d:e}");
+            }
         }
         for (name, a, b) in [
             ("k_pooled", &g.k_pooled, &c.k_pooled),
