@@ -35,7 +35,10 @@ el() { echo "[$(( $(date +%s) - s ))s] $*"; }
 want() { case "$PARTS" in *" $1 "*) [ -z "${2:-}" ] || [ -x "$G/$2" ] ;; *) false ;; esac; }
 
 if want select bench_select; then
-  timeout 300 "$G/bench_select" "$SIZES" > "$OUT/bench_select.log" 2>&1
+  # BENCH_MODES (default faithful) and BENCH_GAMMAS (default 0.9,0.95): e.g.
+  # BENCH_MODES=original,faithful,sampled BENCH_GAMMAS=0.9 for the selection modes side by side.
+  timeout 300 "$G/bench_select" "$SIZES" "${BENCH_MODES:-faithful}" "${BENCH_GAMMAS:-0.9,0.95}" \
+    > "$OUT/bench_select.log" 2>&1
   el "bench_select rc=$?"
 fi
 if want attention flexprefill-cuda-bench; then
