@@ -14,15 +14,21 @@ const _: () = assert!(
     "the sampled rows must fill one m16 tile of the sampled statistics kernel"
 );
 
-/// Query heads per CTA for a GQA group of `group` query heads: the whole group up to 8 warps.
-fn heads_per_cta(group: usize) -> usize {
-    group.clamp(1, MAX_HEADS_PER_CTA)
+/// Dynamic shared memory of `stats_sampled` with `heads` query heads per CTA: the sampled
+/// rows of each warp's head and a double-buffered key tile, rows padded by 8 elements (the
+/// kernels' `DPAD`).
+fn smem(head_dim: usize, heads: usize) -> usize {
+    (heads * SAMPLED_TILE_ROWS + 2 * KT) * (head_dim + 8) * 2
 }
 
-/// Dynamic shared memory of `stats_sampled`: the sampled rows of each warp's head and a
-/// double-buffered key tile, rows padded by 8 elements (the kernels' `DPAD`).
-pub(super) fn smem(head_dim: usize, group: usize) -> usize {
-    (heads_per_cta(group) * SAMPLED_TILE_ROWS + 2 * KT) * (head_dim + 8) * 2
+/// Query heads per CTA for a GQA group of `group` query heads: the whole group up to 8 warps
+/// (every key tile loaded once for all of them), fewer where shared memory is short.
+fn heads_per_cta(group: usize, head_dim: usize, max_smem: usize) -> usize {
+    let mut hpc = group.clamp(1, MAX_HEADS_PER_CTA);
+    while hpc > 1 && smem(head_dim, hpc) > max_smem {
+        hpc -= 1;
+    }
+    hpc
 }
 
 /// Queues `stats_sampled` into `out` (`[Σ nqb · nkb · H]`, every element written). `sl` is
@@ -51,9 +57,9 @@ pub(super) fn launch<T: StatsElem>(
         "sampled_block_mass length",
     )?;
     let group = h / hkv;
-    let hpc = heads_per_cta(group);
-    let bytes = smem(d, group);
     let max_smem = dev.info().max_smem_per_block;
+    let hpc = heads_per_cta(group, d, max_smem);
+    let bytes = smem(d, hpc);
     if bytes > max_smem {
         return Err(CudaError::Unsupported {
             op: "head_statistics",
@@ -98,4 +104,21 @@ pub(super) fn launch<T: StatsElem>(
     }
     profile::mark(stream, "stats_sampled");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_per_cta_fit_shared_memory() {
+        // H200 (227 KiB): the whole group up to 8 heads, at every head_dim.
+        assert_eq!(heads_per_cta(4, 128, 227 * 1024), 4);
+        assert_eq!(heads_per_cta(16, 256, 227 * 1024), 8);
+        assert_eq!(smem(256, 8), (8 * 16 + 128) * 264 * 2);
+        // 99 KiB (sm_86): head_dim 256 with GQA 8 takes fewer heads per CTA.
+        let hpc = heads_per_cta(8, 256, 99 * 1024);
+        assert!(hpc < 8 && smem(256, hpc) <= 99 * 1024 && smem(256, hpc + 1) > 99 * 1024);
+        assert_eq!(heads_per_cta(1, 64, 48 * 1024), 1);
+    }
 }

@@ -377,3 +377,45 @@ fn statistics_match_the_cpu_oracle() {
         }
     }
 }
+
+/// The sampled estimate's per-(sequence, head) ranges tile its buffer exactly (the kernels
+/// index it as `qk_off · H + (h · nqb + r) · nkb + c`, the host with `sampled_offset`), and
+/// `for_mode` asks for it only in the sampled mode.
+#[test]
+fn sampled_offsets_tile_the_estimate_buffer() {
+    let seqs = [
+        Sequence::whole(1000),
+        Sequence {
+            q_start: 1000,
+            k_start: 1000,
+            q_len: 300,
+            kv_len: 1300,
+        },
+        Sequence {
+            q_start: 1300,
+            k_start: 2300,
+            q_len: 7,
+            kv_len: 7,
+        },
+    ];
+    let shape = AttentionShape::new(3, 1, 64).expect("shape");
+    let sampled = with_config(FlexPrefillConfig::default(), |c| {
+        c.selection = SelectionMode::Sampled;
+        c.block_size = 64;
+    });
+    let l = StatsLayout::for_mode(&seqs, shape, &sampled).expect("layout");
+    assert!(l.sampled && !l.probes);
+    let faithful = with_config(sampled, |c| c.selection = SelectionMode::Faithful);
+    let f = StatsLayout::for_mode(&seqs, shape, &faithful).expect("layout");
+    assert!(!f.sampled && f.probes);
+    let mut covered = vec![0u8; l.total_query_key_blocks() * 3];
+    for (si, s) in seqs.iter().enumerate() {
+        let n = s.num_query_blocks(64) * s.num_key_blocks(64);
+        for head in 0..3 {
+            let o = l.sampled_offset(si, head);
+            covered[o..o + n].iter_mut().for_each(|c| *c += 1);
+        }
+    }
+    assert!(covered.iter().all(|&c| c == 1), "{covered:?}");
+    assert_eq!(l.total_query_key_blocks(), 16 * 16 + 5 * 21 + 1);
+}
