@@ -67,7 +67,8 @@ fn spill_stores(log: &str, name: &str) -> Option<usize> {
         .and_then(|n| n.parse().ok())
 }
 
-/// The sampled mode's kernels (`stats_sampled`, `sel_sampled_cut`) compile without register
+/// The sampled mode's kernels (`stats_sampled` and its one-pass variant, `sel_sampled_cut`)
+/// compile without register
 /// spills for both architectures, both dtypes and the head dims the statistics take.
 #[test]
 #[ignore = "needs NVRTC (libnvrtc.so)"]
@@ -85,9 +86,11 @@ fn sampled_kernels_compile_without_spills() {
                 let key = stats_key(dtype, d, false, PassPath::Mma);
                 let (_, log) = compile_offline(&STATS, &key, arch)
                     .unwrap_or_else(|e| panic!("stats {dtype} d{d} sm{arch:?}: {e}"));
-                match spill_stores(&log, "stats_sampled") {
-                    Some(0) => {}
-                    other => bad.push(format!("stats_sampled {dtype} d{d} sm{arch:?}: {other:?}")),
+                for name in ["stats_sampled", "stats_sampled_1p"] {
+                    match spill_stores(&log, name) {
+                        Some(0) => {}
+                        other => bad.push(format!("{name} {dtype} d{d} sm{arch:?}: {other:?}")),
+                    }
                 }
             }
         }

@@ -209,3 +209,187 @@ stats_sampled(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const 
     if (active)
         for (unsigned c = (unsigned)last / bs + 1 + lane; c < sd.nkb; c += 32) orow[c] = 0.f;
 }
+
+// ---- one pass (opt-in: FLEXPREFILL_SAMPLED_ONEPASS=1) ----------------------------------------
+//
+// The same estimate from one pass over the keys instead of two: each row keeps one running max
+// shared by its quad (so the quad's partial sums share a reference), each key block's sum is
+// taken relative to the running max when the block ends and stored with that max in the CTA's
+// slot of `scratch` ([slot][warp][16 rows][max_nkb] (sum, max) pairs); once the row's final max
+// M and sum L are known, block c of row i is (f32) s·exp2((m − M)·s_l) · (1/L) and the rows are
+// averaged in f64 in order as in the two-pass kernel. Persistent: gridDim.x slots take the
+// (query block, kv head, group slice) items from `counter` (zeroed by the host), longest rows
+// first. Same grid semantics otherwise; dynamic smem as stats_sampled plus 2·16 floats a warp.
+extern "C" __global__ void __launch_bounds__(256)
+stats_sampled_1p(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const SeqDesc* __restrict__ seqs,
+                 const unsigned* __restrict__ qb_seq, unsigned total_qb, int num_heads, int num_kv_heads,
+                 int heads_per_cta, int block_size, float sl, float* __restrict__ out,
+                 unsigned* __restrict__ counter, unsigned zdim, unsigned max_nkb, float2* __restrict__ scratch) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __shared__ unsigned item_s;
+    const int nwarps = blockDim.x / 32;
+    elem_t* qs = (elem_t*)smem_raw;                      // [warp][16][DPAD]
+    elem_t* ks = qs + nwarps * SP_ROWS * DPAD;           // [2][KT][DPAD]
+    float* row_ml = (float*)(ks + 2 * KT * DPAD);        // [warp][16][2]: M·s_l, 1/L
+    const int group = num_heads / num_kv_heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q4 = lane % 4, g4 = lane / 4;
+    const unsigned bs = block_size, total_items = total_qb * (unsigned)num_kv_heads * zdim;
+    const int seg = bs < KT ? (int)bs : KT;
+    float2* slot = scratch + ((size_t)blockIdx.x * nwarps + warp) * SP_ROWS * max_nkb;
+    for (;;) {
+        if (threadIdx.x == 0) item_s = atomicAdd(counter, 1u);
+        __syncthreads();
+        const unsigned item = item_s;
+        __syncthreads();  // every thread holds the item before thread 0 takes the next
+        if (item >= total_items) break;
+        const unsigned per_qb = (unsigned)num_kv_heads * zdim;
+        const unsigned gb = total_qb - 1 - item / per_qb;
+        const int hk = (int)((item % per_qb) / zdim), g0 = (int)(item % zdim) * heads_per_cta;
+        const unsigned s = qb_seq[gb];
+        const SeqDesc sd = seqs[s];
+        const unsigned r = gb - sd.qb_off;
+        const bool active = g0 + warp < group;
+        const int h = hk * group + g0 + warp;
+        const unsigned first = r * bs, rows = min(bs, sd.q_len - first);
+        const unsigned S = min((unsigned)SP_ROWS, rows);
+        const int base = (int)(sd.kv_len - sd.q_len + first);
+        const int last = base + (int)rows - 1;
+        const unsigned nkeys = (unsigned)last + 1, ntiles = (nkeys + KT - 1) / KT;
+        {
+            constexpr int CHUNKS = HEAD_DIM / 8;
+            for (int c = threadIdx.x; c < nwarps * SP_ROWS * CHUNKS; c += blockDim.x) {
+                const int w = c / (SP_ROWS * CHUNKS), i = (c / CHUNKS) % SP_ROWS, col = (c % CHUNKS) * 8;
+                const bool valid = g0 + w < group && (unsigned)i < S;
+                const unsigned tok = sd.q_start + first + (valid ? sampled_row(rows, S, i) : 0u);
+                const int hh = hk * group + (valid ? g0 + w : 0);
+                const elem_t* src = q + ((size_t)tok * num_heads + hh) * HEAD_DIM + col;
+                cp_async_16(smem_u32(qs + (w * SP_ROWS + i) * DPAD + col), src, valid);
+            }
+        }
+        int lim_row[2];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            const unsigned i = g4 + 8 * rr;
+            lim_row[rr] = i < S ? base + (int)sampled_row(rows, S, i) : -1;
+        }
+        float m[2] = {-F32_INF, -F32_INF}, l[2] = {0.f, 0.f}, bm[2] = {0.f, 0.f};
+        sampled_load_k(ks, k, sd, 0, nkeys, hk, num_kv_heads);
+        cp_async_commit();
+        for (unsigned t = 0; t < ntiles; ++t) {
+            if (t + 1 < ntiles) {
+                sampled_load_k(ks + ((t + 1) & 1) * KT * DPAD, k, sd, (t + 1) * KT, nkeys, hk, num_kv_heads);
+                cp_async_commit();
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            __syncthreads();
+            if (active) {
+                const unsigned j0 = t * KT;
+                float acc[KT / 8][4];
+                qk_tile(acc, qs, ks + (t & 1) * KT * DPAD, 0, warp, lane);
+                // The mask, then the quad's running max (one reference for its partial sums).
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr) {
+                    const int lim = lim_row[rr] - (int)j0 - 2 * q4;
+                    float tmax = -F32_INF;
+#pragma unroll
+                    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const float x = nt * 8 + e <= lim ? acc[nt][2 * rr + e] : -F32_INF;
+                            acc[nt][2 * rr + e] = x;
+                            tmax = fmaxf(tmax, x);
+                        }
+                    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+                    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+                    if (tmax > m[rr]) {
+                        const float f = m[rr] == -F32_INF ? 0.f : fast_exp2((m[rr] - tmax) * sl);
+                        l[rr] *= f;
+                        bm[rr] *= f;
+                        m[rr] = tmax;
+                    }
+                }
+                float segsum[2] = {0.f, 0.f};
+#pragma unroll
+                for (int nt = 0; nt < KT / 8; ++nt) {
+#pragma unroll
+                    for (int rr = 0; rr < 2; ++rr) {
+                        const float ms = m[rr] * sl;
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const float x = acc[nt][2 * rr + e];
+                            const float p = x == -F32_INF ? 0.f : fast_exp2(fmaf(x, sl, -ms));
+                            segsum[rr] += p;
+                            l[rr] += p;
+                        }
+                    }
+                    if (((nt + 1) * 8) % seg == 0) {
+                        const unsigned seg_first = j0 + (nt + 1) * 8 - seg;
+                        if (seg_first < nkeys) {
+                            float tsum[2];
+#pragma unroll
+                            for (int rr = 0; rr < 2; ++rr) {
+                                float x = segsum[rr];
+                                x += __shfl_xor_sync(0xffffffffu, x, 1);
+                                x += __shfl_xor_sync(0xffffffffu, x, 2);
+                                segsum[rr] = 0.f;
+                                tsum[rr] = x;
+                            }
+                            const unsigned c = seg_first / bs;
+                            bool emit = true;
+                            if ((int)bs > KT) {
+                                bm[0] += tsum[0];
+                                bm[1] += tsum[1];
+                                tsum[0] = bm[0];
+                                tsum[1] = bm[1];
+                                emit = (j0 + KT) % bs == 0 || j0 + KT >= nkeys;
+                            }
+                            if (emit) {
+                                if (q4 == 0) {
+                                    slot[(size_t)g4 * max_nkb + c] = make_float2(tsum[0], m[0]);
+                                    slot[(size_t)(g4 + 8) * max_nkb + c] = make_float2(tsum[1], m[1]);
+                                }
+                                bm[0] = 0.f;
+                                bm[1] = 0.f;
+                            }
+                        }
+                    }
+                }
+            }
+            __syncthreads();  // the buffer is refilled by the next iteration's load
+        }
+        if (active) {
+            // Each row's sum over its quad (one reference max: a plain fixed tree), then the
+            // block values of the S rows averaged in f64, rows in order.
+            float* ml = row_ml + warp * SP_ROWS * 2;
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+                float x = l[rr];
+                x += __shfl_xor_sync(0xffffffffu, x, 1);
+                x += __shfl_xor_sync(0xffffffffu, x, 2);
+                if (q4 == 0) {
+                    ml[(g4 + 8 * rr) * 2] = m[rr];
+                    ml[(g4 + 8 * rr) * 2 + 1] = x > 0.f ? 1.f / x : 0.f;
+                }
+            }
+            __syncwarp();
+            float* orow = out + (size_t)sd.qk_off * num_heads + ((size_t)h * sd.nqb + r) * sd.nkb;
+            const unsigned nblk = (unsigned)last / bs + 1;
+            for (unsigned c = lane; c < sd.nkb; c += 32) {
+                if (c >= nblk) {
+                    orow[c] = 0.f;
+                    continue;
+                }
+                double a = 0.0;
+                for (unsigned i = 0; i < S; ++i) {
+                    const float2 v = slot[(size_t)i * max_nkb + c];
+                    const float M = ml[i * 2], inv = ml[i * 2 + 1];
+                    a += (double)(v.x * fast_exp2((v.y - M) * sl) * inv);
+                }
+                orow[c] = (float)(a / (double)S);
+            }
+        }
+        __syncthreads();  // shared rows and the slot are reused by the next item
+    }
+}

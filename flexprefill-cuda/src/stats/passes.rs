@@ -292,6 +292,7 @@ pub(crate) fn launch_stats_in<T: StatsElem>(
         sampled::launch(
             dev,
             stream,
+            scratch,
             &kkey,
             q,
             k,

@@ -31,12 +31,26 @@ fn heads_per_cta(group: usize, head_dim: usize, max_smem: usize) -> usize {
     hpc
 }
 
+/// CTAs per SM of the one-pass kernel's persistent grid (each holds a scratch slot).
+const ONEPASS_CTAS_PER_SM: usize = 4;
+/// Static shared memory the one-pass kernel may hold beside its dynamic shared memory.
+const ONEPASS_STATIC_SMEM: usize = 1024;
+
+/// `FLEXPREFILL_SAMPLED_ONEPASS=1`: the one-pass kernel (`stats_sampled_1p`), which reads
+/// every key once instead of twice at the cost of a scratch of (sum, max) pairs per sampled
+/// row and key block for each resident CTA. Read when a call is queued (or a workspace
+/// planned: its size includes the scratch only when set then).
+fn one_pass() -> bool {
+    std::env::var("FLEXPREFILL_SAMPLED_ONEPASS").is_ok_and(|v| v.trim() == "1")
+}
+
 /// Queues `stats_sampled` into `out` (`[Σ nqb · nkb · H]`, every element written). `sl` is
 /// the estimation scale times log2 e. No host synchronisation.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn launch<T: StatsElem>(
     dev: &CudaDevice,
     stream: &Arc<CudaStream>,
+    scratch: &mut Scratch<'_>,
     kkey: &KernelKey,
     q: &CudaSlice<T>,
     k: &CudaSlice<T>,
@@ -70,6 +84,11 @@ pub(super) fn launch<T: StatsElem>(
     }
     if layout.total_qb == 0 {
         return Ok(());
+    }
+    if one_pass() {
+        return launch_one_pass(
+            dev, stream, scratch, kkey, q, k, descs, qb_seq, layout, sl, out, hpc, bytes,
+        );
     }
     let f = dev.function(&STATS, kkey, "stats_sampled", max_smem)?;
     let grid = (
@@ -121,4 +140,85 @@ mod tests {
         assert!(hpc < 8 && smem(256, hpc) <= 99 * 1024 && smem(256, hpc + 1) > 99 * 1024);
         assert_eq!(heads_per_cta(1, 64, 48 * 1024), 1);
     }
+}
+
+/// The one-pass variant (`stats_sampled_1p`): a persistent grid of `ONEPASS_CTAS_PER_SM` CTAs
+/// per SM taking the (query block, kv head, group slice) items from a zeroed counter.
+#[allow(clippy::too_many_arguments)]
+fn launch_one_pass<T: StatsElem>(
+    dev: &CudaDevice,
+    stream: &Arc<CudaStream>,
+    scratch: &mut Scratch<'_>,
+    kkey: &KernelKey,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    descs: &CudaSlice<SeqDesc>,
+    qb_seq: &CudaSlice<u32>,
+    layout: &StatsLayout,
+    sl: f32,
+    out: &mut Buf<f32>,
+    hpc: usize,
+    two_pass_bytes: usize,
+) -> Result<()> {
+    let (h, hkv) = (layout.shape.num_heads, layout.shape.num_kv_heads);
+    let group = h / hkv;
+    let bytes = two_pass_bytes + hpc * SAMPLED_TILE_ROWS * 2 * 4;
+    let limit = dev.info().max_smem_per_block - ONEPASS_STATIC_SMEM;
+    if bytes > limit {
+        return Err(CudaError::Unsupported {
+            op: "head_statistics",
+            message: format!(
+                "the one-pass sampled estimate needs {bytes} bytes of shared memory (device: {limit})"
+            ),
+        });
+    }
+    let zdim = group.div_ceil(hpc);
+    let items = layout.total_qb * hkv * zdim;
+    let slots = items.min(dev.info().sm_count.max(1) * ONEPASS_CTAS_PER_SM);
+    let max_nkb = layout
+        .seqs
+        .iter()
+        .map(|s| s.num_key_blocks(layout.block_size))
+        .max()
+        .unwrap_or(1);
+    let f = dev.function(&STATS, kkey, "stats_sampled_1p", limit)?;
+    let mut counter = scratch.zeros::<u32>(stream, 1)?;
+    // SAFETY: stats_sampled_1p writes each (sum, max) pair of its slot before it reads it
+    // (every key block of the item's row, then the read-back of exactly those blocks).
+    let mut pairs = unsafe {
+        scratch.take::<[f32; 2]>(stream, (slots * hpc * SAMPLED_TILE_ROWS * max_nkb).max(1))
+    }?;
+    let (total_qb, h_i, hkv_i, hpc_i, bs_i) = (
+        layout::to_u32(layout.total_qb, "query blocks")?,
+        h as i32,
+        hkv as i32,
+        hpc as i32,
+        layout.block_size as i32,
+    );
+    layout::to_u32(items, "sampled work items")?;
+    let (zdim_u, max_nkb_u) = (zdim as u32, layout::to_u32(max_nkb, "key blocks")?);
+    // SAFETY: the arguments match `stats_sampled_1p` in kernels/stats/sampled.cu; q, k, descs,
+    // qb_seq and out as for stats_sampled; the counter starts at 0; `pairs` holds
+    // slots · hpc · 16 · max_nkb pairs, the most the kernel's slots index.
+    unsafe {
+        Launch::new(stream, &f, (slots as u32, 1, 1), (32 * hpc) as u32, bytes)
+            .arg(q)
+            .arg(k)
+            .arg(descs)
+            .arg(qb_seq)
+            .arg(&total_qb)
+            .arg(&h_i)
+            .arg(&hkv_i)
+            .arg(&hpc_i)
+            .arg(&bs_i)
+            .arg(&sl)
+            .arg(out)
+            .arg(&mut counter)
+            .arg(&zdim_u)
+            .arg(&max_nkb_u)
+            .arg(&mut pairs)
+            .launch()?;
+    }
+    profile::mark(stream, "stats_sampled_1p");
+    Ok(())
 }
