@@ -125,23 +125,6 @@ pub(super) fn launch<T: StatsElem>(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn heads_per_cta_fit_shared_memory() {
-        // H200 (227 KiB): the whole group up to 8 heads, at every head_dim.
-        assert_eq!(heads_per_cta(4, 128, 227 * 1024), 4);
-        assert_eq!(heads_per_cta(16, 256, 227 * 1024), 8);
-        assert_eq!(smem(256, 8), (8 * 16 + 128) * 264 * 2);
-        // 99 KiB (sm_86): head_dim 256 with GQA 8 takes fewer heads per CTA.
-        let hpc = heads_per_cta(8, 256, 99 * 1024);
-        assert!(hpc < 8 && smem(256, hpc) <= 99 * 1024 && smem(256, hpc + 1) > 99 * 1024);
-        assert_eq!(heads_per_cta(1, 64, 48 * 1024), 1);
-    }
-}
-
 /// The one-pass variant (`stats_sampled_1p`): a persistent grid of `ONEPASS_CTAS_PER_SM` CTAs
 /// per SM taking the (query block, kv head, group slice) items from a zeroed counter.
 #[allow(clippy::too_many_arguments)]
@@ -221,4 +204,21 @@ fn launch_one_pass<T: StatsElem>(
     }
     profile::mark(stream, "stats_sampled_1p");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_per_cta_fit_shared_memory() {
+        // H200 (227 KiB): the whole group up to 8 heads, at every head_dim.
+        assert_eq!(heads_per_cta(4, 128, 227 * 1024), 4);
+        assert_eq!(heads_per_cta(16, 256, 227 * 1024), 8);
+        assert_eq!(smem(256, 8), (8 * 16 + 128) * 264 * 2);
+        // 99 KiB (sm_86): head_dim 256 with GQA 8 takes fewer heads per CTA.
+        let hpc = heads_per_cta(8, 256, 99 * 1024);
+        assert!(hpc < 8 && smem(256, hpc) <= 99 * 1024 && smem(256, hpc + 1) > 99 * 1024);
+        assert_eq!(heads_per_cta(1, 64, 48 * 1024), 1);
+    }
 }
