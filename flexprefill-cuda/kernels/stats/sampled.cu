@@ -50,6 +50,52 @@ FP_DEVICE float sampled_row_mean(const float (&t)[2], unsigned S) {
     return (float)(acc / (double)S);
 }
 
+// Query block `gb` of the batch as both kernels see it: its sequence, its rows, the S
+// sampled ones, the position of its first query (`base`) and the last key any of its rows
+// sees (`last`), the keys and key tiles that covers.
+struct SampledBlock {
+    SeqDesc sd;
+    unsigned r, first, rows, S, nkeys, ntiles;
+    int base, last;
+};
+FP_DEVICE SampledBlock sampled_block(const SeqDesc* __restrict__ seqs, const unsigned* __restrict__ qb_seq,
+                                     unsigned gb, unsigned bs) {
+    SampledBlock b;
+    b.sd = seqs[qb_seq[gb]];
+    b.r = gb - b.sd.qb_off;
+    b.first = b.r * bs;
+    b.rows = min(bs, b.sd.q_len - b.first);
+    b.S = min((unsigned)SP_ROWS, b.rows);
+    b.base = (int)(b.sd.kv_len - b.sd.q_len + b.first);
+    b.last = b.base + (int)b.rows - 1;
+    b.nkeys = (unsigned)b.last + 1;
+    b.ntiles = (b.nkeys + KT - 1) / KT;
+    return b;
+}
+
+// The sampled rows of heads g0.. of kv head hk's group into shared (one 16-row tile per
+// warp; rows ≥ S and heads past the group zeroed), every thread of the CTA taking part; and
+// the last key of this thread's two rows (g4, g4 + 8), -1 past the sampled rows.
+FP_DEVICE void sampled_load_rows(elem_t* qs, const elem_t* __restrict__ q, const SampledBlock& b, int hk,
+                                 int group, int g0, int num_heads, int (&lim_row)[2]) {
+    constexpr int CHUNKS = HEAD_DIM / 8;
+    const int nwarps = blockDim.x / 32;
+    for (int c = threadIdx.x; c < nwarps * SP_ROWS * CHUNKS; c += blockDim.x) {
+        const int w = c / (SP_ROWS * CHUNKS), i = (c / CHUNKS) % SP_ROWS, col = (c % CHUNKS) * 8;
+        const bool valid = g0 + w < group && (unsigned)i < b.S;
+        const unsigned tok = b.sd.q_start + b.first + (valid ? sampled_row(b.rows, b.S, i) : 0u);
+        const int hh = hk * group + (valid ? g0 + w : 0);
+        const elem_t* src = q + ((size_t)tok * num_heads + hh) * HEAD_DIM + col;
+        cp_async_16(smem_u32(qs + (w * SP_ROWS + i) * DPAD + col), src, valid);
+    }
+    const unsigned g4 = (threadIdx.x % 32) / 4;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const unsigned i = g4 + 8 * rr;
+        lim_row[rr] = i < b.S ? b.base + (int)sampled_row(b.rows, b.S, i) : -1;
+    }
+}
+
 // Grid (Σ nqb, Hkv, ceil(group / heads_per_cta)), 32·heads_per_cta threads; dynamic smem
 // (heads_per_cta·16 + 2·KT)·DPAD elements. Query blocks are taken from the last one of the batch
 // down (the longest rows first, so the short ones fill the tail of the launch). `sl` = scale ·
@@ -62,41 +108,18 @@ stats_sampled(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const 
     const int nwarps = blockDim.x / 32;
     elem_t* qs = (elem_t*)smem_raw;             // [warp][16][DPAD]
     elem_t* ks = qs + nwarps * SP_ROWS * DPAD;  // [2][KT][DPAD]
-    const unsigned gb = total_qb - 1 - blockIdx.x;
-    const unsigned s = qb_seq[gb];
-    const SeqDesc sd = seqs[s];
-    const unsigned r = gb - sd.qb_off;
+    const unsigned bs = block_size;
+    const SampledBlock b = sampled_block(seqs, qb_seq, total_qb - 1 - blockIdx.x, bs);
+    const SeqDesc& sd = b.sd;
+    const unsigned r = b.r, S = b.S, nkeys = b.nkeys, ntiles = b.ntiles;
+    const int last = b.last;
     const int group = num_heads / num_kv_heads, hk = blockIdx.y;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q4 = lane % 4, g4 = lane / 4;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q4 = lane % 4;
     const int g0 = blockIdx.z * heads_per_cta;  // first head of the group this CTA holds
     const bool active = g0 + warp < group;
     const int h = hk * group + g0 + warp;
-    const unsigned bs = block_size, first = r * bs;
-    const unsigned rows = min(bs, sd.q_len - first);
-    const unsigned S = min((unsigned)SP_ROWS, rows);
-    const int base = (int)(sd.kv_len - sd.q_len + first);  // position of the block's first query
-    const int last = base + (int)rows - 1;                  // the last key any sampled row sees
-    const unsigned nkeys = (unsigned)last + 1, ntiles = (nkeys + KT - 1) / KT;
-
-    // The sampled rows of every head of the slice (rows ≥ S and heads past the group zeroed).
-    {
-        constexpr int CHUNKS = HEAD_DIM / 8;
-        for (int c = threadIdx.x; c < nwarps * SP_ROWS * CHUNKS; c += blockDim.x) {
-            const int w = c / (SP_ROWS * CHUNKS), i = (c / CHUNKS) % SP_ROWS, col = (c % CHUNKS) * 8;
-            const bool valid = g0 + w < group && (unsigned)i < S;
-            const unsigned tok = sd.q_start + first + (valid ? sampled_row(rows, S, i) : 0u);
-            const int hh = hk * group + (valid ? g0 + w : 0);
-            const elem_t* src = q + ((size_t)tok * num_heads + hh) * HEAD_DIM + col;
-            cp_async_16(smem_u32(qs + (w * SP_ROWS + i) * DPAD + col), src, valid);
-        }
-    }
-    // The last key of this thread's two rows (g4, g4 + 8), -1 past the sampled rows.
     int lim_row[2];
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-        const unsigned i = g4 + 8 * rr;
-        lim_row[rr] = i < S ? base + (int)sampled_row(rows, S, i) : -1;
-    }
+    sampled_load_rows(qs, q, b, hk, group, g0, num_heads, lim_row);
     float m[2] = {-F32_INF, -F32_INF}, l[2] = {0.f, 0.f};  // pass 1: online max / sum (raw max)
     float ms[2] = {0.f, 0.f}, inv[2] = {0.f, 0.f};         // pass 2: max · sl and 1 / sum
     float bm[2] = {0.f, 0.f};                              // a block wider than a tile, so far
@@ -245,33 +268,14 @@ stats_sampled_1p(const elem_t* __restrict__ q, const elem_t* __restrict__ k, con
         const unsigned per_qb = (unsigned)num_kv_heads * zdim;
         const unsigned gb = total_qb - 1 - item / per_qb;
         const int hk = (int)((item % per_qb) / zdim), g0 = (int)(item % zdim) * heads_per_cta;
-        const unsigned s = qb_seq[gb];
-        const SeqDesc sd = seqs[s];
-        const unsigned r = gb - sd.qb_off;
+        const SampledBlock b = sampled_block(seqs, qb_seq, gb, bs);
+        const SeqDesc& sd = b.sd;
+        const unsigned r = b.r, S = b.S, nkeys = b.nkeys, ntiles = b.ntiles;
+        const int last = b.last;
         const bool active = g0 + warp < group;
         const int h = hk * group + g0 + warp;
-        const unsigned first = r * bs, rows = min(bs, sd.q_len - first);
-        const unsigned S = min((unsigned)SP_ROWS, rows);
-        const int base = (int)(sd.kv_len - sd.q_len + first);
-        const int last = base + (int)rows - 1;
-        const unsigned nkeys = (unsigned)last + 1, ntiles = (nkeys + KT - 1) / KT;
-        {
-            constexpr int CHUNKS = HEAD_DIM / 8;
-            for (int c = threadIdx.x; c < nwarps * SP_ROWS * CHUNKS; c += blockDim.x) {
-                const int w = c / (SP_ROWS * CHUNKS), i = (c / CHUNKS) % SP_ROWS, col = (c % CHUNKS) * 8;
-                const bool valid = g0 + w < group && (unsigned)i < S;
-                const unsigned tok = sd.q_start + first + (valid ? sampled_row(rows, S, i) : 0u);
-                const int hh = hk * group + (valid ? g0 + w : 0);
-                const elem_t* src = q + ((size_t)tok * num_heads + hh) * HEAD_DIM + col;
-                cp_async_16(smem_u32(qs + (w * SP_ROWS + i) * DPAD + col), src, valid);
-            }
-        }
         int lim_row[2];
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            const unsigned i = g4 + 8 * rr;
-            lim_row[rr] = i < S ? base + (int)sampled_row(rows, S, i) : -1;
-        }
+        sampled_load_rows(qs, q, b, hk, group, g0, num_heads, lim_row);
         float m[2] = {-F32_INF, -F32_INF}, l[2] = {0.f, 0.f}, bm[2] = {0.f, 0.f};
         sampled_load_k(ks, k, sd, 0, nkeys, hk, num_kv_heads);
         cp_async_commit();

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::launch::Launch;
+use cudarc::driver::CudaFunction;
 use flexprefill_core::selection::SAMPLED_ROWS;
 
 /// The kernel's rows per warp (one m16 tile) and the most query heads of a GQA group one CTA
@@ -44,8 +45,47 @@ fn one_pass() -> bool {
     std::env::var("FLEXPREFILL_SAMPLED_ONEPASS").is_ok_and(|v| v.trim() == "1")
 }
 
-/// Queues `stats_sampled` into `out` (`[Σ nqb · nkb · H]`, every element written). `sl` is
-/// the estimation scale times log2 e. No host synchronisation.
+/// What both kernels open with: q, k, the sequence descriptors, the query block → sequence
+/// table, then Σ nqb, heads, kv heads, heads per CTA, block size, `sl`, the estimate.
+struct SampledArgs<'a, T> {
+    q: &'a CudaSlice<T>,
+    k: &'a CudaSlice<T>,
+    descs: &'a CudaSlice<SeqDesc>,
+    qb_seq: &'a CudaSlice<u32>,
+    total_qb: u32,
+    sizes: [i32; 4],
+    sl: f32,
+}
+
+impl<'a, T: DeviceRepr> SampledArgs<'a, T> {
+    /// A launch of `f` with the shared arguments pushed; the caller pushes the rest.
+    fn launch(
+        &'a self,
+        stream: &'a CudaStream,
+        f: &'a CudaFunction,
+        grid: (u32, u32, u32),
+        smem: usize,
+        out: &'a mut Buf<f32>,
+    ) -> Launch<'a> {
+        let [h, hkv, hpc, bs] = &self.sizes;
+        Launch::new(stream, f, grid, (32 * *hpc) as u32, smem)
+            .arg(self.q)
+            .arg(self.k)
+            .arg(self.descs)
+            .arg(self.qb_seq)
+            .arg(&self.total_qb)
+            .arg(h)
+            .arg(hkv)
+            .arg(hpc)
+            .arg(bs)
+            .arg(&self.sl)
+            .arg(out)
+    }
+}
+
+/// Queues `stats_sampled` (or `stats_sampled_1p`, see [`one_pass`]) into `out`
+/// (`[Σ nqb · nkb · H]`, every element written). `sl` is the estimation scale times log2 e.
+/// No host synchronisation.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn launch<T: StatsElem>(
     dev: &CudaDevice,
@@ -85,42 +125,25 @@ pub(super) fn launch<T: StatsElem>(
     if layout.total_qb == 0 {
         return Ok(());
     }
+    let args = SampledArgs {
+        q,
+        k,
+        descs,
+        qb_seq,
+        total_qb: layout::to_u32(layout.total_qb, "query blocks")?,
+        sizes: [h as i32, hkv as i32, hpc as i32, layout.block_size as i32],
+        sl,
+    };
+    let zdim = group.div_ceil(hpc);
     if one_pass() {
-        return launch_one_pass(
-            dev, stream, scratch, kkey, q, k, descs, qb_seq, layout, sl, out, hpc, bytes,
-        );
+        return launch_one_pass(dev, stream, scratch, kkey, &args, layout, out, zdim, bytes);
     }
     let f = dev.function(&STATS, kkey, "stats_sampled", max_smem)?;
-    let grid = (
-        layout::to_u32(layout.total_qb, "query blocks")?,
-        hkv as u32,
-        group.div_ceil(hpc) as u32,
-    );
-    let (total_qb, h_i, hkv_i, hpc_i, bs_i) = (
-        layout.total_qb as u32,
-        h as i32,
-        hkv as i32,
-        hpc as i32,
-        layout.block_size as i32,
-    );
+    let grid = (args.total_qb, hkv as u32, zdim as u32);
     // SAFETY: the arguments match `stats_sampled` in kernels/stats/sampled.cu; q and k hold
     // every token of the layout's sequences (checked by the caller), qb_seq has Σ nqb entries,
     // and `out` Σ nqb · nkb · H floats, the most the kernel indexes.
-    unsafe {
-        Launch::new(stream, &f, grid, (32 * hpc) as u32, bytes)
-            .arg(q)
-            .arg(k)
-            .arg(descs)
-            .arg(qb_seq)
-            .arg(&total_qb)
-            .arg(&h_i)
-            .arg(&hkv_i)
-            .arg(&hpc_i)
-            .arg(&bs_i)
-            .arg(&sl)
-            .arg(out)
-            .launch()?;
-    }
+    unsafe { args.launch(stream, &f, grid, bytes, out).launch() }?;
     profile::mark(stream, "stats_sampled");
     Ok(())
 }
@@ -133,18 +156,13 @@ fn launch_one_pass<T: StatsElem>(
     stream: &Arc<CudaStream>,
     scratch: &mut Scratch<'_>,
     kkey: &KernelKey,
-    q: &CudaSlice<T>,
-    k: &CudaSlice<T>,
-    descs: &CudaSlice<SeqDesc>,
-    qb_seq: &CudaSlice<u32>,
+    args: &SampledArgs<'_, T>,
     layout: &StatsLayout,
-    sl: f32,
     out: &mut Buf<f32>,
-    hpc: usize,
+    zdim: usize,
     two_pass_bytes: usize,
 ) -> Result<()> {
-    let (h, hkv) = (layout.shape.num_heads, layout.shape.num_kv_heads);
-    let group = h / hkv;
+    let hpc = args.sizes[2] as usize;
     let bytes = two_pass_bytes + hpc * SAMPLED_TILE_ROWS * 2 * 4;
     let limit = dev.info().max_smem_per_block - ONEPASS_STATIC_SMEM;
     if bytes > limit {
@@ -155,8 +173,8 @@ fn launch_one_pass<T: StatsElem>(
             ),
         });
     }
-    let zdim = group.div_ceil(hpc);
-    let items = layout.total_qb * hkv * zdim;
+    let items = layout.total_qb * layout.shape.num_kv_heads * zdim;
+    layout::to_u32(items, "sampled work items")?;
     let slots = items.min(dev.info().sm_count.max(1) * ONEPASS_CTAS_PER_SM);
     let max_nkb = layout
         .seqs
@@ -171,37 +189,18 @@ fn launch_one_pass<T: StatsElem>(
     let mut pairs = unsafe {
         scratch.take::<[f32; 2]>(stream, (slots * hpc * SAMPLED_TILE_ROWS * max_nkb).max(1))
     }?;
-    let (total_qb, h_i, hkv_i, hpc_i, bs_i) = (
-        layout::to_u32(layout.total_qb, "query blocks")?,
-        h as i32,
-        hkv as i32,
-        hpc as i32,
-        layout.block_size as i32,
-    );
-    layout::to_u32(items, "sampled work items")?;
     let (zdim_u, max_nkb_u) = (zdim as u32, layout::to_u32(max_nkb, "key blocks")?);
     // SAFETY: the arguments match `stats_sampled_1p` in kernels/stats/sampled.cu; q, k, descs,
     // qb_seq and out as for stats_sampled; the counter starts at 0; `pairs` holds
     // slots · hpc · 16 · max_nkb pairs, the most the kernel's slots index.
     unsafe {
-        Launch::new(stream, &f, (slots as u32, 1, 1), (32 * hpc) as u32, bytes)
-            .arg(q)
-            .arg(k)
-            .arg(descs)
-            .arg(qb_seq)
-            .arg(&total_qb)
-            .arg(&h_i)
-            .arg(&hkv_i)
-            .arg(&hpc_i)
-            .arg(&bs_i)
-            .arg(&sl)
-            .arg(out)
+        args.launch(stream, &f, (slots as u32, 1, 1), bytes, out)
             .arg(&mut counter)
             .arg(&zdim_u)
             .arg(&max_nkb_u)
             .arg(&mut pairs)
-            .launch()?;
-    }
+            .launch()
+    }?;
     profile::mark(stream, "stats_sampled_1p");
     Ok(())
 }
