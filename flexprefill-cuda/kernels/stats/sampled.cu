@@ -96,6 +96,58 @@ FP_DEVICE void sampled_load_rows(elem_t* qs, const elem_t* __restrict__ q, const
     }
 }
 
+// The block's key tiles through the double buffer: `sampled_first_tile` issues tile 0 (with
+// whatever copies are in flight, the sampled rows), `sampled_tile(t)` issues tile t + 1 into
+// the other buffer, waits for tile t and returns it after a barrier; the caller's barrier
+// after using tile t frees its buffer for tile t + 2.
+FP_DEVICE void sampled_first_tile(elem_t* ks, const elem_t* __restrict__ k, const SampledBlock& b, int hk,
+                                  int num_kv_heads) {
+    sampled_load_k(ks, k, b.sd, 0, b.nkeys, hk, num_kv_heads);
+    cp_async_commit();
+}
+FP_DEVICE const elem_t* sampled_tile(elem_t* ks, const elem_t* __restrict__ k, const SampledBlock& b, unsigned t,
+                                     int hk, int num_kv_heads) {
+    if (t + 1 < b.ntiles) {
+        sampled_load_k(ks + ((t + 1) & 1) * KT * DPAD, k, b.sd, (t + 1) * KT, b.nkeys, hk, num_kv_heads);
+        cp_async_commit();
+        cp_async_wait<1>();
+    } else {
+        cp_async_wait<0>();
+    }
+    __syncthreads();
+    return ks + (t & 1) * KT * DPAD;
+}
+
+// After n-tile nt of the tile at j0: when a block segment ends there inside the block's keys,
+// the quad's sums of the segment (segsum cleared); a block wider than a tile adds them to `bm`
+// until it ends. Returns the key block that ended, its two rows' sums in `tsum`, or -1 (no
+// segment end, past the keys, or a wide block still open). Warp-uniform.
+FP_DEVICE int sampled_segment_end(float (&segsum)[2], float (&bm)[2], float (&tsum)[2], int nt, unsigned j0,
+                                  unsigned bs, unsigned nkeys) {
+    const int seg = bs < KT ? (int)bs : KT;
+    if (((nt + 1) * 8) % seg != 0) return -1;
+    const unsigned seg_first = j0 + (nt + 1) * 8 - seg;
+    if (seg_first >= nkeys) return -1;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        float x = segsum[rr];
+        x += __shfl_xor_sync(0xffffffffu, x, 1);
+        x += __shfl_xor_sync(0xffffffffu, x, 2);
+        segsum[rr] = 0.f;
+        tsum[rr] = x;
+    }
+    if ((int)bs > KT) {
+        bm[0] += tsum[0];
+        bm[1] += tsum[1];
+        if ((j0 + KT) % bs != 0 && j0 + KT < nkeys) return -1;
+        tsum[0] = bm[0];
+        tsum[1] = bm[1];
+        bm[0] = 0.f;
+        bm[1] = 0.f;
+    }
+    return (int)(seg_first / bs);
+}
+
 // Grid (Σ nqb, Hkv, ceil(group / heads_per_cta)), 32·heads_per_cta threads; dynamic smem
 // (heads_per_cta·16 + 2·KT)·DPAD elements. Query blocks are taken from the last one of the batch
 // down (the longest rows first, so the short ones fill the tail of the launch). `sl` = scale ·
@@ -123,25 +175,16 @@ stats_sampled(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const 
     float m[2] = {-F32_INF, -F32_INF}, l[2] = {0.f, 0.f};  // pass 1: online max / sum (raw max)
     float ms[2] = {0.f, 0.f}, inv[2] = {0.f, 0.f};         // pass 2: max · sl and 1 / sum
     float bm[2] = {0.f, 0.f};                              // a block wider than a tile, so far
-    const int seg = bs < KT ? (int)bs : KT;                // keys of one block segment in a tile
     float* orow = out + (size_t)sd.qk_off * num_heads + ((size_t)h * sd.nqb + r) * sd.nkb;
 
     for (int pass = 0; pass < 2; ++pass) {
-        sampled_load_k(ks, k, sd, 0, nkeys, hk, num_kv_heads);
-        cp_async_commit();
+        sampled_first_tile(ks, k, b, hk, num_kv_heads);
         for (unsigned t = 0; t < ntiles; ++t) {
-            if (t + 1 < ntiles) {
-                sampled_load_k(ks + ((t + 1) & 1) * KT * DPAD, k, sd, (t + 1) * KT, nkeys, hk, num_kv_heads);
-                cp_async_commit();
-                cp_async_wait<1>();
-            } else {
-                cp_async_wait<0>();
-            }
-            __syncthreads();
+            const elem_t* kt = sampled_tile(ks, k, b, t, hk, num_kv_heads);
             if (active) {
                 const unsigned j0 = t * KT;
                 float acc[KT / 8][4];
-                qk_tile(acc, qs, ks + (t & 1) * KT * DPAD, 0, warp, lane);
+                qk_tile(acc, qs, kt, 0, warp, lane);
                 if (pass == 0) {
 #pragma unroll
                     for (int rr = 0; rr < 2; ++rr) {
@@ -166,7 +209,7 @@ stats_sampled(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const 
                         }
                     }
                 } else {
-                    float segsum[2] = {0.f, 0.f};
+                    float segsum[2] = {0.f, 0.f}, tsum[2];
 #pragma unroll
                     for (int nt = 0; nt < KT / 8; ++nt) {
 #pragma unroll
@@ -177,34 +220,10 @@ stats_sampled(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const 
                                 if (nt * 8 + e <= lim)
                                     segsum[rr] += fast_exp2(fmaf(acc[nt][2 * rr + e], sl, -ms[rr])) * inv[rr];
                         }
-                        // End of a block segment inside the tile: the quad's sum, then emit or carry.
-                        if (((nt + 1) * 8) % seg == 0) {
-                            const unsigned seg_first = j0 + (nt + 1) * 8 - seg;
-                            if (seg_first < nkeys) {
-                                float tsum[2];
-#pragma unroll
-                                for (int rr = 0; rr < 2; ++rr) {
-                                    float x = segsum[rr];
-                                    x += __shfl_xor_sync(0xffffffffu, x, 1);
-                                    x += __shfl_xor_sync(0xffffffffu, x, 2);
-                                    segsum[rr] = 0.f;
-                                    tsum[rr] = x;
-                                }
-                                const unsigned c = seg_first / bs;
-                                if ((int)bs <= KT) {
-                                    const float v = sampled_row_mean(tsum, S);
-                                    if (lane == 0) orow[c] = v;
-                                } else {
-                                    bm[0] += tsum[0];
-                                    bm[1] += tsum[1];
-                                    if ((j0 + KT) % bs == 0 || j0 + KT >= nkeys) {
-                                        const float v = sampled_row_mean(bm, S);
-                                        if (lane == 0) orow[c] = v;
-                                        bm[0] = 0.f;
-                                        bm[1] = 0.f;
-                                    }
-                                }
-                            }
+                        const int c = sampled_segment_end(segsum, bm, tsum, nt, j0, bs, nkeys);
+                        if (c >= 0) {
+                            const float v = sampled_row_mean(tsum, S);
+                            if (lane == 0) orow[c] = v;
                         }
                     }
                 }
@@ -257,7 +276,6 @@ stats_sampled_1p(const elem_t* __restrict__ q, const elem_t* __restrict__ k, con
     const int group = num_heads / num_kv_heads;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q4 = lane % 4, g4 = lane / 4;
     const unsigned bs = block_size, total_items = total_qb * (unsigned)num_kv_heads * zdim;
-    const int seg = bs < KT ? (int)bs : KT;
     float2* slot = scratch + ((size_t)blockIdx.x * nwarps + warp) * SP_ROWS * max_nkb;
     for (;;) {
         if (threadIdx.x == 0) item_s = atomicAdd(counter, 1u);
@@ -277,21 +295,13 @@ stats_sampled_1p(const elem_t* __restrict__ q, const elem_t* __restrict__ k, con
         int lim_row[2];
         sampled_load_rows(qs, q, b, hk, group, g0, num_heads, lim_row);
         float m[2] = {-F32_INF, -F32_INF}, l[2] = {0.f, 0.f}, bm[2] = {0.f, 0.f};
-        sampled_load_k(ks, k, sd, 0, nkeys, hk, num_kv_heads);
-        cp_async_commit();
+        sampled_first_tile(ks, k, b, hk, num_kv_heads);
         for (unsigned t = 0; t < ntiles; ++t) {
-            if (t + 1 < ntiles) {
-                sampled_load_k(ks + ((t + 1) & 1) * KT * DPAD, k, sd, (t + 1) * KT, nkeys, hk, num_kv_heads);
-                cp_async_commit();
-                cp_async_wait<1>();
-            } else {
-                cp_async_wait<0>();
-            }
-            __syncthreads();
+            const elem_t* kt = sampled_tile(ks, k, b, t, hk, num_kv_heads);
             if (active) {
                 const unsigned j0 = t * KT;
                 float acc[KT / 8][4];
-                qk_tile(acc, qs, ks + (t & 1) * KT * DPAD, 0, warp, lane);
+                qk_tile(acc, qs, kt, 0, warp, lane);
                 // The mask, then the quad's running max (one reference for its partial sums).
 #pragma unroll
                 for (int rr = 0; rr < 2; ++rr) {
@@ -314,7 +324,7 @@ stats_sampled_1p(const elem_t* __restrict__ q, const elem_t* __restrict__ k, con
                         m[rr] = tmax;
                     }
                 }
-                float segsum[2] = {0.f, 0.f};
+                float segsum[2] = {0.f, 0.f}, tsum[2];
 #pragma unroll
                 for (int nt = 0; nt < KT / 8; ++nt) {
 #pragma unroll
@@ -328,36 +338,10 @@ stats_sampled_1p(const elem_t* __restrict__ q, const elem_t* __restrict__ k, con
                             l[rr] += p;
                         }
                     }
-                    if (((nt + 1) * 8) % seg == 0) {
-                        const unsigned seg_first = j0 + (nt + 1) * 8 - seg;
-                        if (seg_first < nkeys) {
-                            float tsum[2];
-#pragma unroll
-                            for (int rr = 0; rr < 2; ++rr) {
-                                float x = segsum[rr];
-                                x += __shfl_xor_sync(0xffffffffu, x, 1);
-                                x += __shfl_xor_sync(0xffffffffu, x, 2);
-                                segsum[rr] = 0.f;
-                                tsum[rr] = x;
-                            }
-                            const unsigned c = seg_first / bs;
-                            bool emit = true;
-                            if ((int)bs > KT) {
-                                bm[0] += tsum[0];
-                                bm[1] += tsum[1];
-                                tsum[0] = bm[0];
-                                tsum[1] = bm[1];
-                                emit = (j0 + KT) % bs == 0 || j0 + KT >= nkeys;
-                            }
-                            if (emit) {
-                                if (q4 == 0) {
-                                    slot[(size_t)g4 * max_nkb + c] = make_float2(tsum[0], m[0]);
-                                    slot[(size_t)(g4 + 8) * max_nkb + c] = make_float2(tsum[1], m[1]);
-                                }
-                                bm[0] = 0.f;
-                                bm[1] = 0.f;
-                            }
-                        }
+                    const int c = sampled_segment_end(segsum, bm, tsum, nt, j0, bs, nkeys);
+                    if (c >= 0 && q4 == 0) {
+                        slot[(size_t)g4 * max_nkb + c] = make_float2(tsum[0], m[0]);
+                        slot[(size_t)(g4 + 8) * max_nkb + c] = make_float2(tsum[1], m[1]);
                     }
                 }
             }
