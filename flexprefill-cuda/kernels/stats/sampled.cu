@@ -272,7 +272,7 @@ stats_sampled_1p(const elem_t* __restrict__ q, const elem_t* __restrict__ k, con
     const int nwarps = blockDim.x / 32;
     elem_t* qs = (elem_t*)smem_raw;                      // [warp][16][DPAD]
     elem_t* ks = qs + nwarps * SP_ROWS * DPAD;           // [2][KT][DPAD]
-    float* row_ml = (float*)(ks + 2 * KT * DPAD);        // [warp][16][2]: M·s_l, 1/L
+    float* row_ml = (float*)(ks + 2 * KT * DPAD);        // [warp][16][2]: the row max M, 1/L
     const int group = num_heads / num_kv_heads;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q4 = lane % 4, g4 = lane / 4;
     const unsigned bs = block_size, total_items = total_qb * (unsigned)num_kv_heads * zdim;
