@@ -446,9 +446,11 @@ fn testkit_agreement_standard_cases() {
 /// awkward lengths, `max_budget`) rerun with `SelectionMode::Sampled`. Both backends compute
 /// their own estimate (bf16 tensor cores vs f32 on the CPU, equal up to the last bits) and
 /// cut it with the same rule in the same order, so a block may flip only where a row's
-/// running mass lands within rounding of its target: a few blocks per case at most
-/// (`device_sampled_cut_equals_core...` in the crate's tests checks the cut exactly on
-/// shared statistics).
+/// running mass lands within rounding of its target or two blocks' estimates within rounding
+/// of each other straddle it (every query block has a cut here, about 1000 rows per case):
+/// 16 blocks per case at most, where a wrong row or offset flips hundreds. The cut itself is
+/// checked exactly on shared statistics by the crate's
+/// `select::tests::device_selection_equals_core_on_the_same_statistics`.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn testkit_agreement_sampled_selection() {
@@ -456,7 +458,7 @@ fn testkit_agreement_sampled_selection() {
     use flexprefill_testkit::agreement::{self, AgreementOptions};
     let opts = AgreementOptions {
         dtypes: vec![DType::BF16],
-        max_selection_mismatch: 4,
+        max_selection_mismatch: 16,
         ..Default::default()
     };
     let cases: Vec<_> = agreement::standard_cases()
