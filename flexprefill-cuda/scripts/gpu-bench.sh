@@ -20,7 +20,8 @@
 #
 # Env: BENCH_SIZES (default 8192,32768,65536,131072; add 262144 for 256k, about +2 min),
 #      ATTN_KERNELS (default "ws wgmma": FLEXPREFILL_ATTN values for the attention bench),
-#      PARTS (default "select attention sdpa host cli").
+#      PARTS (default "select attention sdpa host cli"), BENCH_MODES (bench_select's selection
+#      modes, default faithful), BENCH_GAMMAS (default 0.9,0.95).
 set -u
 OUT=${OUT:-/tmp/gpu-bench}
 mkdir -p "$OUT"
