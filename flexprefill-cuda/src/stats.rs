@@ -260,13 +260,16 @@ pub fn estimation_scale(
 
 impl DeviceStats {
     /// Device statistics from host arrays already in the layout's flat order: vertical, slash,
-    /// estimate, rep_block_mass, k_pooled (per kv head), q_pooled. For tests and tools.
+    /// estimate, rep_block_mass, k_pooled (per kv head), q_pooled. For tests and tools. The
+    /// sampled estimate is not among the parts: add it with
+    /// [`DeviceStats::with_sampled_block_mass`] (until then the statistics have none).
     pub fn from_parts(
         stream: &Arc<CudaStream>,
-        layout: StatsLayout,
+        mut layout: StatsLayout,
         parts: [Vec<f32>; 7],
         emulate: bool,
     ) -> Result<Self> {
+        layout.sampled = false;
         let up = |v: &Vec<f32>| -> Result<Buf<f32>> {
             if v.is_empty() {
                 Ok(stream.clone_htod(&[0f32])?.into())
