@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use flexprefill_core::{DType, SelectionMode, Sequence, SparsityReport};
+use flexprefill_core::{DType, Sequence, SparsityReport};
 use flexprefill_cuda::{raw, CudaBackend, CudaError};
 use pyo3::prelude::*;
 
@@ -150,7 +150,7 @@ pub(crate) fn flex_prefill_cuda<'py>(
     // and lse after us on it (or after an event recorded on it), as torch orders any kernel.
     let (result, Seconds { queued, rust }) = py.detach(|| unsafe { call.run(gpu, shape, &cfg) });
     call::record_call_seconds(rust);
-    let rep = result.map_err(|e| cuda_error(e, &cfg, varlen, device))?;
+    let rep = result.map_err(|e| cuda_error(e, varlen, device))?;
     let rep = match rep {
         Some(r) => report::to_dict(py, &r, "cuda", queued)
             .map_err(|e| ArgError::runtime("return_report", e.to_string()))?
@@ -268,25 +268,11 @@ impl Call {
     }
 }
 
-/// The CUDA crate's error as Python sees it: input errors name their argument, a selection
-/// mode without device kernels names `selection`, everything else is a `DeviceError`.
-fn cuda_error(
-    e: CudaError,
-    cfg: &flexprefill_core::FlexPrefillConfig,
-    varlen: bool,
-    device: (i32, i32),
-) -> ArgError {
+/// The CUDA crate's error as Python sees it: input errors name their argument, everything
+/// else is a `DeviceError`.
+fn cuda_error(e: CudaError, varlen: bool, device: (i32, i32)) -> ArgError {
     match e {
         CudaError::Core(e) => ArgError::from_core(e, varlen),
-        CudaError::Unsupported { .. } if cfg.selection == SelectionMode::Sampled => {
-            ArgError::value(
-                "selection",
-                format!(
-                    "selection=\"sampled\" has no CUDA kernels yet ({e}); use \"faithful\" or \
-                     \"original\" on CUDA tensors, or pass CPU tensors"
-                ),
-            )
-        }
         CudaError::Unsupported { .. } => ArgError::value("q", e.to_string()),
         other => ArgError::runtime("q", format!("{}: {other}", device_name(device))),
     }
