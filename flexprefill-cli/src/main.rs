@@ -60,7 +60,7 @@ enum SelectionArg {
     Faithful,
     /// The authors' code's rules, quirks included.
     Original,
-    /// Each query block cut at gamma on its own sampled estimate (CPU backend only for now).
+    /// Each query block cut at gamma on its own sampled estimate.
     Sampled,
 }
 

@@ -4,12 +4,16 @@
 //! Shape of issue 5: batch 1, 32 query heads, 8 kv heads, head_dim 128, bf16, causal; tau 0.1,
 //! min_budget 1024; gamma 0.9 and 0.95; random data (Gaussian) and a structured testkit
 //! workload (`mixed`). Run on a GPU machine:
-//! `cargo run --release -p flexprefill-cuda --example bench_select -- [8192,32768,...]`.
+//! `cargo run --release -p flexprefill-cuda --example bench_select -- [SIZES] [MODES] [GAMMAS]`,
+//! e.g. `-- 32768,131072 original,faithful,sampled 0.9`: sizes (default 8192 to 131072),
+//! selection modes (default `faithful`), gammas (default 0.9,0.95). `BENCH_DATA=random|mixed`
+//! runs one workload only. The worst head's estimated mass is the report's (the representative
+//! rows' exact mass under the selection).
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
-use flexprefill_core::{bf16, AttentionShape, FlexPrefillConfig, Sequence};
+use flexprefill_core::{bf16, AttentionShape, FlexPrefillConfig, SelectionMode, Sequence};
 use flexprefill_cuda::attention::{AttentionArgs, DeviceSeqs};
 use flexprefill_cuda::internals::{estimation_scale, launch_stats, StatsLayout};
 use flexprefill_cuda::select::{flex_prefill_device, launch_select};
@@ -95,18 +99,49 @@ fn time_ms(stream: &Arc<CudaStream>, mut f: impl FnMut() -> Res<()>) -> Res<f32>
     Ok(a.elapsed_ms(&b)?)
 }
 
+/// Mean captured mass over every (row, head), and the lowest head mean: per row the share of
+/// the full softmax mass the sparse call kept, `exp(lse_sparse - lse_dense)` (token-major LSEs).
+fn captured_mass(dense: &[f32], sparse: &[f32]) -> (f64, f64) {
+    let mut per_head = vec![0.0f64; H];
+    for (i, (d, s)) in dense.iter().zip(sparse).enumerate() {
+        per_head[i % H] += f64::from(s - d).exp();
+    }
+    let rows = (dense.len() / H) as f64;
+    let means: Vec<f64> = per_head.iter().map(|m| m / rows).collect();
+    let mean = means.iter().sum::<f64>() / H as f64;
+    (mean, means.iter().copied().fold(f64::INFINITY, f64::min))
+}
+
 fn main() -> Res<()> {
     let sizes: Vec<usize> = std::env::args()
         .nth(1)
         .map(|a| a.split(',').filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_else(|| vec![8192, 32768, 65536, 131072]);
+    let modes: Vec<SelectionMode> = match std::env::args().nth(2) {
+        None => vec![SelectionMode::Faithful],
+        Some(a) => a
+            .split(',')
+            .map(|m| match m.trim() {
+                "faithful" => Ok(SelectionMode::Faithful),
+                "original" => Ok(SelectionMode::Original),
+                "sampled" => Ok(SelectionMode::Sampled),
+                other => Err(format!(
+                    "selection mode {other:?}: expected faithful, original or sampled"
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let gammas: Vec<f32> = std::env::args()
+        .nth(3)
+        .map(|a| a.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![0.9, 0.95]);
     let be = CudaBackend::new()?;
     let dev = be.device().clone();
     let stream = dev.stream().clone();
     println!("device: {} ({} SMs)", dev.info().name, dev.info().sm_count);
     let shape = AttentionShape::new(H, HKV, D)?;
-    println!("| seq | data | gamma | stats ms | select ms | search+index ms | sparse attn ms | sparse path ms | dense ms | sparse path/dense | whole call ms | whole/dense | density | QA heads |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| seq | data | selection | gamma | stats ms | select ms | search+index ms | sparse attn ms | sparse path ms | dense ms | sparse path/dense | whole call ms | whole/dense | density | worst head est. mass | QA heads | mass mean | worst head mass |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &n in &sizes {
         // BENCH_DATA=random|mixed limits the run to one workload (profiling).
         let only = std::env::var("BENCH_DATA").ok();
@@ -150,14 +185,26 @@ fn main() -> Res<()> {
                 })?);
             }
             let dense = median(dense);
-            for gamma in [0.9f32, 0.95] {
+            // Dense LSE per (token, head): the captured mass of a row is exp(lse_sparse - lse_dense).
+            let mut lse: CudaSlice<f32> = stream.alloc_zeros(n * H)?;
+            be.attention_device(&stream, &args, None, None, &mut out, Some(&mut lse))?;
+            let lse_dense = stream.clone_dtoh(&lse)?;
+            for (&mode, &gamma) in modes
+                .iter()
+                .flat_map(|m| gammas.iter().map(move |g| (m, g)))
+            {
                 let cfg = with_config(FlexPrefillConfig::default(), |c| {
+                    c.selection = mode;
                     c.gamma = gamma;
                     c.tau = 0.1;
                     c.min_budget = 1024;
                 });
-                let layout = StatsLayout::new(&seqs, shape, cfg.block_size)?
-                    .with_probes(cfg.selection == flexprefill_core::SelectionMode::Faithful);
+                let mode_name = match mode {
+                    SelectionMode::Original => "original",
+                    SelectionMode::Sampled => "sampled",
+                    _ => "faithful",
+                };
+                let layout = StatsLayout::for_mode(&seqs, shape, &cfg)?;
                 let (scale, emulate) = estimation_scale(
                     shape,
                     1.0 / (D as f32).sqrt(),
@@ -199,6 +246,7 @@ fn main() -> Res<()> {
                 // The whole call as a user runs it (cheap dense decision included).
                 let mut whole = Vec::new();
                 let mut reason = None;
+                let mut worst_mass = f32::NAN;
                 for rep in 0..REPS + 2 {
                     let mut r = None;
                     let t = time_ms(&stream, || {
@@ -210,10 +258,20 @@ fn main() -> Res<()> {
                     if rep >= 2 {
                         whole.push(t);
                     }
+                    if rep == REPS + 1 {
+                        if let Some(run) = &r {
+                            worst_mass = run
+                                .report(&stream)?
+                                .heads
+                                .iter()
+                                .map(|h| h.estimated_mass)
+                                .fold(f32::INFINITY, f32::min);
+                        }
+                    }
                     reason = r.and_then(|r| r.dense_reason);
                 }
                 let whole_call = median(whole);
-                if flexprefill_cuda::internals::profile::enabled() && gamma == 0.9 {
+                if flexprefill_cuda::internals::profile::enabled() && gamma == gammas[0] {
                     let _ = flexprefill_cuda::internals::profile_take();
                     let mut st =
                         launch_stats(&dev, &stream, &q, &k, layout.clone(), scale, emulate)?;
@@ -225,7 +283,7 @@ fn main() -> Res<()> {
                 }
                 // BENCH_NCU=1: one search (statistics + selection) between cuProfilerStart/Stop,
                 // for `ncu --profile-from-start off` (per-kernel durations without the overlap).
-                if std::env::var_os("BENCH_NCU").is_some() && gamma == 0.9 {
+                if std::env::var_os("BENCH_NCU").is_some() && gamma == gammas[0] {
                     stream.synchronize()?;
                     cudarc::driver::profiler_start()?;
                     let mut st =
@@ -234,6 +292,8 @@ fn main() -> Res<()> {
                     stream.synchronize()?;
                     cudarc::driver::profiler_stop()?;
                 }
+                flex_prefill_device(&be, &stream, &args, &cfg, &mut out, Some(&mut lse))?;
+                let (mass_mean, mass_worst) = captured_mass(&lse_dense, &stream.clone_dtoh(&lse)?);
                 let (sel, _st) = last.expect("ran");
                 let offs = stream.clone_dtoh(&sel.index.row_offsets)?;
                 let pat = stream.clone_dtoh(&sel.pattern)?;
@@ -243,12 +303,12 @@ fn main() -> Res<()> {
                 let qa = pat.iter().filter(|&&p| p == 1).count();
                 let (a, b, c, w) = (median(ts), median(tsel), median(tatt), median(twhole));
                 eprintln!(
-                    "host {n} {} gamma {gamma}: queueing the search took {:.3} ms on the host",
+                    "host {n} {} {mode_name} gamma {gamma}: queueing the search took {:.3} ms on the host",
                     dt.name,
                     median(thost)
                 );
                 println!(
-                    "| {n} | {} | {gamma} | {a:.3} | {b:.3} | {:.3} | {c:.3} | {w:.3} | {dense:.3} | {:.2} | {whole_call:.3}{} | {:.2} | {density:.3} | {qa}/{H} |",
+                    "| {n} | {} | {mode_name} | {gamma} | {a:.3} | {b:.3} | {:.3} | {c:.3} | {w:.3} | {dense:.3} | {:.2} | {whole_call:.3}{} | {:.2} | {density:.3} | {worst_mass:.4} | {qa}/{H} | {mass_mean:.4} | {mass_worst:.4} |",
                     dt.name,
                     a + b,
                     w / dense,

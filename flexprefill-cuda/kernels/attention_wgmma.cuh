@@ -163,11 +163,31 @@ struct QueryTile {
     FP_DEVICE bool empty() const { return q_lo >= (int)s.q_len; }
 };
 
+#ifndef ATT_CHUNK
+#define ATT_CHUNK 1
+#endif
+
+// The CTA's (head, query tile). The grid is (heads, sequences, tiles) and CTAs start in linear
+// order, tiles longest first. With ATT_CHUNK > 1 the order inside a sequence's plane is
+// regrouped into chunks of ATT_CHUNK tiles, each chunk listing every head (kv groups adjacent)
+// with its ATT_CHUNK tiles: the CTAs resident at once are then a few kv groups over
+// neighbouring query tiles, which read the same K/V blocks (shared columns and diagonals of
+// sparse rows, the same causal prefix of dense ones) while they are still in L2.
 FP_DEVICE QueryTile query_tile(const AttnParams& p) {
     QueryTile t;
-    t.head = blockIdx.x;
+    int head = blockIdx.x, z = blockIdx.z;
+    if (ATT_CHUNK > 1) {
+        const int h = (int)gridDim.x, tiles = (int)gridDim.z;
+        const int lin = z * h + head;
+        const int chunk = lin / (h * ATT_CHUNK);
+        const int here = min(ATT_CHUNK, tiles - chunk * ATT_CHUNK);
+        const int r = lin - chunk * h * ATT_CHUNK;
+        head = r / here;
+        z = chunk * ATT_CHUNK + r % here;
+    }
+    t.head = head;
     t.seq = blockIdx.y;
-    const int tile = (int)p.num_tiles - 1 - (int)blockIdx.z;
+    const int tile = (int)p.num_tiles - 1 - z;
     t.s = p.seqs[t.seq];
     const int q_len = (int)t.s.q_len;
     t.kv_len = (int)t.s.kv_len;

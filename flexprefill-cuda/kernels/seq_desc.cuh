@@ -14,7 +14,8 @@ struct SeqDesc {
     unsigned split_off;  // Σ key splits of earlier sequences
     unsigned nsplit;     // key splits of this sequence
     unsigned probe_off;  // Σ probes · nkb of earlier sequences (× H)
-    unsigned pad1, pad2;
+    unsigned qk_off;     // Σ nqb · nkb of earlier sequences (× H): the sampled block masses
+    unsigned pad2;
 };
 static_assert(sizeof(SeqDesc) == 64, "SeqDesc: 16 u32, as stats.rs SeqDesc");
 #endif

@@ -20,7 +20,8 @@
 #
 # Env: BENCH_SIZES (default 8192,32768,65536,131072; add 262144 for 256k, about +2 min),
 #      ATTN_KERNELS (default "ws wgmma": FLEXPREFILL_ATTN values for the attention bench),
-#      PARTS (default "select attention sdpa host cli").
+#      PARTS (default "select attention sdpa host cli"), BENCH_MODES (bench_select's selection
+#      modes, default faithful), BENCH_GAMMAS (default 0.9,0.95).
 set -u
 OUT=${OUT:-/tmp/gpu-bench}
 mkdir -p "$OUT"
@@ -35,7 +36,10 @@ el() { echo "[$(( $(date +%s) - s ))s] $*"; }
 want() { case "$PARTS" in *" $1 "*) [ -z "${2:-}" ] || [ -x "$G/$2" ] ;; *) false ;; esac; }
 
 if want select bench_select; then
-  timeout 300 "$G/bench_select" "$SIZES" > "$OUT/bench_select.log" 2>&1
+  # BENCH_MODES (default faithful) and BENCH_GAMMAS (default 0.9,0.95): e.g.
+  # BENCH_MODES=original,faithful,sampled BENCH_GAMMAS=0.9 for the selection modes side by side.
+  timeout 300 "$G/bench_select" "$SIZES" "${BENCH_MODES:-faithful}" "${BENCH_GAMMAS:-0.9,0.95}" \
+    > "$OUT/bench_select.log" 2>&1
   el "bench_select rc=$?"
 fi
 if want attention flexprefill-cuda-bench; then

@@ -28,7 +28,7 @@
 # compile`); CHECK_NVRTC=1 runs them and the nvrtc_compile binary with this machine's NVRTC.
 #
 # Env: CHECK_TESTS=0 / CHECK_SAN=0 skip a part; CHECK_ATTN_WS=0 skips the attention tests with
-# the warp-specialized kernel forced, CHECK_STATS_VARIANTS=0 the mma.sync and overlap passes; SAN_S seconds per sanitizer run (default 240);
+# the warp-specialized kernel forced, CHECK_STATS_VARIANTS=0 the mma.sync and overlap passes, CHECK_SAMPLED_1P=0 the sampled one-pass kernel; SAN_S seconds per sanitizer run (default 240);
 # SAN_FAMILIES (default "stats_wgmma stats_mma select attention") and SAN_TOOLS (default
 # "memcheck racecheck synccheck") pick the sanitizer runs, so that a machine with a per-command
 # time limit can take them in several commands.
@@ -78,6 +78,8 @@ if [ "${CHECK_TESTS:-1}" = 1 ]; then
     run_test cuda_lib_tests lib_tests_mma.log FLEXPREFILL_STATS_MMA=1 -- stats:: select:: --skip compile
     run_test cuda_lib_tests lib_tests_overlap.log FLEXPREFILL_STATS_OVERLAP=1 -- stats:: select:: --skip compile
   fi
+  # The sampled estimate's one-pass kernel (opt-in) through the statistics and selection tests.
+  [ "${CHECK_SAMPLED_1P:-1}" = 1 ] && run_test cuda_lib_tests lib_tests_sampled_1p.log FLEXPREFILL_SAMPLED_ONEPASS=1 -- stats:: select:: --skip compile
 fi
 
 # san FAMILY EXE [ENV=VALUE...] -- TEST ARGS...: every tool on one family's tests.

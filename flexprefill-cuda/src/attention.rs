@@ -58,10 +58,12 @@ pub static DENSE_WALK: KernelFamily = KernelFamily {
 };
 
 /// Cost of one computed block on the sparse walk over one on the dense walk, for the
-/// warp-specialized Hopper kernel at block 128: on the H200 (bf16, 32 q / 8 kv heads, d 128,
-/// 32k–128k) dense attention runs at 586–597 TFLOP/s and indexes of density ≈ 0.3 at 492–511
-/// TFLOP/s on their computed blocks (scattered K/V tiles, CSR reads), a ratio of 1.17–1.19,
-/// rounded up to 1.2 (docs/CUDA.md's table of the warp-specialized kernel).
+/// warp-specialized Hopper kernel at block 128. Measured on the H200 (bf16, 32 q / 8 kv heads,
+/// d 128, 32k–128k) at 1.17–1.19 before the chunked CTA order ([`tile_chunk`]) and 0.96–1.07
+/// since (dense 598–610 TFLOP/s, indexes of density ≈ 0.3 at 560–645). It stays 1.2: a head
+/// between the two thresholds (0.83–0.95 of its blocks) gains at most a few percent from its
+/// sparse walk, and the dense walk is the side that can never lose to dense attention
+/// (random data at 128k, gamma 0.95, density 0.93: whole call 1.02x dense with it).
 pub const SPARSE_BLOCK_COST: f64 = 1.2;
 
 /// Selected share of a head's causal blocks at and above which its sparse walk costs at least
@@ -288,13 +290,17 @@ impl AttnTile {
     /// The warp-specialized tile for `(head_dim, block_size)` on Hopper, if the kernel takes
     /// the shape (head_dim 64/128, block 64/128): 128 query rows over two consumer warpgroups
     /// and 128-key tiles for block 128, one consumer warpgroup and 64-key tiles for block 64.
-    /// Ring depth as timed on the H200 (dense, 32k): 2 for 128-row tiles (607 against 599
-    /// TFLOP/s at head_dim 128, 458 against 435 at 64), 3 for 64-row tiles (390 against 383).
+    /// Ring depth 3 (`FLEXPREFILL_ATT_STAGES` overrides it): on the H200 with the chunked CTA
+    /// order ([`tile_chunk`] 32), 128-row tiles at head_dim 128 ran sparse indexes at density
+    /// 0.3 at 559–623 TFLOP/s with 3 stages against 557–597 with 2, dense 591 against 593 (32k,
+    /// 128k); 64-row tiles had timed 390 against 383 dense with 3.
     pub fn ws_for(head_dim: usize, block_size: usize) -> Option<Self> {
         if !(head_dim == 64 || head_dim == 128) || !(block_size == 64 || block_size == 128) {
             return None;
         }
-        let stages = if block_size == 128 { 2 } else { 3 };
+        let stages = env_usize("FLEXPREFILL_ATT_STAGES")
+            .filter(|s| (2..=4).contains(s))
+            .unwrap_or(3);
         Some(Self::ws(block_size, block_size, stages))
     }
 
@@ -504,7 +510,26 @@ impl AttnTile {
             .define("ATT_Q_IN_REGS", self.q_in_regs as i64)
             .define("ATT_MINB", self.min_blocks as i64)
             .define("ATT_OVERLAP", (self.wgmma && self.stages == 3) as i64)
+            .define("ATT_CHUNK", tile_chunk() as i64)
     }
+}
+
+/// Query tiles per L2 group in the Hopper kernels' CTA order (`ATT_CHUNK` in
+/// attention_wgmma.cuh; 1 = plain head-fastest order). `FLEXPREFILL_ATT_CHUNK` overrides it.
+pub fn tile_chunk() -> usize {
+    env_usize("FLEXPREFILL_ATT_CHUNK")
+        .filter(|&c| (1..=256).contains(&c))
+        .unwrap_or(TILE_CHUNK)
+}
+
+/// See [`tile_chunk`]. Timed on the H200 (32 q / 8 kv heads, d 128, 32k and 128k): sparse
+/// indexes at density 0.3 ran at 510–589 TFLOP/s in the plain order and 559–623 with chunks of
+/// 32 tiles (L2 hit rate of the plain order 50% sparse against 88% dense); dense unchanged
+/// (586–593 against 586–599).
+const TILE_CHUNK: usize = 32;
+
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok()?.trim().parse().ok()
 }
 
 /// The sequences of a batch, on the device (`[q_start, k_start, q_len, kv_len]` as u32 each)

@@ -10,7 +10,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use flexprefill_core::{
     payoff, AttentionShape, Backend as _, DenseReason, FlexPrefillConfig, HeadStatistics, Pattern,
-    SelectionMode, Sequence, SparsityReport, Timings,
+    Sequence, SparsityReport, Timings,
 };
 
 use crate::attention::{
@@ -403,8 +403,7 @@ pub(crate) fn run_in<T: StatsElem + DeviceElem>(
         backend.attention_device(stream, args, None, None, out, lse)?;
     } else {
         let dev = backend.device();
-        let layout = StatsLayout::new(seqs, args.shape, cfg.block_size)?
-            .with_probes(cfg.selection == SelectionMode::Faithful);
+        let layout = StatsLayout::for_mode(seqs, args.shape, cfg)?;
         let scale = args
             .softmax_scale
             .unwrap_or(1.0 / (args.shape.head_dim as f32).sqrt());

@@ -85,3 +85,46 @@ fn every_stats_and_select_variant_compiles() {
         std::fs::write(&path, out).expect("write the ptxas report");
     }
 }
+
+/// Spill-store bytes `ptxas -v` reports for function `name` in `log` (None: not in the log).
+fn spill_stores(log: &str, name: &str) -> Option<usize> {
+    let mut lines = log.lines();
+    let marker = format!("Function properties for {name}");
+    lines.by_ref().find(|l| l.trim_end().ends_with(&marker))?;
+    let line = lines.find(|l| l.contains("spill stores"))?;
+    line.split(',')
+        .find(|f| f.contains("spill stores"))
+        .and_then(|f| f.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// The sampled mode's kernels (`stats_sampled` and its one-pass variant, `sel_sampled_cut`)
+/// compile without register
+/// spills for both architectures, both dtypes and the head dims the statistics take.
+#[test]
+#[ignore = "needs NVRTC (libnvrtc.so)"]
+fn sampled_kernels_compile_without_spills() {
+    let mut bad = Vec::new();
+    for arch in [(9, 0), (8, 0)] {
+        let (_, log) = compile_offline(&SELECT, &select_key(), arch)
+            .unwrap_or_else(|e| panic!("select sm{arch:?}: {e}"));
+        match spill_stores(&log, "sel_sampled_cut") {
+            Some(0) => {}
+            other => bad.push(format!("sel_sampled_cut sm{arch:?}: {other:?}")),
+        }
+        for dtype in [DType::BF16, DType::F16] {
+            for d in [64, 128, 256] {
+                let key = stats_key(dtype, d, false, PassPath::Mma);
+                let (_, log) = compile_offline(&STATS, &key, arch)
+                    .unwrap_or_else(|e| panic!("stats {dtype} d{d} sm{arch:?}: {e}"));
+                for name in ["stats_sampled", "stats_sampled_1p"] {
+                    match spill_stores(&log, name) {
+                        Some(0) => {}
+                        other => bad.push(format!("{name} {dtype} d{d} sm{arch:?}: {other:?}")),
+                    }
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "spills (or no report):\n{}", bad.join("\n"));
+}

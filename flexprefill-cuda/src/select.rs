@@ -33,6 +33,7 @@ mod decide;
 mod index;
 mod plan;
 mod query_aware;
+mod sampled;
 mod vertical_slash;
 
 pub(crate) use plan::select_key;
@@ -56,6 +57,8 @@ pub(crate) static SELECT: KernelFamily = KernelFamily {
         include_str!("../kernels/select/query_aware_cut.cu"),
         "\n",
         include_str!("../kernels/select/query_aware_faithful.cu"),
+        "\n",
+        include_str!("../kernels/select/sampled_cut.cu"),
         "\n",
         include_str!("../kernels/select/index.cu")
     ),
@@ -130,7 +133,6 @@ pub(crate) fn launch_select_in<T: StatsElem>(
     cfg: &FlexPrefillConfig,
 ) -> Result<DeviceSelection> {
     cfg.validate()?;
-    sampled_unsupported(cfg)?;
     let layout = stats.layout.clone();
     if layout.block_size != cfg.block_size {
         return Err(CudaError::Unsupported {
@@ -325,22 +327,13 @@ pub(crate) fn launch_select_in<T: StatsElem>(
         topup_smem,
     };
     decide::launch(&mut r)?;
-    if let Some(q) = q {
-        if r.any_qa {
-            launch_pool_q(dev, stream, q, r.c.stats, Some(&r.c.pattern))?;
-        }
+    if cfg.selection == SelectionMode::Sampled {
+        // The pattern is decided for the report as in the other modes; the blocks are every
+        // query block's own cut.
+        sampled::launch(&mut r)?;
+    } else {
+        modes_select(&mut r, q, scratch)?;
     }
-    // The vertical-slash heads' chain (and the prep it shares with the calibration: column
-    // keys, probe totals) runs beside the query-aware one (each uses a few CTAs per head);
-    // cudarc's event tracking orders the shared buffers, both join before the mask.
-    let side = scratch.side(stream)?;
-    vertical_slash::launch(&mut r, &side)?;
-    query_aware::topup_prep(&mut r, &side)?;
-    query_aware::map_and_cut(&mut r)?;
-    stream.join(&side)?;
-    crate::stats::profile::mark(stream, "sel_vs_join");
-    vertical_slash::extend(&mut r)?;
-    query_aware::build(&mut r)?;
     index::launch(&mut r)?;
     let Run {
         c: Common { pattern, .. },
@@ -363,6 +356,34 @@ pub(crate) fn launch_select_in<T: StatsElem>(
     })
 }
 
+/// The faithful and original modes' selection into the block mask: the pooled queries of the
+/// query-aware heads, the vertical-slash chain beside the query-aware one, then every head's
+/// rows into the mask.
+fn modes_select<T: StatsElem>(
+    r: &mut Run<'_>,
+    q: Option<&CudaSlice<T>>,
+    scratch: &mut Scratch<'_>,
+) -> Result<()> {
+    let (dev, stream) = (r.dev, r.stream);
+    if let Some(q) = q {
+        if r.any_qa {
+            launch_pool_q(dev, stream, q, r.c.stats, Some(&r.c.pattern))?;
+        }
+    }
+    // The vertical-slash heads' chain (and the prep it shares with the calibration: column
+    // keys, probe totals) runs beside the query-aware one (each uses a few CTAs per head);
+    // cudarc's event tracking orders the shared buffers, both join before the mask.
+    let side = scratch.side(stream)?;
+    vertical_slash::launch(r, &side)?;
+    query_aware::topup_prep(r, &side)?;
+    query_aware::map_and_cut(r)?;
+    stream.join(&side)?;
+    crate::stats::profile::mark(stream, "sel_vs_join");
+    vertical_slash::extend(r)?;
+    query_aware::build(r)?;
+    Ok(())
+}
+
 pub use crate::call::{
     flex_prefill_device, flex_prefill_device_with, DeviceRun, MIN_SPARSE_KV_LEN,
 };
@@ -371,20 +392,6 @@ pub use crate::call::{
 /// offsets, launch-grid limits): the whole call checks this before its statistics launch.
 pub(crate) fn check_sizes(layout: &StatsLayout, cfg: &FlexPrefillConfig) -> Result<()> {
     SelPlan::new(layout, cfg).map(|_| ())
-}
-
-/// `SelectionMode::Sampled` has no device kernels yet: a typed error, never another mode's
-/// blocks under its name.
-pub(crate) fn sampled_unsupported(cfg: &FlexPrefillConfig) -> Result<()> {
-    if cfg.selection == SelectionMode::Sampled {
-        return Err(CudaError::Unsupported {
-            op: "select",
-            message: "the sampled selection mode is not implemented on the CUDA backend yet; \
-                      use --selection faithful or original, or the CPU backend"
-                .into(),
-        });
-    }
-    Ok(())
 }
 
 /// Host-facing selection: statistics and selection on the device, index and reports back.
@@ -396,8 +403,7 @@ pub(crate) fn select_index(
     cfg.validate()?;
     x.validate()?;
     let stream = dev.stream();
-    let layout = StatsLayout::new(&x.seqs, x.shape, cfg.block_size)?
-        .with_probes(cfg.selection == SelectionMode::Faithful);
+    let layout = StatsLayout::for_mode(&x.seqs, x.shape, cfg)?;
     let (scale, emulate) = crate::stats::estimation_scale(x.shape, x.scale(), x.dtype(), cfg);
     SelPlan::new(&layout, cfg)?;
     #[allow(clippy::too_many_arguments)]

@@ -35,6 +35,7 @@ mod estimate;
 mod layout;
 mod passes;
 pub mod profile;
+mod sampled;
 
 pub use estimate::launch_pool_q;
 pub(crate) use passes::key;
@@ -43,7 +44,8 @@ pub(crate) use passes::launch_stats_in;
 pub use profile::take as profile_take;
 
 /// The statistics kernel family, one NVRTC program: the shared `SeqDesc`, the header the two
-/// pass implementations share, the mma.sync passes, the pooling and estimate kernels, and the
+/// pass implementations share, the mma.sync passes, the pooling and estimate kernels, the
+/// sampled mode's estimate (`kernels/stats/sampled.cu`), and the
 /// Hopper passes (`kernels/stats/passes_sm90.cu`, compiled in only with `STATS_WGMMA=1`: one
 /// module holds one passes' variant and the shared merge, finalize, pooling and estimate
 /// kernels).
@@ -57,6 +59,8 @@ pub(crate) static STATS: KernelFamily = KernelFamily {
         include_str!("../kernels/stats/passes.cu"),
         "\n",
         include_str!("../kernels/stats/estimate.cu"),
+        "\n",
+        include_str!("../kernels/stats/sampled.cu"),
         "\n",
         include_str!("../kernels/stats/passes_sm90.cu")
     ),
@@ -149,7 +153,8 @@ pub(crate) struct SeqDesc {
     split_off: u32,
     nsplit: u32,
     probe_off: u32,
-    pad: [u32; 2],
+    qk_off: u32,
+    pad: u32,
 }
 const _: () = assert!(std::mem::size_of::<SeqDesc>() == 64);
 
@@ -187,6 +192,11 @@ pub struct StatsLayout {
     /// mode's selection uses them, the original's does not. Set by [`StatsLayout::with_probes`].
     pub probes: bool,
     total_probe: usize,
+    /// Also compute the sampled mode's estimate (`HeadStatistics::sampled_block_mass`). Set by
+    /// [`StatsLayout::with_sampled`].
+    pub sampled: bool,
+    /// Σ nqb · nkb over the sequences (per head).
+    total_qk: usize,
 }
 
 /// Every statistic of a batch, resident on the device, laid out as [`StatsLayout`] says.
@@ -210,6 +220,9 @@ pub struct DeviceStats {
     pub k_pooled: Buf<f32>,
     /// `[Σ nqb · H · D]`; filled by [`launch_pool_q`].
     pub q_pooled: Buf<f32>,
+    /// `[Σ nqb · nkb · H]` when the layout computes the sampled estimate (else one unused
+    /// element).
+    pub sampled_block_mass: Buf<f32>,
     /// Estimation scale `e` and whether the original's bf16 rounding is replayed.
     pub scale: f32,
     /// Replaying the original's bf16 rounding points.
@@ -247,13 +260,16 @@ pub fn estimation_scale(
 
 impl DeviceStats {
     /// Device statistics from host arrays already in the layout's flat order: vertical, slash,
-    /// estimate, rep_block_mass, k_pooled (per kv head), q_pooled. For tests and tools.
+    /// estimate, rep_block_mass, k_pooled (per kv head), q_pooled. For tests and tools. The
+    /// sampled estimate is not among the parts: add it with
+    /// [`DeviceStats::with_sampled_block_mass`] (until then the statistics have none).
     pub fn from_parts(
         stream: &Arc<CudaStream>,
-        layout: StatsLayout,
+        mut layout: StatsLayout,
         parts: [Vec<f32>; 7],
         emulate: bool,
     ) -> Result<Self> {
+        layout.sampled = false;
         let up = |v: &Vec<f32>| -> Result<Buf<f32>> {
             if v.is_empty() {
                 Ok(stream.clone_htod(&[0f32])?.into())
@@ -272,12 +288,36 @@ impl DeviceStats {
             k_pooled: up(kp)?,
             q_pooled: up(qp)?,
             probe_block_mass: up(pm)?,
+            sampled_block_mass: stream.clone_htod(&[0f32])?.into(),
             scale: 0.0,
             emulate,
             dtype: DType::BF16,
             path: PassPath::Mma,
             layout,
         })
+    }
+
+    /// Replaces the sampled estimate with host values in the layout's flat order
+    /// (`[Σ nqb · nkb · H]`, see [`StatsLayout::sampled_offset`]). For tests and tools.
+    pub fn with_sampled_block_mass(
+        mut self,
+        stream: &Arc<CudaStream>,
+        sampled: &[f32],
+    ) -> Result<Self> {
+        let want = self.layout.total_qk * self.layout.shape.num_heads;
+        if sampled.len() != want {
+            return Err(CudaError::BufferLen {
+                op: "head_statistics",
+                name: "sampled_block_mass",
+                got: sampled.len(),
+                want,
+            });
+        }
+        self.layout.sampled = true;
+        if !sampled.is_empty() {
+            self.sampled_block_mass = stream.clone_htod(sampled)?.into();
+        }
+        Ok(self)
     }
 
     /// Downloads everything and splits it per (sequence, head), sequence-major. Synchronises.
@@ -291,6 +331,11 @@ impl DeviceStats {
         let qp = stream.clone_dtoh(&self.q_pooled)?;
         let pm = if l.probes {
             stream.clone_dtoh(&self.probe_block_mass)?
+        } else {
+            Vec::new()
+        };
+        let sbm = if l.sampled {
+            stream.clone_dtoh(&self.sampled_block_mass)?
         } else {
             Vec::new()
         };
@@ -323,6 +368,10 @@ impl DeviceStats {
                 } else {
                     Vec::new()
                 };
+                if l.sampled {
+                    let so = l.sampled_offset(si, head);
+                    st.sampled_block_mass = sbm[so..so + nqb * nkb].to_vec();
+                }
                 st.bf16_pooled_logits = self.emulate;
                 out.push(st);
             }
@@ -344,11 +393,9 @@ pub(crate) fn head_statistics(
     cfg: &FlexPrefillConfig,
 ) -> Result<Vec<HeadStatistics>> {
     cfg.validate()?;
-    crate::select::sampled_unsupported(cfg)?;
     x.validate()?;
     let stream = dev.stream();
-    let mut layout = StatsLayout::new(&x.seqs, x.shape, cfg.block_size)?
-        .with_probes(cfg.selection == SelectionMode::Faithful);
+    let mut layout = StatsLayout::for_mode(&x.seqs, x.shape, cfg)?;
     layout.poison = true;
     let (scale, emulate) = estimation_scale(x.shape, x.scale(), x.dtype(), cfg);
     match (x.q, x.k) {

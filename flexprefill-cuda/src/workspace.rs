@@ -260,7 +260,6 @@ impl Workspace {
     ) -> Result<Self> {
         limits.shape.validate()?;
         limits.cfg.validate()?;
-        crate::select::sampled_unsupported(&limits.cfg)?;
         let (tq, tk, ns) = (limits.max_total_q, limits.max_total_kv, limits.max_seqs);
         if tq == 0 || tk == 0 || ns == 0 || tq > tk {
             return Err(flexprefill_core::Error::Shape(format!(

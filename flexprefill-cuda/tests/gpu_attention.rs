@@ -442,6 +442,57 @@ fn testkit_agreement_standard_cases() {
     }
 }
 
+/// The sampled selection mode through the same harness: the standard cases of the faithful
+/// default (every workload kind at blocks 64 and 128, ragged, chunked alone and ragged,
+/// awkward lengths, `max_budget`) rerun with `SelectionMode::Sampled`. Both backends compute
+/// their own estimate (bf16 tensor cores vs f32 on the CPU, equal up to the last bits) and
+/// cut it with the same rule in the same order, so a block may flip only where a row's
+/// running mass lands within rounding of its target or two blocks' estimates within rounding
+/// of each other straddle it (every query block has a cut here, about 1000 rows per case):
+/// 16 blocks per case at most, where a wrong row or offset flips hundreds. The cut itself is
+/// checked exactly on shared statistics by the crate's
+/// `select::tests::device_selection_equals_core_on_the_same_statistics`.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn testkit_agreement_sampled_selection() {
+    use flexprefill_core::SelectionMode;
+    use flexprefill_testkit::agreement::{self, AgreementOptions};
+    let opts = AgreementOptions {
+        dtypes: vec![DType::BF16],
+        max_selection_mismatch: 16,
+        ..Default::default()
+    };
+    let cases: Vec<_> = agreement::standard_cases()
+        .into_iter()
+        .filter(|c| c.config.selection == SelectionMode::Faithful)
+        .filter(|c| c.config.query_aware_cut == flexprefill_core::QueryAwareCut::Flattened)
+        .map(|mut c| {
+            c.config.selection = SelectionMode::Sampled;
+            c.name.push_str("/sampled");
+            c
+        })
+        .collect();
+    assert!(cases.len() >= 15, "{} sampled cases", cases.len());
+    if let Err(flexprefill_cuda::CudaError::NoDriver) = CudaBackend::new() {
+        println!("no NVIDIA driver: skipped");
+        return;
+    }
+    for (what, gpu) in [
+        ("sparse path (threshold 0)", gpu().with_min_sparse_kv_len(0)),
+        ("default threshold", gpu()),
+    ] {
+        let report = agreement::check_backend_with(&gpu, &cases, &opts);
+        println!("{what}:\n{report}");
+        assert!(report.passed(), "backend disagreement, {what}:\n{report}");
+        let flipped: usize = report
+            .cases
+            .iter()
+            .filter_map(|c| c.selection_mismatch)
+            .sum();
+        println!("{what}: {flipped} blocks differ from the CPU's over every case");
+    }
+}
+
 /// The dense-walk decision of the FlexPrefill call (`choose_dense_walk`): a head whose
 /// selection reaches the threshold is flagged and walks every causal block, so its output and
 /// LSE are dense attention's bit for bit even where its index leaves blocks out; an unflagged

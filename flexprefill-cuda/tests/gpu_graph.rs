@@ -308,3 +308,52 @@ fn calls_beyond_the_workspace_are_typed_errors() {
     let e = try_call(&gpu, Some(&mut ws), &io, &other);
     assert!(matches!(e, Err(CudaError::Unsupported { .. })), "{e:?}");
 }
+
+/// The sampled selection mode through a workspace planned for it: a captured call replays
+/// with the bits and decisions of a direct workspace call and of the allocating call (so the
+/// sampled statistics and cut queue no host synchronisation and fit the planned buffers).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn a_captured_sampled_call_replays_with_the_bits_of_a_direct_call() {
+    let Some(gpu) = gpu() else { return };
+    let mut cfg = FlexPrefillConfig::default();
+    cfg.selection = flexprefill_core::SelectionMode::Sampled;
+    let limits = WorkspaceLimits::new(N, N, 2, shape(), DType::BF16, cfg);
+    let ctx = gpu.device().context().clone();
+    // SAFETY: every buffer below is used on `s` alone (see the test above).
+    unsafe { ctx.disable_event_tracking() };
+    let s = ctx.new_stream().unwrap();
+    let (mut graph_io, mut ref_io) = (Io::new(&s), Io::new(&s));
+    let mut ws_graph = Workspace::new(&gpu, &s, limits.clone()).unwrap();
+    let mut ws_ref = Workspace::new(&gpu, &s, limits).unwrap();
+    graph_io.write(0);
+    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    let captured = try_call(&gpu, Some(&mut ws_graph), &graph_io, &cfg).unwrap();
+    let graph = s
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("the capture recorded the call");
+    for seed in [0u64, 21] {
+        graph_io.write(seed);
+        ref_io.write(seed);
+        graph.launch().unwrap();
+        let got = graph_io.bits();
+        let got_dec = decisions(&gpu, &graph_io, &captured);
+        assert!(
+            got_dec.iter().any(|&(p, _)| p != Pattern::Dense),
+            "the call must run sparse so that the sampled stages are captured"
+        );
+        let want_run = try_call(&gpu, Some(&mut ws_ref), &ref_io, &cfg).unwrap();
+        let want = ref_io.bits();
+        assert_eq!(got, want, "output and lse bits, seed {seed}");
+        assert_eq!(got_dec, decisions(&gpu, &ref_io, &want_run), "seed {seed}");
+        let alloc_run = try_call(&gpu, None, &ref_io, &cfg).unwrap();
+        assert_eq!(ref_io.bits(), want, "allocating call, seed {seed}");
+        assert_eq!(
+            decisions(&gpu, &ref_io, &alloc_run),
+            got_dec,
+            "allocating call, seed {seed}"
+        );
+    }
+}

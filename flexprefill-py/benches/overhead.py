@@ -4,19 +4,33 @@ time of the Rust work inside it, paired call by call.
     python flexprefill-py/benches/overhead.py                       # CPU, small shapes
     python flexprefill-py/benches/overhead.py --device cuda --seq 32768 --heads 32 \\
         --kv-heads 8 --dim 128 --dtype bfloat16                     # the GPU bar (<= 50 us)
+    ... --breakdown                                                 # and where the time goes
 
 What is measured. Each timed call starts with the device idle (synchronised before the clock
-starts, outside the timing) and the clock stops when the Python call returns. On CUDA the call
+starts, outside the timing), then the host thread spins for --spin-us (default 1000) so that it
+runs at full speed when the clock starts, and the clock stops when the Python call returns.
+Without the spin the first ~100 us after a synchronisation run slowly whoever runs them: on
+the H200 machine torch.empty(16) took 2.7 us after an idle synchronisation, 25 us after an 8k
+matmul and 85 us after a 32k FlexPrefill call, and that cost landed on the Python layer, which
+runs first (--spin-us 0 shows it). An engine's thread is busy with the model's Python code
+before it calls attention, as after the spin. On CUDA the call
 only queues its kernels on the current stream (no synchronisation), so its wall time is host
-time: the Python layer (argument plumbing, current stream, torch.empty of the output), the
-binding (DLPack export of q, k, v and the output, checks, GIL release) and the Rust call
-`flexprefill_cuda::raw::flex_prefill_raw` (sequence table upload, work-buffer allocation and
-kernel launches). The native module times that Rust call alone with a monotonic clock
-(`_native.last_call_seconds()`), so wall minus Rust is what Python adds over a Rust caller of
-the same device entry. GPU execution is in neither. On the CPU the Rust part is the whole
-backend call (the computation included), so the difference is again the binding's share.
+time: the Python layer (argument plumbing, torch.empty of the output), the binding (DLPack
+export of q, k, v and the output, the current stream, checks, GIL release) and the Rust work a
+Rust caller of the same device entry does too: `flexprefill_cuda::raw::flex_prefill_raw`
+(sequence table upload, work-buffer allocation and kernel launches) and dropping the
+`DeviceRun` it returns (which queues the release of those work buffers on the stream). The
+native module times that Rust work with a monotonic clock (`_native.last_call_seconds()`), so
+wall minus Rust is what Python adds over a Rust caller. GPU execution is in neither. On the CPU
+the Rust part is the whole backend call (the computation included), so the difference is again
+the binding's share.
 
 Prints medians (and the 90th percentile of the overhead) over --iters calls after --warmup.
+--breakdown (torch tensors) then times the pieces of a call separately, each in its own loop:
+the Python layer (whole call minus the native call), its CUDA preparation (current stream when
+torch has no DLPack C exchange API, torch.empty of the output), the native call split into
+Rust and binding, and for comparison torch's Python-level DLPack export and current-stream
+lookup, which the binding replaces with DLPack's C exchange API where torch offers it.
 """
 
 import argparse
@@ -39,6 +53,10 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu (NumPy), torch-cpu, or cuda (torch)")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--spin-us", type=float, default=1000.0,
+                    help="busy-wait after each synchronisation before the clock starts (0: none)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time each piece of a call (torch tensors)")
     a = ap.parse_args()
 
     rng = np.random.default_rng(0)
@@ -56,6 +74,14 @@ def main():
         if dev == "cuda":
             sync = torch.cuda.synchronize
     kw = dict(block_size=128, min_budget=min(1024, a.seq))
+    spin_s = a.spin_us / 1e6
+    idle = sync
+
+    def sync():  # noqa: F811  (the device idle, then the host thread running at full speed)
+        idle()
+        end = time.perf_counter() + spin_s
+        while time.perf_counter() < end:
+            pass
 
     def timed():
         sync()
@@ -73,12 +99,72 @@ def main():
     over = sorted(w - n for w, n in pairs)
     _, rep = flexprefill.flex_prefill_attention(q, k, v, **kw, return_report=True)
     mode = "dense" if rep.dense_fallback else f"sparse, density {rep.density:.3f}"
-    print(f"shape q {shapes[0]} kv {shapes[1]} {a.dtype} on {a.device} ({mode}), "
+    print(f"shape q {shapes[0]} kv {shapes[1]} {a.dtype} on {a.device} ({mode}), spin {a.spin_us:.0f} us, "
           f"{a.iters} calls")
     print(f"python call median {statistics.median(wall) * 1e6:10.1f} us (host)")
     print(f"rust call median   {statistics.median(native) * 1e6:10.1f} us (host)")
     print(f"overhead median    {statistics.median(over) * 1e6:10.1f} us per call "
           f"(p90 {over[int(0.9 * (len(over) - 1))] * 1e6:.1f} us)")
+    if a.breakdown:
+        if isinstance(q, np.ndarray):
+            print("--breakdown times torch tensors: use --device torch-cpu or cuda")
+        else:
+            breakdown(q, k, v, kw, sync, a.iters, a.warmup)
+
+
+def breakdown(q, k, v, kw, sync, iters, warmup):
+    """Medians of each piece of a call, each timed in its own loop (from an idle device, as the
+    whole call); the pieces of one call are not paired, so sums are approximate."""
+    import torch
+    from flexprefill import _api
+
+    cuda = q.is_cuda
+    c_api = getattr(_native, "stream_from_producer", lambda _: False)  # older builds: none
+
+    def med(fn, after=None):
+        times = []
+        for i in range(warmup + iters):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            t1 = time.perf_counter()
+            if i >= warmup:
+                times.append((t1 - t0, after() if after else 0.0))
+        return (statistics.median(t for t, _ in times) * 1e6,
+                statistics.median(x for _, x in times) * 1e6)
+
+    def prepared():
+        # The arguments flex_prefill_attention hands the native call (its _call), made ahead.
+        stream, out, lse = _api._cuda_call(q, None, None, False)[:3] if cuda else (None,) * 3
+        return (q, k, v, None, None, None, None, 0.9, 0.1, kw["min_budget"], None,
+                kw["block_size"], None, None, False, False, stream, False, out, lse, None)
+
+    args = prepared()
+    whole, _ = med(lambda: flexprefill.flex_prefill_attention(q, k, v, **kw))
+    native, rust = med(lambda: _native.attention(*args), _native.last_call_seconds)
+    rows = [("whole call", whole, ""),
+            ("  python layer", whole - native, "whole call - native call")]
+    if cuda:
+        stream_in_c = args[16] is None
+        prep, _ = med(lambda: _api._cuda_call(q, None, None, False))
+        rows.append(("    cuda preparation", prep,
+                     "torch.empty(out)" + ("" if stream_in_c else " + current_stream")))
+    rows += [("  native call", native, "_native.attention"),
+             ("    rust", rust, "raw call + DeviceRun drop" if cuda else "backend call"),
+             ("    binding", native - rust, "parse, DLPack export, checks, GIL release"
+              + (" (C exchange API)" if c_api(q) else " (__dlpack__)"))]
+    for name, us, what in rows:
+        print(f"{name:<22}{us:10.1f} us  {what}")
+    pieces = [("torch.empty(out)",
+               lambda: torch.empty(q.shape, dtype=q.dtype, device=q.device)),
+              ("q.__dlpack__", lambda: q.__dlpack__(max_version=(1, 0), stream=-1)),
+              ("q.__dlpack_device__", q.__dlpack_device__),
+              ("_C._to_dlpack_versioned",
+               lambda: getattr(torch._C, "_to_dlpack_versioned", torch._C._to_dlpack)(q))]
+    if cuda:
+        pieces.insert(1, ("current_stream",
+                          lambda: torch.cuda.current_stream(q.device).cuda_stream))
+    print("alone: " + " | ".join(f"{n} {med(f)[0]:.1f}" for n, f in pieces) + " (us)")
 
 
 if __name__ == "__main__":

@@ -29,9 +29,13 @@ echo "== pytest (CPU suite + CUDA tests)"
 python3 -m pytest -q -p no:cacheprovider -rsP flexprefill-py/tests 2>&1 | tee "$out/pytest.log"
 echo "== Python overhead per call over the Rust device-resident call (GPU, 32k, bf16, 32/8 heads, d128)"
 python3 flexprefill-py/benches/overhead.py --device cuda --seq 32768 --heads 32 --kv-heads 8 \
-    --dim 128 --dtype bfloat16 --iters 200 2>&1 | tee "$out/overhead_cuda.log"
+    --dim 128 --dtype bfloat16 --iters 200 --breakdown 2>&1 | tee "$out/overhead_cuda.log"
 python3 flexprefill-py/benches/overhead.py --device cuda --seq 4096 --heads 32 --kv-heads 8 \
-    --dim 128 --dtype bfloat16 --iters 200 2>&1 | tee -a "$out/overhead_cuda.log"
+    --dim 128 --dtype bfloat16 --iters 200 --breakdown 2>&1 | tee -a "$out/overhead_cuda.log"
+# The same without the spin before the clock: the slow first ~100 us of a thread woken from a
+# synchronisation land on the Python layer (see the bench's docstring).
+python3 flexprefill-py/benches/overhead.py --device cuda --seq 32768 --heads 32 --kv-heads 8 \
+    --dim 128 --dtype bfloat16 --iters 200 --spin-us 0 2>&1 | tee -a "$out/overhead_cuda.log"
 echo "== perplexity, SmolLM2-135M at 8192 tokens, dense vs FlexPrefill gamma 0.9 / 0.95 (CUDA)"
 # The GPU's own threshold runs an 8192-token prefill dense (sparsity pays from 16k keys there);
 # --min-sparse-kv-len 0 runs the sparse path, so this measures FlexPrefill's accuracy.

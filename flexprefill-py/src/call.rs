@@ -11,7 +11,7 @@ use flexprefill_core::{
 use flexprefill_cpu::CpuBackend;
 use pyo3::prelude::*;
 
-use crate::dlpack::{self, Borrowed, Elem};
+use crate::dlpack::{self, Borrowed, Elem, Source};
 use crate::errors::ArgError;
 use crate::{report, HostBuffer};
 
@@ -180,8 +180,8 @@ pub(crate) type Outcome = (Py<PyAny>, Py<PyAny>, Py<PyAny>);
 /// Host seconds of the last call's Rust work (f64 bits), for `_native.last_call_seconds()`.
 static LAST_CALL: AtomicU64 = AtomicU64::new(0);
 
-/// Remembers the Rust-side seconds of a call: the whole backend call on the CPU, the queueing
-/// in `flex_prefill_raw` on CUDA.
+/// Remembers the Rust-side seconds of a call: the whole backend call on the CPU, on CUDA what
+/// a Rust caller of the device entry spends (see `cuda.rs`).
 pub(crate) fn record_call_seconds(seconds: f64) {
     LAST_CALL.store(seconds.to_bits(), Ordering::Relaxed);
 }
@@ -202,8 +202,9 @@ fn cpu() -> &'static CpuBackend {
 pub(crate) fn flex_prefill_cpu<'py>(
     py: Python<'py>,
     req: &Request<'py>,
+    qkv: Qkv<'py>,
 ) -> Result<Outcome, ArgError> {
-    let (q, k, v) = borrow_qkv(req, dlpack::Memory::Host)?;
+    let (q, k, v) = borrow_qkv(qkv, dlpack::Memory::Host)?;
     let dtype = input_dtype(q.elem, "q", req.bf16_as_u16)?;
     same_dtype(req, &q, &k, &v)?;
     let varlen = req.layout.is_varlen();
@@ -261,15 +262,28 @@ pub(crate) fn flex_prefill_cpu<'py>(
     Ok((out_buf, lse, rep))
 }
 
-/// Borrows q, k and v from `memory`, after checking that k and v are on q's device (before any
-/// capsule is made, so a mix gets an error naming the tensor, not a failed export).
+/// q, k and v of a call, each exported once ([`Source`]); q's device decides the backend.
+pub(crate) type Qkv<'py> = [Source<'py>; 3];
+
+impl<'py> Request<'py> {
+    pub fn sources(&self) -> Result<Qkv<'py>, ArgError> {
+        Ok([
+            Source::new(&self.q, "q")?,
+            Source::new(&self.k, "k")?,
+            Source::new(&self.v, "v")?,
+        ])
+    }
+}
+
+/// Borrows q, k and v from `memory`, after checking that k and v are on q's device (before
+/// their memory is checked, so a mix gets an error naming the tensor, not a failed export).
 pub(crate) fn borrow_qkv<'py>(
-    req: &Request<'py>,
+    [q, k, v]: Qkv<'py>,
     memory: dlpack::Memory,
 ) -> Result<(Borrowed<'py>, Borrowed<'py>, Borrowed<'py>), ArgError> {
-    let q_dev = dlpack::device_of(&req.q, "q")?;
-    for (name, t) in [("k", &req.k), ("v", &req.v)] {
-        let dev = dlpack::device_of(t, name)?;
+    let q_dev = q.device;
+    for t in [&k, &v] {
+        let (name, dev) = (t.name, t.device);
         let same = if dlpack::is_cuda(q_dev.0) {
             dlpack::is_cuda(dev.0) && dev.1 == q_dev.1
         } else {
@@ -286,11 +300,7 @@ pub(crate) fn borrow_qkv<'py>(
             ));
         }
     }
-    Ok((
-        dlpack::borrow(&req.q, "q", memory)?,
-        dlpack::borrow(&req.k, "k", memory)?,
-        dlpack::borrow(&req.v, "v", memory)?,
-    ))
+    Ok((q.borrow(memory)?, k.borrow(memory)?, v.borrow(memory)?))
 }
 
 /// k and v must have q's element type.

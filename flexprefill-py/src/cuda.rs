@@ -8,11 +8,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use flexprefill_core::{DType, SelectionMode, Sequence, SparsityReport};
+use flexprefill_core::{DType, Sequence, SparsityReport};
 use flexprefill_cuda::{raw, CudaBackend, CudaError};
 use pyo3::prelude::*;
 
-use crate::call::{self, borrow_qkv, device_name, geometry, input_dtype, same_dtype, Outcome};
+use crate::call::{self, borrow_qkv, device_name, geometry, input_dtype, same_dtype, Outcome, Qkv};
 use crate::dlpack::{self, Borrowed, Elem, Memory};
 use crate::errors::ArgError;
 use crate::{report, Request};
@@ -26,32 +26,44 @@ type Opened = Result<Arc<CudaBackend>, String>;
 /// One backend per device ordinal for the whole process (context, kernel registry): the first
 /// call on a device pays the setup, later calls find it here. A device that cannot run keeps
 /// its reason, so every call on it gets the same error without retrying the driver.
-fn backend(ordinal: i32) -> Opened {
+///
+/// Only the first call on a device releases the GIL here (opening the driver and the context
+/// takes a while); later calls find the backend without giving up the GIL.
+fn backend(py: Python<'_>, ordinal: i32) -> Opened {
     static BACKENDS: OnceLock<Mutex<HashMap<i32, Opened>>> = OnceLock::new();
     let map = BACKENDS.get_or_init(Mutex::default);
-    let mut map = map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    map.entry(ordinal)
-        .or_insert_with(|| {
-            let o = usize::try_from(ordinal).map_err(|_| format!("device ordinal {ordinal}"))?;
-            CudaBackend::new_on(o)
-                .map(Arc::new)
-                .map_err(|e| e.to_string())
-        })
-        .clone()
+    let lock = || map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(opened) = lock().get(&ordinal) {
+        return opened.clone();
+    }
+    py.detach(|| {
+        lock()
+            .entry(ordinal)
+            .or_insert_with(|| {
+                let o =
+                    usize::try_from(ordinal).map_err(|_| format!("device ordinal {ordinal}"))?;
+                CudaBackend::new_on(o)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+    })
 }
 
 /// The CUDA path. `out` (and `lse` when `return_lse`) are the caller-framework tensors the
 /// output is written into; `stream` is the caller's current stream (`cudaStream_t` as an
-/// integer; `None` means the legacy default stream).
+/// integer), `None` to ask q's producer through its DLPack C exchange API (torch's
+/// `current_stream(q.device)`).
 pub(crate) fn flex_prefill_cuda<'py>(
     py: Python<'py>,
     req: &Request<'py>,
-    device: (i32, i32),
+    qkv: Qkv<'py>,
     stream: Option<usize>,
     out: Option<&Bound<'py, PyAny>>,
     lse: Option<&Bound<'py, PyAny>>,
 ) -> Result<Outcome, ArgError> {
-    let (q, k, v) = borrow_qkv(req, Memory::Cuda)?;
+    let device = qkv[0].device;
+    let (q, k, v) = borrow_qkv(qkv, Memory::Cuda)?;
     let dtype = match q.elem {
         Elem::F32 => {
             return Err(ArgError::value(
@@ -68,7 +80,7 @@ pub(crate) fn flex_prefill_cuda<'py>(
     let seqs = geo.seqs(varlen)?;
     let shape = geo.shape();
     // The device before the output: without a usable GPU nothing else matters.
-    let gpu = py.detach(|| backend(device.1)).map_err(|why| {
+    let gpu = backend(py, device.1).map_err(|why| {
         ArgError::runtime(
             "q",
             format!("no usable GPU for {}: {why}", device_name(device)),
@@ -95,8 +107,21 @@ pub(crate) fn flex_prefill_cuda<'py>(
         }
         (false, _) => None,
     };
+    let stream = match stream {
+        Some(s) => s as u64,
+        None => q.current_stream(py, "q")?.ok_or_else(|| {
+            ArgError::runtime(
+                "q",
+                format!(
+                    "the current stream of {} is unknown: q did not come through DLPack's C \
+                     exchange API",
+                    device_name(device)
+                ),
+            )
+        })?,
+    };
     let call = Call {
-        stream: stream.unwrap_or(0) as u64,
+        stream,
         dtype,
         q: q.address(),
         k: k.address(),
@@ -107,9 +132,14 @@ pub(crate) fn flex_prefill_cuda<'py>(
         softmax_scale: req.softmax_scale,
         report: req.return_report,
     };
-    let gpu = match req.min_sparse_kv_len {
-        Some(n) => gpu.as_ref().clone().with_min_sparse_kv_len(n),
-        None => gpu.as_ref().clone(),
+    // The shared backend as it is, or a copy (two reference counts) with the call's threshold.
+    let own;
+    let gpu: &CudaBackend = match req.min_sparse_kv_len {
+        Some(n) => {
+            own = gpu.as_ref().clone().with_min_sparse_kv_len(n);
+            &own
+        }
+        None => &gpu,
     };
     let cfg = req.cfg;
     // SAFETY: q, k, v, out and lse are live device tensors of q's device (checked above:
@@ -118,11 +148,11 @@ pub(crate) fn flex_prefill_cuda<'py>(
     // allocations of the Python layer, so they overlap nothing. The stream is the caller's
     // current torch stream on that device, alive beyond this call, and the caller reads out
     // and lse after us on it (or after an event recorded on it), as torch orders any kernel.
-    let (result, seconds) = py.detach(|| unsafe { call.run(&gpu, shape, &cfg) });
-    call::record_call_seconds(seconds);
-    let rep = result.map_err(|e| cuda_error(e, &cfg, varlen, device))?;
+    let (result, Seconds { queued, rust }) = py.detach(|| unsafe { call.run(gpu, shape, &cfg) });
+    call::record_call_seconds(rust);
+    let rep = result.map_err(|e| cuda_error(e, varlen, device))?;
     let rep = match rep {
-        Some(r) => report::to_dict(py, &r, "cuda", seconds)
+        Some(r) => report::to_dict(py, &r, "cuda", queued)
             .map_err(|e| ArgError::runtime("return_report", e.to_string()))?
             .into_any()
             .unbind(),
@@ -183,10 +213,19 @@ struct Call {
     report: bool,
 }
 
+/// Host seconds of a call's Rust work.
+struct Seconds {
+    /// `flex_prefill_raw` alone: queueing the work (the report's `call` time).
+    queued: f64,
+    /// What a Rust caller of the device entry spends on the same call, the base the binding's
+    /// overhead is measured against: `flex_prefill_raw`, the report when asked (which waits
+    /// for the stream), and dropping the returned `DeviceRun` (which queues the release of its
+    /// work buffers on the stream).
+    rust: f64,
+}
+
 impl Call {
     /// Queues the call; reads the report back (synchronising the stream) only when asked.
-    /// Returns the host seconds of `flex_prefill_raw` alone: what a Rust caller of the device
-    /// entry would spend, the base the binding's overhead is measured against.
     ///
     /// # Safety
     /// `flex_prefill_raw`'s contract for the addresses and the stream.
@@ -195,7 +234,7 @@ impl Call {
         gpu: &CudaBackend,
         shape: flexprefill_core::AttentionShape,
         cfg: &flexprefill_core::FlexPrefillConfig,
-    ) -> (Result<Option<SparsityReport>, CudaError>, f64) {
+    ) -> (Result<Option<SparsityReport>, CudaError>, Seconds) {
         let started = Instant::now();
         // SAFETY: forwarded from the caller.
         let run = unsafe {
@@ -214,7 +253,7 @@ impl Call {
                 cfg,
             )
         };
-        let seconds = started.elapsed().as_secs_f64();
+        let queued = started.elapsed().as_secs_f64();
         let result = run.and_then(|run| {
             if self.report {
                 // SAFETY: the call's own stream.
@@ -224,29 +263,16 @@ impl Call {
             }
             // `run` drops here: its work buffers are freed in order on the stream.
         });
-        (result, seconds)
+        let rust = started.elapsed().as_secs_f64();
+        (result, Seconds { queued, rust })
     }
 }
 
-/// The CUDA crate's error as Python sees it: input errors name their argument, a selection
-/// mode without device kernels names `selection`, everything else is a `DeviceError`.
-fn cuda_error(
-    e: CudaError,
-    cfg: &flexprefill_core::FlexPrefillConfig,
-    varlen: bool,
-    device: (i32, i32),
-) -> ArgError {
+/// The CUDA crate's error as Python sees it: input errors name their argument, everything
+/// else is a `DeviceError`.
+fn cuda_error(e: CudaError, varlen: bool, device: (i32, i32)) -> ArgError {
     match e {
         CudaError::Core(e) => ArgError::from_core(e, varlen),
-        CudaError::Unsupported { .. } if cfg.selection == SelectionMode::Sampled => {
-            ArgError::value(
-                "selection",
-                format!(
-                    "selection=\"sampled\" has no CUDA kernels yet ({e}); use \"faithful\" or \
-                     \"original\" on CUDA tensors, or pass CPU tensors"
-                ),
-            )
-        }
         CudaError::Unsupported { .. } => ArgError::value("q", e.to_string()),
         other => ArgError::runtime("q", format!("{}: {other}", device_name(device))),
     }

@@ -3,15 +3,18 @@
 //!
 //! DLPack is the one protocol every array framework speaks (`__dlpack__`, `__dlpack_device__`),
 //! and unlike the buffer protocol it is in the stable ABI of every CPython we support and
-//! carries device, bfloat16 and strides. Structs follow `dlpack.h` v1.0.
+//! carries device, bfloat16 and strides. Structs follow `dlpack.h` v1.0. A producer that also
+//! publishes DLPack's C exchange API (`dlpack.h` 1.2; torch ≥ 2.10) is read through it instead:
+//! the same managed tensor, exported by a C call rather than by the framework's Python code.
 
-use std::ffi::{c_void, CStr};
+use std::ffi::{c_int, c_void, CStr};
 use std::ptr::NonNull;
+use std::sync::Mutex;
 
 use pyo3::exceptions::{PyBufferError, PyTypeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyCapsule, PyDict, PyTuple};
+use pyo3::types::{PyCapsule, PyDict, PyTuple, PyType};
 
 use crate::errors::ArgError;
 use crate::HostBuffer;
@@ -185,11 +188,14 @@ pub(crate) fn is_cuda(device_type: i32) -> bool {
     device_type == DL_CUDA || device_type == DL_CUDA_MANAGED
 }
 
-/// A tensor's memory borrowed through its DLPack capsule. The capsule stays alive as long as
-/// this value, and with it the producer's memory; we never rename it, so the producer's own
-/// capsule destructor releases the tensor when we drop it.
+/// A tensor's memory borrowed through DLPack. Its owner (the capsule, or the managed tensor
+/// the C exchange API handed over) stays alive as long as this value, and with it the
+/// producer's memory; a capsule is never renamed, so the producer's own capsule destructor
+/// releases the tensor when we drop it, and a managed tensor goes back through its deleter.
 pub(crate) struct Borrowed<'py> {
-    _capsule: Bound<'py, PyCapsule>,
+    _owner: Owner<'py>,
+    /// The producer's C exchange API, when the tensor came through it (its current stream).
+    exchange: Option<Exchange>,
     data: *const u8,
     /// `(DLPack device type, ordinal)` as the capsule states it.
     pub device: (i32, i32),
@@ -233,6 +239,256 @@ impl Borrowed<'_> {
     pub fn address(&self) -> u64 {
         self.data as usize as u64
     }
+
+    /// The producer's current stream on this tensor's device (torch's
+    /// `torch.cuda.current_stream(device)`), asked through its C exchange API; `None` when the
+    /// tensor did not come through one.
+    pub fn current_stream(
+        &self,
+        py: Python<'_>,
+        name: &'static str,
+    ) -> Result<Option<u64>, ArgError> {
+        let Some(api) = self.exchange else {
+            return Ok(None);
+        };
+        api.current_stream(py, self.device, name).map(Some)
+    }
+}
+
+/// What keeps a borrowed tensor's memory alive: the capsule `__dlpack__` returned, or the
+/// managed tensor the C exchange API handed over (released through its deleter on drop).
+enum Owner<'py> {
+    Capsule(#[allow(dead_code)] Bound<'py, PyCapsule>),
+    Managed(#[allow(dead_code)] Managed),
+}
+
+/// A `DLManagedTensorVersioned` we own: the producer's deleter runs once, on drop (with the GIL
+/// held, as every `Borrowed` lives in a GIL-holding scope).
+struct Managed(NonNull<DLManagedTensorVersioned>);
+
+impl Drop for Managed {
+    fn drop(&mut self) {
+        // SAFETY: the producer handed us ownership of a live managed tensor; its deleter frees it
+        // and is called exactly once, here.
+        unsafe {
+            if let Some(deleter) = (*self.0.as_ptr()).deleter {
+                deleter(self.0.as_ptr());
+            }
+        }
+    }
+}
+
+/// DLPack's C exchange API (dlpack.h 1.2 and later; `DLPackExchangeAPI`), which a framework
+/// publishes as the capsule `type(tensor).__dlpack_c_exchange_api__` (torch ≥ 2.10): C functions
+/// that export a tensor and name the current stream without running any Python. `__dlpack__`
+/// costs a few microseconds per tensor in torch's Python code (argument checks, device and
+/// stream logic), the current stream as much again; through this table each is a C call.
+#[repr(C)]
+struct ExchangeApi {
+    version: DLPackVersion,
+    prev_api: *mut c_void,
+    managed_tensor_allocator: *const c_void,
+    managed_tensor_from_py_object_no_sync:
+        Option<unsafe extern "C" fn(*mut c_void, *mut *mut DLManagedTensorVersioned) -> c_int>,
+    managed_tensor_to_py_object_no_sync: *const c_void,
+    dltensor_from_py_object_no_sync: *const c_void,
+    current_work_stream: Option<unsafe extern "C" fn(c_int, i32, *mut *mut c_void) -> c_int>,
+}
+
+const EXCHANGE_API: &CStr = c"dlpack_exchange_api";
+
+/// A producer's exchange table. The table is static in the producer ("must stay alive
+/// throughout the lifetime of the process"), so its address is kept as a plain integer.
+#[derive(Clone, Copy)]
+struct Exchange(usize);
+
+impl Exchange {
+    fn api(self) -> &'static ExchangeApi {
+        // SAFETY: made only from a checked `dlpack_exchange_api` capsule of major version 1,
+        // whose table outlives the process's use of it.
+        unsafe { &*(self.0 as *const ExchangeApi) }
+    }
+
+    /// The table of `obj`'s type, if it publishes one we can use (looked up on the type once
+    /// and remembered with a reference to the type, so the address cannot be reused).
+    fn of(obj: &Bound<'_, PyAny>) -> Option<Self> {
+        static TYPES: Mutex<Vec<(Py<PyType>, Option<Exchange>)>> = Mutex::new(Vec::new());
+        let ty = obj.get_type();
+        let types = || TYPES.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, e)) = types().iter().find(|(t, _)| t.as_ptr() == ty.as_ptr()) {
+            return *e;
+        }
+        // Without the lock: an attribute lookup may run Python code, which may switch threads.
+        let found = Self::lookup(&ty);
+        let mut types = types();
+        // Few tensor types cross a process (torch.Tensor, Parameter, ndarray, ...); beyond that
+        // a type is looked up per call rather than kept.
+        if types.len() < 32 && !types.iter().any(|(t, _)| t.as_ptr() == ty.as_ptr()) {
+            types.push((ty.unbind(), found));
+        }
+        found
+    }
+
+    fn lookup(ty: &Bound<'_, PyType>) -> Option<Self> {
+        let py = ty.py();
+        // The standard name, then the one it had before DLPack 1.3 (a capsule there too in
+        // the releases that shipped it; the integer form of earlier builds is not used).
+        let cap = ty
+            .getattr(pyo3::intern!(py, "__dlpack_c_exchange_api__"))
+            .or_else(|_| ty.getattr(pyo3::intern!(py, "__c_dlpack_exchange_api__")))
+            .ok()?;
+        let cap = cap.cast::<PyCapsule>().ok()?;
+        let p = cap.pointer_checked(Some(EXCHANGE_API)).ok()?;
+        // SAFETY: a "dlpack_exchange_api" capsule points to a DLPackExchangeAPI, whose header
+        // (version first) is stable across versions.
+        let api = unsafe { &*p.as_ptr().cast::<ExchangeApi>() };
+        // The spec: a consumer checks the major version; minor versions only append.
+        (api.version.major == 1
+            && api.managed_tensor_from_py_object_no_sync.is_some()
+            && api.current_work_stream.is_some())
+        .then_some(Exchange(p.as_ptr() as usize))
+    }
+
+    /// Exports `obj` as an owned managed tensor, without a stream synchronisation (the call
+    /// runs on the producer's current stream); `None` when the producer refuses (its error is
+    /// cleared: `__dlpack__` then says why in the framework's own words, without the C++
+    /// backtrace torch's C functions put in the message).
+    fn export(self, obj: &Bound<'_, PyAny>) -> Option<Managed> {
+        let f = self.api().managed_tensor_from_py_object_no_sync?;
+        let mut out: *mut DLManagedTensorVersioned = std::ptr::null_mut();
+        // SAFETY: `obj` is of the type the table was found on, alive, and we hold the GIL.
+        let rc = unsafe { f(obj.as_ptr().cast(), &mut out) };
+        match NonNull::new(out) {
+            Some(m) if rc == 0 => Some(Managed(m)),
+            // On failure `out` is not ours, whatever it holds.
+            _ => {
+                let _ = PyErr::take(obj.py());
+                None
+            }
+        }
+    }
+
+    fn current_stream(
+        self,
+        py: Python<'_>,
+        device: (i32, i32),
+        name: &'static str,
+    ) -> Result<u64, ArgError> {
+        let Some(f) = self.api().current_work_stream else {
+            return Ok(0);
+        };
+        let mut stream: *mut c_void = std::ptr::null_mut();
+        // SAFETY: a C function of the producer's table, called with the GIL held.
+        let rc = unsafe { f(device.0, device.1, &mut stream) };
+        if rc != 0 {
+            let why =
+                PyErr::take(py).map_or_else(|| "unknown error".to_string(), |e| e.to_string());
+            return Err(ArgError::runtime(
+                name,
+                format!("the current stream of {name}'s device is unknown: {why}"),
+            ));
+        }
+        Ok(stream as usize as u64)
+    }
+}
+
+/// Whether `obj`'s type offers a C exchange API this module uses.
+pub(crate) fn has_exchange_api(obj: &Bound<'_, PyAny>) -> bool {
+    Exchange::of(obj).is_some()
+}
+
+/// Exports `obj` through its type's C exchange API when it has one and the export succeeds;
+/// `None` leaves it to `__dlpack__`, which then accepts it or says why not. A tensor that
+/// requires grad goes that way too: `__dlpack__` refuses it (torch: the result would leave
+/// autograd silently), the C export does not check.
+fn export_fast(obj: &Bound<'_, PyAny>) -> Option<(Managed, Exchange)> {
+    let api = Exchange::of(obj)?;
+    let grad = obj
+        .getattr(pyo3::intern!(obj.py(), "requires_grad"))
+        .and_then(|g| g.is_truthy())
+        .unwrap_or(false);
+    if grad {
+        return None;
+    }
+    Some((api.export(obj)?, api))
+}
+
+/// q, k or v, exported once: through the C exchange API when the producer has one (the device
+/// then comes with the export), otherwise the object and its `__dlpack_device__`, borrowed
+/// with `__dlpack__` once the call knows where it runs.
+pub(crate) struct Source<'py> {
+    obj: Bound<'py, PyAny>,
+    pub name: &'static str,
+    /// `(DLPack device type, ordinal)`.
+    pub device: (i32, i32),
+    fast: Option<(Managed, Exchange)>,
+}
+
+impl<'py> Source<'py> {
+    pub fn new(obj: &Bound<'py, PyAny>, name: &'static str) -> Result<Self, ArgError> {
+        let (device, fast) = match export_fast(obj) {
+            Some((m, api)) => {
+                // SAFETY: a live managed tensor we own.
+                let d = unsafe { (*m.0.as_ptr()).dl_tensor.device };
+                ((d.device_type, d.device_id), Some((m, api)))
+            }
+            None => (device_of(obj, name)?, None),
+        };
+        Ok(Self {
+            obj: obj.clone(),
+            name,
+            device,
+            fast,
+        })
+    }
+
+    /// The tensor's memory, which must be in `memory`.
+    pub fn borrow(self, memory: Memory) -> Result<Borrowed<'py>, ArgError> {
+        match self.fast {
+            Some((m, api)) => from_managed(m, Some(api), self.name, memory),
+            None => borrow_python(&self.obj, self.name, memory),
+        }
+    }
+}
+
+/// The layout we read is DLPack 1.x's; a later major version may change it.
+fn major_version_1(m: &DLManagedTensorVersioned, name: &'static str) -> Result<(), ArgError> {
+    if m.version.major == 1 {
+        return Ok(());
+    }
+    Err(ArgError::value(
+        name,
+        format!(
+            "{name}: DLPack version {}.{} is not supported (expected 1.x)",
+            m.version.major, m.version.minor
+        ),
+    ))
+}
+
+/// Borrows a versioned managed tensor the producer handed over.
+fn from_managed<'py>(
+    m: Managed,
+    exchange: Option<Exchange>,
+    name: &'static str,
+    memory: Memory,
+) -> Result<Borrowed<'py>, ArgError> {
+    // SAFETY: a live managed tensor we own until `m` drops (it moves into the result).
+    let mt = unsafe { &*m.0.as_ptr() };
+    major_version_1(mt, name)?;
+    // SAFETY: the producer's DLTensor, alive while `m` is.
+    let (data, elem, shape) = unsafe { read_tensor(&mt.dl_tensor, name, memory)? };
+    let device = (
+        mt.dl_tensor.device.device_type,
+        mt.dl_tensor.device.device_id,
+    );
+    Ok(Borrowed {
+        _owner: Owner::Managed(m),
+        exchange,
+        data,
+        device,
+        elem,
+        shape,
+    })
 }
 
 /// Asks `obj` for a DLPack capsule (versioned first, so NumPy ≥ 2 can export read-only
@@ -244,10 +500,23 @@ pub(crate) fn borrow_host<'py>(
     borrow(obj, name, Memory::Host)
 }
 
-/// [`borrow_host`] for tensors in `memory`. CUDA tensors are exported with `stream=-1`: the
-/// CUDA path runs on the caller's current stream, the one the producer's writes are ordered on,
-/// so there is nothing for the producer to synchronise.
+/// [`borrow_host`] for tensors in `memory`: through the producer's C exchange API when it has
+/// one, else `__dlpack__`.
 pub(crate) fn borrow<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &'static str,
+    memory: Memory,
+) -> Result<Borrowed<'py>, ArgError> {
+    match export_fast(obj) {
+        Some((m, api)) => from_managed(m, Some(api), name, memory),
+        None => borrow_python(obj, name, memory),
+    }
+}
+
+/// `obj.__dlpack__()`, versioned when the producer takes `max_version`. CUDA tensors are
+/// exported with `stream=-1`: the CUDA path runs on the caller's current stream, the one the
+/// producer's writes are ordered on, so there is nothing for the producer to synchronise.
+fn borrow_python<'py>(
     obj: &Bound<'py, PyAny>,
     name: &'static str,
     memory: Memory,
@@ -308,15 +577,7 @@ pub(crate) fn borrow<'py>(
         // SAFETY: a valid "dltensor_versioned" capsule points to a DLManagedTensorVersioned
         // that lives until the capsule is destroyed; we hold the capsule.
         let m = unsafe { &*p.as_ptr().cast::<DLManagedTensorVersioned>() };
-        if m.version.major != 1 {
-            return Err(ArgError::value(
-                name,
-                format!(
-                    "{name}: DLPack version {}.{} is not supported (expected 1.x)",
-                    m.version.major, m.version.minor
-                ),
-            ));
-        }
+        major_version_1(m, name)?;
         (&m.dl_tensor, m.flags & FLAG_READ_ONLY != 0)
     } else {
         let p = capsule.pointer_checked(Some(LEGACY)).map_err(|_| {
@@ -334,7 +595,8 @@ pub(crate) fn borrow<'py>(
                        // SAFETY: `tensor` is the producer's DLTensor, alive while the capsule is.
     let (data, elem, shape) = unsafe { read_tensor(tensor, name, memory)? };
     Ok(Borrowed {
-        _capsule: capsule,
+        _owner: Owner::Capsule(capsule),
+        exchange: None,
         data,
         device: (tensor.device.device_type, tensor.device.device_id),
         elem,

@@ -170,22 +170,32 @@ fn attention<'py>(
         bf16_as_u16,
     )
     .map_err(|e| e.into_pyerr(py))?;
-    let device = dlpack::device_of(q, "q").map_err(|e| e.into_pyerr(py))?;
+    let qkv = request.sources().map_err(|e| e.into_pyerr(py))?;
+    let device = qkv[0].device;
     let outcome = if dlpack::is_cuda(device.0) {
-        cuda::flex_prefill_cuda(py, &request, device, stream, out, lse)
+        cuda::flex_prefill_cuda(py, &request, qkv, stream, out, lse)
     } else {
-        call::flex_prefill_cpu(py, &request)
+        call::flex_prefill_cpu(py, &request, qkv)
     }
     .map_err(|e| e.into_pyerr(py))?;
     Ok(outcome)
 }
 
-/// Host seconds of the last call's Rust work: on the CPU the whole backend call, on CUDA the
-/// time inside the CUDA crate's `flex_prefill_raw` (queueing the work, not running it). The
-/// base `benches/overhead.py` subtracts from a Python call's time.
+/// Host seconds of the last call's Rust work: on the CPU the whole backend call, on CUDA what
+/// a Rust caller of the device entry spends on it (`flex_prefill_raw` queueing the work, the
+/// report's readback when asked, dropping the returned `DeviceRun`; not the GPU's execution).
+/// The base `benches/overhead.py` subtracts from a Python call's time.
 #[pyfunction]
 fn last_call_seconds() -> f64 {
     call::last_call_seconds()
+}
+
+/// Whether a CUDA call on `obj` can leave its stream to the native side: `obj`'s type offers
+/// DLPack's C exchange API, which names the producer's current stream (torch ≥ 2.10). The
+/// Python layer asks once per type and otherwise passes `torch.cuda.current_stream()`.
+#[pyfunction]
+fn stream_from_producer(obj: &Bound<'_, PyAny>) -> bool {
+    dlpack::has_exchange_api(obj)
 }
 
 #[pymodule]
@@ -193,6 +203,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<HostBuffer>()?;
     m.add_function(wrap_pyfunction!(attention, m)?)?;
     m.add_function(wrap_pyfunction!(last_call_seconds, m)?)?;
+    m.add_function(wrap_pyfunction!(stream_from_producer, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("CUDA", cuda::AVAILABLE)?;
     Ok(())

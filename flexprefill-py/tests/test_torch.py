@@ -55,3 +55,45 @@ def test_torch_errors_name_the_argument(rng):
     with pytest.raises(flexprefill.InvalidInputError) as e:
         flexprefill.flex_prefill_attention(q.detach().to("meta"), k, v)
     assert e.value.argument == "q"
+
+
+class _PythonDLPackOnly:
+    """Wraps a tensor and speaks only Python-level DLPack (`__dlpack__`), as producers without
+    DLPack's C exchange API do; `api` stands in for a type's `__dlpack_c_exchange_api__`."""
+
+    def __init__(self, t):
+        self._t = t
+
+    def __dlpack__(self, **kw):
+        return self._t.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self._t.__dlpack_device__()
+
+
+class _BogusExchangeApi(_PythonDLPackOnly):
+    # Not a "dlpack_exchange_api" capsule: ignored, the tensor goes through __dlpack__.
+    __dlpack_c_exchange_api__ = "not a capsule"
+
+
+def test_torch_tensors_cross_by_the_c_exchange_api_as_by_dlpack(rng):
+    q, k, v = (torch.from_numpy(x) for x in qkv(rng, 1, 64, 64, 4, 2, 16))
+    from flexprefill import _native
+
+    # torch >= 2.10 publishes DLPack's C exchange API (a capsule); the binding exports through
+    # it.
+    has_api = any(type(getattr(torch.Tensor, n, None)).__name__ == "PyCapsule"
+                  for n in ("__dlpack_c_exchange_api__", "__c_dlpack_exchange_api__"))
+    assert _native.stream_from_producer(q) is has_api
+    assert not _native.stream_from_producer(_PythonDLPackOnly(q))
+    assert not _native.stream_from_producer(_BogusExchangeApi(q))
+    kw = dict(block_size=16, min_budget=16, return_lse=True)
+    out_c, lse_c = flexprefill.flex_prefill_attention(q, k, v, **kw)
+    for wrap in (_PythonDLPackOnly, _BogusExchangeApi):
+        out_p, lse_p = flexprefill.flex_prefill_attention(*(wrap(x) for x in (q, k, v)), **kw)
+        assert np.array_equal(out_c.numpy(), out_p) and np.array_equal(lse_c.numpy(), lse_p)
+    # Errors name the argument on either path (layout checked on the exported strides).
+    for wrap in (lambda x: x, _PythonDLPackOnly):
+        with pytest.raises(flexprefill.InvalidInputError, match="not contiguous") as e:
+            flexprefill.flex_prefill_attention(q, wrap(k.transpose(1, 2)), v)
+        assert e.value.argument == "k"

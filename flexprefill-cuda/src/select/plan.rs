@@ -321,6 +321,7 @@ impl Run<'_> {
                 | "sel_qa_topup"
                 | "sel_qa_sort"
                 | "sel_qa_build"
+                | "sel_sampled_cut"
         );
         self.dev.function(
             &SELECT,

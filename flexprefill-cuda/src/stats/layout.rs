@@ -26,6 +26,7 @@ impl StatsLayout {
         let (mut tok, mut kb, mut qb, mut rep_off, mut split) =
             (0usize, 0usize, 0usize, 0usize, 0usize);
         let mut probe_off = 0usize;
+        let mut qk = 0usize;
         let mut max_rep = 1;
         for (si, s) in seqs.iter().enumerate() {
             // The kernels index keys with i32 (masks in 32-bit arithmetic).
@@ -63,7 +64,8 @@ impl StatsLayout {
                 split_off: to_u32(split, "split offset")?,
                 nsplit: to_u32(nsplit, "splits")?,
                 probe_off: to_u32(probe_off, "probe offset")?,
-                pad: [0, 0],
+                qk_off: to_u32(qk, "sampled block mass offset")?,
+                pad: 0,
             });
             for sp in 0..nsplit {
                 work.push(si as u32);
@@ -76,6 +78,7 @@ impl StatsLayout {
             qb += nqb;
             rep_off += rep * nkb;
             probe_off += flexprefill_core::selection::probe_queries(s, block_size).len() * nkb;
+            qk += nqb * nkb;
             split += nsplit;
         }
         // Flat outputs are indexed with u32 offsets times H inside the kernels' size_t math;
@@ -101,7 +104,38 @@ impl StatsLayout {
             poison: false,
             probes: false,
             total_probe: probe_off,
+            sampled: false,
+            total_qk: qk,
         })
+    }
+
+    /// The layout the statistics of `cfg`'s selection mode need: probes for the faithful
+    /// mode, the sampled estimate for the sampled mode.
+    pub fn for_mode(
+        seqs: &[Sequence],
+        shape: AttentionShape,
+        cfg: &flexprefill_core::FlexPrefillConfig,
+    ) -> Result<Self> {
+        Ok(Self::new(seqs, shape, cfg.block_size)?
+            .with_probes(cfg.selection == SelectionMode::Faithful)
+            .with_sampled(cfg.selection == SelectionMode::Sampled))
+    }
+
+    /// Also computes the sampled mode's estimate.
+    pub fn with_sampled(mut self, sampled: bool) -> Self {
+        self.sampled = sampled;
+        self
+    }
+
+    /// Offset of (seq, head)'s sampled block masses (`nqb · nkb` floats).
+    pub fn sampled_offset(&self, seq: usize, head: usize) -> usize {
+        let d = &self.descs[seq];
+        d.qk_off as usize * self.shape.num_heads + head * (d.nqb * d.nkb) as usize
+    }
+
+    /// Σ nqb · nkb over the sequences (per head): the sampled estimate's length per head.
+    pub fn total_query_key_blocks(&self) -> usize {
+        self.total_qk
     }
 
     /// Offset of (seq, head)'s vertical and slash lines (`kv_len` floats each).

@@ -13,7 +13,11 @@ pub(crate) fn key(dtype: DType, head_dim: usize, emulate: bool, path: PassPath) 
             "PROBE_QUERIES",
             flexprefill_core::selection::PROBE_QUERIES as i64,
         )
-        .define("STATS_EMULATE", emulate as i64);
+        .define("STATS_EMULATE", emulate as i64)
+        .define(
+            "SAMPLED_ROWS",
+            flexprefill_core::selection::SAMPLED_ROWS as i64,
+        );
     match path {
         PassPath::Mma => k,
         PassPath::Wgmma { overlap } => k
@@ -169,6 +173,11 @@ pub(crate) fn launch_stats_in<T: StatsElem>(
     })?;
     let mut k_pooled = alloc(layout.total_kb * hkv * d)?;
     let q_pooled = alloc(layout.total_qb * h * d)?;
+    let mut sampled_block_mass = alloc(if layout.sampled {
+        (layout.total_qk * h).max(1)
+    } else {
+        1
+    })?;
 
     let (h_i, hkv_i, split_i, rp_i, bs_i) = (
         h as i32,
@@ -277,6 +286,23 @@ pub(crate) fn launch_stats_in<T: StatsElem>(
             .launch()?;
         profile::mark(stream, "stats_estimate");
     }
+    if layout.sampled {
+        // The sampled mode's estimate: its own scale (never the original's emulation, which
+        // belongs to the compatibility mode alone).
+        sampled::launch(
+            dev,
+            stream,
+            scratch,
+            &kkey,
+            q,
+            k,
+            &descs,
+            &qb_seq,
+            &layout,
+            scale * std::f32::consts::LOG2_E,
+            &mut sampled_block_mass,
+        )?;
+    }
     Ok(DeviceStats {
         layout,
         descs,
@@ -287,6 +313,7 @@ pub(crate) fn launch_stats_in<T: StatsElem>(
         probe_block_mass,
         k_pooled,
         q_pooled,
+        sampled_block_mass,
         scale,
         emulate,
         dtype: T::DTYPE,

@@ -105,41 +105,21 @@ pub(crate) fn compare(
             );
         }
         let nkb = c.estimate.len();
-        assert_eq!(
-            g.rep_block_mass.len(),
-            c.rep_block_mass.len(),
-            "{what}: rep_block_mass length"
-        );
-        for (r, (a, b)) in g
-            .rep_block_mass
-            .chunks(nkb)
-            .zip(c.rep_block_mass.chunks(nkb))
-            .enumerate()
-        {
-            assert!(
-                a.iter().all(|x| x.is_finite()),
-                "{what} head {i} rep row {r}: non-finite"
-            );
-            let d = l1(a, b);
-            assert!(d <= line_tol, "{what} head {i} rep row {r}: L1 {d:e}");
-        }
-        assert_eq!(
-            g.probe_block_mass.len(),
-            c.probe_block_mass.len(),
-            "{what}: probe_block_mass length"
-        );
-        for (r, (a, b)) in g
-            .probe_block_mass
-            .chunks(nkb.max(1))
-            .zip(c.probe_block_mass.chunks(nkb.max(1)))
-            .enumerate()
-        {
-            assert!(
-                a.iter().all(|x| x.is_finite()),
-                "{what} head {i} probe {r}: non-finite"
-            );
-            let d = l1(a, b);
-            assert!(d <= line_tol, "{what} head {i} probe {r}: L1 {d:e}");
+        // Per-row block masses: representative rows, probes, sampled query blocks.
+        for (name, a, b) in [
+            ("rep row", &g.rep_block_mass, &c.rep_block_mass),
+            ("probe", &g.probe_block_mass, &c.probe_block_mass),
+            ("sampled row", &g.sampled_block_mass, &c.sampled_block_mass),
+        ] {
+            assert_eq!(a.len(), b.len(), "{what}: {name} block masses length");
+            for (r, (a, b)) in a.chunks(nkb.max(1)).zip(b.chunks(nkb.max(1))).enumerate() {
+                assert!(
+                    a.iter().all(|x| x.is_finite()),
+                    "{what} head {i} {name} {r}: non-finite (unwritten?)"
+                );
+                let d = l1(a, b);
+                assert!(d <= line_tol, "{what} head {i} {name} {r}: L1 {d:e}");
+            }
         }
         for (name, a, b) in [
             ("k_pooled", &g.k_pooled, &c.k_pooled),
@@ -379,5 +359,56 @@ fn statistics_match_the_cpu_oracle() {
         let want = cpu.head_statistics(&x, cfg).expect("cpu statistics");
         let got = head_statistics(&dev, &x, cfg).expect("gpu statistics");
         compare(&got, &want, *tol, what);
+        // The sampled mode's estimate on the same input (every block size, chunks, ragged,
+        // GQA 1 to 4, f16, head_dim 64 / 96 / 128).
+        if cfg.selection == SelectionMode::Faithful {
+            let cfg = with_config(*cfg, |c| c.selection = SelectionMode::Sampled);
+            let want = cpu.head_statistics(&x, &cfg).expect("cpu statistics");
+            let got = head_statistics(&dev, &x, &cfg).expect("gpu statistics");
+            assert!(got.iter().all(|st| !st.sampled_block_mass.is_empty()));
+            compare(&got, &want, *tol, &format!("{what} (sampled)"));
+        }
     }
+}
+
+/// The sampled estimate's per-(sequence, head) ranges tile its buffer exactly (the kernels
+/// index it as `qk_off · H + (h · nqb + r) · nkb + c`, the host with `sampled_offset`), and
+/// `for_mode` asks for it only in the sampled mode.
+#[test]
+fn sampled_offsets_tile_the_estimate_buffer() {
+    let seqs = [
+        Sequence::whole(1000),
+        Sequence {
+            q_start: 1000,
+            k_start: 1000,
+            q_len: 300,
+            kv_len: 1300,
+        },
+        Sequence {
+            q_start: 1300,
+            k_start: 2300,
+            q_len: 7,
+            kv_len: 7,
+        },
+    ];
+    let shape = AttentionShape::new(3, 1, 64).expect("shape");
+    let sampled = with_config(FlexPrefillConfig::default(), |c| {
+        c.selection = SelectionMode::Sampled;
+        c.block_size = 64;
+    });
+    let l = StatsLayout::for_mode(&seqs, shape, &sampled).expect("layout");
+    assert!(l.sampled && !l.probes);
+    let faithful = with_config(sampled, |c| c.selection = SelectionMode::Faithful);
+    let f = StatsLayout::for_mode(&seqs, shape, &faithful).expect("layout");
+    assert!(!f.sampled && f.probes);
+    let mut covered = vec![0u8; l.total_query_key_blocks() * 3];
+    for (si, s) in seqs.iter().enumerate() {
+        let n = s.num_query_blocks(64) * s.num_key_blocks(64);
+        for head in 0..3 {
+            let o = l.sampled_offset(si, head);
+            covered[o..o + n].iter_mut().for_each(|c| *c += 1);
+        }
+    }
+    assert!(covered.iter().all(|&c| c == 1), "{covered:?}");
+    assert_eq!(l.total_query_key_blocks(), 16 * 16 + 5 * 21 + 1);
 }

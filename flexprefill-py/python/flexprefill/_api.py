@@ -114,8 +114,7 @@ def _call(q, k, v, cu_q, cu_k, max_q, max_k, gamma, tau, min_budget, max_budget,
         q, k, v, cu_q, cu_k, _opt_int(max_q), _opt_int(max_k), float(gamma), float(tau),
         int(min_budget), _opt_int(max_budget), int(block_size),
         None if softmax_scale is None else float(softmax_scale), selection, bool(return_lse),
-        bool(return_report), stream, bf16, out, lse,
-        min_sparse_kv_len=_opt_int(min_sparse_kv_len))
+        bool(return_report), stream, bf16, out, lse, _opt_int(min_sparse_kv_len))
     out = _adopt(out, is_torch, bf16)
     if not (return_lse or return_report):
         return out
@@ -141,22 +140,30 @@ def _is_torch(x) -> bool:
 
 def _cuda_call(q, cu_q, cu_k, return_lse):
     """For a torch CUDA q: the caller's current stream on q's device (the call is queued on
-    it), the output and LSE allocated by torch's caching allocator on that device and stream
-    (the native call checks their shapes), and the cu_seqlens on the host (the sequence table
-    is built on the host; device cu_seqlens are copied, which waits for their producer)."""
+    it; None when the native side asks torch for it in C), the output and LSE allocated by
+    torch's caching allocator on that device and stream (the native call checks their shapes),
+    and the cu_seqlens on the host (the sequence table is built on the host; device cu_seqlens
+    are copied, which waits for their producer)."""
     import torch
 
     if not _NVRTC_TRIED:
         _preload_nvrtc()
-    stream = torch.cuda.current_stream(q.device).cuda_stream
+    native_stream = _NATIVE_STREAM.get(type(q))
+    if native_stream is None:
+        native_stream = _NATIVE_STREAM[type(q)] = _native.stream_from_producer(q)
+    stream = None if native_stream else torch.cuda.current_stream(q.device).cuda_stream
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = (torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
            if return_lse else None)
-    cu_q, cu_k = (c.cpu() if isinstance(c, torch.Tensor) and c.is_cuda else c
-                  for c in (cu_q, cu_k))
+    if cu_q is not None:
+        cu_q, cu_k = (c.cpu() if isinstance(c, torch.Tensor) and c.is_cuda else c
+                      for c in (cu_q, cu_k))
     return stream, out, lse, cu_q, cu_k
 
 
+# Per tensor type: whether the native call reads the current stream itself (DLPack's C
+# exchange API), saving torch.cuda.current_stream's Python on every call.
+_NATIVE_STREAM = {}
 _NVRTC_TRIED = False
 
 
