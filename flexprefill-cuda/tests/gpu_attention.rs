@@ -559,14 +559,7 @@ fn dense_walk_flags_dense_heads_and_walks_them_dense() {
         let (q, k, v) = upload_bf16(&stream, &x);
         let seqs = DeviceSeqs::new(&stream, &inp.seqs).unwrap();
         let dindex = DeviceBlockIndex::upload(&stream, &index).unwrap();
-        let args = AttentionArgs {
-            q: &q,
-            k: &k,
-            v: &v,
-            shape,
-            seqs: &seqs,
-            softmax_scale: None,
-        };
+        let args = AttentionArgs::new(&q, &k, &v, shape, &seqs);
         let flags =
             choose_dense_walk(gpu.device(), &stream, &seqs, &dindex, DENSE_WALK_DENSITY).unwrap();
         assert_eq!(
