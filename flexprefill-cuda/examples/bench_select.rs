@@ -166,14 +166,7 @@ fn main() -> Res<()> {
             let v: CudaSlice<bf16> = stream.clone_htod(&dt.v)?;
             let dseqs = DeviceSeqs::new(&stream, &seqs)?;
             let mut out: CudaSlice<bf16> = stream.alloc_zeros(n * H * D)?;
-            let args = AttentionArgs {
-                q: &q,
-                k: &k,
-                v: &v,
-                shape,
-                seqs: &dseqs,
-                softmax_scale: None,
-            };
+            let args = AttentionArgs::new(&q, &k, &v, shape, &dseqs);
             // dense baseline
             for _ in 0..2 {
                 be.attention_device(&stream, &args, None, None, &mut out, None)?;

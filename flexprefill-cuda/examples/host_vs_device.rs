@@ -110,14 +110,7 @@ fn main() -> Res<()> {
                 kv_len: n,
             }],
         )?;
-        let args = AttentionArgs {
-            q: &qd,
-            k: &kd,
-            v: &vd,
-            shape,
-            seqs: &seqs,
-            softmax_scale: None,
-        };
+        let args = AttentionArgs::new(&qd, &kd, &vd, shape, &seqs);
         let mut dev = Vec::new();
         let mut dense = Vec::new();
         for rep in 0..=REPS {

@@ -121,11 +121,8 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
     while (top >= 0 && tile_k0(top) > pos_last) --top;
     const int n_iter = top + 1;
 
-    const size_t q_stride = (size_t)p.num_heads * D;
-    const size_t kv_stride = (size_t)p.num_kv_heads * D;
-    const uint16_t* qg = p.q + (size_t)(s.q_start + q_lo) * q_stride + (size_t)head * D;
-    const uint16_t* kg = p.k + (size_t)s.k_start * kv_stride + (size_t)kvh * D;
-    const uint16_t* vg = p.v + (size_t)s.k_start * kv_stride + (size_t)kvh * D;
+    TileRows gm;
+    tile_rows(gm, p, s, q_lo, head, kvh, D);
 
     // ---- prologue: Q and the first STAGES-1 key tiles --------------------------------------
 #pragma unroll
@@ -133,7 +130,7 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
         const int idx = tid + i * NT, r = idx / CH, c = idx % CH;
         if ((BQ * CH) % NT != 0 && idx >= BQ * CH) break;
         const bool ok = r < rows_here;
-        cp_async_16(sQ_a + 2 * swz(r, c), ok ? (const void*)(qg + r * q_stride + c * 8) : (const void*)p.q, ok);
+        cp_async_16(sQ_a + 2 * swz(r, c), ok ? (const void*)(gm.qg + r * gm.q_stride + c * 8) : (const void*)p.q, ok);
     }
     auto load_kv = [&](int it) {
         const int k0 = tile_k0(top - it);
@@ -144,9 +141,9 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
             const int idx = tid + i * NT, r = idx / CH, c = idx % CH;
             if ((BK * CH) % NT != 0 && idx >= BK * CH) break;
             const bool ok = k0 + r < kv_len;
-            const size_t off = (size_t)(k0 + r) * kv_stride + c * 8;
-            cp_async_16(dk + 2 * swz(r, c), ok ? (const void*)(kg + off) : (const void*)p.k, ok);
-            cp_async_16(dv + 2 * swz(r, c), ok ? (const void*)(vg + off) : (const void*)p.v, ok);
+            const size_t off = (size_t)(k0 + r) * gm.kv_stride + c * 8;
+            cp_async_16(dk + 2 * swz(r, c), ok ? (const void*)(gm.kg + off) : (const void*)p.k, ok);
+            cp_async_16(dv + 2 * swz(r, c), ok ? (const void*)(gm.vg + off) : (const void*)p.v, ok);
         }
     };
 #pragma unroll
@@ -317,7 +314,7 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
         const int r = wrow + i / CH, c = i % CH;
         if (r < rows_here) {
             const uint4 val = ld_shared_u128(sQ_a + 2 * swz(r, c));
-            *reinterpret_cast<uint4*>(p.out + (size_t)(s.q_start + q_lo + r) * q_stride + (size_t)head * D + c * 8) = val;
+            *reinterpret_cast<uint4*>(p.out + (size_t)(s.q_start + q_lo + r) * gm.q_stride + (size_t)head * D + c * 8) = val;
         }
     }
 }

@@ -34,5 +34,20 @@ struct AttnParams {
     float scale_log2;    // softmax_scale * log2(e)
 };
 
+// A query tile's rows in global memory: its first query row (head `head`) and the first key /
+// value row of the sequence (KV head `kvh`), with the row strides of q and of k / v (elements;
+// `d` is the head dimension).
+struct TileRows {
+    size_t q_stride, kv_stride;
+    const uint16_t *qg, *kg, *vg;
+};
+FP_DEVICE void tile_rows(TileRows& t, const AttnParams& p, const SeqInfo& s, int q_lo, int head, int kvh, int d) {
+    t.q_stride = (size_t)p.num_heads * d;
+    t.kv_stride = (size_t)p.num_kv_heads * d;
+    t.qg = p.q + (size_t)(s.q_start + q_lo) * t.q_stride + (size_t)head * d;
+    t.kg = p.k + (size_t)s.k_start * t.kv_stride + (size_t)kvh * d;
+    t.vg = p.v + (size_t)s.k_start * t.kv_stride + (size_t)kvh * d;
+}
+
 }  // namespace
 

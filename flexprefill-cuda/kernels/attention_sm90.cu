@@ -41,17 +41,14 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
     const KeyWalk walk = key_walk(p, seq, head, q_lo, pos_last);
     const int n_iter = walk.n_iter;
 
-    const size_t q_stride = (size_t)p.num_heads * D;
-    const size_t kv_stride = (size_t)p.num_kv_heads * D;
-    const uint16_t* qg = p.q + (size_t)(s.q_start + q_lo) * q_stride + (size_t)head * D;
-    const uint16_t* kg = p.k + (size_t)s.k_start * kv_stride + (size_t)kvh * D;
-    const uint16_t* vg = p.v + (size_t)s.k_start * kv_stride + (size_t)kvh * D;
+    TileRows gm;
+    tile_rows(gm, p, s, q_lo, head, kvh, D);
 
 #pragma unroll
     for (int i = 0; i < BQ * CH / NT; ++i) {
         const int idx = tid + i * NT, r = idx / CH, c = idx % CH;
         const bool ok = r < rows_here;
-        cp_async_16(sQ + atom_off(r, c * 8, BQ), ok ? (const void*)(qg + r * q_stride + c * 8) : (const void*)p.q, ok);
+        cp_async_16(sQ + atom_off(r, c * 8, BQ), ok ? (const void*)(gm.qg + r * gm.q_stride + c * 8) : (const void*)p.q, ok);
     }
     auto load_kv = [&](int it) {
         const int k0 = walk.k0(it);
@@ -61,10 +58,10 @@ extern "C" __global__ void __launch_bounds__(NT, ATT_MINB) attn_fwd(const AttnPa
         for (int i = 0; i < BK * CH / NT; ++i) {
             const int idx = tid + i * NT, r = idx / CH, c = idx % CH;
             const bool ok = k0 + r < kv_len;
-            const size_t off = (size_t)(k0 + r) * kv_stride + c * 8;
+            const size_t off = (size_t)(k0 + r) * gm.kv_stride + c * 8;
             const uint32_t o = atom_off(r, c * 8, BK);
-            cp_async_16(dk + o, ok ? (const void*)(kg + off) : (const void*)p.k, ok);
-            cp_async_16(dv + o, ok ? (const void*)(vg + off) : (const void*)p.v, ok);
+            cp_async_16(dk + o, ok ? (const void*)(gm.kg + off) : (const void*)p.k, ok);
+            cp_async_16(dv + o, ok ? (const void*)(gm.vg + off) : (const void*)p.v, ok);
         }
     };
     float o[D / 2];

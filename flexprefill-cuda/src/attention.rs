@@ -761,6 +761,27 @@ pub struct AttentionArgs<'a, T> {
     pub softmax_scale: Option<f32>,
 }
 
+impl<'a, T> AttentionArgs<'a, T> {
+    /// The arguments with the default softmax scale (`1/sqrt(head_dim)`); set
+    /// `softmax_scale` on the result for another.
+    pub fn new(
+        q: &'a CudaSlice<T>,
+        k: &'a CudaSlice<T>,
+        v: &'a CudaSlice<T>,
+        shape: AttentionShape,
+        seqs: &'a DeviceSeqs,
+    ) -> Self {
+        Self {
+            q,
+            k,
+            v,
+            shape,
+            seqs,
+            softmax_scale: None,
+        }
+    }
+}
+
 /// Launches attention on `stream`: over `index`'s blocks, or dense causal when `index` is
 /// `None`. Writes every element of `out` (`[total_q, num_heads, head_dim]`) and, when given,
 /// of `lse` (`[total_q, num_heads]`, natural log). Asynchronous: nothing waits for the GPU.

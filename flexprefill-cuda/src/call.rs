@@ -289,14 +289,7 @@ pub(crate) fn plan(
         let k = plan_input::<T>(stream, tk * hkv * d);
         let mut out = plan_input::<T>(stream, tq * h * d);
         let mut lse = plan_input::<f32>(stream, tq * h);
-        let args = AttentionArgs {
-            q: &q,
-            k: &k,
-            v: &k,
-            shape,
-            seqs: &dseqs,
-            softmax_scale: None,
-        };
+        let args = AttentionArgs::new(&q, &k, &k, shape, &dseqs);
         let mut size = WorkspaceSize::default();
         for dense in [false, true] {
             // The raw entry's sequence table comes first, then the call's buffers.

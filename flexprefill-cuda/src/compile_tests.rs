@@ -1,7 +1,9 @@
 //! Offline NVRTC compile of every statistics and selection module variant the crate launches
 //! (no driver, no GPU). With `FLEXPREFILL_PTXAS_OUT=FILE` the `ptxas -v` report of every
 //! variant is written to FILE, so a refactor of the kernel sources can be checked for
-//! unchanged registers, stack and spills (diff the files from before and after).
+//! unchanged registers, stack and spills (diff the files from before and after). With
+//! `FLEXPREFILL_CUBIN_DIR=DIR` every variant's cubin is written there too, one file per
+//! variant, for a before/after comparison of the machine code (`nvdisasm -c`).
 
 use std::fmt::Write as _;
 
@@ -19,13 +21,32 @@ fn report(log: &str) -> String {
         .collect()
 }
 
+/// Writes `cubin` as `NAME.cubin` under `FLEXPREFILL_CUBIN_DIR` when that is set.
+fn keep_cubin(name: &str, cubin: &[u8]) {
+    if let Some(dir) = std::env::var_os("FLEXPREFILL_CUBIN_DIR") {
+        let file: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let path = std::path::Path::new(&dir).join(file + ".cubin");
+        std::fs::write(&path, cubin).expect("write the cubin");
+    }
+}
+
 #[test]
 #[ignore = "needs NVRTC (libnvrtc.so)"]
 fn every_stats_and_select_variant_compiles() {
     let mut out = String::new();
     for arch in [(9, 0), (8, 0)] {
-        let (_, log) = compile_offline(&SELECT, &select_key(), arch)
+        let (cubin, log) = compile_offline(&SELECT, &select_key(), arch)
             .unwrap_or_else(|e| panic!("select sm{arch:?}: {e}"));
+        keep_cubin(&format!("select_sm{}{}", arch.0, arch.1), &cubin);
         let _ = writeln!(out, "== select sm{arch:?}\n{}", report(&log));
         for dtype in [DType::BF16, DType::F16] {
             for d in [64, 96, 128, 256] {
@@ -37,9 +58,19 @@ fn every_stats_and_select_variant_compiles() {
                 for path in paths {
                     for emulate in [false, true] {
                         let key = stats_key(dtype, d, emulate, path);
-                        let (_, log) = compile_offline(&STATS, &key, arch).unwrap_or_else(|e| {
-                            panic!("stats {dtype} d{d} {path:?} emulate {emulate} sm{arch:?}: {e}")
-                        });
+                        let (cubin, log) =
+                            compile_offline(&STATS, &key, arch).unwrap_or_else(|e| {
+                                panic!(
+                                    "stats {dtype} d{d} {path:?} emulate {emulate} sm{arch:?}: {e}"
+                                )
+                            });
+                        keep_cubin(
+                            &format!(
+                                "stats_{dtype}_d{d}_{path:?}_emulate{emulate}_sm{}{}",
+                                arch.0, arch.1
+                            ),
+                            &cubin,
+                        );
                         let _ = writeln!(
                             out,
                             "== stats {dtype} d{d} {path:?} emulate {emulate} sm{arch:?}\n{}",

@@ -37,7 +37,7 @@ mod sampled;
 mod vertical_slash;
 
 pub(crate) use plan::select_key;
-use plan::{params, Run, SelPlan};
+use plan::{params, Common, Run, SelPlan};
 
 /// The selection kernel family, one NVRTC program: the shared `SeqDesc`, the selection
 /// header, then one file per stage.
@@ -156,51 +156,12 @@ pub(crate) fn launch_select_in<T: StatsElem>(
     let nkb_all = layout.total_key_blocks() * h;
     let qb_all = layout.total_query_blocks();
 
-    let sel_d = scratch.upload(stream, &plan.sel)?;
     let qb_seq: Vec<u32> = layout
         .seqs
         .iter()
         .enumerate()
         .flat_map(|(si, s)| std::iter::repeat_n(si as u32, s.num_query_blocks(bs)))
         .collect();
-    let qb_seq_d = scratch.upload(stream, &qb_seq)?;
-    // SAFETY (allocations): each buffer is written by a kernel before any kernel reads it
-    // (vpool/spool/pattern/js by sel_decide, vkey/kstar/colsel/dist by the mode's own kernels
-    // for exactly the heads that later read them, mask by sel_extend, map by sel_qa_map for
-    // query-aware heads, counts/offsets/cols by the compaction).
-    let (
-        vpool,
-        spool,
-        pattern,
-        js,
-        vkey,
-        kstar,
-        colsel,
-        offsel,
-        dist_prefix,
-        mapb,
-        maskb,
-        counts,
-        offsets,
-        cols,
-    ) = unsafe {
-        (
-            scratch.take::<f32>(stream, nkb_all.max(1))?,
-            scratch.take::<f32>(stream, nkb_all.max(1))?,
-            scratch.take::<i32>(stream, (nseq * h).max(1))?,
-            scratch.take::<f32>(stream, (nseq * h).max(1))?,
-            scratch.take::<u64>(stream, nkb_all.max(1))?,
-            scratch.take::<u64>(stream, (nseq * h).max(1))?,
-            scratch.take::<u8>(stream, nkb_all.max(1))?,
-            scratch.take::<u8>(stream, nkb_all.max(1))?,
-            scratch.take::<u32>(stream, (plan.dist * h).max(1))?,
-            scratch.take::<f32>(stream, if any_qa { (plan.map * h).max(1) } else { 1 })?,
-            scratch.take::<u32>(stream, (plan.mask * h).max(1))?,
-            scratch.take::<u32>(stream, total_rows.max(1))?,
-            scratch.take::<u32>(stream, total_rows + 1)?,
-            scratch.take::<u32>(stream, (plan.causal * h).max(1))?,
-        )
-    };
 
     let key = select_key();
     let max_smem = dev.info().max_smem_per_block;
@@ -272,88 +233,82 @@ pub(crate) fn launch_select_in<T: StatsElem>(
         1,
         1,
     );
-    let tiles_d = scratch.upload(stream, &tiles.concat())?;
-    let qb_all_u = qb_all as u32;
-    // SAFETY: written by sel_flat_pick for every flattened query-aware head before
-    // sel_qa_flat_mark / sel_qa_build read it (no other head reads it).
-    let kcut = unsafe { scratch.take::<u64>(stream, (nseq * h).max(1)) }?;
-    // Faithful query-aware rows in rank order with running masses (map layout), the
-    // calibrated targets, and the probe events of the vertical-slash stop (PROBE_QUERIES
-    // slots per key block): each is written by its producer kernel for exactly the heads whose
-    // consumers read it (same pattern test on both sides).
     let faithful_qa = any_qa && cfg.selection == SelectionMode::Faithful;
-    let qa_len = if faithful_qa {
-        (plan.map * h).max(1)
-    } else {
-        1
-    };
-    // SAFETY (order_b, run_b, t_b): see above; sel_qa_sort / sel_qa_calib write them first.
-    let order_b = unsafe { scratch.take::<u32>(stream, qa_len) }?;
-    let run_b = unsafe { scratch.take::<f64>(stream, qa_len) }?;
-    let t_b = unsafe { scratch.take::<f64>(stream, (nseq * h).max(1)) }?;
-    // The top-up's transposed representative masses and column scores (rep_block_mass's
-    // layout; sel_qa_topup_prep writes both for every faithful query-aware head, whose
-    // sel_qa_topup alone reads them).
-    let topup_len = if faithful_qa {
-        (plan.rep_mass * h).max(1)
-    } else {
-        1
-    };
-    // SAFETY (mass_t, col_sum): written by sel_qa_topup_prep before sel_qa_topup reads them.
-    let mass_t = unsafe { scratch.take::<f32>(stream, topup_len) }?;
-    let col_sum = unsafe { scratch.take::<f32>(stream, topup_len) }?;
     let probes = layout.probes && cfg.selection == SelectionMode::Faithful;
-    let probes_i = probes as i32;
+    // Sizes of the buffers only some heads or modes use (one element otherwise): the pooled
+    // map and the flattened cut's list (query-aware), the faithful rows in rank order with
+    // running masses (map layout), the top-up's transposed representative masses
+    // (rep_block_mass's layout), the probe events of the vertical-slash stop (PROBE_QUERIES
+    // slots per key block) and the calibration's candidates (the same layout).
+    let (heads, map_len) = (nseq * h, if any_qa { plan.map * h } else { 1 });
+    let qa_len = if faithful_qa { plan.map * h } else { 1 };
+    let topup_len = if faithful_qa { plan.rep_mass * h } else { 1 };
     let ev_len = if probes {
-        (nkb_all * selection::PROBE_QUERIES).max(1)
+        nkb_all * selection::PROBE_QUERIES
     } else {
         1
     };
-    // SAFETY (ev_key, ev_w): sel_fvs_probe_events writes every slot sel_fvs_stop reads (only
-    // with probes, when the stop reads them).
-    let ev_key = unsafe { scratch.take::<u64>(stream, ev_len) }?;
-    let ev_w = unsafe { scratch.take::<f64>(stream, ev_len) }?;
-    // The query-aware calibration's candidate entries (same layout as the probe events; written
-    // by sel_qa_calib before it reads them), and the flattened cut's state (6 u64 per head,
-    // sel_flat_init) and digit histograms (zeroed here, cleared again by each sel_flat_pick).
     let cand_len = if faithful_qa && probes { ev_len } else { 1 };
-    // SAFETY (cand_key, cand_w, flat_cut): written by sel_qa_calib / sel_flat_init before any
-    // kernel reads them.
-    let cand_key = unsafe { scratch.take::<u64>(stream, cand_len) }?;
-    let cand_w = unsafe { scratch.take::<f64>(stream, cand_len) }?;
-    let flat_cut = unsafe { scratch.take::<u64>(stream, 6 * (nseq * h).max(1)) }?;
-    let cal = scratch.zeros::<u64>(stream, 4 * (nseq * h).max(1))?;
-    // Each probe's total mass (sel_fvs_prep, for every faithful head with probes).
-    // SAFETY: sel_fvs_prep writes it before sel_fvs_probe_events / sel_qa_calib read it.
-    let probe_tot =
-        unsafe { scratch.take::<f64>(stream, (nseq * h * selection::PROBE_QUERIES).max(1)) }?;
-    let hist_len = if any_qa { 256 * nseq * h } else { 1 };
-    let hist_cnt = scratch.zeros::<u32>(stream, hist_len)?;
-    let hist_sum = scratch.zeros::<u64>(stream, hist_len)?;
-    // The flattened cut's candidate list (map layout, written by sel_flat_compact up to
-    // flat_len, read only that far) and its lengths (zeroed here).
-    // SAFETY: read only below the length sel_flat_compact wrote.
-    let flat_list =
-        unsafe { scratch.take::<u32>(stream, if any_qa { (plan.map * h).max(1) } else { 1 }) }?;
-    let flat_len = scratch.zeros::<u32>(stream, (nseq * h).max(1))?;
-    // sel_fvs_lines' distance test per (r - c) for sel_extend: nkb + 1 entries per (sequence,
-    // head). SAFETY: written by sel_fvs_lines for every faithful vertical-slash head, the only
-    // heads whose extension reads it.
-    let diag_hit =
-        unsafe { scratch.take::<u8>(stream, ((layout.total_key_blocks() + nseq) * h).max(1)) }?;
+    // SAFETY (every `take`): each buffer is written by a kernel before any kernel reads it,
+    // for exactly the heads whose consumers read it (the same pattern test on both sides):
+    // pattern/js/vpool/spool by sel_pool_lines and sel_decide; vkey/probe_tot by
+    // sel_fvs_prep, kstar by sel_fvs_stop, colsel/dist_prefix/diag_hit by sel_fvs_lines or
+    // sel_ovs (offsel), ev_key/ev_w by sel_fvs_probe_events (every slot sel_fvs_stop reads,
+    // only with probes); map by sel_qa_map, order_b/run_b by sel_qa_sort, t_b/cand_key/cand_w
+    // by sel_qa_calib, flat_cut by sel_flat_init, kcut by sel_flat_pick, flat_list up to the
+    // length sel_flat_compact wrote (read only that far); mass_t/col_sum by
+    // sel_qa_topup_prep; mask by sel_extend; counts/offsets/cols by the compaction. `zeros`
+    // buffers are read before written (cal, the digit histograms cleared again by each
+    // sel_flat_pick, flat_len).
     let mut r = Run {
         dev,
         stream,
-        stats,
         cfg,
         key,
         dyn_limit,
-        p,
-        sel_d,
-        qb_seq_d,
-        tiles_d,
-        qb_all_u,
-        probes_i,
+        c: Common {
+            sel_d: scratch.upload(stream, &plan.sel)?,
+            qb_seq_d: scratch.upload(stream, &qb_seq)?,
+            pattern: unsafe { scratch.take::<i32>(stream, heads) }?,
+            stats,
+            p,
+            qb_all_u: qb_all as u32,
+        },
+        vpool: unsafe { scratch.take::<f32>(stream, nkb_all) }?,
+        spool: unsafe { scratch.take::<f32>(stream, nkb_all) }?,
+        js: unsafe { scratch.take::<f32>(stream, heads) }?,
+        vkey: unsafe { scratch.take::<u64>(stream, nkb_all) }?,
+        kstar: unsafe { scratch.take::<u64>(stream, heads) }?,
+        colsel: unsafe { scratch.take::<u8>(stream, nkb_all) }?,
+        offsel: unsafe { scratch.take::<u8>(stream, nkb_all) }?,
+        dist_prefix: unsafe { scratch.take::<u32>(stream, plan.dist * h) }?,
+        mapb: unsafe { scratch.take::<f32>(stream, map_len) }?,
+        maskb: unsafe { scratch.take::<u32>(stream, plan.mask * h) }?,
+        counts: unsafe { scratch.take::<u32>(stream, total_rows) }?,
+        offsets: unsafe { scratch.take::<u32>(stream, total_rows + 1) }?,
+        cols: unsafe { scratch.take::<u32>(stream, plan.causal * h) }?,
+        tiles_d: scratch.upload(stream, &tiles.concat())?,
+        kcut: unsafe { scratch.take::<u64>(stream, heads) }?,
+        order_b: unsafe { scratch.take::<u32>(stream, qa_len) }?,
+        run_b: unsafe { scratch.take::<f64>(stream, qa_len) }?,
+        t_b: unsafe { scratch.take::<f64>(stream, heads) }?,
+        mass_t: unsafe { scratch.take::<f32>(stream, topup_len) }?,
+        col_sum: unsafe { scratch.take::<f32>(stream, topup_len) }?,
+        ev_key: unsafe { scratch.take::<u64>(stream, ev_len) }?,
+        ev_w: unsafe { scratch.take::<f64>(stream, ev_len) }?,
+        cand_key: unsafe { scratch.take::<u64>(stream, cand_len) }?,
+        cand_w: unsafe { scratch.take::<f64>(stream, cand_len) }?,
+        flat_cut: unsafe { scratch.take::<u64>(stream, 6 * heads) }?,
+        cal: scratch.zeros::<u64>(stream, 4 * heads)?,
+        probe_tot: unsafe { scratch.take::<f64>(stream, heads * selection::PROBE_QUERIES) }?,
+        hist_cnt: scratch.zeros::<u32>(stream, if any_qa { 256 * heads } else { 1 })?,
+        hist_sum: scratch.zeros::<u64>(stream, if any_qa { 256 * heads } else { 1 })?,
+        flat_list: unsafe { scratch.take::<u32>(stream, map_len) }?,
+        flat_len: scratch.zeros::<u32>(stream, heads)?,
+        // sel_fvs_lines' distance test per (r - c) for sel_extend: nkb + 1 entries per
+        // (sequence, head).
+        diag_hit: unsafe { scratch.take::<u8>(stream, (layout.total_key_blocks() + nseq) * h) }?,
+        probes_i: probes as i32,
         h,
         nseq,
         bs,
@@ -370,38 +325,6 @@ pub(crate) fn launch_select_in<T: StatsElem>(
         map_grid,
         topup_tile,
         topup_smem,
-        vpool,
-        spool,
-        pattern,
-        js,
-        vkey,
-        kstar,
-        colsel,
-        offsel,
-        dist_prefix,
-        mapb,
-        maskb,
-        counts,
-        offsets,
-        cols,
-        kcut,
-        order_b,
-        run_b,
-        t_b,
-        mass_t,
-        col_sum,
-        ev_key,
-        ev_w,
-        cand_key,
-        cand_w,
-        flat_cut,
-        cal,
-        probe_tot,
-        hist_cnt,
-        hist_sum,
-        flat_list,
-        flat_len,
-        diag_hit,
     };
     decide::launch(&mut r)?;
     if cfg.selection == SelectionMode::Sampled {
@@ -413,7 +336,7 @@ pub(crate) fn launch_select_in<T: StatsElem>(
     }
     index::launch(&mut r)?;
     let Run {
-        pattern,
+        c: Common { pattern, .. },
         js,
         offsets,
         cols,
@@ -444,7 +367,7 @@ fn modes_select<T: StatsElem>(
     let (dev, stream) = (r.dev, r.stream);
     if let Some(q) = q {
         if r.any_qa {
-            launch_pool_q(dev, stream, q, r.stats, Some(&r.pattern))?;
+            launch_pool_q(dev, stream, q, r.c.stats, Some(&r.c.pattern))?;
         }
     }
     // The vertical-slash heads' chain (and the prep it shares with the calibration: column

@@ -137,6 +137,13 @@ fn random_index(
     BlockIndex::from_rows(seqs, heads, bs, all).unwrap()
 }
 
+/// Dense attention on the GPU against the f64 oracle, output and lse.
+fn check_dense(gpu: &CudaBackend, inp: &AttentionInput<'_>, tag: &str, dtype: DType) {
+    let got = gpu.dense_attention(inp).unwrap();
+    let want = oracle::dense_attention_f64(inp).unwrap();
+    check(tag, dtype, &got, &want, true);
+}
+
 fn check(
     tag: &str,
     dtype: DType,
@@ -184,14 +191,11 @@ fn dense_matches_oracle_awkward_lengths_gqa_dtypes() {
             for n in [1, 37, 128, 200, 1025] {
                 let x = data(&mut rng, dtype, shape, n, n, 1.0);
                 let inp = input(&x, shape, &[(n, n)], true);
-                let got = gpu.dense_attention(&inp).unwrap();
-                let want = oracle::dense_attention_f64(&inp).unwrap();
-                check(
+                check_dense(
+                    &gpu,
+                    &inp,
                     &format!("dense {dtype} h{h}/{hkv} d{d} n{n}"),
                     dtype,
-                    &got,
-                    &want,
-                    true,
                 );
             }
         }
@@ -253,14 +257,11 @@ fn odd_head_dims_and_small_blocks_match_oracle() {
             &want,
             true,
         );
-        let got = gpu.dense_attention(&inp).unwrap();
-        let want = oracle::dense_attention_f64(&inp).unwrap();
-        check(
+        check_dense(
+            &gpu,
+            &inp,
             &format!("odd dense h{h}/{hkv} d{d}"),
             DType::BF16,
-            &got,
-            &want,
-            true,
         );
     }
 }
@@ -558,14 +559,7 @@ fn dense_walk_flags_dense_heads_and_walks_them_dense() {
         let (q, k, v) = upload_bf16(&stream, &x);
         let seqs = DeviceSeqs::new(&stream, &inp.seqs).unwrap();
         let dindex = DeviceBlockIndex::upload(&stream, &index).unwrap();
-        let args = AttentionArgs {
-            q: &q,
-            k: &k,
-            v: &v,
-            shape,
-            seqs: &seqs,
-            softmax_scale: None,
-        };
+        let args = AttentionArgs::new(&q, &k, &v, shape, &seqs);
         let flags =
             choose_dense_walk(gpu.device(), &stream, &seqs, &dindex, DENSE_WALK_DENSITY).unwrap();
         assert_eq!(

@@ -90,14 +90,7 @@ fn device_call(
     let mut out: CudaSlice<bf16> = s.alloc_zeros(n * h * d).unwrap();
     let mut lse: CudaSlice<f32> = s.alloc_zeros(n * h).unwrap();
     let seqs = DeviceSeqs::new(&s, &[seq(n)]).unwrap();
-    let args = AttentionArgs {
-        q: &qd,
-        k: &kd,
-        v: &vd,
-        shape: shape(),
-        seqs: &seqs,
-        softmax_scale: None,
-    };
+    let args = AttentionArgs::new(&qd, &kd, &vd, shape(), &seqs);
     let cfg = FlexPrefillConfig::default();
     let run = flex_prefill_device(gpu, &s, &args, &cfg, &mut out, Some(&mut lse)).unwrap();
     let report = run.report(&s).unwrap();

@@ -109,14 +109,7 @@ impl DeviceInput {
     }
 
     fn args(&self) -> AttentionArgs<'_, bf16> {
-        AttentionArgs {
-            q: &self.q,
-            k: &self.k,
-            v: &self.v,
-            shape: self.shape,
-            seqs: &self.seqs,
-            softmax_scale: None,
-        }
+        AttentionArgs::new(&self.q, &self.k, &self.v, self.shape, &self.seqs)
     }
 }
 

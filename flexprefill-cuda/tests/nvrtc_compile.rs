@@ -32,6 +32,14 @@ fn attention_variants_compile_without_spills() {
                 let (cubin, log) = compile_offline(&ATTENTION, &key, arch)
                     .unwrap_or_else(|e| panic!("{dtype} d{d} bs{bs} sm{arch:?}: {e}"));
                 assert!(!cubin.is_empty());
+                // FLEXPREFILL_DUMP_CUBIN=dir writes the cubins for cuobjdump --dump-sass.
+                if let Ok(dir) = std::env::var("FLEXPREFILL_DUMP_CUBIN") {
+                    let path = format!(
+                        "{dir}/attention_mma_sm{}{}_{dtype}_d{d}_bs{bs}.cubin",
+                        arch.0, arch.1
+                    );
+                    std::fs::write(&path, &cubin).expect("dump dir writable");
+                }
                 println!("sm{}{} {dtype} d{d} bs{bs} {tile:?}\n{log}", arch.0, arch.1);
                 assert!(
                     !log.contains("bytes spill stores") || log.contains(" 0 bytes spill stores"),

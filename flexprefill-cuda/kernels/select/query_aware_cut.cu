@@ -67,6 +67,30 @@ extern "C" __global__ void sel_flat_init(const SeqDesc* __restrict__ seqs, SelPa
     cut[slot] = st;
 }
 
+// The map chunk of a multi-CTA flattened-cut kernel's CTA: entries [i0, i1) of head h of
+// sequence s (grid (chunks, H, nseq)), with the head's cut state. flat_chunk returns false when
+// the CTA has nothing to do: the head's cut is settled or the chunk lies past the head's map.
+struct FlatChunk {
+    int h, s, slot;
+    FlatCut st;
+    SeqDesc sd;
+    unsigned total, i0, i1;
+};
+FP_DEVICE bool flat_chunk(FlatChunk& c, const SeqDesc* __restrict__ seqs, const SelParams& p,
+                          const FlatCut* __restrict__ cut) {
+    c.h = blockIdx.y;
+    c.s = blockIdx.z;
+    c.slot = c.s * p.num_heads + c.h;
+    c.st = cut[c.slot];
+    if (c.st.state != 0) return false;
+    c.sd = seqs[c.s];
+    c.total = c.sd.nqb * c.sd.nkb;
+    c.i0 = blockIdx.x * FLAT_CHUNK;
+    if (c.i0 >= c.total) return false;
+    c.i1 = min(c.i0 + FLAT_CHUNK, c.total);
+    return true;
+}
+
 // Digit `depth` of every refining head's cut: histogram of FLAT_CHUNK map entries per CTA
 // (only keys under the prefix fixed so far). Grid (chunks, H, nseq), 256 threads.
 extern "C" __global__ void __launch_bounds__(256)
@@ -74,28 +98,23 @@ sel_flat_hist(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, 
               const float* __restrict__ map, const FlatCut* __restrict__ cut, int depth,
               unsigned* __restrict__ hist_cnt, unsigned long long* __restrict__ hist_sum) {
     __shared__ unsigned cnt[256], sum_lo[256], sum_hi[256];
-    const int h = blockIdx.y, s = blockIdx.z, slot = s * p.num_heads + h;
-    const FlatCut st = cut[slot];
-    if (st.state != 0) return;
-    const SeqDesc sd = seqs[s];
-    const unsigned total = sd.nqb * sd.nkb, i0 = blockIdx.x * FLAT_CHUNK;
-    if (i0 >= total) return;
-    const unsigned i1 = min(i0 + FLAT_CHUNK, total);
+    FlatChunk c;
+    if (!flat_chunk(c, seqs, p, cut)) return;
     for (int b = threadIdx.x; b < 256; b += blockDim.x) { cnt[b] = 0; sum_lo[b] = 0; sum_hi[b] = 0; }
     __syncthreads();
-    const Geo g = geo(sd, p.block_size);
-    const MapItems items{map + (size_t)sel[s].map_off * p.num_heads + (size_t)h * total, g, sd.nkb,
-                         1.f / (float)sd.nkb};
+    const Geo g = geo(c.sd, p.block_size);
+    const MapItems items{map + (size_t)sel[c.s].map_off * p.num_heads + (size_t)c.h * c.total, g, c.sd.nkb,
+                         1.f / (float)c.sd.nkb};
     const int shift = 56 - 8 * depth;
-    const double scale = ldexp(1.0, st.sc);
+    const double scale = ldexp(1.0, c.st.sc);
     // Run-length aggregation before the shared atomics (neighbouring entries share digits).
     int cur = -1;
     unsigned cur_n = 0;
     unsigned long long cur_s = 0;
-    for (unsigned i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
+    for (unsigned i = c.i0 + threadIdx.x; i < c.i1; i += blockDim.x) {
         uint64_t key; double m;
         if (!items(i, key, m)) continue;
-        if (depth > 0 && (key >> (shift + 8)) != st.prefix) continue;
+        if (depth > 0 && (key >> (shift + 8)) != c.st.prefix) continue;
         const int b = (int)((key >> shift) & 255);
         if (b != cur) {
             if (cur_n) { atomicAdd(&cnt[cur], cur_n); shared_add_u64(&sum_lo[cur], &sum_hi[cur], cur_s); }
@@ -108,8 +127,8 @@ sel_flat_hist(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, 
     __syncthreads();
     for (int b = threadIdx.x; b < 256; b += blockDim.x)
         if (cnt[b]) {
-            atomicAdd(&hist_cnt[(size_t)slot * 256 + b], cnt[b]);
-            atomicAdd(&hist_sum[(size_t)slot * 256 + b], join_u64(sum_lo[b], sum_hi[b]));
+            atomicAdd(&hist_cnt[(size_t)c.slot * 256 + b], cnt[b]);
+            atomicAdd(&hist_sum[(size_t)c.slot * 256 + b], join_u64(sum_lo[b], sum_hi[b]));
         }
 }
 
@@ -169,26 +188,21 @@ extern "C" __global__ void __launch_bounds__(256)
 sel_flat_compact(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, SelParams p,
                  const float* __restrict__ map, const FlatCut* __restrict__ cut,
                  unsigned* __restrict__ list, unsigned* __restrict__ list_len) {
-    const int h = blockIdx.y, s = blockIdx.z, slot = s * p.num_heads + h;
-    const FlatCut st = cut[slot];
-    if (st.state != 0) return;
-    const SeqDesc sd = seqs[s];
-    const unsigned total = sd.nqb * sd.nkb, i0 = blockIdx.x * FLAT_CHUNK;
-    if (i0 >= total) return;
-    const unsigned i1 = min(i0 + FLAT_CHUNK, total);
-    const size_t hb = (size_t)sel[s].map_off * p.num_heads + (size_t)h * total;
-    const MapItems items{map + hb, geo(sd, p.block_size), sd.nkb, 1.f / (float)sd.nkb};
+    FlatChunk c;
+    if (!flat_chunk(c, seqs, p, cut)) return;
+    const size_t hb = (size_t)sel[c.s].map_off * p.num_heads + (size_t)c.h * c.total;
+    const MapItems items{map + hb, geo(c.sd, p.block_size), c.sd.nkb, 1.f / (float)c.sd.nkb};
     const int shift = 64 - 8 * FLAT_FULL_DIGITS;
     const unsigned lane = threadIdx.x % 32;
     // Every thread runs the same number of rounds (the bound is on the round's base), so the
     // ballots see whole warps.
-    for (unsigned i = i0 + threadIdx.x; i - threadIdx.x < i1; i += blockDim.x) {
+    for (unsigned i = c.i0 + threadIdx.x; i - threadIdx.x < c.i1; i += blockDim.x) {
         uint64_t key; double m;
-        const bool keep = i < i1 && items(i, key, m) && (key >> shift) == st.prefix;
+        const bool keep = i < c.i1 && items(i, key, m) && (key >> shift) == c.st.prefix;
         const unsigned ballot = __ballot_sync(0xffffffffu, keep);
         if (ballot == 0) continue;
         unsigned base = 0;
-        if (lane == 0) base = atomicAdd(&list_len[slot], (unsigned)__popc(ballot));
+        if (lane == 0) base = atomicAdd(&list_len[c.slot], (unsigned)__popc(ballot));
         base = __shfl_sync(0xffffffffu, base, 0);
         if (keep) list[hb + base + __popc(ballot & ((1u << lane) - 1u))] = i;
     }

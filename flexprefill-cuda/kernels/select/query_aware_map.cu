@@ -210,12 +210,16 @@ sel_qa_softmax(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
     const double2* mine = (const double2*)(e + (lane % QS_ROWS) * QS_LD);
     double total = 0.0;  // row lane % QS_ROWS's running sum
     float x[QS_ROWS], xn[QS_ROWS];
-    fetch(lane, xn);
-    for (unsigned c0 = 0; c0 < maxlen; c0 += 32) {
-        const unsigned c = c0 + lane;
+    // x: the columns at c (fetched one step ahead), xn: the next 32.
+    auto advance = [&](unsigned c) {
 #pragma unroll
         for (int i = 0; i < QS_ROWS; ++i) x[i] = xn[i];
         fetch(c + 32, xn);
+    };
+    fetch(lane, xn);
+    for (unsigned c0 = 0; c0 < maxlen; c0 += 32) {
+        const unsigned c = c0 + lane;
+        advance(c);
 #pragma unroll
         for (int i = 0; i < QS_ROWS; ++i) {
             const double v = exp((double)x[i] - m[i]);
@@ -238,9 +242,7 @@ sel_qa_softmax(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel,
     unsigned c0 = 0;
     for (; c0 < maxlen; c0 += 32) {  // some row is causal here
         const unsigned c = c0 + lane;
-#pragma unroll
-        for (int i = 0; i < QS_ROWS; ++i) x[i] = xn[i];
-        fetch(c + 32, xn);
+        advance(c);
 #pragma unroll
         for (int i = 0; i < QS_ROWS; ++i) {
             const float y = (float)(exp((double)x[i] - m[i]) / sum[i]);

@@ -393,6 +393,32 @@ FP_DEVICE Pass2Rows pass2_rows(const SplitCta& cta, const float* __restrict__ ls
     return pr;
 }
 
+// Pass 2's accumulators of the split (shared memory): the slash entries and the probe block
+// masses, zeroed before the first tile.
+FP_DEVICE void pass2_clear(float* slash_acc, int sl_stride, float* pacc, int nbs) {
+    for (int i = threadIdx.x; i < sl_stride; i += NTHREADS) slash_acc[i] = 0.f;
+    for (int i = threadIdx.x; i < PQ * nbs; i += NTHREADS) pacc[i] = 0.f;
+}
+
+// Pass 2's outputs of the split, after the last tile's partials are combined (a barrier first:
+// slash_acc and pacc are complete after it): the slash partials (mean over the representative
+// rows) and the probe rows' block masses of the split's blocks.
+FP_DEVICE void pass2_write_split(const SeqDesc& sd, unsigned sp, int h, int num_heads, int sl_stride, float inv_r,
+                                 const float* slash_acc, float* __restrict__ slash_part, unsigned np, int nbs,
+                                 unsigned J0, int block_size, const float* pacc,
+                                 float* __restrict__ probe_block_mass) {
+    __syncthreads();
+    float* out = slash_part + ((size_t)(sd.split_off + sp) * num_heads + h) * sl_stride;
+    for (int i = threadIdx.x; i < sl_stride; i += NTHREADS) out[i] = slash_acc[i] * inv_r;
+    if (np) {
+        float* pbm_out = probe_block_mass + (size_t)sd.probe_off * num_heads + (size_t)h * np * sd.nkb;
+        for (int i = threadIdx.x; i < PQ * nbs; i += NTHREADS) {
+            const unsigned row = i / nbs, c = J0 / block_size + i % nbs;
+            if (row < np && c < sd.nkb) pbm_out[(size_t)row * sd.nkb + c] = pacc[i];
+        }
+    }
+}
+
 // The cross-warp step of pass 2 for one tile (keys j0..j0+KT), run by every thread of the CTA
 // once all warps have written the tile's partials (set `wc` / `dpt` per row group, `pwt`):
 // column sums (threads < KT, warps in order) into the vertical line, diagonal sums (threads

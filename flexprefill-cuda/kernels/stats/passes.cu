@@ -136,8 +136,7 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const float inv_r = 1.f / (float)sd.rep;
 
-    for (int i = threadIdx.x; i < sl_stride; i += NTHREADS) slash_acc[i] = 0.f;
-    for (int i = threadIdx.x; i < PQ * nbs; i += NTHREADS) pacc[i] = 0.f;
+    pass2_clear(slash_acc, sl_stride, pacc, nbs);
     load_rows(qs, q, sd, h, num_heads, ng * ROWS, STATS_EMULATE, scale, 0, block_size);
     if (np) load_rows(qp, q, sd, h, num_heads, PQ, STATS_EMULATE, scale, 1, block_size);
     load_k_tile(ks, k, sd, J0, hk, num_kv_heads);
@@ -170,6 +169,8 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         float* dpt = dpart + buf * ng * NWARPS * DPITCH;
         if (np) {
             // Probe rows: this warp's 8 keys (one block: block_size >= 16), summed per row.
+            // (pass2_probe_rows_sw's steps, written out: as a shared call, this kernel's code
+            // changes and spills at head_dim 64.)
             float s[2] = {0.f, 0.f};
             if ((int)j0 + warp * 8 <= pr.pmax) {
                 float pa[4];
@@ -211,16 +212,8 @@ stats_pass2(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                       wcol + lb * ng * NWARPS * KT, dpart + lb * ng * NWARPS * DPITCH,
                       pw + lb * NWARPS * PQ, slash_acc, pacc, pr.vert_out);
     }
-    __syncthreads();  // slash_acc and pacc are complete
-    float* out = slash_part + ((size_t)(sd.split_off + sp) * num_heads + h) * sl_stride;
-    for (int i = threadIdx.x; i < sl_stride; i += NTHREADS) out[i] = slash_acc[i] * inv_r;
-    if (np) {
-        float* pbm_out = probe_block_mass + (size_t)sd.probe_off * num_heads + (size_t)h * np * sd.nkb;
-        for (int i = threadIdx.x; i < PQ * nbs; i += NTHREADS) {
-            const unsigned row = i / nbs, c = J0 / block_size + i % nbs;
-            if (row < np && c < sd.nkb) pbm_out[(size_t)row * sd.nkb + c] = pacc[i];
-        }
-    }
+    pass2_write_split(sd, sp, h, num_heads, sl_stride, inv_r, slash_acc, slash_part, np, nbs, J0, block_size, pacc,
+                      probe_block_mass);
 }
 #endif  // !STATS_WGMMA
 

@@ -189,6 +189,39 @@ FP_DEVICE bool next_unit(int t, int g, int ng, int ntiles, int& tn, int& gn) {
 }
 
 
+// S = Q̂[row0..row0+63] · K_tileᵀ for this warpgroup, waited for (swg_issue_qk's operands).
+FP_DEVICE void swg_qk(float (&acc)[KT / 8][4], uint32_t sq, int rq, int row0, uint32_t kst) {
+    swg_issue_qk(acc, sq, rq, row0, kst);
+    swg_wait0();
+    swg_fence_regs(acc);
+}
+
+#if STATS_OVERLAP
+// The STATS_OVERLAP schedule of both passes: work unit u = (key tile, row group) =
+// swg_unit(u, ng). Iteration u issues unit u's Q̂·Kᵀ, reduces unit u-1 (its logits in `prev`)
+// while the tensor cores run, then waits (swg_wait_keep): no wgmma is in flight across the
+// loop's back edge (ptxas would serialize). Past the last unit the last one is issued again
+// (discarded), so that every iteration is issue, reduce, wait with no branch around the wgmma.
+// (The reducing side spells unit u-1 out: through swg_unit, NVRTC's integer code for it
+// varies with what the process compiled before.)
+struct SwgUnit {
+    int t, g;  // key tile, row group
+};
+FP_DEVICE SwgUnit swg_unit(int u, int ng) {
+    const int t = ng == 1 ? u : u >> 1;
+    return {t, u - t * ng};
+}
+// Waits for the unit in flight and keeps its logits (`cur`) for the next iteration's reduction.
+FP_DEVICE void swg_wait_keep(float (&prev)[KT / 8][4], float (&cur)[KT / 8][4]) {
+    swg_wait0();
+    swg_fence_regs(cur);
+#pragma unroll
+    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) prev[nt][e] = cur[nt][e];
+}
+#endif
+
 // Pass 1 (stats_pass1's outputs and order) with Q̂·Kᵀ on wgmma. Same arguments and grid.
 extern "C" __global__ void __launch_bounds__(NTHREADS, STATS_MINB)
 stats_pass1_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
@@ -230,20 +263,16 @@ stats_pass1_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const int pmax = probe_last_keys(plast, sd, np, block_size, lane);
 
 #if STATS_OVERLAP
-    // Work unit u = (tile u / ng, row group u % ng). Iteration u issues unit u's Q̂·Kᵀ, then
-    // reduces unit u-1 (its logits in `prev`) while the tensor cores run, then waits: no wgmma
-    // is in flight across the loop's back edge (ptxas would serialize). The probe rows of a
-    // tile are done when the tile starts (their key slot is reloaded two tiles later).
+    // The overlap schedule (swg_unit). The probe rows of a tile are done when the tile starts
+    // (their key slot is reloaded two tiles later).
     const int nunits = ntiles * ng;
     float prev[KT / 8][4];
     swg_zero(prev);
 #pragma unroll 1
     for (int u = 0; u <= nunits; ++u) {
         float cur[KT / 8][4];
-        // The unit issued: u, or past the end the last one again (discarded), so that every
-        // iteration is issue, reduce, wait with no branch around the wgmma.
-        const int ui = u < nunits ? u : nunits - 1;
-        const int ti = ng == 1 ? ui : ui >> 1, gi = ui - ti * ng;
+        const SwgUnit un = swg_unit(u < nunits ? u : nunits - 1, ng);
+        const int ti = un.t, gi = un.g;
         {
             if (u < nunits && gi == 0) {
                 const unsigned j0 = J0 + ti * KT;
@@ -264,18 +293,12 @@ stats_pass1_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             swg_issue_qk(cur, sq, rq, gi * ROWS + wg * 64, sk + (ti % KSTAGES) * KTB);
         }
         if (u > 0) {
-            const int tp = ng == 1 ? u - 1 : (u - 1) >> 1, g = (u - 1) - tp * ng;
+            const int tp = ng == 1 ? u - 1 : (u - 1) >> 1, g = (u - 1) - tp * ng;  // unit u-1
             const unsigned j0 = J0 + tp * KT;
             const int i0 = g * ROWS + warp * 16;
-            float(&acc)[KT / 8][4] = prev;
-            pass1_reduce_tile(acc, sd, nrow, i0, j0, sl, lane, m0, l0, m1, l1, ng);
+            pass1_reduce_tile(prev, sd, nrow, i0, j0, sl, lane, m0, l0, m1, l1, ng);
         }
-        swg_wait0();
-        swg_fence_regs(cur);
-#pragma unroll
-        for (int nt = 0; nt < KT / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) prev[nt][e] = cur[nt][e];
+        swg_wait_keep(prev, cur);
     }
 #else
     for (int ti = 0; ti < ntiles; ++ti) {
@@ -292,9 +315,7 @@ stats_pass1_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         for (int g = 0; g < ng; ++g) {
             const int i0 = g * ROWS + warp * 16;
             float acc[KT / 8][4];
-            swg_issue_qk(acc, sq, rq, g * ROWS + wg * 64, kst);
-            swg_wait0();
-            swg_fence_regs(acc);
+            swg_qk(acc, sq, rq, g * ROWS + wg * 64, kst);
             pass1_reduce_tile(acc, sd, nrow, i0, j0, sl, lane, m0, l0, m1, l1, ng);
         }
         if (np && (int)j0 + warp * 8 <= pmax) {
@@ -372,8 +393,7 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const int ntiles = (int)((J1 - J0 + KT - 1) / KT);
     const float inv_r = 1.f / (float)sd.rep;
 
-    for (int i = threadIdx.x; i < sl_stride; i += NTHREADS) slash_acc[i] = 0.f;
-    for (int i = threadIdx.x; i < PQ * nbs; i += NTHREADS) pacc[i] = 0.f;
+    pass2_clear(slash_acc, sl_stride, pacc, nbs);
     load_rows_sw(sq, gq, q, sd, h, num_heads, rq, STATS_EMULATE, scale, block_size);
     if (np) load_rows(qp, q, sd, h, num_heads, PQ, STATS_EMULATE, scale, 1, block_size);
     load_k_tile_sw(sk, k, sd, J0, hk, num_kv_heads);
@@ -387,23 +407,19 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
 
     const int seg = block_size < KT ? block_size : KT;  // columns per block segment in a tile
     float* strip = strips + warp * 16 * PP;
-    const int q4 = lane % 4, g4 = lane / 4;
 
 #if STATS_OVERLAP
-    // Work units as in stats_pass1_sm90: iteration u issues unit u, reduces unit u-1, waits.
-    // Tile t's probe partials are written when it starts, its last unit is reduced after the
-    // barrier of tile t+1, so its partials (set t % 3) are combined after the barrier of tile
-    // t+2; the last two tiles' after the loop.
+    // The overlap schedule (swg_unit). Tile t's probe partials are written when it starts, its
+    // last unit is reduced after the barrier of tile t+1, so its partials (set t % 3) are
+    // combined after the barrier of tile t+2; the last two tiles' after the loop.
     const int nunits = ntiles * ng;
     float prev[KT / 8][4];
     swg_zero(prev);
 #pragma unroll 1
     for (int u = 0; u <= nunits; ++u) {
         float cur[KT / 8][4];
-        // The unit issued: u, or past the end the last one again (discarded), so that every
-        // iteration is issue, reduce, wait with no branch around the wgmma.
-        const int ui = u < nunits ? u : nunits - 1;
-        const int ti = ng == 1 ? ui : ui >> 1, gi = ui - ti * ng;
+        const SwgUnit un = swg_unit(u < nunits ? u : nunits - 1, ng);
+        const int ti = un.t, gi = un.g;
         {
             if (u < nunits && gi == 0) {
                 const unsigned j0 = J0 + ti * KT;
@@ -432,23 +448,17 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             swg_issue_qk(cur, sq, rq, gi * ROWS + wg * 64, sk + (ti % K2STAGES) * KTB);
         }
         if (u > 0) {
-            const int tp = ng == 1 ? u - 1 : (u - 1) >> 1, g = (u - 1) - tp * ng;
+            const int tp = ng == 1 ? u - 1 : (u - 1) >> 1, g = (u - 1) - tp * ng;  // unit u-1
             const unsigned j0 = J0 + tp * KT;
             float* wc = wcol + (tp % NSETS) * ng * NWARPS * KT;  // tile tp's partials
             float* dpt = dpart + (tp % NSETS) * ng * NWARPS * DPITCH;
             const int i0 = g * ROWS + warp * 16;
             float* dp = dpt + (g * NWARPS + warp) * DPITCH;
-            float(&acc)[KT / 8][4] = prev;
             // Probabilities in place of the logits: p = exp2(raw·s - lse).
-            pass2_reduce_tile(acc, sd, nrow, i0, j0, pr.lse_rows, g, sl, lane, warp, strip, seg, block_size, pr.rbm_out,
+            pass2_reduce_tile(prev, sd, nrow, i0, j0, pr.lse_rows, g, sl, lane, warp, strip, seg, block_size, pr.rbm_out,
                               bm0, bm1, dp, wc, ng);
         }
-        swg_wait0();
-        swg_fence_regs(cur);
-#pragma unroll
-        for (int nt = 0; nt < KT / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) prev[nt][e] = cur[nt][e];
+        swg_wait_keep(prev, cur);
     }
     // The last two tiles' partials, in tile order (a barrier before each: slash_acc and pacc
     // entries are shared between tiles).
@@ -488,9 +498,7 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
             const int i0 = g * ROWS + warp * 16;
             float* dp = dpt + (g * NWARPS + warp) * DPITCH;
             float acc[KT / 8][4];
-            swg_issue_qk(acc, sq, rq, g * ROWS + wg * 64, kst);
-            swg_wait0();
-            swg_fence_regs(acc);
+            swg_qk(acc, sq, rq, g * ROWS + wg * 64, kst);
             // Probabilities in place of the logits: p = exp2(raw·s - lse).
             pass2_reduce_tile(acc, sd, nrow, i0, j0, pr.lse_rows, g, sl, lane, warp, strip, seg, block_size, pr.rbm_out,
                               bm0, bm1, dp, wc, ng);
@@ -507,16 +515,8 @@ stats_pass2_sm90(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                       pw + lb * NWARPS * PQ, slash_acc, pacc, pr.vert_out);
     }
 #endif
-    __syncthreads();  // slash_acc and pacc are complete
-    float* out = slash_part + ((size_t)(sd.split_off + sp) * num_heads + h) * sl_stride;
-    for (int i = threadIdx.x; i < sl_stride; i += NTHREADS) out[i] = slash_acc[i] * inv_r;
-    if (np) {
-        float* pbm_out = probe_block_mass + (size_t)sd.probe_off * num_heads + (size_t)h * np * sd.nkb;
-        for (int i = threadIdx.x; i < PQ * nbs; i += NTHREADS) {
-            const unsigned row = i / nbs, c = J0 / block_size + i % nbs;
-            if (row < np && c < sd.nkb) pbm_out[(size_t)row * sd.nkb + c] = pacc[i];
-        }
-    }
+    pass2_write_split(sd, sp, h, num_heads, sl_stride, inv_r, slash_acc, slash_part, np, nbs, J0, block_size, pacc,
+                      probe_block_mass);
 }
 
 #endif  // STATS_WGMMA

@@ -240,14 +240,7 @@ fn run() -> Result<(), Box<dyn Error>> {
         fill_normal(&dev, &stream, &mut v, seed ^ 2, 1.0)?;
         let seqs = DeviceSeqs::new(&stream, &[seq])?;
         let mut out: CudaSlice<bf16> = stream.alloc_zeros(n * o.heads * o.dim)?;
-        let args = AttentionArgs {
-            q: &q,
-            k: &k,
-            v: &v,
-            shape,
-            seqs: &seqs,
-            softmax_scale: None,
-        };
+        let args = AttentionArgs::new(&q, &k, &v, shape, &seqs);
         let causal_flops = 4.0 * o.dim as f64 * o.heads as f64 * (n as f64) * (n as f64) / 2.0;
 
         let ms = time_ms(&stream, o.warmup, o.iters, || {

@@ -16,20 +16,20 @@ pub(super) fn launch(r: &mut Run<'_>) -> Result<()> {
             256,
             2 * 32 * (r.bs + 1) * 4,
         )
-        .arg(&r.stats.descs)
-        .arg(&r.p)
-        .arg(&r.stats.vertical)
-        .arg(&r.stats.slash)
+        .arg(&r.c.stats.descs)
+        .arg(&r.c.p)
+        .arg(&r.c.stats.vertical)
+        .arg(&r.c.stats.slash)
         .arg(&mut r.vpool)
         .arg(&mut r.spool)
         .launch()?;
         Launch::new(r.stream, &r.f("sel_decide")?, r.grid_heads(), 1024, 0)
-            .arg(&r.stats.descs)
-            .arg(&r.sel_d)
-            .arg(&r.p)
-            .arg(&r.stats.estimate)
+            .arg(&r.c.stats.descs)
+            .arg(&r.c.sel_d)
+            .arg(&r.c.p)
+            .arg(&r.c.stats.estimate)
             .arg(&r.vpool)
-            .arg(&mut r.pattern)
+            .arg(&mut r.c.pattern)
             .arg(&mut r.js)
             .launch()?;
         crate::stats::profile::mark(r.stream, "sel_decide");

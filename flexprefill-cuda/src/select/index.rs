@@ -10,11 +10,7 @@ pub(super) fn launch(r: &mut Run<'_>) -> Result<()> {
     let ext_grid = r.ext_grid();
     unsafe {
         Launch::new(r.stream, &r.f("sel_count")?, ext_grid, 256, 0)
-            .arg(&r.stats.descs)
-            .arg(&r.sel_d)
-            .arg(&r.qb_seq_d)
-            .arg(&r.qb_all_u)
-            .arg(&r.p)
+            .warp_rows(&r.c)
             .arg(&r.maskb)
             .arg(&mut r.counts)
             .launch()?;
@@ -27,11 +23,7 @@ pub(super) fn launch(r: &mut Run<'_>) -> Result<()> {
             .launch()?;
         crate::stats::profile::mark(r.stream, "sel_scan");
         Launch::new(r.stream, &r.f("sel_write")?, r.grid_rows(), 32, 0)
-            .arg(&r.stats.descs)
-            .arg(&r.sel_d)
-            .arg(&r.qb_seq_d)
-            .arg(&r.qb_all_u)
-            .arg(&r.p)
+            .warp_rows(&r.c)
             .arg(&r.maskb)
             .arg(&r.offsets)
             .arg(&mut r.cols)

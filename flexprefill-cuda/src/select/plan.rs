@@ -3,6 +3,7 @@
 //! call's stages launch from.
 
 use super::*;
+use crate::launch::Launch;
 use crate::workspace::Buf;
 
 /// Per-sequence offsets of the selection buffers. Must match `SelSeq` in kernels/select/common.cuh.
@@ -194,21 +195,69 @@ pub(crate) fn select_key() -> KernelKey {
         .define("FLAT_FULL_DIGITS", FLAT_FULL_DIGITS as i64)
 }
 
-/// Everything the selection stages share for one call: the plan's sizes, the kernels' inputs
-/// and every buffer (each stage module launches its kernels from it, in the order
+/// What most selection kernels read first: the sequence table, the configuration, the
+/// per-sequence selection offsets, the query-block-to-sequence map and the pattern of every
+/// head (the [`Launch`] helpers below push them in the kernels' parameter order). Apart from
+/// the buffers the stages write, so a launch can borrow both.
+pub(super) struct Common<'a> {
+    pub(super) stats: &'a mut DeviceStats,
+    pub(super) p: SelParams,
+    pub(super) sel_d: Buf<SelSeq>,
+    pub(super) qb_seq_d: Buf<u32>,
+    pub(super) qb_all_u: u32,
+    /// Written by `sel_decide`, read by every later stage.
+    pub(super) pattern: Buf<i32>,
+}
+
+/// The leading parameters the selection kernels share (`kernels/select/*.cu`), each helper
+/// named by the C parameters it pushes, in that order: a call site's argument list is its
+/// helper's parameters followed by its own.
+impl<'a> Launch<'a> {
+    /// `(seqs, p, pattern)`.
+    pub(super) fn seqs_p_pattern(self, c: &'a Common<'_>) -> Self {
+        self.arg(&c.stats.descs).arg(&c.p).arg(&c.pattern)
+    }
+
+    /// `(seqs, sel, p)`.
+    pub(super) fn seqs_sel_p(self, c: &'a Common<'_>) -> Self {
+        self.arg(&c.stats.descs).arg(&c.sel_d).arg(&c.p)
+    }
+
+    /// `(seqs, sel, p, pattern)`.
+    pub(super) fn seqs_sel_p_pattern(self, c: &'a Common<'_>) -> Self {
+        self.seqs_sel_p(c).arg(&c.pattern)
+    }
+
+    /// `(seqs, sel, qb_seq, p, pattern)`: one CTA per query-block row.
+    pub(super) fn rows(self, c: &'a Common<'_>) -> Self {
+        self.arg(&c.stats.descs)
+            .arg(&c.sel_d)
+            .arg(&c.qb_seq_d)
+            .arg(&c.p)
+            .arg(&c.pattern)
+    }
+
+    /// `(seqs, sel, qb_seq, total_qb, p)`: one warp per query-block row.
+    pub(super) fn warp_rows(self, c: &'a Common<'_>) -> Self {
+        self.arg(&c.stats.descs)
+            .arg(&c.sel_d)
+            .arg(&c.qb_seq_d)
+            .arg(&c.qb_all_u)
+            .arg(&c.p)
+    }
+}
+
+/// Everything the selection stages share for one call: the plan's sizes, the kernels' common
+/// inputs and every buffer (each stage module launches its kernels from it, in the order
 /// [`launch_select`] calls them).
 pub(super) struct Run<'a> {
     pub(super) dev: &'a CudaDevice,
     pub(super) stream: &'a Arc<CudaStream>,
-    pub(super) stats: &'a mut DeviceStats,
     pub(super) cfg: &'a FlexPrefillConfig,
     pub(super) key: KernelKey,
     pub(super) dyn_limit: usize,
-    pub(super) p: SelParams,
-    pub(super) sel_d: Buf<SelSeq>,
-    pub(super) qb_seq_d: Buf<u32>,
+    pub(super) c: Common<'a>,
     pub(super) tiles_d: Buf<u32>,
-    pub(super) qb_all_u: u32,
     pub(super) probes_i: i32,
     pub(super) h: usize,
     pub(super) nseq: usize,
@@ -228,7 +277,6 @@ pub(super) struct Run<'a> {
     pub(super) topup_smem: usize,
     pub(super) vpool: Buf<f32>,
     pub(super) spool: Buf<f32>,
-    pub(super) pattern: Buf<i32>,
     pub(super) js: Buf<f32>,
     pub(super) vkey: Buf<u64>,
     pub(super) kstar: Buf<u64>,

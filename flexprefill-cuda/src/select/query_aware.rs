@@ -20,10 +20,8 @@ pub(super) fn topup_prep(r: &mut Run<'_>, side: &CudaStream) -> Result<()> {
                 r.nseq as u32,
             );
             Launch::new(side, &r.f("sel_qa_topup_prep")?, grid, 256, 0)
-                .arg(&r.stats.descs)
-                .arg(&r.p)
-                .arg(&r.pattern)
-                .arg(&r.stats.rep_block_mass)
+                .seqs_p_pattern(&r.c)
+                .arg(&r.c.stats.rep_block_mass)
                 .arg(&mut r.mass_t)
                 .arg(&mut r.col_sum)
                 .launch()?;
@@ -46,13 +44,13 @@ pub(super) fn map_and_cut(r: &mut Run<'_>) -> Result<()> {
                 QM_THREADS,
                 r.map_smem,
             )
-            .arg(&r.stats.descs)
-            .arg(&r.sel_d)
+            .arg(&r.c.stats.descs)
+            .arg(&r.c.sel_d)
             .arg(&r.tiles_d)
-            .arg(&r.p)
-            .arg(&r.pattern)
-            .arg(&r.stats.q_pooled)
-            .arg(&r.stats.k_pooled)
+            .arg(&r.c.p)
+            .arg(&r.c.pattern)
+            .arg(&r.c.stats.q_pooled)
+            .arg(&r.c.stats.k_pooled)
             .arg(&mut r.mapb)
             .launch()?;
             let softmax_grid = (r.qb_all.div_ceil(QS_ROWS * QS_WARPS) as u32, r.h as u32, 1);
@@ -63,19 +61,13 @@ pub(super) fn map_and_cut(r: &mut Run<'_>) -> Result<()> {
                 32 * QS_WARPS as u32,
                 0,
             )
-            .arg(&r.stats.descs)
-            .arg(&r.sel_d)
-            .arg(&r.qb_seq_d)
-            .arg(&r.qb_all_u)
-            .arg(&r.p)
-            .arg(&r.pattern)
+            .warp_rows(&r.c)
+            .arg(&r.c.pattern)
             .arg(&mut r.mapb)
             .launch()?;
             crate::stats::profile::mark(r.stream, "sel_qa_map");
             Launch::new(r.stream, &r.f("sel_flat_init")?, r.grid_heads(), 32, 0)
-                .arg(&r.stats.descs)
-                .arg(&r.p)
-                .arg(&r.pattern)
+                .seqs_p_pattern(&r.c)
                 .arg(&mut r.flat_cut)
                 .launch()?;
             crate::stats::profile::mark(r.stream, "sel_flat_init");
@@ -89,11 +81,7 @@ pub(super) fn map_and_cut(r: &mut Run<'_>) -> Result<()> {
             };
             if sort_grid.0 > 0 {
                 Launch::new(r.stream, &r.f("sel_qa_sort")?, sort_grid, 256, r.sort_smem)
-                    .arg(&r.stats.descs)
-                    .arg(&r.sel_d)
-                    .arg(&r.qb_seq_d)
-                    .arg(&r.p)
-                    .arg(&r.pattern)
+                    .rows(&r.c)
                     .arg(&r.mapb)
                     .arg(&mut r.order_b)
                     .arg(&mut r.run_b)
@@ -101,14 +89,11 @@ pub(super) fn map_and_cut(r: &mut Run<'_>) -> Result<()> {
             }
             crate::stats::profile::mark(r.stream, "sel_qa_sort");
             Launch::new(r.stream, &r.f("sel_qa_calib")?, r.grid_heads(), 1024, 0)
-                .arg(&r.stats.descs)
-                .arg(&r.sel_d)
-                .arg(&r.p)
-                .arg(&r.pattern)
+                .seqs_sel_p_pattern(&r.c)
                 .arg(&r.mapb)
                 .arg(&r.order_b)
                 .arg(&r.run_b)
-                .arg(&r.stats.probe_block_mass)
+                .arg(&r.c.stats.probe_block_mass)
                 .arg(&r.probe_tot)
                 .arg(&r.probes_i)
                 .arg(&mut r.cand_key)
@@ -126,9 +111,7 @@ pub(super) fn map_and_cut(r: &mut Run<'_>) -> Result<()> {
                 256,
                 0,
             )
-            .arg(&r.stats.descs)
-            .arg(&r.sel_d)
-            .arg(&r.p)
+            .seqs_sel_p(&r.c)
             .arg(&r.mapb)
             .arg(&mut r.cal)
             .launch()?;
@@ -140,8 +123,8 @@ pub(super) fn map_and_cut(r: &mut Run<'_>) -> Result<()> {
                 32,
                 0,
             )
-            .arg(&r.stats.descs)
-            .arg(&r.p)
+            .arg(&r.c.stats.descs)
+            .arg(&r.c.p)
             .arg(&r.cal)
             .arg(&mut r.t_b)
             .arg(&mut r.flat_cut)
@@ -152,9 +135,7 @@ pub(super) fn map_and_cut(r: &mut Run<'_>) -> Result<()> {
             let pick = r.f("sel_flat_pick")?;
             for depth in 0..FLAT_FULL_DIGITS as i32 {
                 Launch::new(r.stream, &hist, (chunks, r.h as u32, r.nseq as u32), 256, 0)
-                    .arg(&r.stats.descs)
-                    .arg(&r.sel_d)
-                    .arg(&r.p)
+                    .seqs_sel_p(&r.c)
                     .arg(&r.mapb)
                     .arg(&r.flat_cut)
                     .arg(&depth)
@@ -179,18 +160,14 @@ pub(super) fn map_and_cut(r: &mut Run<'_>) -> Result<()> {
                 256,
                 0,
             )
-            .arg(&r.stats.descs)
-            .arg(&r.sel_d)
-            .arg(&r.p)
+            .seqs_sel_p(&r.c)
             .arg(&r.mapb)
             .arg(&r.flat_cut)
             .arg(&mut r.flat_list)
             .arg(&mut r.flat_len)
             .launch()?;
             Launch::new(r.stream, &r.f("sel_flat_finish")?, r.grid_heads(), 1024, 0)
-                .arg(&r.stats.descs)
-                .arg(&r.sel_d)
-                .arg(&r.p)
+                .seqs_sel_p(&r.c)
                 .arg(&r.mapb)
                 .arg(&r.flat_cut)
                 .arg(&r.flat_list)
@@ -211,11 +188,7 @@ pub(super) fn build(r: &mut Run<'_>) -> Result<()> {
     unsafe {
         if r.any_qa {
             Launch::new(r.stream, &r.f("sel_qa_flat_mark")?, r.grid_rows(), 64, 0)
-                .arg(&r.stats.descs)
-                .arg(&r.sel_d)
-                .arg(&r.qb_seq_d)
-                .arg(&r.p)
-                .arg(&r.pattern)
+                .rows(&r.c)
                 .arg(&r.mapb)
                 .arg(&r.kcut)
                 .arg(&mut r.maskb)
@@ -228,11 +201,7 @@ pub(super) fn build(r: &mut Run<'_>) -> Result<()> {
                 256,
                 r.row_smem,
             )
-            .arg(&r.stats.descs)
-            .arg(&r.sel_d)
-            .arg(&r.qb_seq_d)
-            .arg(&r.p)
-            .arg(&r.pattern)
+            .rows(&r.c)
             .arg(&r.mapb)
             .arg(&mut r.maskb)
             .launch()?;
@@ -244,11 +213,7 @@ pub(super) fn build(r: &mut Run<'_>) -> Result<()> {
                 128,
                 4 * r.max_nkb.div_ceil(32),
             )
-            .arg(&r.stats.descs)
-            .arg(&r.sel_d)
-            .arg(&r.qb_seq_d)
-            .arg(&r.p)
-            .arg(&r.pattern)
+            .rows(&r.c)
             .arg(&r.mapb)
             .arg(&r.order_b)
             .arg(&r.run_b)
@@ -266,10 +231,7 @@ pub(super) fn build(r: &mut Run<'_>) -> Result<()> {
                     TOPUP_THREADS as u32,
                     r.topup_smem,
                 )
-                .arg(&r.stats.descs)
-                .arg(&r.sel_d)
-                .arg(&r.p)
-                .arg(&r.pattern)
+                .seqs_sel_p_pattern(&r.c)
                 .arg(&r.mass_t)
                 .arg(&r.col_sum)
                 .arg(&tile)

@@ -11,7 +11,7 @@ const CUT_THREADS: u32 = 128;
 /// Writes every (sequence, head, query block) row of the mask: the sampled cut, or every
 /// causal block for a dense-fallback sequence.
 pub(super) fn launch(r: &mut Run<'_>) -> Result<()> {
-    if !r.stats.layout.sampled {
+    if !r.c.stats.layout.sampled {
         return Err(CudaError::Unsupported {
             op: "select",
             message: "the sampled selection needs statistics computed with the sampled \
@@ -33,12 +33,12 @@ pub(super) fn launch(r: &mut Run<'_>) -> Result<()> {
             CUT_THREADS,
             r.row_smem,
         )
-        .arg(&r.stats.descs)
-        .arg(&r.sel_d)
-        .arg(&r.qb_seq_d)
-        .arg(&r.p)
+        .arg(&r.c.stats.descs)
+        .arg(&r.c.sel_d)
+        .arg(&r.c.qb_seq_d)
+        .arg(&r.c.p)
         .arg(&target)
-        .arg(&r.stats.sampled_block_mass)
+        .arg(&r.c.stats.sampled_block_mass)
         .arg(&mut r.maskb)
         .launch()?;
     }

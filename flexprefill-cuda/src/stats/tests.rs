@@ -285,6 +285,7 @@ fn statistics_match_the_cpu_oracle() {
     let seed = seed();
     let faithful = FlexPrefillConfig::default();
     let original = FlexPrefillConfig::original();
+    let faithful_bs = |bs| with_config(faithful, |c| c.block_size = bs);
     let cases: Vec<(&str, OwnedInput, FlexPrefillConfig, f64)> = vec![
         (
             "sink_local 2048 bf16",
@@ -313,33 +314,25 @@ fn statistics_match_the_cpu_oracle() {
         (
             "needle 2500 bf16 bs64",
             workload(WorkloadKind::Needle, 2500, 2, 1, 128, seed + 4).to_dtype(DType::BF16),
-            with_config(faithful, |c| {
-                c.block_size = 64;
-            }),
+            faithful_bs(64),
             2e-3,
         ),
         (
             "mixed 1800 bf16 bs256",
             workload(WorkloadKind::Mixed, 1800, 4, 2, 128, seed + 5).to_dtype(DType::BF16),
-            with_config(faithful, |c| {
-                c.block_size = 256;
-            }),
+            faithful_bs(256),
             2e-3,
         ),
         (
             "topics 1400 bf16 d96 bs32",
             workload(WorkloadKind::Topics, 1400, 4, 2, 96, seed + 10).to_dtype(DType::BF16),
-            with_config(faithful, |c| {
-                c.block_size = 32;
-            }),
+            faithful_bs(32),
             2e-3,
         ),
         (
             "stripes 1000 bf16 bs16",
             workload(WorkloadKind::Stripes, 1000, 2, 1, 64, seed + 6).to_dtype(DType::BF16),
-            with_config(faithful, |c| {
-                c.block_size = 16;
-            }),
+            faithful_bs(16),
             2e-3,
         ),
     ];
