@@ -7,13 +7,11 @@ time of the Rust work inside it, paired call by call.
     ... --breakdown                                                 # and where the time goes
 
 What is measured. Each timed call starts with the device idle (synchronised before the clock
-starts, outside the timing), then the host thread spins for --spin-us (default 1000) so that it
-runs at full speed when the clock starts, and the clock stops when the Python call returns.
-Without the spin the first ~100 us after a synchronisation run slowly whoever runs them: on
-the H200 machine torch.empty(16) took 2.7 us after an idle synchronisation, 25 us after an 8k
-matmul and 85 us after a 32k FlexPrefill call, and that cost landed on the Python layer, which
-runs first (--spin-us 0 shows it). An engine's thread is busy with the model's Python code
-before it calls attention, as after the spin. On CUDA the call
+starts, outside the timing; --spin-us then busy-waits before the clock, default 0) and the
+clock stops when the Python call returns. On the H200 machine the host work right after a
+synchronisation that waited for a sparse 32k call is slow whoever does it (torch.empty(16) 85
+us, against 2.7 us after an idle synchronisation and 25 us after an 8k matmul), and the Python
+layer runs first, so it pays that; a 1 ms spin did not remove it (docs/PERFORMANCE.md). On CUDA the call
 only queues its kernels on the current stream (no synchronisation), so its wall time is host
 time: the Python layer (argument plumbing, torch.empty of the output), the binding (DLPack
 export of q, k, v and the output, the current stream, checks, GIL release) and the Rust work a
@@ -53,7 +51,7 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu (NumPy), torch-cpu, or cuda (torch)")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--spin-us", type=float, default=1000.0,
+    ap.add_argument("--spin-us", type=float, default=0.0,
                     help="busy-wait after each synchronisation before the clock starts (0: none)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time each piece of a call (torch tensors)")
