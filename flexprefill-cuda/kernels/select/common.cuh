@@ -183,6 +183,19 @@ FP_DEVICE int next_pow2(int n) {
     return p;
 }
 
+// A row cut's dynamic shared memory (16·N + 4·words bytes, N = next_pow2 of the row's n; the
+// host's row_smem): the rank keys and block indices bitonic_sort orders, the row's scores, its
+// mask words. Built in place (`auto&& [..] = RowSmem(smem, N)`): the same split returned by
+// value from a function changed the cut kernels' machine code.
+struct RowSmem {
+    uint64_t* key;
+    uint32_t* val;
+    float* scs;
+    unsigned* bits;
+    FP_DEVICE RowSmem(unsigned char* smem, int N)
+        : key((uint64_t*)smem), val((uint32_t*)(key + N)), scs((float*)(val + N)), bits((unsigned*)(scs + N)) {}
+};
+
 // Mass in fixed point: floor(x · 2^sc), exact and order independent; negatives and NaN are 0.
 // (An f32 mass arrives widened to f64 exactly, so both kinds of items share one rounding.)
 FP_DEVICE uint64_t fixed(double x, double scale) {

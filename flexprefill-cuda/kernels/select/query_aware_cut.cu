@@ -288,10 +288,7 @@ sel_qa_row(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel, con
     const float* sc = map + (size_t)ss.map_off * p.num_heads + ((size_t)h * sd.nqb + r) * sd.nkb;
     unsigned* row = mask + mask_row(ss, sd, p, h, r);
     const int N = next_pow2(n);
-    uint64_t* key = (uint64_t*)smem;
-    uint32_t* val = (uint32_t*)(key + N);
-    float* scs = (float*)(val + N);          // the row's scores, [N]
-    unsigned* bits = (unsigned*)(scs + N);   // the row's mask words
+    auto&& [key, val, scs, bits] = RowSmem(smem, N);
     for (int i = threadIdx.x; i < N; i += blockDim.x) {
         const float x = (unsigned)i < n ? sc[i] : 0.f;
         scs[i] = x;

@@ -41,10 +41,7 @@ sel_sampled_cut(const SeqDesc* __restrict__ seqs, const SelSeq* __restrict__ sel
     }
     const float* sc = sampled + (size_t)sd.qk_off * p.num_heads + ((size_t)h * sd.nqb + r) * sd.nkb;
     const int N = next_pow2(n);
-    uint64_t* key = (uint64_t*)smem;
-    uint32_t* val = (uint32_t*)(key + N);
-    float* scs = (float*)(val + N);         // the row's scores, [N]
-    unsigned* bits = (unsigned*)(scs + N);  // the row's mask words
+    auto&& [key, val, scs, bits] = RowSmem(smem, N);
     for (int i = threadIdx.x; i < N; i += blockDim.x) {
         const bool in = (unsigned)i < n;
         const float x = in ? sc[i] : 0.f;

@@ -118,6 +118,38 @@ FP_DEVICE const elem_t* sampled_tile(elem_t* ks, const elem_t* __restrict__ k, c
     return ks + (t & 1) * KT * DPAD;
 }
 
+// Tile t through that double buffer (sampled_tile) and, for an active warp, the tile's logits
+// of the warp's 16 rows in `acc`: every thread must meet sampled_tile's barrier, only an
+// active warp has rows to multiply. Returns `active`.
+FP_DEVICE bool sampled_qk(float (&acc)[KT / 8][4], elem_t* ks, const elem_t* __restrict__ k, const elem_t* qs,
+                          const SampledBlock& b, unsigned t, int hk, int num_kv_heads, bool active, int warp,
+                          int lane) {
+    const elem_t* kt = sampled_tile(ks, k, b, t, hk, num_kv_heads);
+    if (active) qk_tile(acc, qs, kt, 0, warp, lane);
+    return active;
+}
+
+// Row rr's (of the thread's two) max over the tile's keys up to `lim` (−inf when none). With
+// MASK the keys past `lim` are set to −inf in `acc` too, for a caller that sums the tile
+// without testing `lim` again (the one-pass kernel); the two-pass kernel tests it per key.
+template <bool MASK>
+FP_DEVICE float sampled_tile_max(float (&acc)[KT / 8][4], int rr, int lim) {
+    float tmax = -F32_INF;
+#pragma unroll
+    for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            if (MASK) {
+                const float x = nt * 8 + e <= lim ? acc[nt][2 * rr + e] : -F32_INF;
+                acc[nt][2 * rr + e] = x;
+                tmax = fmaxf(tmax, x);
+            } else if (nt * 8 + e <= lim) {
+                tmax = fmaxf(tmax, acc[nt][2 * rr + e]);
+            }
+        }
+    return tmax;
+}
+
 // After n-tile nt of the tile at j0: when a block segment ends there inside the block's keys,
 // the quad's sums of the segment (segsum cleared); a block wider than a tile adds them to `bm`
 // until it ends. Returns the key block that ended, its two rows' sums in `tsum`, or -1 (no
@@ -180,22 +212,14 @@ stats_sampled(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const 
     for (int pass = 0; pass < 2; ++pass) {
         sampled_first_tile(ks, k, b, hk, num_kv_heads);
         for (unsigned t = 0; t < ntiles; ++t) {
-            const elem_t* kt = sampled_tile(ks, k, b, t, hk, num_kv_heads);
-            if (active) {
+            float acc[KT / 8][4];
+            if (sampled_qk(acc, ks, k, qs, b, t, hk, num_kv_heads, active, warp, lane)) {
                 const unsigned j0 = t * KT;
-                float acc[KT / 8][4];
-                qk_tile(acc, qs, kt, 0, warp, lane);
                 if (pass == 0) {
 #pragma unroll
                     for (int rr = 0; rr < 2; ++rr) {
                         const int lim = lim_row[rr] - (int)j0 - 2 * q4;
-                        float tmax = -F32_INF;
-#pragma unroll
-                        for (int nt = 0; nt < KT / 8; ++nt)
-#pragma unroll
-                            for (int e = 0; e < 2; ++e)
-                                if (nt * 8 + e <= lim) tmax = fmaxf(tmax, acc[nt][2 * rr + e]);
-                        const float m_new = fmaxf(m[rr], tmax);
+                        const float m_new = fmaxf(m[rr], sampled_tile_max<false>(acc, rr, lim));
                         if (m_new != -F32_INF) {
                             const float mss = m_new * sl;
                             float sum = 0.f;
@@ -297,24 +321,14 @@ stats_sampled_1p(const elem_t* __restrict__ q, const elem_t* __restrict__ k, con
         float m[2] = {-F32_INF, -F32_INF}, l[2] = {0.f, 0.f}, bm[2] = {0.f, 0.f};
         sampled_first_tile(ks, k, b, hk, num_kv_heads);
         for (unsigned t = 0; t < ntiles; ++t) {
-            const elem_t* kt = sampled_tile(ks, k, b, t, hk, num_kv_heads);
-            if (active) {
+            float acc[KT / 8][4];
+            if (sampled_qk(acc, ks, k, qs, b, t, hk, num_kv_heads, active, warp, lane)) {
                 const unsigned j0 = t * KT;
-                float acc[KT / 8][4];
-                qk_tile(acc, qs, kt, 0, warp, lane);
                 // The mask, then the quad's running max (one reference for its partial sums).
 #pragma unroll
                 for (int rr = 0; rr < 2; ++rr) {
                     const int lim = lim_row[rr] - (int)j0 - 2 * q4;
-                    float tmax = -F32_INF;
-#pragma unroll
-                    for (int nt = 0; nt < KT / 8; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const float x = nt * 8 + e <= lim ? acc[nt][2 * rr + e] : -F32_INF;
-                            acc[nt][2 * rr + e] = x;
-                            tmax = fmaxf(tmax, x);
-                        }
+                    float tmax = sampled_tile_max<true>(acc, rr, lim);
                     tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
                     tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
                     if (tmax > m[rr]) {
