@@ -74,9 +74,7 @@ pub const DENSE_WALK_DENSITY: f64 = 1.0 / SPARSE_BLOCK_COST;
 /// [`DENSE_WALK_DENSITY`], or the value of `FLEXPREFILL_DENSE_WALK_DENSITY` when it parses as a
 /// number (benches: above 1 never walks dense, 0 always does); anything else is ignored.
 pub fn dense_walk_density() -> f64 {
-    std::env::var("FLEXPREFILL_DENSE_WALK_DENSITY")
-        .ok()
-        .and_then(|v| v.trim().parse::<f64>().ok())
+    env_parse::<f64>("FLEXPREFILL_DENSE_WALK_DENSITY")
         .filter(|v| !v.is_nan())
         .unwrap_or(DENSE_WALK_DENSITY)
 }
@@ -298,7 +296,7 @@ impl AttnTile {
         if !(head_dim == 64 || head_dim == 128) || !(block_size == 64 || block_size == 128) {
             return None;
         }
-        let stages = env_usize("FLEXPREFILL_ATT_STAGES")
+        let stages = env_parse::<usize>("FLEXPREFILL_ATT_STAGES")
             .filter(|s| (2..=4).contains(s))
             .unwrap_or(3);
         Some(Self::ws(block_size, block_size, stages))
@@ -517,7 +515,7 @@ impl AttnTile {
 /// Query tiles per L2 group in the Hopper kernels' CTA order (`ATT_CHUNK` in
 /// attention_wgmma.cuh; 1 = plain head-fastest order). `FLEXPREFILL_ATT_CHUNK` overrides it.
 pub fn tile_chunk() -> usize {
-    env_usize("FLEXPREFILL_ATT_CHUNK")
+    env_parse::<usize>("FLEXPREFILL_ATT_CHUNK")
         .filter(|&c| (1..=256).contains(&c))
         .unwrap_or(TILE_CHUNK)
 }
@@ -528,7 +526,9 @@ pub fn tile_chunk() -> usize {
 /// (586–593 against 586–599).
 const TILE_CHUNK: usize = 32;
 
-fn env_usize(name: &str) -> Option<usize> {
+/// The value of the environment variable `name` when it parses as a `T` (surrounding blanks
+/// ignored); unset or unparsable: `None`, so the caller's default applies.
+fn env_parse<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok()?.trim().parse().ok()
 }
 
