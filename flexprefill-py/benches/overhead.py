@@ -61,7 +61,7 @@ def main():
     shapes = [(1, a.seq, a.heads, a.dim), (1, a.seq, a.kv_heads, a.dim),
               (1, a.seq, a.kv_heads, a.dim)]
     arrays = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-    sync = lambda: None  # noqa: E731
+    device_sync = lambda: None  # noqa: E731
     if a.device == "cpu" and a.dtype != "bfloat16":
         q, k, v = (x.astype(a.dtype) for x in arrays)
     else:
@@ -70,13 +70,12 @@ def main():
         dev = "cuda" if a.device == "cuda" else "cpu"
         q, k, v = (torch.from_numpy(x).to(dev, getattr(torch, a.dtype)) for x in arrays)
         if dev == "cuda":
-            sync = torch.cuda.synchronize
+            device_sync = torch.cuda.synchronize
     kw = dict(block_size=128, min_budget=min(1024, a.seq))
     spin_s = a.spin_us / 1e6
-    idle = sync
 
-    def sync():  # noqa: F811  (the device idle, then the host thread running at full speed)
-        idle()
+    def sync():  # the device idle, then --spin-us of busy host time
+        device_sync()
         end = time.perf_counter() + spin_s
         while time.perf_counter() < end:
             pass
