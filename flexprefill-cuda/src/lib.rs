@@ -91,6 +91,7 @@ mod backend;
 pub mod call;
 #[cfg(test)]
 mod compile_tests;
+mod dense_walk;
 pub mod device;
 mod error;
 pub mod internals;
