@@ -51,7 +51,7 @@ pub fn choose_dense_walk(
     index: &DeviceBlockIndex,
     max_density: f64,
 ) -> Result<CudaSlice<u8>> {
-    let mut flags = stream.alloc_zeros::<u8>(seqs.seqs().len() * index.num_heads)?;
+    let mut flags = crate::pool::alloc_zeros::<u8>(stream, seqs.seqs().len() * index.num_heads)?;
     choose_dense_walk_into(dev, stream, seqs, index, max_density, &mut flags)?;
     Ok(flags)
 }

@@ -46,6 +46,11 @@ pub fn driver_present() -> Result<()> {
     }
 }
 
+/// Whether environment variable `name` is set to `0`, `off` or `false`.
+fn env_flag_off(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| matches!(v.trim(), "0" | "off" | "false"))
+}
+
 impl CudaDevice {
     /// Opens device `ordinal`: checks driver and NVRTC, creates (retains) the primary context
     /// and a stream, reads the device's facts.
@@ -56,6 +61,17 @@ impl CudaDevice {
     /// [`CudaDevice::new`] with an explicit persistent kernel cache setting (the default reads
     /// the environment, see [`KernelCache`]).
     pub fn with_kernel_cache(ordinal: usize, cache: &KernelCache) -> Result<Arc<Self>> {
+        Self::open(ordinal, cache, !env_flag_off("FLEXPREFILL_EVENT_TRACKING"))
+    }
+
+    /// Opens device `ordinal`; `event_tracking: false` turns cudarc's per-buffer event
+    /// tracking off in the new context before it has any stream or buffer (see
+    /// [`crate::CudaBackend::stream_ordered`]).
+    pub(crate) fn open(
+        ordinal: usize,
+        cache: &KernelCache,
+        event_tracking: bool,
+    ) -> Result<Arc<Self>> {
         driver_present()?;
         // SAFETY: only tries to open the shared library.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
@@ -67,6 +83,12 @@ impl CudaDevice {
             return Err(CudaError::NoDevice { ordinal, count });
         }
         let ctx = CudaContext::new(ordinal)?;
+        if !event_tracking {
+            // SAFETY: set before this context has any stream or buffer; the calls order their
+            // buffers by stream order alone then (the selection's side chain runs on the call
+            // stream, `Scratch::side`).
+            unsafe { ctx.disable_event_tracking() };
+        }
         let compute_capability = ctx.compute_capability()?;
         if compute_capability.0 < 8 {
             return Err(CudaError::UnsupportedArch {

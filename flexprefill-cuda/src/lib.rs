@@ -97,6 +97,7 @@ mod error;
 pub mod internals;
 mod kcache;
 mod launch;
+mod pool;
 pub mod raw;
 mod registry;
 pub mod select;
@@ -109,6 +110,7 @@ pub use backend::CudaBackend;
 pub use device::{CudaDevice, DeviceInfo};
 pub use error::{CudaError, Result};
 pub use kcache::{cache_key, KernelCache};
+pub use pool::{release_cached_memory, reserved_bytes};
 pub use workspace::{Buf, Workspace, WorkspaceLimits, WorkspaceSize};
 
 /// cudarc, re-exported so callers of the device API use the same version.

@@ -508,7 +508,7 @@ impl Scratch<'_> {
         let bytes = n * std::mem::size_of::<T>();
         match &mut self.mode {
             // SAFETY: the caller's contract (written before read).
-            Mode::Alloc => Ok(Buf::owned(unsafe { stream.alloc::<T>(n) }?)),
+            Mode::Alloc => Ok(Buf::owned(unsafe { crate::pool::alloc::<T>(stream, n) }?)),
             Mode::Plan { off, .. } => {
                 let at = bump(off, bytes);
                 Ok(Self::view(stream, PLAN_BASE + at as u64, n, None))
@@ -536,7 +536,7 @@ impl Scratch<'_> {
         n: usize,
     ) -> Result<Buf<T>> {
         if let Mode::Alloc = self.mode {
-            return Ok(Buf::owned(stream.alloc_zeros::<T>(n.max(1))?));
+            return Ok(Buf::owned(crate::pool::alloc_zeros::<T>(stream, n)?));
         }
         // SAFETY: zeroed right below, on the same stream, before any kernel reads it.
         let mut b = unsafe { self.take::<T>(stream, n) }?;
@@ -557,7 +557,7 @@ impl Scratch<'_> {
         let src = if src.is_empty() { &one[..] } else { src };
         let bytes = std::mem::size_of_val(src);
         match &mut self.mode {
-            Mode::Alloc => Ok(Buf::owned(stream.clone_htod(src)?)),
+            Mode::Alloc => Ok(Buf::owned(crate::pool::clone_htod(stream, src)?)),
             Mode::Plan { off, host_off } => {
                 bump(host_off, bytes);
                 let at = bump(off, bytes);

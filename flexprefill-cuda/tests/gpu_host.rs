@@ -261,6 +261,36 @@ fn raw_entry_is_the_device_api_bit_for_bit() {
     assert!(e.is_err());
 }
 
+/// Calls without a workspace take their buffers from FlexPrefill's own pool, which keeps them
+/// across a synchronisation (the device's default pool would hand them back, and the next call
+/// would map them again) until `release_cached_memory`. Run with `--test-threads 1`: another
+/// test's call would hold pool memory of its own.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn pool_keeps_work_buffers_across_synchronisations_until_released() {
+    let Some(gpu) = gpu() else { return };
+    let n = 16384;
+    let qkv = data(n);
+    let ordinal = gpu.stream().context().ordinal();
+    let first = device_call(&gpu, n, &qkv);
+    gpu.stream().synchronize().unwrap();
+    let kept = flexprefill_cuda::reserved_bytes(ordinal).unwrap();
+    assert!(
+        kept > 0,
+        "the pool handed its memory back at the synchronisation"
+    );
+    // A second call reuses the kept memory (same bits, nothing more reserved).
+    let second = device_call(&gpu, n, &qkv);
+    gpu.stream().synchronize().unwrap();
+    assert_eq!(first.0, second.0);
+    assert_eq!(flexprefill_cuda::reserved_bytes(ordinal).unwrap(), kept);
+    flexprefill_cuda::release_cached_memory().unwrap();
+    assert_eq!(flexprefill_cuda::reserved_bytes(ordinal).unwrap(), 0);
+    // And the pool serves calls again after the release.
+    let third = device_call(&gpu, n, &qkv);
+    assert_eq!(first.0, third.0);
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn kernel_cache_on_and_off_give_the_same_bits_and_a_new_registry_hits_it() {

@@ -6,29 +6,37 @@ time of the Rust work inside it, paired call by call.
         --kv-heads 8 --dim 128 --dtype bfloat16                     # the GPU bar (<= 50 us)
     ... --breakdown                                                 # and where the time goes
 
-What is measured. Each timed call starts with the device idle (synchronised before the clock
-starts, outside the timing; --spin-us then busy-waits before the clock, default 0) and the
-clock stops when the Python call returns. On the H200 machine the host work right after a
-synchronisation that waited for a sparse 32k call is slow whoever does it (torch.empty(16) 85
-us, against 2.7 us after an idle synchronisation and 25 us after an 8k matmul), and the Python
-layer runs first, so it pays that; a 1 ms spin did not remove it (docs/PERFORMANCE.md). On CUDA the call
-only queues its kernels on the current stream (no synchronisation), so its wall time is host
-time: the Python layer (argument plumbing, torch.empty of the output), the binding (DLPack
-export of q, k, v and the output, the current stream, checks, GIL release) and the Rust work a
-Rust caller of the same device entry does too: `flexprefill_cuda::raw::flex_prefill_raw`
-(sequence table upload, work-buffer allocation and kernel launches) and dropping the
-`DeviceRun` it returns (which queues the release of those work buffers on the stream). The
-native module times that Rust work with a monotonic clock (`_native.last_call_seconds()`), so
-wall minus Rust is what Python adds over a Rust caller. GPU execution is in neither. On the CPU
-the Rust part is the whole backend call (the computation included), so the difference is again
-the binding's share.
+What is measured. On CUDA the call only queues its kernels on the current stream (no
+synchronisation), so its wall time is host time: the Python layer (argument plumbing,
+torch.empty of the output), the binding (DLPack export of q, k, v and the output, the current
+stream, checks) and the Rust work a Rust caller of the same device entry does too:
+`flexprefill_cuda::raw::flex_prefill_raw` (sequence table upload, work buffers from the pool,
+kernel launches) and dropping the `DeviceRun` it returns (which queues the release of those
+buffers). The native module times that Rust work with a monotonic clock
+(`_native.last_call_seconds()`), so wall minus Rust is what Python adds over a Rust caller. GPU
+execution is in neither. On the CPU the Rust part is the whole backend call (the computation
+included), so the difference is again the binding's share.
+
+How each timed call starts (--waits, all three by default on CUDA):
+  queued  behind the previous call, as a model's layers call it: bursts of three calls with no
+          synchronisation between them, the second and third timed (the GPU still runs the
+          one before);
+  poll    with the GPU idle, the host thread awake: the previous call's completion is awaited
+          by polling a CUDA event;
+  sync    with the GPU idle after torch.cuda.synchronize(), in which the host thread may
+          sleep for the whole previous call (milliseconds at 32k). The first host work after
+          such a sleep is slow whoever does it (on the H200 machine torch.empty(16) took 60 us
+          after time.sleep(0.005) with no GPU work, 3 us warm), and the Python layer runs
+          first, so this row carries the host's wake-up, not the binding.
+On the CPU only `sync` applies (there is nothing queued).
 
 Prints medians (and the 90th percentile of the overhead) over --iters calls after --warmup.
---breakdown (torch tensors) then times the pieces of a call separately, each in its own loop:
-the Python layer (whole call minus the native call), its CUDA preparation (current stream when
-torch has no DLPack C exchange API, torch.empty of the output), the native call split into
-Rust and binding, and for comparison torch's Python-level DLPack export and current-stream
-lookup, which the binding replaces with DLPack's C exchange API where torch offers it.
+--breakdown (torch tensors) then times the pieces of a call separately, each in its own loop
+(each from an idle GPU, awaited as `poll` does on CUDA): the Python layer (whole call minus the native call), its CUDA preparation
+(current stream when torch has no DLPack C exchange API, torch.empty of the output), the native
+call split into Rust and binding, and for comparison torch's Python-level DLPack export and
+current-stream lookup, which the binding replaces with DLPack's C exchange API where torch
+offers it.
 """
 
 import argparse
@@ -51,8 +59,8 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu (NumPy), torch-cpu, or cuda (torch)")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--spin-us", type=float, default=0.0,
-                    help="busy-wait after each synchronisation before the clock starts (0: none)")
+    ap.add_argument("--waits", default=None,
+                    help="comma list of queued, poll, sync (default: all on CUDA, sync on CPU)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time each piece of a call (torch tensors)")
     a = ap.parse_args()
@@ -62,6 +70,7 @@ def main():
               (1, a.seq, a.kv_heads, a.dim)]
     arrays = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     device_sync = lambda: None  # noqa: E731
+    poll = None
     if a.device == "cpu" and a.dtype != "bfloat16":
         q, k, v = (x.astype(a.dtype) for x in arrays)
     else:
@@ -71,42 +80,61 @@ def main():
         q, k, v = (torch.from_numpy(x).to(dev, getattr(torch, a.dtype)) for x in arrays)
         if dev == "cuda":
             device_sync = torch.cuda.synchronize
+
+            def poll():  # the GPU idle, without letting the host thread sleep
+                ev = torch.cuda.Event()
+                ev.record()
+                while not ev.query():
+                    pass
     kw = dict(block_size=128, min_budget=min(1024, a.seq))
-    spin_s = a.spin_us / 1e6
+    waits = (a.waits or ("queued,poll,sync" if poll else "sync")).split(",")
 
-    def sync():  # the device idle, then --spin-us of busy host time
-        device_sync()
-        end = time.perf_counter() + spin_s
-        while time.perf_counter() < end:
-            pass
-
-    def timed():
-        sync()
+    def call():
         t0 = time.perf_counter()
         flexprefill.flex_prefill_attention(q, k, v, **kw)
         t1 = time.perf_counter()
         return t1 - t0, _native.last_call_seconds()
 
+    def measured(wait):
+        if wait == "queued":
+            pairs = []
+            while len(pairs) < a.iters:
+                device_sync()
+                flexprefill.flex_prefill_attention(q, k, v, **kw)
+                pairs += [call(), call()]
+            return pairs
+        if wait == "poll" and poll is None:
+            raise SystemExit("--waits poll needs --device cuda")
+        if wait not in ("poll", "sync"):
+            raise SystemExit(f"unknown wait {wait!r}: queued, poll or sync")
+        idle = poll if wait == "poll" else device_sync
+        pairs = []
+        for _ in range(a.iters):
+            idle()
+            pairs.append(call())
+        return pairs
+
     for _ in range(a.warmup):
-        timed()
-    pairs = [timed() for _ in range(a.iters)]
-    sync()
-    wall = [w for w, _ in pairs]
-    native = [n for _, n in pairs]
-    over = sorted(w - n for w, n in pairs)
+        device_sync()
+        call()
+    rows = [(w, measured(w)) for w in waits]
+    device_sync()
     _, rep = flexprefill.flex_prefill_attention(q, k, v, **kw, return_report=True)
     mode = "dense" if rep.dense_fallback else f"sparse, density {rep.density:.3f}"
-    print(f"shape q {shapes[0]} kv {shapes[1]} {a.dtype} on {a.device} ({mode}), spin {a.spin_us:.0f} us, "
-          f"{a.iters} calls")
-    print(f"python call median {statistics.median(wall) * 1e6:10.1f} us (host)")
-    print(f"rust call median   {statistics.median(native) * 1e6:10.1f} us (host)")
-    print(f"overhead median    {statistics.median(over) * 1e6:10.1f} us per call "
-          f"(p90 {over[int(0.9 * (len(over) - 1))] * 1e6:.1f} us)")
+    print(f"shape q {shapes[0]} kv {shapes[1]} {a.dtype} on {a.device} ({mode}), "
+          f"{a.iters} calls per row")
+    print(f"{'start':<8}{'python call':>14}{'rust':>12}{'overhead':>12}{'(p90)':>10}   us, medians")
+    for w, pairs in rows:
+        over = sorted(x - n for x, n in pairs)
+        print(f"{w:<8}{statistics.median(x for x, _ in pairs) * 1e6:14.1f}"
+              f"{statistics.median(n for _, n in pairs) * 1e6:12.1f}"
+              f"{statistics.median(over) * 1e6:12.1f}"
+              f"{over[int(0.9 * (len(over) - 1))] * 1e6:10.1f}")
     if a.breakdown:
         if isinstance(q, np.ndarray):
             print("--breakdown times torch tensors: use --device torch-cpu or cuda")
         else:
-            breakdown(q, k, v, kw, sync, a.iters, a.warmup)
+            breakdown(q, k, v, kw, poll or device_sync, a.iters, a.warmup)
 
 
 def breakdown(q, k, v, kw, sync, iters, warmup):

@@ -42,7 +42,9 @@ fn backend(py: Python<'_>, ordinal: i32) -> Opened {
             .or_insert_with(|| {
                 let o =
                     usize::try_from(ordinal).map_err(|_| format!("device ordinal {ordinal}"))?;
-                CudaBackend::new_on(o)
+                // torch orders every tensor by its streams: the backend need not track
+                // its buffers with events (half the host time of a call).
+                CudaBackend::stream_ordered(o)
                     .map(Arc::new)
                     .map_err(|e| e.to_string())
             })

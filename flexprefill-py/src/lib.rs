@@ -198,12 +198,28 @@ fn stream_from_producer(obj: &Bound<'_, PyAny>) -> bool {
     dlpack::has_exchange_api(obj)
 }
 
+/// Hands the device memory FlexPrefill keeps between CUDA calls back to the driver
+/// (`flexprefill.empty_cache()`, like `torch.cuda.empty_cache()` for torch's allocator). Memory
+/// of calls still queued is released once they finish. A no-op before any CUDA call.
+#[pyfunction]
+fn empty_cache(py: Python<'_>) -> PyResult<()> {
+    flexprefill_cuda::release_cached_memory().map_err(|e| {
+        errors::ArgError {
+            kind: errors::Kind::Runtime,
+            argument: None,
+            message: e.to_string(),
+        }
+        .into_pyerr(py)
+    })
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<HostBuffer>()?;
     m.add_function(wrap_pyfunction!(attention, m)?)?;
     m.add_function(wrap_pyfunction!(last_call_seconds, m)?)?;
     m.add_function(wrap_pyfunction!(stream_from_producer, m)?)?;
+    m.add_function(wrap_pyfunction!(empty_cache, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("CUDA", cuda::AVAILABLE)?;
     Ok(())

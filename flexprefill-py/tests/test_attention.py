@@ -212,3 +212,9 @@ def test_min_sparse_kv_len_runs_short_calls_dense_and_says_why(rng):
     with pytest.raises(flexprefill.InvalidInputError) as e:
         flexprefill.flex_prefill_attention(q, k, v, min_sparse_kv_len=-1)
     assert e.value.argument == "min_sparse_kv_len"
+
+
+def test_empty_cache_is_a_no_op_without_cuda_calls():
+    # Nothing is cached before a CUDA call (and a build or machine without CUDA has no pool).
+    assert flexprefill.empty_cache() is None
+    assert "empty_cache" in flexprefill.__all__

@@ -11,7 +11,7 @@ Hugging Face transformers models.
 
 from ._api import flex_prefill_attention, flex_prefill_varlen
 from ._errors import DeviceError, FlexPrefillError, InvalidInputError
-from ._native import __version__
+from ._native import __version__, empty_cache
 from .report import HeadReport, SparsityReport, Timings
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "FlexPrefillError",
     "InvalidInputError",
     "DeviceError",
+    "empty_cache",
     "SparsityReport",
     "HeadReport",
     "Timings",
