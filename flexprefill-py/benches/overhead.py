@@ -24,10 +24,10 @@ How each timed call starts (--waits, all three by default on CUDA):
   poll    with the GPU idle, the host thread awake: the previous call's completion is awaited
           by polling a CUDA event;
   sync    with the GPU idle after torch.cuda.synchronize(), in which the host thread may
-          sleep for the whole previous call (milliseconds at 32k). The first host work after
-          such a sleep is slow whoever does it (on the H200 machine torch.empty(16) took 60 us
-          after time.sleep(0.005) with no GPU work, 3 us warm), and the Python layer runs
-          first, so this row carries the host's wake-up, not the binding.
+          sleep for the whole previous call (milliseconds at 32k).
+After a wait of milliseconds the first host work is slow on the H200 machine whoever does it
+(torch.empty(16) took 60 us after time.sleep(0.005) with no GPU work, 3-7 us otherwise), polled
+or slept; the Python layer runs first in a call, so the poll and sync rows carry part of that.
 On the CPU only `sync` applies (there is nothing queued).
 
 Prints medians (and the 90th percentile of the overhead) over --iters calls after --warmup.
@@ -180,6 +180,24 @@ def breakdown(q, k, v, kw, sync, iters, warmup):
               + (" (C exchange API)" if c_api(q) else " (__dlpack__)"))]
     for name, us, what in rows:
         print(f"{name:<22}{us:10.1f} us  {what}")
+    split = getattr(_native, "last_call_breakdown", None)  # older builds: none
+    if cuda and split is not None:
+        # One loop, each call split where it runs: Python before the binding and after it,
+        # the binding before the Rust work and after it (`after` also holds the return to
+        # Python up to the query).
+        parts = []
+        for i in range(warmup + iters):
+            sync()
+            t0 = time.perf_counter()
+            flexprefill.flex_prefill_attention(q, k, v, **kw)
+            t1 = time.perf_counter()
+            before, after = split()
+            if i >= warmup:
+                parts.append((t1 - t0, before, _native.last_call_seconds(), after))
+        m = [statistics.median(p[j] for p in parts) * 1e6 for j in range(4)]
+        print(f"one loop, paired: whole {m[0]:.1f} = binding before rust {m[1]:.1f} + rust "
+              f"{m[2]:.1f} + binding after rust {m[3]:.1f} + python layer "
+              f"{statistics.median(p[0] - p[1] - p[2] - p[3] for p in parts) * 1e6:.1f} (us)")
     pieces = [("torch.empty(out)",
                lambda: torch.empty(q.shape, dtype=q.dtype, device=q.device)),
               ("q.__dlpack__", lambda: q.__dlpack__(max_version=(1, 0), stream=-1)),

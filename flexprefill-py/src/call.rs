@@ -186,6 +186,52 @@ pub(crate) fn record_call_seconds(seconds: f64) {
     LAST_CALL.store(seconds.to_bits(), Ordering::Relaxed);
 }
 
+thread_local! {
+    /// When the binding was entered, its Rust work started and ended, for the last call on
+    /// this thread (`_native.last_call_breakdown()`).
+    static MARKS: std::cell::Cell<[Option<std::time::Instant>; 3]> =
+        const { std::cell::Cell::new([None; 3]) };
+}
+
+fn mark(i: usize) {
+    MARKS.with(|m| {
+        let mut v = m.get();
+        v[i] = Some(std::time::Instant::now());
+        if i == 0 {
+            v[1] = None;
+            v[2] = None;
+        }
+        m.set(v);
+    });
+}
+
+/// The binding starts a call.
+pub(crate) fn mark_entry() {
+    mark(0)
+}
+
+/// The Rust work of a call starts (after parsing, export and checks).
+pub(crate) fn mark_rust_start() {
+    mark(1)
+}
+
+/// The Rust work of a call ended.
+pub(crate) fn mark_rust_end() {
+    mark(2)
+}
+
+/// Seconds of the last call on this thread before its Rust work (parse, DLPack export,
+/// checks) and from the end of its Rust work to `now` (results, releases); `None` where a
+/// mark is missing (a call that failed, or a CPU call).
+pub(crate) fn binding_seconds(now: std::time::Instant) -> Option<(f64, f64)> {
+    let [entry, start, end] = MARKS.with(|m| m.get());
+    let (entry, start, end) = (entry?, start?, end?);
+    Some((
+        start.duration_since(entry).as_secs_f64(),
+        now.duration_since(end).as_secs_f64(),
+    ))
+}
+
 /// The seconds [`record_call_seconds`] kept last (process-wide; the overhead bench reads it
 /// right after its own call).
 pub(crate) fn last_call_seconds() -> f64 {

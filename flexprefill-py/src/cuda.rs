@@ -144,14 +144,20 @@ pub(crate) fn flex_prefill_cuda<'py>(
         None => &gpu,
     };
     let cfg = req.cfg;
+    // The exports go back to torch now, while its code is still in the host's caches: the
+    // call needs only the addresses, and the tensors stay alive through the Python objects
+    // the caller passed (this function's arguments) until it returns.
+    drop((q, k, v, out, lse_buf));
+    call::mark_rust_start();
     // SAFETY: q, k, v, out and lse are live device tensors of q's device (checked above:
-    // device, dtype, compact layout and the element counts the shape implies), held by their
-    // capsules for the whole call and by the caller's tensors after it; out and lse are fresh
+    // device, dtype, compact layout and the element counts the shape implies), held by the
+    // caller's tensor objects, which are arguments of this call; out and lse are fresh
     // allocations of the Python layer, so they overlap nothing. The stream is the caller's
     // current torch stream on that device, alive beyond this call, and the caller reads out
     // and lse after us on it (or after an event recorded on it), as torch orders any kernel.
     let (result, Seconds { queued, rust }) = py.detach(|| unsafe { call.run(gpu, shape, &cfg) });
     call::record_call_seconds(rust);
+    call::mark_rust_end();
     let rep = result.map_err(|e| cuda_error(e, varlen, device))?;
     let rep = match rep {
         Some(r) => report::to_dict(py, &r, "cuda", queued)

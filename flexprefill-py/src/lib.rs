@@ -150,6 +150,7 @@ fn attention<'py>(
     lse: Option<&Bound<'py, PyAny>>,
     min_sparse_kv_len: Option<i64>,
 ) -> PyResult<(Py<PyAny>, Py<PyAny>, Py<PyAny>)> {
+    call::mark_entry();
     let request = Request::parse(
         q,
         k,
@@ -190,6 +191,15 @@ fn last_call_seconds() -> f64 {
     call::last_call_seconds()
 }
 
+/// `(before, after)`: host seconds of the last CUDA call on this thread in the binding before
+/// its Rust work (argument parsing, DLPack export, checks) and from the end of that work to
+/// this query (results, the return to Python, the caller's code up to here); `None` after a
+/// failed or CPU call. `benches/overhead.py --breakdown` reads it right after a call.
+#[pyfunction]
+fn last_call_breakdown() -> Option<(f64, f64)> {
+    call::binding_seconds(std::time::Instant::now())
+}
+
 /// Whether a CUDA call on `obj` can leave its stream to the native side: `obj`'s type offers
 /// DLPack's C exchange API, which names the producer's current stream (torch ≥ 2.10). The
 /// Python layer asks once per type and otherwise passes `torch.cuda.current_stream()`.
@@ -218,6 +228,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<HostBuffer>()?;
     m.add_function(wrap_pyfunction!(attention, m)?)?;
     m.add_function(wrap_pyfunction!(last_call_seconds, m)?)?;
+    m.add_function(wrap_pyfunction!(last_call_breakdown, m)?)?;
     m.add_function(wrap_pyfunction!(stream_from_producer, m)?)?;
     m.add_function(wrap_pyfunction!(empty_cache, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
