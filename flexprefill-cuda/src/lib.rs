@@ -109,6 +109,7 @@ pub use backend::CudaBackend;
 pub use device::{CudaDevice, DeviceInfo};
 pub use error::{CudaError, Result};
 pub use kcache::{cache_key, KernelCache};
+pub use stats::oracle;
 pub use workspace::{Buf, Workspace, WorkspaceLimits, WorkspaceSize};
 
 /// cudarc, re-exported so callers of the device API use the same version.
