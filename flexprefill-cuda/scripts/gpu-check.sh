@@ -13,7 +13,6 @@
 #        tests/nvrtc_compile.rs (target/release/deps/nvrtc_compile-HASH)
 #        tests/no_driver.rs (target/release/deps/no_driver-HASH)
 #        tests/gpu_graph.rs (target/release/deps/gpu_graph-HASH)
-#        tests/gpu_oracle.rs (target/release/deps/gpu_oracle-HASH)
 #   mkdir -p .gpu
 #   cp target/release/deps/flexprefill_cuda-HASH .gpu/cuda_lib_tests
 #   cp target/release/deps/gpu_attention-HASH .gpu/gpu_attention
@@ -22,7 +21,6 @@
 #   cp target/release/deps/nvrtc_compile-HASH .gpu/nvrtc_compile
 #   cp target/release/deps/no_driver-HASH .gpu/no_driver
 #   cp target/release/deps/gpu_graph-HASH .gpu/gpu_graph
-#   cp target/release/deps/gpu_oracle-HASH .gpu/gpu_oracle
 # (gpu-bench.sh's executables go to the same folder.)
 #
 # The lib's NVRTC compile tests (names containing "compile") are skipped here: they need no GPU
@@ -73,8 +71,6 @@ if [ "${CHECK_TESTS:-1}" = 1 ]; then
   run_test gpu_host gpu_host.log -- --nocapture
   # A whole call captured in a CUDA graph and replayed; no allocation inside a workspace call.
   run_test gpu_graph gpu_graph.log --
-  # The device oracle density's block masses and counts against the test kit's f64 oracle.
-  run_test gpu_oracle gpu_oracle.log -- --nocapture
   # Size limits, out-of-memory, two threads on one backend, repeated runs bit for bit.
   run_test gpu_robustness gpu_robustness.log -- --nocapture
   # The other statistics passes on Hopper: mma.sync, and the wgmma issue-ahead variant.
@@ -109,8 +105,8 @@ if [ "${CHECK_SAN:-1}" = 1 ]; then
     san stats_mma cuda_lib_tests FLEXPREFILL_STATS_MMA=1 -- --exact stats::tests::statistics_match_the_cpu_oracle
     san select cuda_lib_tests -- --exact select::tests::device_selection_equals_core_on_the_same_statistics
     san attention gpu_attention -- sparse_with_every_block rows_without_keys every_tile_shape odd_head_dims dense_walk
-    # opt-in (SAN_FAMILIES=oracle): the oracle's every-row kernel, stats_oracle_block_mass
-    san oracle gpu_oracle -- mean_row_block_mass_matches_the_f64_oracle
+    # opt-in (SAN_FAMILIES=oracle): the oracle density's kernel, stats_oracle_block_mass
+    san oracle cuda_lib_tests -- --exact stats::oracle::tests::mean_row_block_mass_matches_the_f64_oracle
   else
     summary+=("compute-sanitizer not found")
   fi
