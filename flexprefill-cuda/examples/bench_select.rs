@@ -10,7 +10,7 @@
 //! runs one workload only. The worst head's estimated mass is the report's (the representative
 //! rows' exact mass under the selection). Each input's mean-row oracle density at each gamma
 //! (`flexprefill_cuda::oracle`, block 128) is printed once and stands beside every mode's
-//! density in the table (`oracle` and `density/oracle`).
+//! density in the table (`oracle` and `density/oracle`; `BENCH_ORACLE=0` skips it).
 
 use std::sync::Arc;
 
@@ -184,22 +184,25 @@ fn main() -> Res<()> {
             let mut lse: CudaSlice<f32> = stream.alloc_zeros(n * H)?;
             be.attention_device(&stream, &args, None, None, &mut out, Some(&mut lse))?;
             let lse_dense = stream.clone_dtoh(&lse)?;
-            // The mean-row oracle of this input at every gamma (one kernel, cut per gamma).
-            let t = std::time::Instant::now();
-            let block_size = FlexPrefillConfig::default().block_size;
-            let map =
-                flexprefill_cuda::oracle::mean_row_block_mass(&dev, &stream, &args, block_size)?;
-            let map_ms = t.elapsed().as_secs_f64() * 1e3;
+            // The mean-row oracle of this input at every gamma (one kernel, cut per gamma);
+            // BENCH_ORACLE=0 skips it (profiling).
             let mut oracle = Vec::with_capacity(gammas.len());
-            for &gamma in &gammas {
-                let o = flexprefill_cuda::oracle::overall(&map.oracle(f64::from(gamma))?);
-                eprintln!(
-                    "oracle {n} {} gamma {gamma}: mean-row oracle density {o:.4} (block {block_size}; map {map_ms:.0} ms)",
-                    dt.name
-                );
-                oracle.push((gamma, o));
+            if std::env::var("BENCH_ORACLE").map_or(true, |v| v.trim() != "0") {
+                let t = std::time::Instant::now();
+                let block_size = FlexPrefillConfig::default().block_size;
+                let map = flexprefill_cuda::oracle::mean_row_block_mass(
+                    &dev, &stream, &args, block_size,
+                )?;
+                let map_ms = t.elapsed().as_secs_f64() * 1e3;
+                for &gamma in &gammas {
+                    let o = flexprefill_cuda::oracle::overall(&map.oracle(f64::from(gamma))?);
+                    eprintln!(
+                        "oracle {n} {} gamma {gamma}: mean-row oracle density {o:.4} (block {block_size}; map {map_ms:.0} ms)",
+                        dt.name
+                    );
+                    oracle.push((gamma, o));
+                }
             }
-            drop(map);
             for (&mode, &gamma) in modes
                 .iter()
                 .flat_map(|m| gammas.iter().map(move |g| (m, g)))
