@@ -1,7 +1,6 @@
 //! The oracle density on the device: the yardstick `flexprefill_testkit::oracle` computes on
 //! the CPU from the f64 attention, here from block-pooled probabilities on the GPU, so that a
-//! long input (128k tokens, where the CPU's f64 attention takes minutes) can be placed
-//! against it.
+//! long input (128k tokens, where the CPU's f64 attention is slow) can be placed against it.
 //!
 //! [`mean_row_block_mass`] runs `stats_oracle_block_mass` (`kernels/stats/sampled.cu`: the
 //! sampled mode's estimator with every row of each query block taken, in groups of 16) and
@@ -51,7 +50,7 @@ pub struct MeanRowBlockMass {
 /// The mean-row oracle of one (sequence, head) at one gamma.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MeanRowOracle {
-    /// Oracle blocks over the head's query blocks.
+    /// Mean-row oracle blocks, summed over the head's query blocks.
     pub blocks: usize,
     /// Causal blocks of the sequence.
     pub causal_blocks: usize,
@@ -163,8 +162,8 @@ pub fn mean_row_block_mass<T: StatsElem>(
     let (total_q, total_k) = Sequence::check_packed(seqs)?;
     let (h, hkv, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
     for (name, got, want) in [
-        ("q", args.q.len(), total_q * h * d),
-        ("k", args.k.len(), total_k * hkv * d),
+        ("q", args.q.len(), total_q.saturating_mul(h * d)),
+        ("k", args.k.len(), total_k.saturating_mul(hkv * d)),
     ] {
         if got != want {
             return Err(CudaError::BufferLen {
