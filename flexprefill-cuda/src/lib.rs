@@ -109,8 +109,10 @@ pub use backend::CudaBackend;
 pub use device::{CudaDevice, DeviceInfo};
 pub use error::{CudaError, Result};
 pub use kcache::{cache_key, KernelCache};
-pub use stats::oracle;
 pub use workspace::{Buf, Workspace, WorkspaceLimits, WorkspaceSize};
+
+// The oracle density on the device: a yardstick beside the prefill, not part of it.
+pub use stats::oracle;
 
 /// cudarc, re-exported so callers of the device API use the same version.
 pub use cudarc;
