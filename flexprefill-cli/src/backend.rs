@@ -21,6 +21,9 @@ pub struct Chosen {
     pub backend: Box<dyn Backend>,
     /// Why (printed in the report and the JSON `backend_reason`).
     pub reason: String,
+    /// The same backend when it is CUDA, for what the `Backend` trait does not carry (the
+    /// device oracle density).
+    pub cuda: Option<flexprefill_cuda::CudaBackend>,
 }
 
 /// Opens the backend `choice` asks for; `threads` sizes the CPU backend's pool (default: one
@@ -41,24 +44,27 @@ pub fn open(choice: BackendChoice, threads: Option<usize>) -> Result<Chosen> {
             Ok(Chosen {
                 backend,
                 reason: format!("--backend cpu, {}", threads_text(n)),
+                cuda: None,
             })
         }
         BackendChoice::Cuda => {
-            let (backend, what) = cuda().map_err(|e| {
+            let (gpu, what) = cuda().map_err(|e| {
                 anyhow::anyhow!(
                     "--backend cuda: no usable GPU: {}; use --backend cpu or auto",
                     one_line(&e)
                 )
             })?;
             Ok(Chosen {
-                backend,
+                backend: Box::new(gpu.clone()),
                 reason: format!("--backend cuda: {what}"),
+                cuda: Some(gpu),
             })
         }
         BackendChoice::Auto => match cuda() {
-            Ok((backend, what)) => Ok(Chosen {
-                backend,
+            Ok((gpu, what)) => Ok(Chosen {
+                backend: Box::new(gpu.clone()),
                 reason: format!("auto: {what}"),
+                cuda: Some(gpu),
             }),
             Err(e) => {
                 let (backend, n) = cpu()?;
@@ -69,6 +75,7 @@ pub fn open(choice: BackendChoice, threads: Option<usize>) -> Result<Chosen> {
                         one_line(&e),
                         threads_text(n)
                     ),
+                    cuda: None,
                 })
             }
         },
@@ -89,12 +96,12 @@ fn one_line(e: &anyhow::Error) -> String {
 
 /// The CUDA backend on device 0 and a description of the device. Without a driver the
 /// constructor returns a typed error (never a panic), which `auto` turns into the CPU.
-fn cuda() -> Result<(Box<dyn Backend>, String)> {
+fn cuda() -> Result<(flexprefill_cuda::CudaBackend, String)> {
     let gpu = flexprefill_cuda::CudaBackend::new()?;
     let info = gpu.device().info();
     let what = format!(
         "GPU {} ({}, compute capability {}.{})",
         info.ordinal, info.name, info.compute_capability.0, info.compute_capability.1
     );
-    Ok((Box::new(gpu), what))
+    Ok((gpu, what))
 }

@@ -9,14 +9,14 @@ use flexprefill_core::{
     AttentionInput, AttentionShape, BlockIndex, FlexPrefillConfig, Pattern, SparsityReport, Timings,
 };
 
-use flexprefill_testkit::oracle::{oracle_density, HeadOracle};
+use flexprefill_testkit::oracle::oracle_density;
 
 use crate::backend::Chosen;
 use crate::compare::{compare, Comparison};
 use crate::io::Qkv;
 use crate::plot::{self, HeatmapFigure, MaskFigure};
 use crate::progress;
-use crate::report::Measured;
+use crate::report::{Measured, OracleHead};
 
 /// What to do beyond FlexPrefill itself.
 pub struct Plan<'a> {
@@ -52,9 +52,10 @@ pub struct Outcome {
     pub warmup: Option<Duration>,
     /// The comparison, when run.
     pub comparison: Option<Comparison>,
-    /// With the comparison: the oracle densities per (sequence, head) at the config's gamma
-    /// (`flexprefill_testkit::oracle`), `None` inside on a backend that does not compute them.
-    pub oracle: Option<Option<Vec<HeadOracle>>>,
+    /// With the comparison: the oracle block counts per (sequence, head) at the config's gamma
+    /// (`flexprefill_testkit::oracle` on the CPU, `flexprefill_cuda::oracle` on CUDA), `None`
+    /// inside on a backend that computes none.
+    pub oracle: Option<Option<Vec<OracleHead>>>,
     /// Pictures written.
     pub pictures: Vec<PathBuf>,
     /// Softmax scale used.
@@ -162,15 +163,22 @@ pub fn execute(chosen: &Chosen, qkv: &Qkv, plan: &Plan<'_>) -> Result<Outcome> {
         )?;
     }
 
-    // The oracle density needs every row's exact block distribution: the CPU computes it
-    // from the inputs (f64 exponentials and sums); other backends have no kernel for it yet.
+    // The oracle density: the CPU computes both oracles from every row's exact block
+    // distribution (f64 exponentials and sums); CUDA the mean-row one from block-pooled
+    // probabilities on the device, cut on the host with the same rule.
     let oracle = if plan.compare_dense && plan.oracle {
+        let (bs, gamma) = (plan.cfg.block_size, plan.cfg.gamma as f64);
         Some(if name == "cpu" {
             let sp = progress::spinner("oracle density (exact block masses)");
-            let o = oracle_density(&x, plan.cfg.block_size, plan.cfg.gamma as f64)
-                .context("oracle density failed")?;
+            let o = oracle_density(&x, bs, gamma).context("oracle density failed")?;
             sp.finish_and_clear();
-            Some(o)
+            Some(o.into_iter().map(OracleHead::from).collect())
+        } else if let Some(gpu) = &chosen.cuda {
+            let sp = progress::spinner("oracle density (block-pooled probabilities on the GPU)");
+            let o = flexprefill_cuda::oracle::oracle_density(gpu, &x, bs, gamma)
+                .context("oracle density failed on the cuda backend")?;
+            sp.finish_and_clear();
+            Some(o.into_iter().map(OracleHead::from).collect())
         } else {
             None
         })

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use flexprefill_core::{FlexPrefillConfig, QueryAwareCut, SelectionMode, SparsityReport};
-use flexprefill_testkit::oracle::{self, HeadOracle};
+use flexprefill_testkit::oracle::HeadOracle;
 use serde::Serialize;
 
 use crate::compare::Comparison;
@@ -108,7 +108,8 @@ pub struct HeadJson {
     /// not compute it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oracle_density: Option<Option<f64>>,
-    /// Every-row oracle density at gamma (as `oracle_density`).
+    /// Every-row oracle density at gamma (as `oracle_density`; `null` on the CUDA backend,
+    /// which computes the mean-row oracle only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oracle_density_every_row: Option<Option<f64>>,
 }
@@ -199,12 +200,65 @@ pub struct RunJson {
     /// where the backend does not compute it, see `oracle_note`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oracle_density: Option<Option<f64>>,
-    /// The same with every row of the query block holding gamma.
+    /// The same with every row of the query block holding gamma (`null` where the backend
+    /// computes the mean-row oracle only, see `oracle_note`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oracle_density_every_row: Option<Option<f64>>,
-    /// Why `oracle_density` is `null`, when it is.
+    /// Why an oracle density is `null`, when one is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oracle_note: Option<String>,
+}
+
+/// One (sequence, head)'s oracle block counts at gamma, from whichever backend computed them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OracleHead {
+    /// Mean-row oracle blocks.
+    pub mean_row_blocks: usize,
+    /// Every-row oracle blocks; `None` where the backend computes the mean row only (CUDA:
+    /// the every-row oracle needs every row's own block distribution).
+    pub every_row_blocks: Option<usize>,
+    /// Causal blocks of the sequence.
+    pub causal_blocks: usize,
+}
+
+impl OracleHead {
+    fn mean_row(&self) -> f64 {
+        self.mean_row_blocks as f64 / self.causal_blocks.max(1) as f64
+    }
+
+    fn every_row(&self) -> Option<f64> {
+        self.every_row_blocks
+            .map(|b| b as f64 / self.causal_blocks.max(1) as f64)
+    }
+
+    /// Blocks over causal blocks of several heads, summed: (mean row, every row).
+    fn overall(heads: &[OracleHead]) -> (f64, Option<f64>) {
+        let causal = heads.iter().map(|o| o.causal_blocks).sum::<usize>().max(1) as f64;
+        let mean = heads.iter().map(|o| o.mean_row_blocks).sum::<usize>() as f64 / causal;
+        // any head without the every-row count leaves the overall one out
+        let every: Option<usize> = heads.iter().map(|o| o.every_row_blocks).sum();
+        (mean, every.map(|e| e as f64 / causal))
+    }
+}
+
+impl From<HeadOracle> for OracleHead {
+    fn from(o: HeadOracle) -> Self {
+        Self {
+            mean_row_blocks: o.mean_row_blocks,
+            every_row_blocks: Some(o.every_row_blocks),
+            causal_blocks: o.causal_blocks,
+        }
+    }
+}
+
+impl From<flexprefill_cuda::oracle::MeanRowOracle> for OracleHead {
+    fn from(o: flexprefill_cuda::oracle::MeanRowOracle) -> Self {
+        Self {
+            mean_row_blocks: o.blocks,
+            every_row_blocks: None,
+            causal_blocks: o.causal_blocks,
+        }
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -239,9 +293,9 @@ pub struct Measured<'a> {
     pub comparison: Option<&'a Comparison>,
     /// Per query head, the planted structure (demo).
     pub planted: Option<Vec<&'static str>>,
-    /// With the comparison: per (sequence, head) oracle densities, `None` inside where the
+    /// With the comparison: per (sequence, head) oracle block counts, `None` inside where the
     /// backend does not compute them.
-    pub oracle: Option<Option<&'a [HeadOracle]>>,
+    pub oracle: Option<Option<&'a [OracleHead]>>,
 }
 
 impl Measured<'_> {
@@ -271,8 +325,8 @@ impl Measured<'_> {
                     mass_captured: c.map(|c| c.mass_captured),
                     min_mass_captured: c.map(|c| c.min_mass_captured),
                     rows_below_gamma: c.map(|c| c.rows_below_gamma),
-                    oracle_density: self.oracle.map(|o| o.map(|o| o[i].mean_row)),
-                    oracle_density_every_row: self.oracle.map(|o| o.map(|o| o[i].every_row)),
+                    oracle_density: self.oracle.map(|o| o.map(|o| o[i].mean_row())),
+                    oracle_density_every_row: self.oracle.map(|o| o.and_then(|o| o[i].every_row())),
                 }
             })
             .collect();
@@ -314,10 +368,16 @@ impl Measured<'_> {
             max_abs_vs_dense: self.comparison.map(|c| c.max_abs),
             mass_captured: self.comparison.map(|c| c.mass_captured),
             rows_below_gamma: self.comparison.map(|c| c.rows_below_gamma),
-            oracle_density: self.oracle.map(|o| o.map(|o| oracle::overall(o).0)),
-            oracle_density_every_row: self.oracle.map(|o| o.map(|o| oracle::overall(o).1)),
-            oracle_note: matches!(self.oracle, Some(None))
-                .then(|| format!("not computed on the {} backend", self.backend)),
+            oracle_density: self.oracle.map(|o| o.map(|o| OracleHead::overall(o).0)),
+            oracle_density_every_row: self.oracle.map(|o| o.and_then(|o| OracleHead::overall(o).1)),
+            oracle_note: match self.oracle {
+                Some(None) => Some(format!("not computed on the {} backend", self.backend)),
+                Some(Some(o)) if OracleHead::overall(o).1.is_none() => Some(format!(
+                    "every-row oracle not computed on the {} backend (mean row from its block-pooled probabilities)",
+                    self.backend
+                )),
+                _ => None,
+            },
         }
     }
 
@@ -433,11 +493,14 @@ impl Measured<'_> {
         let _ = writeln!(s);
         match (j.oracle_density, &j.oracle_note) {
             (Some(Some(o)), _) => {
+                let every = match j.oracle_density_every_row.flatten() {
+                    Some(e) => format!("{:.1}% on every row", 100.0 * e),
+                    None => format!("every row not computed on {}", j.backend),
+                };
                 let _ = writeln!(
                     s,
-                    "oracle   {:.1}% of causal blocks hold gamma on the mean row ({:.1}% on every row); this run: {:.2}x",
+                    "oracle   {:.1}% of causal blocks hold gamma on the mean row ({every}); this run: {:.2}x",
                     100.0 * o,
-                    100.0 * j.oracle_density_every_row.flatten().unwrap_or(f64::NAN),
                     j.density / o
                 );
             }
@@ -492,5 +555,74 @@ impl Measured<'_> {
             );
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flexprefill_core::Sequence;
+
+    /// A report of two heads of a 1000-token sequence at block 128 (36 causal blocks each)
+    /// with `oracle` beside it, as JSON and text.
+    fn view(oracle: &[OracleHead], backend: &'static str) -> (RunJson, String) {
+        let report =
+            flexprefill_core::payoff::dense_report(&[Sequence::whole(1000)], 2, 128, String::new());
+        let cfg = FlexPrefillConfig::default();
+        let m = Measured {
+            backend,
+            backend_reason: String::new(),
+            input: String::new(),
+            dims: ("bf16", 1, 1000, 1000, 2, 1, 64),
+            cfg: &cfg,
+            softmax_scale: 0.125,
+            report: &report,
+            total: Duration::ZERO,
+            dense: None,
+            dense_timings: None,
+            warmup: None,
+            comparison: None,
+            planted: None,
+            oracle: Some(Some(oracle)),
+        };
+        (m.to_json(), m.to_text())
+    }
+
+    #[test]
+    fn the_mean_row_oracle_alone_reports_the_every_row_one_as_null() {
+        let heads = [9, 18].map(|b| OracleHead {
+            mean_row_blocks: b,
+            every_row_blocks: None,
+            causal_blocks: 36,
+        });
+        let (j, text) = view(&heads, "cuda");
+        assert_eq!(j.oracle_density, Some(Some(27.0 / 72.0)));
+        assert_eq!(j.oracle_density_every_row, Some(None));
+        assert!(j
+            .oracle_note
+            .as_deref()
+            .is_some_and(|n| n.contains("every-row")));
+        assert_eq!(j.heads[1].oracle_density, Some(Some(0.5)));
+        assert_eq!(j.heads[1].oracle_density_every_row, Some(None));
+        assert!(text.contains("37.5% of causal blocks hold gamma on the mean row (every row not computed on cuda)"), "{text}");
+    }
+
+    #[test]
+    fn both_oracles_come_through_from_the_test_kit() {
+        let heads = [(9, 12), (18, 27)].map(|(m, e)| {
+            OracleHead::from(HeadOracle {
+                mean_row: 0.0,
+                every_row: 0.0,
+                mean_row_blocks: m,
+                every_row_blocks: e,
+                causal_blocks: 36,
+            })
+        });
+        let (j, text) = view(&heads, "cpu");
+        assert_eq!(j.oracle_density, Some(Some(0.375)));
+        assert_eq!(j.oracle_density_every_row, Some(Some(39.0 / 72.0)));
+        assert_eq!(j.oracle_note, None);
+        assert_eq!(j.heads[0].oracle_density_every_row, Some(Some(12.0 / 36.0)));
+        assert!(text.contains("(54.2% on every row)"), "{text}");
     }
 }

@@ -8,7 +8,9 @@
 //! e.g. `-- 32768,131072 original,faithful,sampled 0.9`: sizes (default 8192 to 131072),
 //! selection modes (default `faithful`), gammas (default 0.9,0.95). `BENCH_DATA=random|mixed`
 //! runs one workload only. The worst head's estimated mass is the report's (the representative
-//! rows' exact mass under the selection).
+//! rows' exact mass under the selection). Each input's mean-row oracle density at each gamma
+//! (`flexprefill_cuda::oracle`, block 128) is printed once and stands beside every mode's
+//! density in the table (`oracle` and `density/oracle`; `BENCH_ORACLE=0` skips it).
 
 use std::sync::Arc;
 
@@ -140,8 +142,8 @@ fn main() -> Res<()> {
     let stream = dev.stream().clone();
     println!("device: {} ({} SMs)", dev.info().name, dev.info().sm_count);
     let shape = AttentionShape::new(H, HKV, D)?;
-    println!("| seq | data | selection | gamma | stats ms | select ms | search+index ms | sparse attn ms | sparse path ms | dense ms | sparse path/dense | whole call ms | whole/dense | density | worst head est. mass | QA heads | mass mean | worst head mass |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| seq | data | selection | gamma | stats ms | select ms | search+index ms | sparse attn ms | sparse path ms | dense ms | sparse path/dense | whole call ms | whole/dense | density | oracle | density/oracle | worst head est. mass | QA heads | mass mean | worst head mass |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &n in &sizes {
         // BENCH_DATA=random|mixed limits the run to one workload (profiling).
         let only = std::env::var("BENCH_DATA").ok();
@@ -182,6 +184,25 @@ fn main() -> Res<()> {
             let mut lse: CudaSlice<f32> = stream.alloc_zeros(n * H)?;
             be.attention_device(&stream, &args, None, None, &mut out, Some(&mut lse))?;
             let lse_dense = stream.clone_dtoh(&lse)?;
+            // The mean-row oracle of this input at every gamma (one kernel, cut per gamma);
+            // BENCH_ORACLE=0 skips it (profiling).
+            let mut oracle = Vec::with_capacity(gammas.len());
+            if std::env::var("BENCH_ORACLE").map_or(true, |v| v.trim() != "0") {
+                let t = std::time::Instant::now();
+                let block_size = FlexPrefillConfig::default().block_size;
+                let map = flexprefill_cuda::oracle::mean_row_block_mass(
+                    &dev, &stream, &args, block_size,
+                )?;
+                let map_ms = t.elapsed().as_secs_f64() * 1e3;
+                for &gamma in &gammas {
+                    let o = flexprefill_cuda::oracle::overall(&map.oracle(f64::from(gamma))?);
+                    eprintln!(
+                        "oracle {n} {} gamma {gamma}: mean-row oracle density {o:.4} (block {block_size}; map {map_ms:.0} ms)",
+                        dt.name
+                    );
+                    oracle.push((gamma, o));
+                }
+            }
             for (&mode, &gamma) in modes
                 .iter()
                 .flat_map(|m| gammas.iter().map(move |g| (m, g)))
@@ -293,6 +314,10 @@ fn main() -> Res<()> {
                 stream.synchronize()?;
                 let causal = seqs[0].total_causal_blocks(cfg.block_size) * H;
                 let density = offs[sel.rows] as f64 / causal as f64;
+                let od = oracle
+                    .iter()
+                    .find(|(g, _)| *g == gamma)
+                    .map_or(f64::NAN, |&(_, o)| o);
                 let qa = pat.iter().filter(|&&p| p == 1).count();
                 let (a, b, c, w) = (median(ts), median(tsel), median(tatt), median(twhole));
                 eprintln!(
@@ -301,12 +326,13 @@ fn main() -> Res<()> {
                     median(thost)
                 );
                 println!(
-                    "| {n} | {} | {mode_name} | {gamma} | {a:.3} | {b:.3} | {:.3} | {c:.3} | {w:.3} | {dense:.3} | {:.2} | {whole_call:.3}{} | {:.2} | {density:.3} | {worst_mass:.4} | {qa}/{H} | {mass_mean:.4} | {mass_worst:.4} |",
+                    "| {n} | {} | {mode_name} | {gamma} | {a:.3} | {b:.3} | {:.3} | {c:.3} | {w:.3} | {dense:.3} | {:.2} | {whole_call:.3}{} | {:.2} | {density:.3} | {od:.3} | {:.2} | {worst_mass:.4} | {qa}/{H} | {mass_mean:.4} | {mass_worst:.4} |",
                     dt.name,
                     a + b,
                     w / dense,
                     if reason.is_some() { " (dense)" } else { "" },
-                    whole_call / dense
+                    whole_call / dense,
+                    density / od
                 );
             }
             eprintln!("({} data at {n}: generated in {gen_s:.1} s)", dt.name);

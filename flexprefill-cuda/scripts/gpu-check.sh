@@ -29,7 +29,7 @@
 #
 # Env: CHECK_TESTS=0 / CHECK_SAN=0 skip a part; CHECK_ATTN_WS=0 skips the attention tests with
 # the warp-specialized kernel forced, CHECK_STATS_VARIANTS=0 the mma.sync and overlap passes, CHECK_SAMPLED_1P=0 the sampled one-pass kernel; SAN_S seconds per sanitizer run (default 240);
-# SAN_FAMILIES (default "stats_wgmma stats_mma select attention") and SAN_TOOLS (default
+# SAN_FAMILIES (default "stats_wgmma stats_mma select attention"; "oracle" is opt-in) and SAN_TOOLS (default
 # "memcheck racecheck synccheck") pick the sanitizer runs, so that a machine with a per-command
 # time limit can take them in several commands.
 # Reading it: every `test result` ok, every sanitizer line "ERROR SUMMARY: 0 errors" (racecheck:
@@ -105,6 +105,8 @@ if [ "${CHECK_SAN:-1}" = 1 ]; then
     san stats_mma cuda_lib_tests FLEXPREFILL_STATS_MMA=1 -- --exact stats::tests::statistics_match_the_cpu_oracle
     san select cuda_lib_tests -- --exact select::tests::device_selection_equals_core_on_the_same_statistics
     san attention gpu_attention -- sparse_with_every_block rows_without_keys every_tile_shape odd_head_dims dense_walk
+    # opt-in (SAN_FAMILIES=oracle): the oracle density's kernel, stats_oracle_block_mass
+    san oracle cuda_lib_tests -- --exact stats::oracle::tests::mean_row_block_mass_matches_the_f64_oracle
   else
     summary+=("compute-sanitizer not found")
   fi

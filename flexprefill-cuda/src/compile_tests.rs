@@ -99,7 +99,7 @@ fn spill_stores(log: &str, name: &str) -> Option<usize> {
 }
 
 /// The sampled mode's kernels (`stats_sampled` and its one-pass variant, `sel_sampled_cut`)
-/// compile without register
+/// and the oracle's every-row twin (`stats_oracle_block_mass`) compile without register
 /// spills for both architectures, both dtypes and the head dims the statistics take.
 #[test]
 #[ignore = "needs NVRTC (libnvrtc.so)"]
@@ -117,7 +117,11 @@ fn sampled_kernels_compile_without_spills() {
                 let key = stats_key(dtype, d, false, PassPath::Mma);
                 let (_, log) = compile_offline(&STATS, &key, arch)
                     .unwrap_or_else(|e| panic!("stats {dtype} d{d} sm{arch:?}: {e}"));
-                for name in ["stats_sampled", "stats_sampled_1p"] {
+                for name in [
+                    "stats_sampled",
+                    "stats_sampled_1p",
+                    "stats_oracle_block_mass",
+                ] {
                     match spill_stores(&log, name) {
                         Some(0) => {}
                         other => bad.push(format!("{name} {dtype} d{d} sm{arch:?}: {other:?}")),

@@ -113,5 +113,8 @@ pub use kcache::{cache_key, KernelCache};
 pub use pool::{release_cached_memory, reserved_bytes};
 pub use workspace::{Buf, Workspace, WorkspaceLimits, WorkspaceSize};
 
+// The oracle density on the device: a yardstick beside the prefill, not part of it.
+pub use stats::oracle;
+
 /// cudarc, re-exported so callers of the device API use the same version.
 pub use cudarc;

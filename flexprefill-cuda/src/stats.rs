@@ -33,6 +33,7 @@ use crate::workspace::{Buf, Scratch};
 
 mod estimate;
 mod layout;
+pub mod oracle;
 mod passes;
 pub mod profile;
 mod sampled;

@@ -9,6 +9,9 @@
 //! best mean mass (over all rows of the head) any selection of a given density can hold: the
 //! blocks of every query block in one ranking by mass × rows, greedily.
 //!
+//! The order and the mean-row cut are core's [`oracle_order`] and [`oracle_count`], which the
+//! CUDA backend's device oracle (`flexprefill_cuda::oracle`) counts with too.
+//!
 //! Everything comes from [`flexprefill_cpu::oracle::block_mass_f64`] (exponentials and sums in
 //! f64), one (sequence, head) at a time, so memory stays at one `q_len × num_key_blocks` table.
 //!
@@ -24,6 +27,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use flexprefill_core::selection::{oracle_count, oracle_order};
 use flexprefill_core::{AttentionInput, BlockIndex, Result, Sequence};
 use flexprefill_cpu::oracle::block_mass_f64;
 
@@ -107,8 +111,7 @@ impl HeadBlockMass {
     /// block index ascending.
     pub fn block_order(&self, r: usize) -> (Vec<f64>, Vec<usize>) {
         let mean = self.block_mean(r);
-        let mut order: Vec<usize> = (0..mean.len()).collect();
-        order.sort_by(|&a, &b| mean[b].total_cmp(&mean[a]).then(a.cmp(&b)));
+        let order = oracle_order(&mean);
         (mean, order)
     }
 
@@ -117,15 +120,7 @@ impl HeadBlockMass {
         let (mut mean_blocks, mut every_blocks) = (0, 0);
         for r in 0..self.num_query_blocks() {
             let (mean, order) = self.block_order(r);
-            let mut acc = 0.0;
-            let mut k_mean = order.len();
-            for (k, &c) in order.iter().enumerate() {
-                acc += mean[c];
-                if acc >= gamma {
-                    k_mean = k + 1;
-                    break;
-                }
-            }
+            let k_mean = oracle_count(&mean, gamma);
             let rows = self.rows_of(r);
             let mut per_row = vec![0.0f64; rows.len()];
             let mut k_every = order.len();

@@ -177,9 +177,53 @@ pub fn cumulative_mass_cut(masses: impl IntoIterator<Item = f32>, cut: &GammaCut
     k + usize::from(cut.rule == CutRule::AtMostPlusOne)
 }
 
+/// Key blocks in the oracle density's order: mean-row mass descending (`f64::total_cmp`),
+/// then block index ascending.
+pub fn oracle_order(block_means: &[f64]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..block_means.len()).collect();
+    order.sort_by(|&a, &b| block_means[b].total_cmp(&block_means[a]).then(a.cmp(&b)));
+    order
+}
+
+/// The mean-row oracle's cut of one query block: how many key blocks, taken in
+/// [`oracle_order`], it takes until their mean-row masses (`block_means[c]`: the true mass of
+/// key block `c` averaged over the block's rows) reach `gamma`, summed in f64 in that order;
+/// all of them when they never do.
+///
+/// Its own walk rather than [`cumulative_mass_cut`]: the oracle ranks exact f64 masses and
+/// must not round them to the f32 scores a selection cuts, and every backend that reports the
+/// oracle (the test kit's f64 attention, the CUDA kernel's block-pooled probabilities) counts
+/// with this one function.
+pub fn oracle_count(block_means: &[f64], gamma: f64) -> usize {
+    let mut acc = 0.0;
+    for (k, c) in oracle_order(block_means).into_iter().enumerate() {
+        acc += block_means[c];
+        if acc >= gamma {
+            return k + 1;
+        }
+    }
+    block_means.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oracle_count_takes_the_heaviest_blocks_until_gamma() {
+        // order: 1 (0.5), then 0 and 3 tie at 0.2 (index ascending), then 2 (0.1)
+        let m = [0.2, 0.5, 0.1, 0.2];
+        assert_eq!(oracle_order(&m), vec![1, 0, 3, 2]);
+        assert_eq!(oracle_count(&m, 0.5), 1);
+        assert_eq!(oracle_count(&m, 0.65), 2);
+        assert_eq!(oracle_count(&m, 0.71), 3);
+        assert_eq!(oracle_count(&m, 1.0), 4);
+        // masses that round short of gamma: every block
+        assert_eq!(oracle_count(&[0.3, 0.3], 0.9), 2);
+        assert_eq!(oracle_count(&[], 0.9), 0);
+        // the first block is counted even at gamma 0
+        assert_eq!(oracle_count(&m, 0.0), 1);
+    }
 
     /// The cut of `scores` at `gamma` of their total, the paper's rule.
     fn reach(scores: &[f32], gamma: f32) -> usize {

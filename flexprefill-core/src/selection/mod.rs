@@ -39,7 +39,9 @@ mod vertical_slash;
 
 pub use js::{js_distance, js_distance_original};
 pub(crate) use mass::ranked;
-pub use mass::{block_total, cumulative_mass_cut, rank_order, CutRule, GammaCut};
+pub use mass::{
+    block_total, cumulative_mass_cut, oracle_count, oracle_order, rank_order, CutRule, GammaCut,
+};
 pub use pattern::sparse_pattern_search;
 pub use query_aware::{pooled_block_attention, query_aware_index_search};
 pub use sampled::{

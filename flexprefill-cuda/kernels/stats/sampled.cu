@@ -14,6 +14,12 @@
 // rows in order, rounded to f32 once: the CPU's arithmetic except for the order of the f32
 // sums inside a row (tensor-core dot products, a quad tree instead of a sequential walk).
 // Blocks past the block's last diagonal are written 0, as on the CPU.
+//
+// The same body with every row of the block taken (stats_oracle_block_mass, ALL = true) gives
+// the oracle density's mean-row block mass (flexprefill_testkit::oracle): the block's rows in
+// consecutive groups of 16 (one m16 tile per warp, as the sampled rows), each group's two
+// passes as above, each group's rows summed in f64 and divided by the block's row count,
+// the groups added in order in f32 into the output.
 
 #define SP_ROWS 16  // core's SAMPLED_ROWS: the sampled rows fill one m16 tile
 #ifndef SAMPLED_ROWS
@@ -39,16 +45,18 @@ FP_DEVICE void sampled_load_k(elem_t* ks, const elem_t* __restrict__ k, const Se
     }
 }
 
-// The mean of the warp's S row values (row i's value in lane 4·(i % 8), register i / 8), f64,
-// rows in order, as an f32 (core: the f64 sum of the rows' f32 block sums over the count).
-FP_DEVICE float sampled_row_mean(const float (&t)[2], unsigned S) {
+// The warp's first S row values (row i's value in lane 4·(i % 8), register i / 8) summed in
+// f64, rows in order; sampled_row_mean: that sum over S, as an f32 (core: the f64 sum of the
+// rows' f32 block sums over the count).
+FP_DEVICE double sampled_row_sum(const float (&t)[2], unsigned S) {
     double acc = 0.0;
     for (unsigned i = 0; i < S; ++i) {
         const float v = __shfl_sync(0xffffffffu, i < 8 ? t[0] : t[1], (int)(i % 8) * 4);
         acc += (double)v;
     }
-    return (float)(acc / (double)S);
+    return acc;
 }
+FP_DEVICE float sampled_row_mean(const float (&t)[2], unsigned S) { return (float)(sampled_row_sum(t, S) / (double)S); }
 
 // Query block `gb` of the batch as both kernels see it: its sequence, its rows, the S
 // sampled ones, the position of its first query (`base`) and the last key any of its rows
@@ -73,17 +81,31 @@ FP_DEVICE SampledBlock sampled_block(const SeqDesc* __restrict__ seqs, const uns
     return b;
 }
 
-// The sampled rows of heads g0.. of kv head hk's group into shared (one 16-row tile per
-// warp; rows ≥ S and heads past the group zeroed), every thread of the CTA taking part; and
-// the last key of this thread's two rows (g4, g4 + 8), -1 past the sampled rows.
+// Tile row i's query, relative to the block's first: the i-th sampled row, or with ALL row
+// i of the 16-row group `grp` (consecutive rows); and how many rows the tile holds.
+template <bool ALL>
+FP_DEVICE unsigned sampled_tile_row(const SampledBlock& b, unsigned grp, unsigned i) {
+    return ALL ? grp * SP_ROWS + i : sampled_row(b.rows, b.S, i);
+}
+template <bool ALL>
+FP_DEVICE unsigned sampled_tile_count(const SampledBlock& b, unsigned grp) {
+    return ALL ? min((unsigned)SP_ROWS, b.rows - grp * SP_ROWS) : b.S;
+}
+
+// The tile rows (sampled_tile_row) of heads g0.. of kv head hk's group into shared (one
+// 16-row tile per warp; rows past sampled_tile_count and heads past the group zeroed), every
+// thread of the CTA taking part; and the last key of this thread's two rows (g4, g4 + 8), -1
+// past the rows.
+template <bool ALL>
 FP_DEVICE void sampled_load_rows(elem_t* qs, const elem_t* __restrict__ q, const SampledBlock& b, int hk,
-                                 int group, int g0, int num_heads, int (&lim_row)[2]) {
+                                 int group, int g0, int num_heads, int (&lim_row)[2], unsigned grp = 0) {
     constexpr int CHUNKS = HEAD_DIM / 8;
     const int nwarps = blockDim.x / 32;
+    const unsigned n = sampled_tile_count<ALL>(b, grp);
     for (int c = threadIdx.x; c < nwarps * SP_ROWS * CHUNKS; c += blockDim.x) {
         const int w = c / (SP_ROWS * CHUNKS), i = (c / CHUNKS) % SP_ROWS, col = (c % CHUNKS) * 8;
-        const bool valid = g0 + w < group && (unsigned)i < b.S;
-        const unsigned tok = b.sd.q_start + b.first + (valid ? sampled_row(b.rows, b.S, i) : 0u);
+        const bool valid = g0 + w < group && (unsigned)i < n;
+        const unsigned tok = b.sd.q_start + b.first + (valid ? sampled_tile_row<ALL>(b, grp, i) : 0u);
         const int hh = hk * group + (valid ? g0 + w : 0);
         const elem_t* src = q + ((size_t)tok * num_heads + hh) * HEAD_DIM + col;
         cp_async_16(smem_u32(qs + (w * SP_ROWS + i) * DPAD + col), src, valid);
@@ -92,7 +114,7 @@ FP_DEVICE void sampled_load_rows(elem_t* qs, const elem_t* __restrict__ q, const
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
         const unsigned i = g4 + 8 * rr;
-        lim_row[rr] = i < b.S ? b.base + (int)sampled_row(b.rows, b.S, i) : -1;
+        lim_row[rr] = i < n ? b.base + (int)sampled_tile_row<ALL>(b, grp, i) : -1;
     }
 }
 
@@ -180,14 +202,22 @@ FP_DEVICE int sampled_segment_end(float (&segsum)[2], float (&bm)[2], float (&ts
     return (int)(seg_first / bs);
 }
 
-// Grid (Σ nqb, Hkv, ceil(group / heads_per_cta)), 32·heads_per_cta threads; dynamic smem
+// Head h's row of query block r in the output: [qk_off·H + (h·nqb + r)·nkb + c].
+FP_DEVICE float* sampled_out_row(float* out, const SeqDesc& sd, int num_heads, int h, unsigned r) {
+    return out + (size_t)sd.qk_off * num_heads + ((size_t)h * sd.nqb + r) * sd.nkb;
+}
+
+// The two-pass body of stats_sampled (ALL = false: the S sampled rows) and of
+// stats_oracle_block_mass (ALL = true: every row, in groups of 16). Grid (Σ nqb, Hkv,
+// ceil(group / heads_per_cta)), 32·heads_per_cta threads; dynamic smem
 // (heads_per_cta·16 + 2·KT)·DPAD elements. Query blocks are taken from the last one of the batch
 // down (the longest rows first, so the short ones fill the tail of the launch). `sl` = scale ·
 // log2 e. out: [qk_off·H + (h·nqb + r)·nkb + c].
-extern "C" __global__ void __launch_bounds__(256)
-stats_sampled(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const SeqDesc* __restrict__ seqs,
-              const unsigned* __restrict__ qb_seq, unsigned total_qb, int num_heads, int num_kv_heads,
-              int heads_per_cta, int block_size, float sl, float* __restrict__ out) {
+template <bool ALL>
+FP_DEVICE void sampled_two_pass(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
+                                const SeqDesc* __restrict__ seqs, const unsigned* __restrict__ qb_seq,
+                                unsigned total_qb, int num_heads, int num_kv_heads, int heads_per_cta,
+                                int block_size, float sl, float* __restrict__ out) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int nwarps = blockDim.x / 32;
     elem_t* qs = (elem_t*)smem_raw;             // [warp][16][DPAD]
@@ -195,85 +225,120 @@ stats_sampled(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const 
     const unsigned bs = block_size;
     const SampledBlock b = sampled_block(seqs, qb_seq, total_qb - 1 - blockIdx.x, bs);
     const SeqDesc& sd = b.sd;
-    const unsigned r = b.r, S = b.S, nkeys = b.nkeys, ntiles = b.ntiles;
+    const unsigned r = b.r, nkeys = b.nkeys, ntiles = b.ntiles;
     const int last = b.last;
     const int group = num_heads / num_kv_heads, hk = blockIdx.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q4 = lane % 4;
     const int g0 = blockIdx.z * heads_per_cta;  // first head of the group this CTA holds
     const bool active = g0 + warp < group;
     const int h = hk * group + g0 + warp;
-    int lim_row[2];
-    sampled_load_rows(qs, q, b, hk, group, g0, num_heads, lim_row);
-    float m[2] = {-F32_INF, -F32_INF}, l[2] = {0.f, 0.f};  // pass 1: online max / sum (raw max)
-    float ms[2] = {0.f, 0.f}, inv[2] = {0.f, 0.f};         // pass 2: max · sl and 1 / sum
-    float bm[2] = {0.f, 0.f};                              // a block wider than a tile, so far
-    float* orow = out + (size_t)sd.qk_off * num_heads + ((size_t)h * sd.nqb + r) * sd.nkb;
+    const unsigned ngrp = ALL ? (b.rows + SP_ROWS - 1) / SP_ROWS : 1;
 
-    for (int pass = 0; pass < 2; ++pass) {
-        sampled_first_tile(ks, k, b, hk, num_kv_heads);
-        for (unsigned t = 0; t < ntiles; ++t) {
-            float acc[KT / 8][4];
-            if (sampled_qk(acc, ks, k, qs, b, t, hk, num_kv_heads, active, warp, lane)) {
-                const unsigned j0 = t * KT;
-                if (pass == 0) {
-#pragma unroll
-                    for (int rr = 0; rr < 2; ++rr) {
-                        const int lim = lim_row[rr] - (int)j0 - 2 * q4;
-                        const float m_new = fmaxf(m[rr], sampled_tile_max<false>(acc, rr, lim));
-                        if (m_new != -F32_INF) {
-                            const float mss = m_new * sl;
-                            float sum = 0.f;
-#pragma unroll
-                            for (int nt = 0; nt < KT / 8; ++nt)
-#pragma unroll
-                                for (int e = 0; e < 2; ++e)
-                                    if (nt * 8 + e <= lim) sum += fast_exp2(fmaf(acc[nt][2 * rr + e], sl, -mss));
-                            l[rr] = l[rr] * fast_exp2((m[rr] - m_new) * sl) + sum;
-                            m[rr] = m_new;
-                        }
-                    }
-                } else {
-                    float segsum[2] = {0.f, 0.f}, tsum[2];
-#pragma unroll
-                    for (int nt = 0; nt < KT / 8; ++nt) {
+    for (unsigned grp = 0; grp < ngrp; ++grp) {
+        const unsigned S = sampled_tile_count<ALL>(b, grp);
+        int lim_row[2];
+        sampled_load_rows<ALL>(qs, q, b, hk, group, g0, num_heads, lim_row, grp);
+        float m[2] = {-F32_INF, -F32_INF}, l[2] = {0.f, 0.f};  // pass 1: online max / sum (raw max)
+        float ms[2] = {0.f, 0.f}, inv[2] = {0.f, 0.f};         // pass 2: max · sl and 1 / sum
+        float bm[2] = {0.f, 0.f};                              // a block wider than a tile, so far
+        float* orow = sampled_out_row(out, sd, num_heads, h, r);
+
+        for (int pass = 0; pass < 2; ++pass) {
+            sampled_first_tile(ks, k, b, hk, num_kv_heads);
+            for (unsigned t = 0; t < ntiles; ++t) {
+                float acc[KT / 8][4];
+                if (sampled_qk(acc, ks, k, qs, b, t, hk, num_kv_heads, active, warp, lane)) {
+                    const unsigned j0 = t * KT;
+                    if (pass == 0) {
 #pragma unroll
                         for (int rr = 0; rr < 2; ++rr) {
                             const int lim = lim_row[rr] - (int)j0 - 2 * q4;
+                            const float m_new = fmaxf(m[rr], sampled_tile_max<false>(acc, rr, lim));
+                            if (m_new != -F32_INF) {
+                                const float mss = m_new * sl;
+                                float sum = 0.f;
 #pragma unroll
-                            for (int e = 0; e < 2; ++e)
-                                if (nt * 8 + e <= lim)
-                                    segsum[rr] += fast_exp2(fmaf(acc[nt][2 * rr + e], sl, -ms[rr])) * inv[rr];
+                                for (int nt = 0; nt < KT / 8; ++nt)
+#pragma unroll
+                                    for (int e = 0; e < 2; ++e)
+                                        if (nt * 8 + e <= lim) sum += fast_exp2(fmaf(acc[nt][2 * rr + e], sl, -mss));
+                                l[rr] = l[rr] * fast_exp2((m[rr] - m_new) * sl) + sum;
+                                m[rr] = m_new;
+                            }
                         }
-                        const int c = sampled_segment_end(segsum, bm, tsum, nt, j0, bs, nkeys);
-                        if (c >= 0) {
-                            const float v = sampled_row_mean(tsum, S);
-                            if (lane == 0) orow[c] = v;
+                    } else {
+                        float segsum[2] = {0.f, 0.f}, tsum[2];
+#pragma unroll
+                        for (int nt = 0; nt < KT / 8; ++nt) {
+#pragma unroll
+                            for (int rr = 0; rr < 2; ++rr) {
+                                const int lim = lim_row[rr] - (int)j0 - 2 * q4;
+#pragma unroll
+                                for (int e = 0; e < 2; ++e)
+                                    if (nt * 8 + e <= lim)
+                                        segsum[rr] += fast_exp2(fmaf(acc[nt][2 * rr + e], sl, -ms[rr])) * inv[rr];
+                            }
+                            const int c = sampled_segment_end(segsum, bm, tsum, nt, j0, bs, nkeys);
+                            if (c >= 0) {
+                                if (ALL) {
+                                    // This group's share of the block's mean; lane 0 wrote the
+                                    // earlier groups' share of the same entry itself.
+                                    const float v = (float)(sampled_row_sum(tsum, S) / (double)b.rows);
+                                    if (lane == 0) orow[c] = grp == 0 ? v : orow[c] + v;
+                                } else {
+                                    const float v = sampled_row_mean(tsum, S);
+                                    if (lane == 0) orow[c] = v;
+                                }
+                            }
                         }
                     }
                 }
+                __syncthreads();  // the buffer is refilled by the next iteration's load
             }
-            __syncthreads();  // the buffer is refilled by the next iteration's load
-        }
-        if (pass == 0 && active) {
-            // Each row's (max, sum) over its quad (fixed xor tree: every lane of the quad gets
-            // the same values), then max·sl and the reciprocal of the sum.
+            if (pass == 0 && active) {
+                // Each row's (max, sum) over its quad (fixed xor tree: every lane of the quad gets
+                // the same values), then max·sl and the reciprocal of the sum.
 #pragma unroll
-            for (int rr = 0; rr < 2; ++rr) {
+                for (int rr = 0; rr < 2; ++rr) {
 #pragma unroll
-                for (int o = 1; o <= 2; o <<= 1) {
-                    const float om = __shfl_xor_sync(0xffffffffu, m[rr], o);
-                    const float ol = __shfl_xor_sync(0xffffffffu, l[rr], o);
-                    const float nm = fmaxf(m[rr], om);
-                    l[rr] = nm == -F32_INF ? 0.f : l[rr] * fast_exp2((m[rr] - nm) * sl) + ol * fast_exp2((om - nm) * sl);
-                    m[rr] = nm;
+                    for (int o = 1; o <= 2; o <<= 1) {
+                        const float om = __shfl_xor_sync(0xffffffffu, m[rr], o);
+                        const float ol = __shfl_xor_sync(0xffffffffu, l[rr], o);
+                        const float nm = fmaxf(m[rr], om);
+                        l[rr] = nm == -F32_INF ? 0.f : l[rr] * fast_exp2((m[rr] - nm) * sl) + ol * fast_exp2((om - nm) * sl);
+                        m[rr] = nm;
+                    }
+                    ms[rr] = m[rr] * sl;
+                    inv[rr] = l[rr] > 0.f ? 1.f / l[rr] : 0.f;
                 }
-                ms[rr] = m[rr] * sl;
-                inv[rr] = l[rr] > 0.f ? 1.f / l[rr] : 0.f;
             }
         }
     }
-    if (active)
+    if (active) {
+        float* orow = sampled_out_row(out, sd, num_heads, h, r);
         for (unsigned c = (unsigned)last / bs + 1 + lane; c < sd.nkb; c += 32) orow[c] = 0.f;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+stats_sampled(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const SeqDesc* __restrict__ seqs,
+              const unsigned* __restrict__ qb_seq, unsigned total_qb, int num_heads, int num_kv_heads,
+              int heads_per_cta, int block_size, float sl, float* __restrict__ out) {
+    sampled_two_pass<false>(q, k, seqs, qb_seq, total_qb, num_heads, num_kv_heads, heads_per_cta, block_size, sl,
+                            out);
+}
+
+// The oracle's mean-row block mass: stats_sampled's grid and arguments, every row of each
+// query block (sampled_two_pass<true>); out[c] = (1/rows) Σ_rows Σ_{j in c} softmax(row)[j].
+// One CTA per SM in the launch bounds: with the loop over row groups ptxas would otherwise cap
+// it at 128 registers and spill (head_dim 64, 96, 256).
+extern "C" __global__ void __launch_bounds__(256, 1)
+stats_oracle_block_mass(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
+                        const SeqDesc* __restrict__ seqs, const unsigned* __restrict__ qb_seq, unsigned total_qb,
+                        int num_heads, int num_kv_heads, int heads_per_cta, int block_size, float sl,
+                        float* __restrict__ out) {
+    sampled_two_pass<true>(q, k, seqs, qb_seq, total_qb, num_heads, num_kv_heads, heads_per_cta, block_size, sl,
+                           out);
 }
 
 // ---- one pass (opt-in: FLEXPREFILL_SAMPLED_ONEPASS=1) ----------------------------------------
@@ -317,7 +382,7 @@ stats_sampled_1p(const elem_t* __restrict__ q, const elem_t* __restrict__ k, con
         const bool active = g0 + warp < group;
         const int h = hk * group + g0 + warp;
         int lim_row[2];
-        sampled_load_rows(qs, q, b, hk, group, g0, num_heads, lim_row);
+        sampled_load_rows<false>(qs, q, b, hk, group, g0, num_heads, lim_row);
         float m[2] = {-F32_INF, -F32_INF}, l[2] = {0.f, 0.f}, bm[2] = {0.f, 0.f};
         sampled_first_tile(ks, k, b, hk, num_kv_heads);
         for (unsigned t = 0; t < ntiles; ++t) {

@@ -60,7 +60,7 @@ impl<'a, T: DeviceRepr> PassHead<'a, T> {
     }
 }
 
-fn check_head_dim(d: usize) -> Result<()> {
+pub(super) fn check_head_dim(d: usize) -> Result<()> {
     // The tiles step through head_dim in 16-wide mma slices (rows padded by 8 elements stay
     // bank-conflict-free for any multiple of 16); 256 bounds the shared memory.
     if d.is_multiple_of(16) && (16..=256).contains(&d) {
@@ -300,6 +300,7 @@ pub(crate) fn launch_stats_in<T: StatsElem>(
             &qb_seq,
             &layout,
             scale * std::f32::consts::LOG2_E,
+            sampled::Rows::Sampled,
             &mut sampled_block_mass,
         )?;
     }

@@ -83,9 +83,18 @@ impl<'a, T: DeviceRepr> SampledArgs<'a, T> {
     }
 }
 
-/// Queues `stats_sampled` (or `stats_sampled_1p`, see [`one_pass`]) into `out`
-/// (`[Σ nqb · nkb · H]`, every element written). `sl` is the estimation scale times log2 e.
-/// No host synchronisation.
+/// Which rows of each query block the two-pass kernel averages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Rows {
+    /// The sampled mode's `SAMPLED_ROWS` rows (`stats_sampled`, or `stats_sampled_1p`).
+    Sampled,
+    /// Every row: the oracle density's mean-row block mass (`stats_oracle_block_mass`).
+    All,
+}
+
+/// Queues `stats_sampled` (or `stats_sampled_1p`, see [`one_pass`]; with [`Rows::All`]
+/// `stats_oracle_block_mass`) into `out` (`[Σ nqb · nkb · H]`, every element written). `sl` is
+/// the scale times log2 e. No host synchronisation.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn launch<T: StatsElem>(
     dev: &CudaDevice,
@@ -98,8 +107,13 @@ pub(super) fn launch<T: StatsElem>(
     qb_seq: &CudaSlice<u32>,
     layout: &StatsLayout,
     sl: f32,
+    rows: Rows,
     out: &mut Buf<f32>,
 ) -> Result<()> {
+    let op = match rows {
+        Rows::Sampled => "head_statistics",
+        Rows::All => "oracle_density",
+    };
     let (h, hkv, d) = (
         layout.shape.num_heads,
         layout.shape.num_kv_heads,
@@ -116,9 +130,9 @@ pub(super) fn launch<T: StatsElem>(
     let bytes = smem(d, hpc);
     if bytes > max_smem {
         return Err(CudaError::Unsupported {
-            op: "head_statistics",
+            op,
             message: format!(
-                "the sampled estimate at head_dim {d} needs {bytes} bytes of shared memory (device: {max_smem})"
+                "the block-pooled probabilities at head_dim {d} need {bytes} bytes of shared memory (device: {max_smem})"
             ),
         });
     }
@@ -135,16 +149,21 @@ pub(super) fn launch<T: StatsElem>(
         sl,
     };
     let zdim = group.div_ceil(hpc);
-    if one_pass() {
+    if rows == Rows::Sampled && one_pass() {
         return launch_one_pass(dev, stream, scratch, kkey, &args, layout, out, zdim, bytes);
     }
-    let f = dev.function(&STATS, kkey, "stats_sampled", max_smem)?;
+    let name = match rows {
+        Rows::Sampled => "stats_sampled",
+        Rows::All => "stats_oracle_block_mass",
+    };
+    let f = dev.function(&STATS, kkey, name, max_smem)?;
     let grid = (args.total_qb, hkv as u32, zdim as u32);
-    // SAFETY: the arguments match `stats_sampled` in kernels/stats/sampled.cu; q and k hold
-    // every token of the layout's sequences (checked by the caller), qb_seq has Σ nqb entries,
-    // and `out` Σ nqb · nkb · H floats, the most the kernel indexes.
+    // SAFETY: the arguments match `stats_sampled` and `stats_oracle_block_mass` (one body) in
+    // kernels/stats/sampled.cu; q and k hold every token of the layout's sequences (checked by
+    // the caller), qb_seq has Σ nqb entries, and `out` Σ nqb · nkb · H floats, the most the
+    // kernel indexes.
     unsafe { args.launch(stream, &f, grid, bytes, out).launch() }?;
-    profile::mark(stream, "stats_sampled");
+    profile::mark(stream, name);
     Ok(())
 }
 

@@ -17,6 +17,18 @@ pub(crate) fn with_config(
     base
 }
 
+/// The backend, or `None` (with a message) where no driver is installed.
+pub(crate) fn backend_or_skip() -> Option<crate::CudaBackend> {
+    match crate::CudaBackend::new() {
+        Ok(g) => Some(g),
+        Err(CudaError::NoDriver) => {
+            println!("no NVIDIA driver: skipped");
+            None
+        }
+        Err(e) => panic!("a CUDA device is needed: {e}"),
+    }
+}
+
 pub(crate) fn device() -> Arc<CudaDevice> {
     CudaDevice::new(0).expect("a CUDA device (run with --include-ignored on the GPU machine)")
 }
