@@ -110,7 +110,7 @@ pub use backend::CudaBackend;
 pub use device::{CudaDevice, DeviceInfo};
 pub use error::{CudaError, Result};
 pub use kcache::{cache_key, KernelCache};
-pub use pool::{release_cached_memory, reserved_bytes};
+pub use pool::{release_cached_memory, reserved_bytes, used_bytes};
 pub use workspace::{Buf, Workspace, WorkspaceLimits, WorkspaceSize};
 
 // The oracle density on the device: a yardstick beside the prefill, not part of it.

@@ -128,18 +128,29 @@ pub fn release_cached_memory() -> Result<()> {
 
 /// Bytes the FlexPrefill pool of device `ordinal` holds reserved (0 before its first call).
 pub fn reserved_bytes(ordinal: usize) -> Result<u64> {
+    pool_attribute(
+        ordinal,
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+    )
+}
+
+/// Bytes of the FlexPrefill pool of device `ordinal` that live buffers use (0 before its
+/// first call): what calls still hold, as against what the pool keeps for the next ones.
+pub fn used_bytes(ordinal: usize) -> Result<u64> {
+    pool_attribute(
+        ordinal,
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+    )
+}
+
+/// A u64 attribute of the pool of device `ordinal`, 0 when it has none yet.
+fn pool_attribute(ordinal: usize, attr: sys::CUmemPool_attribute) -> Result<u64> {
     let pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
     let Some((_, p)) = pools.iter().find(|(o, _)| *o == ordinal) else {
         return Ok(0);
     };
     let mut v = 0u64;
-    // SAFETY: a live pool; RESERVED_MEM_CURRENT writes a u64.
-    unsafe {
-        mem_pool::get_attribute(
-            p.0,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
-            (&mut v as *mut u64).cast(),
-        )
-    }?;
+    // SAFETY: a live pool; the memory attributes write a u64.
+    unsafe { mem_pool::get_attribute(p.0, attr, (&mut v as *mut u64).cast()) }?;
     Ok(v)
 }

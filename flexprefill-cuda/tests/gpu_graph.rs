@@ -228,9 +228,9 @@ fn a_workspace_call_allocates_no_device_memory() {
     let mut io = Io::new(&s);
     io.write(5);
     let mut ws = Workspace::new(&gpu, &s, limits()).unwrap();
-    // Bytes in use by allocations from the device's default memory pool, which the
-    // stream-ordered allocations of the allocating API come from (free device memory would
-    // not show them: the pool keeps what it has reserved).
+    // Bytes in use by stream-ordered allocations: FlexPrefill's pool, which the allocating
+    // API's work buffers come from, and the device's default pool (cudarc's own `alloc`);
+    // free device memory would not show them, since both pools keep what they reserved.
     let used = || -> u64 {
         use cudarc::driver::sys;
         ctx.bind_to_thread().unwrap();
@@ -251,7 +251,7 @@ fn a_workspace_call_allocates_no_device_memory() {
                 sys::CUresult::CUDA_SUCCESS
             );
         }
-        v
+        v + flexprefill_cuda::used_bytes(ctx.ordinal()).unwrap()
     };
     // The probe sees a call's allocations: the allocating API's buffers are in use while its
     // run is alive.
