@@ -32,8 +32,9 @@ On the CPU only `sync` applies (there is nothing queued).
 
 Prints medians (and the 90th percentile of the overhead) over --iters calls after --warmup.
 --breakdown (torch tensors) then times the pieces of a call separately, each in its own loop
-(each from an idle GPU, awaited as `poll` does on CUDA): the Python layer (whole call minus the native call), its CUDA preparation
-(current stream when torch has no DLPack C exchange API, torch.empty of the output), the native
+(each from an idle GPU, awaited as `poll` does on CUDA): the Python layer (whole call minus
+the native call), its CUDA preparation (the current stream and torch.empty of the output when
+torch has no DLPack C exchange API; with one the native call does both in C), the native
 call split into Rust and binding, and for comparison torch's Python-level DLPack export and
 current-stream lookup, which the binding replaces with DLPack's C exchange API where torch
 offers it.
@@ -173,7 +174,8 @@ def breakdown(q, k, v, kw, sync, iters, warmup):
         stream_in_c = args[16] is None
         prep, _ = med(lambda: _api._cuda_call(q, None, None, False))
         rows.append(("    cuda preparation", prep,
-                     "torch.empty(out)" + ("" if stream_in_c else " + current_stream")))
+                     "none: stream and output through the C exchange API" if stream_in_c
+                     else "torch.empty(out) + current_stream"))
     rows += [("  native call", native, "_native.attention"),
              ("    rust", rust, "raw call + DeviceRun drop" if cuda else "backend call"),
              ("    binding", native - rust, "parse, DLPack export, checks, GIL release"

@@ -88,26 +88,38 @@ pub(crate) fn flex_prefill_cuda<'py>(
             format!("no usable GPU for {}: {why}", device_name(device)),
         )
     })?;
-    let Some(out_obj) = out else {
-        return Err(ArgError::value(
-            "q",
-            format!(
-                "q is on {}: CUDA tensors must be torch tensors (the output is allocated with \
-                 torch on q's device)",
-                device_name(device)
-            ),
-        ));
+    // The output (and LSE): the tensors the Python layer allocated, or, when q's framework
+    // offers an allocator in its C exchange API, new ones from it (torch: as `torch.empty` on
+    // the current stream), which saves the Python layer's `torch.empty`.
+    let out_obj = match out {
+        Some(o) => o.clone(),
+        None => q
+            .allocate_like(py, q.elem, &out_shape, "out")?
+            .ok_or_else(|| {
+                ArgError::value(
+                    "q",
+                    format!(
+                        "q is on {}: CUDA tensors must be torch tensors (the output is allocated \
+                     with torch on q's device)",
+                        device_name(device)
+                    ),
+                )
+            })?,
     };
-    let out = destination(out_obj, "out", device, q.elem, &out_shape)?;
-    let lse_buf = match (req.return_lse, lse) {
-        (true, Some(l)) => Some(destination(l, "lse", device, Elem::F32, &lse_shape)?),
-        (true, None) => {
-            return Err(ArgError::value(
-                "lse",
-                "return_lse is set but no LSE tensor was allocated",
-            ))
-        }
+    let out = destination(&out_obj, "out", device, q.elem, &out_shape)?;
+    let lse_obj = match (req.return_lse, lse) {
+        (true, Some(l)) => Some(l.clone()),
+        (true, None) => Some(
+            q.allocate_like(py, Elem::F32, &lse_shape, "lse")?
+                .ok_or_else(|| {
+                    ArgError::value("lse", "return_lse is set but no LSE tensor was allocated")
+                })?,
+        ),
         (false, _) => None,
+    };
+    let lse_buf = match &lse_obj {
+        Some(l) => Some(destination(l, "lse", device, Elem::F32, &lse_shape)?),
+        None => None,
     };
     let stream = match stream {
         Some(s) => s as u64,
@@ -166,11 +178,8 @@ pub(crate) fn flex_prefill_cuda<'py>(
             .unbind(),
         None => py.None(),
     };
-    let lse_obj = match (req.return_lse, lse) {
-        (true, Some(l)) => l.clone().unbind(),
-        _ => py.None(),
-    };
-    Ok((out_obj.clone().unbind(), lse_obj, rep))
+    let lse_obj = lse_obj.map_or_else(|| py.None(), Bound::unbind);
+    Ok((out_obj.unbind(), lse_obj, rep))
 }
 
 /// Borrows an output tensor and checks it is what the call writes: `elem` elements, `shape`,

@@ -234,7 +234,23 @@ pub(crate) enum Memory {
     Cuda,
 }
 
-impl Borrowed<'_> {
+impl<'py> Borrowed<'py> {
+    /// A new compact tensor of `elem` and `shape` on this tensor's device, allocated by its
+    /// producer through the C exchange API (torch: as `torch.empty` on the current stream);
+    /// `None` when the tensor did not come through one or the producer offers no allocator.
+    pub fn allocate_like(
+        &self,
+        py: Python<'py>,
+        elem: Elem,
+        shape: &[usize],
+        name: &'static str,
+    ) -> Result<Option<Bound<'py, PyAny>>, ArgError> {
+        match self.exchange {
+            Some(api) => api.allocate(py, self.device, elem, shape, name),
+            None => Ok(None),
+        }
+    }
+
     /// The device address of element 0 (a CUDA tensor's `data_ptr()`).
     pub fn address(&self) -> u64 {
         self.data as usize as u64
@@ -287,15 +303,45 @@ impl Drop for Managed {
 struct ExchangeApi {
     version: DLPackVersion,
     prev_api: *mut c_void,
-    managed_tensor_allocator: *const c_void,
+    managed_tensor_allocator: Option<
+        unsafe extern "C" fn(
+            *mut DLTensor,
+            *mut *mut DLManagedTensorVersioned,
+            *mut c_void,
+            Option<SetError>,
+        ) -> c_int,
+    >,
     managed_tensor_from_py_object_no_sync:
         Option<unsafe extern "C" fn(*mut c_void, *mut *mut DLManagedTensorVersioned) -> c_int>,
-    managed_tensor_to_py_object_no_sync: *const c_void,
+    managed_tensor_to_py_object_no_sync:
+        Option<unsafe extern "C" fn(*mut DLManagedTensorVersioned, *mut *mut c_void) -> c_int>,
     dltensor_from_py_object_no_sync: *const c_void,
     current_work_stream: Option<unsafe extern "C" fn(c_int, i32, *mut *mut c_void) -> c_int>,
 }
 
 const EXCHANGE_API: &CStr = c"dlpack_exchange_api";
+
+/// The allocator's error callback: `(error_ctx, kind, message)`.
+type SetError = unsafe extern "C" fn(*mut c_void, *const std::ffi::c_char, *const std::ffi::c_char);
+
+/// Keeps the allocator's error message (`error_ctx` is a `String`).
+unsafe extern "C" fn keep_error(
+    ctx: *mut c_void,
+    kind: *const std::ffi::c_char,
+    message: *const std::ffi::c_char,
+) {
+    let text = |p: *const std::ffi::c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: the producer passes NUL-terminated strings, alive during the call.
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        }
+    };
+    // SAFETY: `ctx` is the `&mut String` `Exchange::allocate` passed, alive during the call.
+    let out = unsafe { &mut *ctx.cast::<String>() };
+    *out = format!("{}: {}", text(kind), text(message));
+}
 
 /// A producer's exchange table. The table is static in the producer ("must stay alive
 /// throughout the lifetime of the process"), so its address is kept as a plain integer.
@@ -366,6 +412,93 @@ impl Exchange {
                 None
             }
         }
+    }
+
+    /// A new, uninitialised, compact tensor of `elem` and `shape` on `device`, allocated by
+    /// the producer (torch: its caching allocator on the device's current stream, as
+    /// `torch.empty` does) and returned as the producer's own Python object; `None` when the
+    /// table has no allocator, an error when the producer refuses.
+    fn allocate<'py>(
+        self,
+        py: Python<'py>,
+        device: (i32, i32),
+        elem: Elem,
+        shape: &[usize],
+        name: &'static str,
+    ) -> Result<Option<Bound<'py, PyAny>>, ArgError> {
+        let api = self.api();
+        let (Some(alloc), Some(to_py)) = (
+            api.managed_tensor_allocator,
+            api.managed_tensor_to_py_object_no_sync,
+        ) else {
+            return Ok(None);
+        };
+        let dtype = match elem {
+            Elem::F32 => DLDataType {
+                code: DL_FLOAT,
+                bits: 32,
+                lanes: 1,
+            },
+            Elem::F16 => DLDataType {
+                code: DL_FLOAT,
+                bits: 16,
+                lanes: 1,
+            },
+            Elem::BF16 => DLDataType {
+                code: DL_BFLOAT,
+                bits: 16,
+                lanes: 1,
+            },
+            _ => return Ok(None),
+        };
+        let mut dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let mut proto = DLTensor {
+            data: std::ptr::null_mut(),
+            device: DLDevice {
+                device_type: device.0,
+                device_id: device.1,
+            },
+            ndim: dims.len() as i32,
+            dtype,
+            shape: dims.as_mut_ptr(),
+            strides: std::ptr::null_mut(),
+            byte_offset: 0,
+        };
+        let mut error = String::new();
+        let mut out: *mut DLManagedTensorVersioned = std::ptr::null_mut();
+        // SAFETY: a C function of the producer's table, called with the GIL held; the
+        // prototype (and the shape it points to) and the error string outlive the call.
+        let rc = unsafe {
+            alloc(
+                &mut proto,
+                &mut out,
+                (&mut error as *mut String).cast(),
+                Some(keep_error),
+            )
+        };
+        let fail = |why: String| {
+            ArgError::runtime(
+                name,
+                format!(
+                    "allocating {name} ({} {shape:?}) failed: {why}",
+                    elem.name()
+                ),
+            )
+        };
+        let Some(managed) = NonNull::new(out).filter(|_| rc == 0) else {
+            let why = PyErr::take(py).map_or(error, |e| e.to_string());
+            return Err(fail(why));
+        };
+        let mut obj: *mut c_void = std::ptr::null_mut();
+        // SAFETY: hands the live managed tensor we got to the producer, which owns it from
+        // here whatever the outcome (the spec: the function consumes it).
+        let rc = unsafe { to_py(managed.as_ptr(), &mut obj) };
+        if rc != 0 || obj.is_null() {
+            let why = PyErr::take(py).map_or_else(|| "no object".into(), |e| e.to_string());
+            return Err(fail(why));
+        }
+        // SAFETY: a new reference to the producer's tensor object.
+        Ok(Some(unsafe { Bound::from_owned_ptr(py, obj.cast()) }))
     }
 
     fn current_stream(

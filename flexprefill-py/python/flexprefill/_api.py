@@ -140,29 +140,35 @@ def _is_torch(x) -> bool:
 
 def _cuda_call(q, cu_q, cu_k, return_lse):
     """For a torch CUDA q: the caller's current stream on q's device (the call is queued on
-    it; None when the native side asks torch for it in C), the output and LSE allocated by
-    torch's caching allocator on that device and stream (the native call checks their shapes),
-    and the cu_seqlens on the host (the sequence table is built on the host; device cu_seqlens
-    are copied, which waits for their producer)."""
-    import torch
-
+    it), the output and LSE allocated by torch's caching allocator on that device and stream
+    (the native call checks their shapes), and the cu_seqlens on the host (the sequence table
+    is built on the host; device cu_seqlens are copied, which waits for their producer). Where
+    torch offers DLPack's C exchange API the native side asks it for the stream and allocates
+    the output and LSE through it (no Python per call): stream, out and lse are then None."""
     if not _NVRTC_TRIED:
         _preload_nvrtc()
     native_stream = _NATIVE_STREAM.get(type(q))
     if native_stream is None:
         native_stream = _NATIVE_STREAM[type(q)] = _native.stream_from_producer(q)
-    stream = None if native_stream else torch.cuda.current_stream(q.device).cuda_stream
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = (torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-           if return_lse else None)
+    if native_stream:
+        stream = out = lse = None
+    else:
+        import torch
+
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = (torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+               if return_lse else None)
     if cu_q is not None:
-        cu_q, cu_k = (c.cpu() if isinstance(c, torch.Tensor) and c.is_cuda else c
+        tensor = sys.modules["torch"].Tensor  # q is a torch tensor, so torch is imported
+        cu_q, cu_k = (c.cpu() if isinstance(c, tensor) and c.is_cuda else c
                       for c in (cu_q, cu_k))
     return stream, out, lse, cu_q, cu_k
 
 
-# Per tensor type: whether the native call reads the current stream itself (DLPack's C
-# exchange API), saving torch.cuda.current_stream's Python on every call.
+# Per tensor type: whether the native call reads the current stream and allocates the output
+# itself (DLPack's C exchange API), saving torch.cuda.current_stream's and torch.empty's
+# Python on every call.
 _NATIVE_STREAM = {}
 _NVRTC_TRIED = False
 
@@ -205,8 +211,7 @@ def _adopt(buf, is_torch: bool, ml_bf16: bool):
     """Hands a native buffer to the caller's framework without a copy (the CUDA path already
     returns the torch tensors it wrote)."""
     if is_torch:
-        import torch
-
+        torch = sys.modules["torch"]  # a torch tensor came in, so torch is imported
         return buf if isinstance(buf, torch.Tensor) else torch.from_dlpack(buf)
     arr = np.asarray(buf)
     if buf.dtype == "bfloat16":
