@@ -21,7 +21,7 @@ use flexprefill_cuda::attention::{AttentionArgs, DeviceSeqs};
 use flexprefill_cuda::internals::{estimation_scale, launch_stats, StatsLayout};
 use flexprefill_cuda::select::{flex_prefill_device, launch_select};
 use flexprefill_cuda::CudaBackend;
-use flexprefill_testkit::workload::{generate, WorkloadKind, WorkloadSpec};
+use flexprefill_testkit::workload::WorkloadKind;
 
 mod common;
 use common::{median, with_config, Res, H, HKV};
@@ -74,16 +74,7 @@ fn data(n: usize, name: &str) -> Res<Data> {
         });
     }
     let kind: WorkloadKind = name.parse()?;
-    let spec = WorkloadSpec {
-        kind,
-        batch: 1,
-        seq_len: n,
-        num_heads: H,
-        num_kv_heads: HKV,
-        head_dim: D,
-        seed: n as u64,
-    };
-    let (q, k, v) = generate(&spec).to_bf16();
+    let (q, k, v) = common::workload_bf16(kind, n, D);
     Ok(Data {
         name: kind.name().into(),
         q,

@@ -11,6 +11,7 @@ use flexprefill_core::{bf16, AttentionShape, DType, FlexPrefillConfig, Selection
 use flexprefill_cuda::internals::{estimation_scale, launch_stats, profile, StatsLayout};
 use flexprefill_cuda::CudaBackend;
 
+#[allow(dead_code)] // the shared helpers serve several benches
 mod common;
 use common::{median, with_config, Res, H, HKV};
 

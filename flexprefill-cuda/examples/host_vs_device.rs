@@ -16,11 +16,11 @@ use flexprefill_core::{AttentionInput, AttentionShape, Backend, FlexPrefillConfi
 use flexprefill_cuda::attention::{AttentionArgs, DeviceSeqs};
 use flexprefill_cuda::select::flex_prefill_device;
 use flexprefill_cuda::CudaBackend;
-use flexprefill_testkit::workload::{generate, WorkloadKind, WorkloadSpec};
+use flexprefill_testkit::workload::WorkloadKind;
 
 #[allow(dead_code)] // the shared helpers serve several benches
 mod common;
-use common::{median, Res, H, HKV};
+use common::{median, workload_bf16, Res, H, HKV};
 
 const REPS: usize = 5;
 const D: usize = 128;
@@ -42,16 +42,7 @@ fn main() -> Res<()> {
         gpu.device().info().name
     );
     for n in lens {
-        let w = generate(&WorkloadSpec {
-            kind: WorkloadKind::Mixed,
-            batch: 1,
-            seq_len: n,
-            num_heads: H,
-            num_kv_heads: HKV,
-            head_dim: D,
-            seed: n as u64,
-        });
-        let (q, k, v) = w.to_bf16();
+        let (q, k, v) = workload_bf16(WorkloadKind::Mixed, n, D);
         let x = AttentionInput::batched(&q, &k, &v, 1, n, n, shape)?;
 
         // Host API.

@@ -52,25 +52,25 @@ fn main() -> Res<()> {
     // SAFETY: q, k, v and out are live allocations of the sizes the shape implies on the
     // backend's context, kept alive (and not otherwise used) until after the last
     // synchronisation below; the stream is the backend's own.
+    let queue = || unsafe {
+        raw::flex_prefill_raw(
+            &gpu,
+            stream,
+            DType::BF16,
+            qp,
+            kp,
+            vp,
+            op,
+            0,
+            shape,
+            &seqs,
+            None,
+            &cfg,
+        )
+    };
     let call = || -> Res<f64> {
         let t = Instant::now();
-        let run = unsafe {
-            raw::flex_prefill_raw(
-                &gpu,
-                stream,
-                DType::BF16,
-                qp,
-                kp,
-                vp,
-                op,
-                0,
-                shape,
-                &seqs,
-                None,
-                &cfg,
-            )
-        }?;
-        drop(run);
+        drop(queue()?);
         Ok(t.elapsed().as_secs_f64())
     };
     for _ in 0..20 {
@@ -90,23 +90,8 @@ fn main() -> Res<()> {
         idle.push(call()? as f32 * 1e6);
     }
     s.synchronize()?;
-    // SAFETY: as above; the report is read on the call's own stream.
-    let run = unsafe {
-        raw::flex_prefill_raw(
-            &gpu,
-            stream,
-            DType::BF16,
-            qp,
-            kp,
-            vp,
-            op,
-            0,
-            shape,
-            &seqs,
-            None,
-            &cfg,
-        )
-    }?;
+    let run = queue()?;
+    // SAFETY: the report is read on the call's own stream.
     let rep = unsafe { raw::report_raw(&gpu, stream, &run) }?;
     drop(run);
     s.synchronize()?;

@@ -21,3 +21,26 @@ pub fn with_config(
     set(&mut base);
     base
 }
+
+/// The bf16 q, k, v of testkit workload `kind`: batch 1, `n` tokens, the issue-5 heads,
+/// head_dim `d`, seeded with the length (so a length always gets the same input).
+pub fn workload_bf16(
+    kind: flexprefill_testkit::workload::WorkloadKind,
+    n: usize,
+    d: usize,
+) -> (
+    Vec<flexprefill_core::bf16>,
+    Vec<flexprefill_core::bf16>,
+    Vec<flexprefill_core::bf16>,
+) {
+    flexprefill_testkit::workload::generate(&flexprefill_testkit::workload::WorkloadSpec {
+        kind,
+        batch: 1,
+        seq_len: n,
+        num_heads: H,
+        num_kv_heads: HKV,
+        head_dim: d,
+        seed: n as u64,
+    })
+    .to_bf16()
+}
