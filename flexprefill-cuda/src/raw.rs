@@ -4,7 +4,9 @@
 //!
 //! Requirements: the NVIDIA driver of the backend (any version that runs CUDA 12 or newer),
 //! the pointers and the stream in the backend's context (the device's primary context, as
-//! torch and cudarc use by default).
+//! torch and cudarc use by default). Make the backend with
+//! [`CudaBackend::stream_ordered`]: its buffers are ordered by the caller's stream alone,
+//! without cudarc's per-buffer events, which halves the host time of a call.
 
 use std::mem::ManuallyDrop;
 use std::sync::Arc;
