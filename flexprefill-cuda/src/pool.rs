@@ -28,10 +28,7 @@ static POOLS: Mutex<Vec<(usize, Pool)>> = Mutex::new(Vec::new());
 /// Bytes a pool keeps reserved across synchronisations (`FLEXPREFILL_POOL_KEEP_BYTES`, default
 /// all of them).
 fn keep_bytes() -> u64 {
-    std::env::var("FLEXPREFILL_POOL_KEEP_BYTES")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(u64::MAX)
+    crate::attention::env_parse("FLEXPREFILL_POOL_KEEP_BYTES").unwrap_or(u64::MAX)
 }
 
 /// The pool of `stream`'s device, or `None` where the device has no stream-ordered allocator

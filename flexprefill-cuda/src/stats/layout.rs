@@ -196,6 +196,16 @@ impl StatsLayout {
         self.total_qb
     }
 
+    /// Key blocks of the longest sequence (at least 1): the per-row extent a launch sizes
+    /// its grid or scratch by.
+    pub(super) fn max_key_blocks(&self) -> usize {
+        self.seqs
+            .iter()
+            .map(|s| s.num_key_blocks(self.block_size))
+            .max()
+            .unwrap_or(1)
+    }
+
     /// Representative rows of `seq`.
     pub fn num_rep(&self, seq: usize) -> usize {
         self.descs[seq].rep as usize

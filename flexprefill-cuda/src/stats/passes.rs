@@ -262,12 +262,7 @@ pub(crate) fn launch_stats_in<T: StatsElem>(
         profile::mark(stream, "stats_pool_k");
         // kernels/stats/estimate.cu's EST_TILE: key blocks per stats_estimate_logits CTA.
         let est_tile = if d <= 128 { 64 } else { 32 };
-        let max_nkb = layout
-            .seqs
-            .iter()
-            .map(|s| s.num_key_blocks(layout.block_size))
-            .max()
-            .unwrap_or(1);
+        let max_nkb = layout.max_key_blocks();
         let grid_est = (max_nkb.div_ceil(est_tile) as u32, h as u32, nseq as u32);
         Launch::new(stream, &f_est_logits, grid_est, 256, 0)
             .arg(q)

@@ -195,12 +195,7 @@ fn launch_one_pass<T: StatsElem>(
     let items = layout.total_qb * layout.shape.num_kv_heads * zdim;
     layout::to_u32(items, "sampled work items")?;
     let slots = items.min(dev.info().sm_count.max(1) * ONEPASS_CTAS_PER_SM);
-    let max_nkb = layout
-        .seqs
-        .iter()
-        .map(|s| s.num_key_blocks(layout.block_size))
-        .max()
-        .unwrap_or(1);
+    let max_nkb = layout.max_key_blocks();
     let f = dev.function(&STATS, kkey, "stats_sampled_1p", limit)?;
     let mut counter = scratch.zeros::<u32>(stream, 1)?;
     // SAFETY: stats_sampled_1p writes each (sum, max) pair of its slot before it reads it
